@@ -1,0 +1,37 @@
+"""searchlab: hyperparameter search for Keras, driven by Optuna, tracked in MLflow.
+
+Users write study files with the public names below::
+
+    from searchlab import Study, Int, Float, Choice, Bool, Dataset
+"""
+
+from searchlab.data import Dataset
+from searchlab.errors import (
+    DataError,
+    SearchlabError,
+    SpaceError,
+    StoreError,
+    StudyDefinitionError,
+    TrialFailed,
+)
+from searchlab.space import Bool, Choice, Float, Int, Space
+from searchlab.study import Study, load_study
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bool",
+    "Choice",
+    "DataError",
+    "Dataset",
+    "Float",
+    "Int",
+    "SearchlabError",
+    "Space",
+    "SpaceError",
+    "StoreError",
+    "Study",
+    "StudyDefinitionError",
+    "TrialFailed",
+    "load_study",
+]

@@ -1,0 +1,236 @@
+"""The ``searchlab`` command: parses flags, wires the layers, and owns what the user sees.
+
+Every ``SearchlabError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from searchlab import config
+from searchlab.errors import SearchlabError
+
+if TYPE_CHECKING:
+    from searchlab.study import Study
+    from searchlab.trial import TrialResult
+
+
+def _quiet_backends() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn searchlab's errors into one line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SearchlabError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished trials are kept, run the same command to continue.", 130)
+
+    return wrapper
+
+
+def _fmt(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+class ConsoleProgress:
+    """Prints trial N of M, its params, its result and the best so far."""
+
+    def __init__(self, objective: str) -> None:
+        self.objective = objective
+
+    def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
+        budget = f"{total} trials" if total is not None else "until the time limit"
+        resumed = f", {done} already finished" if done else ""
+        click.echo(
+            f"study {name}: {info['strategy']} search, {budget}{resumed}; "
+            f"objective {info['objective']} ({info['direction']}); data {info['data']}"
+        )
+
+    def trial_started(
+        self, number: int, index: int, total: int | None, params: Mapping[str, Any]
+    ) -> None:
+        of = f" of {total}" if total is not None else ""
+        click.echo(f"trial {index}{of} (#{number}): {_fmt(params)}")
+
+    def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
+        state = result.state.value
+        if state == "complete":
+            line = (
+                f"  complete: {self.objective}={result.value:.4f} at epoch {result.best_epoch} "
+                f"({result.duration:.1f}s)"
+            )
+        elif state == "pruned":
+            line = f"  pruned after {result.epochs_run} epochs ({result.duration:.1f}s)"
+        else:
+            line = f"  failed: {(result.error or '').splitlines()[0]}"
+        if best:
+            line += f" | best so far {best['value']:.4f} (#{best['number']})"
+        click.echo(line)
+
+    def finished(self, summary: Mapping[str, Any]) -> None:
+        if summary.get("best_value") is None:
+            click.echo("no complete trial yet.")
+            return
+        click.echo(
+            f"best: #{summary['best_trial']} {self.objective}={summary['best_value']:.4f} "
+            f"with {_fmt(summary['best_params'])}"
+        )
+        click.echo(
+            f"trials: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
+            f"{summary['n_failed']} failed"
+        )
+
+
+def _tracker(uri: str | None) -> Any:
+    from searchlab.tracking import MlflowTracker
+
+    return MlflowTracker(uri or config.default_tracking_uri(), config.default_artifact_root())
+
+
+def _with_subset(study: Study, subset: str | None) -> Study:
+    if not subset:
+        return study
+    try:
+        parts = [int(p) for p in subset.split(",")]
+    except ValueError:
+        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)") from None
+    if not parts or len(parts) > 2 or min(parts) <= 0:
+        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)")
+    sizes = {"train": parts[0]}
+    if len(parts) == 2:
+        sizes["val"] = parts[1]
+    return dataclasses.replace(study, data=dataclasses.replace(study.dataset, subset=sizes))
+
+
+storage_option = click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage URL [default: sqlite:///.searchlab/optuna.db, or $SEARCHLAB_STORAGE].",
+)
+tracking_option = click.option(
+    "--tracking-uri",
+    metavar="URI",
+    help="MLflow tracking URI [default: sqlite:///.searchlab/mlflow.db, or $MLFLOW_TRACKING_URI].",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="searchlab")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens inside, to stderr.")
+def main(verbose: bool) -> None:
+    """searchlab: hyperparameter search for Keras models, tracked in MLflow."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--strategy", help="grid, random, bayesian (TPE) or gp [default: the study's].")
+@click.option("--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's].")
+@click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
+@click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
+@click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
+@storage_option
+@tracking_option
+@click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
+@friendly
+def run(
+    study_file: str,
+    strategy: str | None,
+    trials: int | None,
+    timeout: float | None,
+    epochs: int | None,
+    seed: int | None,
+    subset: str | None,
+    max_failures: int,
+    storage: str | None,
+    tracking_uri: str | None,
+    data_dir: str | None,
+) -> None:
+    """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
+    _quiet_backends()
+    from searchlab import engines
+    from searchlab.study import check_strategy, load_study
+
+    study = _with_subset(load_study(study_file), subset)
+    options = engines.RunOptions(
+        strategy=check_strategy(strategy or study.strategy),
+        trials=trials if trials is not None else study.trials,
+        timeout=timeout if timeout is not None else study.timeout,
+        epochs=epochs or study.epochs,
+        seed=seed if seed is not None else study.seed,
+        storage=storage or config.default_storage(),
+        data_dir=data_dir,
+        max_failures=max_failures,
+    )
+    tracker = _tracker(tracking_uri)
+    engines.run(study, options, tracker, ConsoleProgress(study.objective))
+    click.echo(
+        f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
+        f"see them with: mlflow ui --backend-store-uri {tracker.uri}"
+    )
+    click.echo(f"export the best model with: searchlab export {study_file} -o best.h5")
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model: a .h5 or .keras file.")
+@click.option("--trial", "number", type=int, help="Export this trial number instead of the best.")
+@storage_option
+@tracking_option
+@friendly
+def export(
+    study_file: str,
+    output: str,
+    number: int | None,
+    storage: str | None,
+    tracking_uri: str | None,
+) -> None:
+    """Export the best trial of STUDY_FILE (from the stores) as a complete Keras model."""
+    _quiet_backends()
+    from pathlib import Path
+
+    from searchlab.export import export_model
+    from searchlab.study import load_study
+
+    study = load_study(study_file)
+    done = export_model(
+        study, storage or config.default_storage(), _tracker(tracking_uri), Path(output), number
+    )
+    value = f"{done['value']:.4f}" if done["value"] is not None else "?"
+    click.echo(
+        f"wrote {done['path']}: trial #{done['trial']} ({study.objective}={value}, "
+        f"{_fmt(done['params'])})"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

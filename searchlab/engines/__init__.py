@@ -1,0 +1,74 @@
+"""Search engines: thin adapters that ask a library for params and drive ``trial.run_trial``.
+
+``run(study, options, tracker, listener)`` picks the engine named in ``options.engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from searchlab.errors import StudyDefinitionError
+
+if TYPE_CHECKING:
+    from searchlab.study import Study
+    from searchlab.tracking import Tracker
+    from searchlab.trial import TrialResult
+
+ENGINES = ("optuna",)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one ``searchlab run`` session runs a study (CLI flags over the study's defaults)."""
+
+    strategy: str
+    trials: int | None
+    timeout: float | None
+    epochs: int
+    seed: int
+    storage: str
+    data_dir: str | None = None
+    engine: str = "optuna"
+    max_failures: int = 5
+
+
+class SearchListener(Protocol):
+    """Progress callbacks, called in this order: ``started`` once, then per trial
+    ``trial_started`` and ``trial_finished``, then ``finished`` once."""
+
+    def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None: ...
+    def trial_started(self, number: int, index: int, total: int | None, params: Mapping[str, Any]) -> None: ...
+    def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None: ...
+    def finished(self, summary: Mapping[str, Any]) -> None: ...
+
+
+class NullListener:
+    def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
+        pass
+
+    def trial_started(self, number: int, index: int, total: int | None, params: Mapping[str, Any]) -> None:
+        pass
+
+    def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
+        pass
+
+    def finished(self, summary: Mapping[str, Any]) -> None:
+        pass
+
+
+def run(
+    study: Study,
+    options: RunOptions,
+    tracker: Tracker,
+    listener: SearchListener | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) ``study`` until its budget is met; return the session summary."""
+    if options.engine == "optuna":
+        from searchlab.engines import optuna as engine
+    else:
+        raise StudyDefinitionError(
+            f"Unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}."
+        )
+    return engine.run(study, options, tracker, listener or NullListener())

@@ -1,0 +1,44 @@
+"""One exception root for everything searchlab raises on purpose.
+
+User errors (a bad study file, an impossible space, missing data, an unreachable store) stop
+the run: the CLI prints their message as one line and exits non-zero.  ``TrialFailed`` is
+different: it fails one trial and the study goes on.
+"""
+
+from __future__ import annotations
+
+
+class SearchlabError(Exception):
+    """Root of every error searchlab raises on purpose."""
+
+
+class StudyDefinitionError(SearchlabError, ValueError):
+    """The study file cannot be loaded or does not define a valid study."""
+
+
+class SpaceError(StudyDefinitionError):
+    """A search space is impossible (low > high, empty choice, ...)."""
+
+
+class DataError(SearchlabError, FileNotFoundError):
+    """A dataset cannot be found or read."""
+
+
+class StoreError(SearchlabError, ConnectionError):
+    """An Optuna storage or MLflow tracking store cannot be reached or used."""
+
+
+class ExportError(SearchlabError, LookupError):
+    """There is nothing to export, or the export target is not usable."""
+
+
+class TrialFailed(SearchlabError):  # noqa: N818 - named like keras-tuner's FailedTrialError
+    """One trial failed (NaN loss, builder error, out of memory); the study goes on."""
+
+
+class TrialPruned(SearchlabError):  # noqa: N818
+    """The pruner stopped one trial early; it counts as pruned, not failed."""
+
+    def __init__(self, epoch: int, message: str = "") -> None:
+        super().__init__(message or f"pruned after epoch {epoch}")
+        self.epoch = epoch

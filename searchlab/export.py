@@ -1,0 +1,105 @@
+"""Export a study's best (or a chosen) trial as a complete Keras model file.
+
+Reads from the stores, not from memory: the trial is looked up in the Optuna storage, its
+best weights are downloaded from its MLflow run, and the model is rebuilt with the study's
+builder and its params.  ``.h5`` writes legacy HDF5, ``.keras`` the Keras format.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from searchlab.errors import ExportError, StoreError
+
+if TYPE_CHECKING:
+    from searchlab.study import Study
+    from searchlab.tracking import MlflowTracker
+
+FORMATS = (".h5", ".keras")
+
+
+def find_trial(study: Study, storage_url: str, number: int | None = None) -> Any:
+    """The best complete trial (or trial ``number``) of ``study`` in the Optuna storage."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from searchlab.engines.optuna import open_storage
+
+    storage = open_storage(storage_url)
+    try:
+        ostudy = optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:
+        raise ExportError(
+            f"No study named {study.name!r} in {storage_url}. Run it first "
+            "(searchlab run STUDY_FILE), or pass the --storage it ran with."
+        ) from None
+    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if number is None:
+        if not complete:
+            raise ExportError(f"Study {study.name!r} has no complete trial yet: nothing to export.")
+        return ostudy.best_trial
+    chosen = [t for t in complete if t.number == number]
+    if not chosen:
+        raise ExportError(
+            f"Study {study.name!r} has no complete trial number {number}; complete trials: "
+            f"{', '.join(str(t.number) for t in complete) or 'none'}."
+        )
+    return chosen[0]
+
+
+def export_model(
+    study: Study,
+    storage_url: str,
+    tracker: MlflowTracker,
+    out: Path,
+    number: int | None = None,
+) -> dict[str, Any]:
+    """Write the chosen trial's complete model to ``out``; return what was written."""
+    out = Path(out)
+    if out.suffix not in FORMATS:
+        raise ExportError(f"Cannot export to {out}: the file name must end in .h5 or .keras.")
+    if not out.parent.exists():
+        raise ExportError(f"Cannot export to {out}: folder {out.parent} does not exist.")
+    trial = find_trial(study, storage_url, number)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
+    from searchlab import trial as trial_mod
+    from searchlab.data import DataInfo
+
+    try:
+        tags = tracker.client.get_run(run_id).data.tags
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"Trial {trial.number}'s MLflow run {run_id} is not in {tracker.uri}: pass the "
+            f"--tracking-uri the study ran with. ({type(exc).__name__})"
+        ) from exc
+    info = DataInfo(
+        input_shape=tuple(int(v) for v in tags["searchlab.input_shape"].split(",")),
+        num_classes=int(tags["searchlab.num_classes"]),
+    )
+    with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
+        try:
+            weights = tracker.download(run_id, f"weights/{trial_mod.WEIGHTS_FILE}", Path(tmp))
+        except Exception as exc:
+            raise ExportError(
+                f"Trial {trial.number}'s weights are missing from MLflow run {run_id} ({exc})."
+            ) from exc
+        model = trial_mod.load_trained(study.model, trial.params, info, weights)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # Keras calls HDF5 "legacy"; the user asked for it
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save(out)
+        finally:
+            absl.setLevel(level)
+    return {"path": str(out), "trial": trial.number, "value": trial.value, "run_id": run_id,
+            "params": dict(trial.params)}

@@ -1,0 +1,44 @@
+"""Result tables: the only module that imports pandas.
+
+A table has one row per trial: number, state, objective value, params (``params.<name>``),
+epochs run, duration, and the MLflow run id, best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+FIRST_COLUMNS = ["number", "state", "value", "epochs", "duration_s", "run_id"]
+
+
+def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize") -> pd.DataFrame:
+    """Rows (dicts with ``params`` as a nested dict) -> a DataFrame sorted best first.
+
+    Complete trials come first ordered by value, then pruned, then failed ones by number.
+    """
+    flat = []
+    for row in rows:
+        item = {k: v for k, v in row.items() if k != "params"}
+        for name, value in (row.get("params") or {}).items():
+            item[f"params.{name}"] = value
+        flat.append(item)
+    frame = pd.DataFrame(flat)
+    if frame.empty:
+        return pd.DataFrame(columns=FIRST_COLUMNS)
+    order = {"complete": 0, "pruned": 1, "running": 2, "failed": 3}
+    frame["_state_order"] = frame["state"].map(order).fillna(4)
+    frame["_value"] = frame["value"] if direction == "minimize" else -frame["value"]
+    frame = frame.sort_values(["_state_order", "_value", "number"], na_position="last")
+    frame = frame.drop(columns=["_state_order", "_value"]).reset_index(drop=True)
+    first = [c for c in FIRST_COLUMNS if c in frame.columns]
+    rest = [c for c in frame.columns if c not in first]
+    return frame[first + rest]
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path

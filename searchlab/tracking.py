@@ -1,0 +1,265 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Call order of a ``Tracker`` (one per ``searchlab run`` session):
+
+1. ``start_study(name, info)`` once: opens the session's parent run.
+2. Per trial: ``start_trial(number, params, tags)`` returns the child run id; then
+   ``log_epoch(run_id, epoch, metrics)`` once per epoch; then ``end_trial(run_id, result)``
+   exactly once, which sets the run's final state (FINISHED, KILLED or FAILED).
+3. ``end_study(summary, status)`` once: best value and params, counts, the trials table and the
+   best model go on the parent run, which is closed.
+
+Every run that was opened is closed, also when the session ends by an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from searchlab.errors import StoreError
+
+if TYPE_CHECKING:
+    from searchlab.trial import TrialResult
+
+log = logging.getLogger(__name__)
+
+#: searchlab's TrialState value -> MLflow run status
+RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+MAX_PARAM = 6000
+MAX_TAG = 8000
+
+
+class Tracker(Protocol):
+    def start_study(self, name: str, info: Mapping[str, Any]) -> str: ...
+    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
+    def end_trial(self, run_id: str, result: TrialResult) -> None: ...
+    def end_study(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None: ...
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401 - configures its loggers on import; quiet them after
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line when an http(s) tracking server does not answer."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's server
+            if resp.status >= 500:
+                raise StoreError(f"MLflow server {uri} answered {resp.status} on /health.")
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(
+            f"Cannot reach the MLflow tracking server {uri} ({exc.__class__.__name__}: {exc}). "
+            "Start it (mlflow server --host ...) or pass another --tracking-uri."
+        ) from exc
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created."""
+    _quiet_mlflow()
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    from mlflow.tracking import MlflowClient
+
+    try:
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    except Exception as exc:
+        raise StoreError(
+            f"Cannot open the MLflow tracking store {uri} ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Check --tracking-uri."
+        ) from exc
+    return c
+
+
+def _short(value: Any, limit: int) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class MlflowTracker:
+    """Logs a study to MLflow: one experiment per study, one parent run per session.
+
+    Args:
+        uri: the tracking URI (``sqlite:///...``, ``http://host:5000``, a folder, ...).
+        artifact_root: where a new experiment keeps artifacts when the store is local.
+    """
+
+    def __init__(self, uri: str, artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.artifact_root = artifact_root
+        self._client: Any = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._open: set[str] = set()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def connect(self) -> None:
+        """Open the store now, so an unreachable one fails before any training."""
+        _ = self.client
+
+    def experiment(self, name: str, create: bool = True) -> str | None:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        if not create:
+            return None
+        location = None
+        if self.artifact_root is not None and not self.uri.startswith(("http://", "https://")):
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            location = self.artifact_root.resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_study(self, name: str, info: Mapping[str, Any]) -> str:
+        from mlflow.entities import Param
+
+        self.experiment_id = self.experiment(name)
+        tags = {
+            "searchlab.study": name,
+            "searchlab.role": "session",
+            **{f"searchlab.{k}": _short(v, MAX_TAG) for k, v in info.items() if k != "space"},
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
+        self.parent_run_id = run.info.run_id
+        self._open.add(self.parent_run_id)
+        params = [Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()]
+        if params:
+            self.client.log_batch(self.parent_run_id, params=params)
+        return self.parent_run_id
+
+    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        from mlflow.entities import Param, RunTag
+
+        assert self.experiment_id is not None and self.parent_run_id is not None
+        all_tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "searchlab.trial": str(number),
+            "searchlab.state": "running",
+            **tags,
+        }
+        run = self.client.create_run(
+            self.experiment_id, tags=all_tags, run_name=f"trial-{number:04d}"
+        )
+        run_id = run.info.run_id
+        self._open.add(run_id)
+        self.client.log_batch(
+            run_id,
+            params=[Param(k, _short(v, MAX_PARAM)) for k, v in params.items()],
+            tags=[RunTag("searchlab.params", _short(dict(params), MAX_TAG))],
+        )
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
+            synchronous=True,
+        )
+
+    def end_trial(self, run_id: str, result: TrialResult) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        state = result.state.value
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric("duration_s", result.duration, now, 0),
+            Metric("fit_s", result.fit_seconds, now, 0),
+            Metric("epochs_run", float(result.epochs_run), now, 0),
+        ]
+        if result.value is not None:
+            metrics.append(Metric("objective", float(result.value), now, 0))
+        if result.best_epoch is not None:
+            metrics.append(Metric("best_epoch", float(result.best_epoch), now, 0))
+        tags = [RunTag("searchlab.state", state)]
+        tags += [RunTag(k, _short(v, MAX_TAG)) for k, v in result.tags.items()]
+        if result.error:
+            tags.append(RunTag("searchlab.error", _short(result.error, MAX_TAG)))
+        try:
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            if result.weights_path is not None and result.weights_path.exists():
+                self.client.log_artifact(run_id, str(result.weights_path), "weights")
+        finally:
+            self.close_run(run_id, RUN_STATUS[state])
+
+    def close_run(self, run_id: str, status: str) -> None:
+        if run_id in self._open:
+            self._open.discard(run_id)
+            self.client.set_terminated(run_id, status)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        assert self.parent_run_id is not None
+        self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
+
+    def end_study(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
+        from mlflow.entities import Metric, Param
+
+        if self.parent_run_id is None:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, 0)
+            for k, v in summary.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+        ]
+        params = [
+            Param(f"best.{k}", _short(v, MAX_PARAM))
+            for k, v in (summary.get("best_params") or {}).items()
+        ]
+        try:
+            self.client.log_batch(self.parent_run_id, metrics=metrics, params=params)
+        finally:
+            self.close_all(status)
+
+    def close_all(self, status: str = "FAILED") -> None:
+        """Close every run this tracker opened (children first): none is left RUNNING."""
+        parent = self.parent_run_id
+        for run_id in sorted(self._open, key=lambda r: r == parent):
+            try:
+                self.close_run(run_id, status if run_id == parent else "FAILED")
+            except Exception as exc:  # closing is best effort once the store is gone
+                log.warning("could not close MLflow run %s: %s", run_id, exc)
+
+    def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
+        dst = dst or Path(tempfile.mkdtemp(prefix="searchlab-"))
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def runs(self, name: str) -> list[Any]:
+        """Every run of a study's experiment (parents and trials), oldest first."""
+        exp_id = self.experiment(name, create=False)
+        if exp_id is None:
+            return []
+        return list(
+            self.client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"])
+        )

@@ -1,0 +1,217 @@
+"""Run one trial: build the model, fit it, watch every epoch, keep the best epoch's weights.
+
+This module knows nothing of Optuna or MLflow.  The engine hands it the params and a
+callback ``on_epoch(epoch, logs)``; that callback logs the epoch and may raise
+``TrialPruned``.  A NaN/inf loss, a builder exception or running out of memory raise
+``TrialFailed`` (the study goes on); a study-level mistake (the objective is not a metric the
+model reports, the builder does not return a compiled model) raises ``StudyDefinitionError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from searchlab.data import Data, DataInfo, info_of
+from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+WEIGHTS_FILE = "best.weights.h5"
+
+
+class TrialState(enum.Enum):
+    COMPLETE = "complete"
+    PRUNED = "pruned"
+    FAILED = "failed"
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced. ``history`` maps a metric name to its value per epoch."""
+
+    number: int
+    params: dict[str, Any]
+    state: TrialState
+    value: float | None = None
+    best_epoch: int | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    weights_path: Path | None = None
+    duration: float = 0.0
+    fit_seconds: float = 0.0
+    error: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return max((len(v) for v in self.history.values()), default=0)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything about a trial that does not change from one trial to the next."""
+
+    build: Callable[..., Any]
+    data: Data
+    epochs: int
+    objective: str = "val_accuracy"
+    direction: str = "maximize"
+    batch_size: int = 32
+    seed: int = 0
+
+    def better(self, a: float, b: float | None) -> bool:
+        if b is None:
+            return True
+        return a > b if self.direction == "maximize" else a < b
+
+
+def build_model(build: Callable[..., Any], params: Mapping[str, Any], info: DataInfo) -> Any:
+    """Call a study's builder as ``build(params)`` or ``build(params, info)``."""
+    try:
+        n_args = len(inspect.signature(build).parameters)
+    except (TypeError, ValueError):
+        n_args = 1
+    model = build(dict(params), info) if n_args >= 2 else build(dict(params))
+    if not isinstance(model, keras.Model):
+        raise StudyDefinitionError(
+            f"The model builder must return a keras.Model, but returned {type(model).__name__}."
+        )
+    if model.optimizer is None:
+        raise StudyDefinitionError(
+            "The model builder returned a model that is not compiled: call "
+            "model.compile(optimizer=..., loss=..., metrics=['accuracy']) before returning it."
+        )
+    return model
+
+
+def trial_seed(seed: int, number: int) -> int:
+    return (seed * 100_003 + number) % (2**31 - 1)
+
+
+class _Monitor(keras.callbacks.Callback):
+    """Per-epoch report, NaN guard and in-memory best-weights checkpoint."""
+
+    def __init__(self, spec: TrialSpec, on_epoch: EpochCallback | None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.on_epoch = on_epoch
+        self.history: dict[str, list[float]] = {}
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self.best_weights: list[np.ndarray] | None = None
+        self.bad_loss: str | None = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad_loss = f"loss became {float(loss)} at batch {batch}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        try:
+            logs["learning_rate"] = float(
+                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+        except Exception:  # an optimizer without a readable rate: skip the metric
+            pass
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+        if self.spec.objective not in logs:
+            raise StudyDefinitionError(
+                f"The objective {self.spec.objective!r} is not a metric this model reports; "
+                f"it reports {', '.join(sorted(logs))}. Set objective= to one of them "
+                "(or compile with metrics=['accuracy'] and validation data)."
+            )
+        loss = logs.get("loss", 0.0)
+        if not math.isfinite(loss) and self.bad_loss is None:
+            self.bad_loss = f"loss became {loss} in epoch {epoch}"
+        if self.bad_loss:
+            self.model.stop_training = True
+        else:
+            value = logs[self.spec.objective]
+            if math.isfinite(value) and self.spec.better(value, self.best):
+                self.best, self.best_epoch = value, epoch
+                self.best_weights = self.model.get_weights()
+        if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
+            self.on_epoch(epoch, logs)
+
+
+def run_trial(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    workdir: Path,
+    on_epoch: EpochCallback | None = None,
+) -> TrialResult:
+    """Train one configuration and return its result; never raises for a failed trial.
+
+    Raises only ``StudyDefinitionError`` (the study itself is wrong) and ``KeyboardInterrupt``.
+    """
+    started = time.perf_counter()
+    result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
+    keras.backend.clear_session(free_memory=True)
+    keras.utils.set_random_seed(trial_seed(spec.seed, number))
+    monitor = _Monitor(spec, on_epoch)
+    try:
+        model = build_model(spec.build, params, info_of(spec.data))
+        batch_size = int(params.get("batch_size", spec.batch_size))
+        fit_started = time.perf_counter()
+        try:
+            model.fit(
+                spec.data.x_train,
+                spec.data.y_train,
+                validation_data=(spec.data.x_val, spec.data.y_val),
+                epochs=spec.epochs,
+                batch_size=batch_size,
+                callbacks=[monitor],
+                verbose=0,
+            )
+        finally:
+            result.fit_seconds = time.perf_counter() - fit_started
+        result.history = monitor.history
+        if monitor.bad_loss:
+            raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
+        if monitor.best_weights is None:
+            raise TrialFailed(f"the objective {spec.objective!r} was never finite")
+        model.set_weights(monitor.best_weights)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result.weights_path = workdir / WEIGHTS_FILE
+        model.save_weights(result.weights_path)
+        result.state = TrialState.COMPLETE
+        result.value, result.best_epoch = monitor.best, monitor.best_epoch
+    except TrialPruned as exc:
+        result.history = monitor.history
+        result.state = TrialState.PRUNED
+        result.value, result.best_epoch = monitor.best, monitor.best_epoch
+        result.error = str(exc)
+    except TrialFailed as exc:
+        result.history = monitor.history
+        result.error = str(exc)
+    except (StudyDefinitionError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # builder errors, OOM, backend errors: this trial only
+        result.history = monitor.history
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    finally:
+        result.duration = time.perf_counter() - started
+    return result
+
+
+def load_trained(
+    build: Callable[..., Any], params: Mapping[str, Any], info: DataInfo, weights: Path
+) -> Any:
+    """Rebuild a trial's model from its params and load its saved best weights."""
+    keras.backend.clear_session()
+    model = build_model(build, params, info)
+    model.load_weights(weights)
+    return model

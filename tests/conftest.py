@@ -1,0 +1,58 @@
+"""Shared fixtures: a fresh project folder per test, the data directory, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+STUDIES = REPO / "studies"
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get("SEARCHLAB_DATA_DIR")
+    if value and Path(value).is_dir():
+        return Path(value)
+    shared = REPO.parent / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = _data_dir()
+    if found is None or not (found / "mnist.npz").is_file():
+        if os.environ.get("SEARCHLAB_CI"):
+            pytest.fail("SEARCHLAB_DATA_DIR must point at a folder with mnist.npz in CI")
+        pytest.skip("no data directory with mnist.npz: set SEARCHLAB_DATA_DIR")
+    return found
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> Path:
+    """A fresh project folder as the working directory, with its own .searchlab/ stores."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
+    monkeypatch.setenv("SEARCHLAB_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SEARCHLAB_STORAGE", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def cli(project: Path):
+    """Run ``searchlab ARGS`` in-process; returns click's Result (exit_code, output)."""
+    from click.testing import CliRunner
+
+    from searchlab.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
