@@ -250,9 +250,10 @@ def _load_named(name: str, root: str | None) -> tuple[Any, Any, str]:
         train, test = getattr(keras.datasets, name).load_data()
     except Exception as exc:
         where = root or f"a folder named by --data-dir or ${DATA_DIR_ENV}"
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise DataError(
-            f"Dataset {name!r} not found and could not be downloaded ({type(exc).__name__}). "
-            f"Put {files[0]} (x_train, y_train, x_test, y_test) in {where}."
+            f"Dataset {name!r} not found locally and the download failed ({why}). "
+            f"Put {files[0]} (with x_train, y_train, x_test, y_test) in {where}."
         ) from exc
     return train, test, f"keras.datasets.{name}"
 

@@ -79,11 +79,11 @@ def client(uri: str) -> Any:
     """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created."""
     _quiet_mlflow()
     check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     from mlflow.tracking import MlflowClient
 
     try:
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         c = MlflowClient(tracking_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:

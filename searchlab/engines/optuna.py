@@ -41,12 +41,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open an Optuna storage URL, or raise ``StoreError`` with one line that says why."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {"connect_args": {"timeout": 60}}
-    elif url.startswith(("postgresql", "mysql")):
-        kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            kwargs = {"connect_args": {"timeout": 60}}
+        elif url.startswith(("postgresql", "mysql")):
+            kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -131,12 +131,17 @@ def load_optuna_study(
     return ostudy
 
 
-def _next_grid_point(ostudy: optuna.Study, space: Space) -> dict[str, Any] | None:
+def _next_grid_point(
+    ostudy: optuna.Study, space: Space, failed_here: set[tuple]
+) -> dict[str, Any] | None:
+    """The first grid point with no finished or running trial.  A point whose trial failed in
+    an earlier session (a crash, say) is tried again once; one that failed in this session
+    is not retried."""
     taken = {
         _key(t.params)
         for t in ostudy.get_trials(deepcopy=False)
         if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
-    }
+    } | failed_here
     for point in space.grid():
         if _key(point) not in taken:
             return point
@@ -225,6 +230,7 @@ def run(
     counts = {"complete": 0, "pruned": 0, "failed": 0}
     started = time.monotonic()
     consecutive_failures = 0
+    failed_here: set[tuple] = set()
     status = "FAILED"
 
     def finished_count() -> int:
@@ -241,7 +247,7 @@ def run(
                     log.info("time budget of %ss reached", options.timeout)
                     break
                 if options.strategy == "grid":
-                    point = _next_grid_point(ostudy, space)
+                    point = _next_grid_point(ostudy, space, failed_here)
                     if point is None:
                         break
                     ostudy.enqueue_trial(point)
@@ -250,6 +256,7 @@ def run(
                 )
                 counts[result.state.value] += 1
                 if result.state.value == "failed":
+                    failed_here.add(_key(result.params))
                     consecutive_failures += 1
                     if consecutive_failures >= options.max_failures:
                         raise SearchlabError(
