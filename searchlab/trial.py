@@ -10,6 +10,7 @@ model reports, the builder does not return a compiled model) raises ``StudyDefin
 from __future__ import annotations
 
 import enum
+import gc
 import inspect
 import math
 import time
@@ -93,6 +94,18 @@ def build_model(build: Callable[..., Any], params: Mapping[str, Any], info: Data
     return model
 
 
+def _release_previous_trial() -> None:
+    """Free what the last trial left (Keras global state, its model's cycles) in ~10 ms.
+
+    A full ``gc.collect()`` walks every object of TensorFlow, MLflow and Optuna (about a
+    second per trial on a laptop); after each collection the survivors are long-lived, so
+    they are frozen out of later collections, which then only walk the new objects.
+    """
+    keras.backend.clear_session(free_memory=False)
+    gc.collect()
+    gc.freeze()
+
+
 def trial_seed(seed: int, number: int) -> int:
     return (seed * 100_003 + number) % (2**31 - 1)
 
@@ -159,7 +172,7 @@ def run_trial(
     """
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
-    keras.backend.clear_session(free_memory=True)
+    _release_previous_trial()
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
     monitor = _Monitor(spec, on_epoch)
     try:

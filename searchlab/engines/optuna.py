@@ -108,6 +108,7 @@ def load_optuna_study(
         study_name=study.name,
         storage=storage,
         sampler=sampler,
+        pruner=optuna.pruners.NopPruner(),  # Optuna's default would prune with MedianPruner
         direction=study.direction,
         load_if_exists=True,
     )
@@ -236,8 +237,8 @@ def run(
     def finished_count() -> int:
         return len(ostudy.get_trials(deepcopy=False, states=FINISHED))
 
-    listener.started(study.name, finished_count(), target, info)
     try:
+        listener.started(study.name, finished_count(), target, info)
         with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
             while True:
                 done = finished_count()
@@ -295,7 +296,11 @@ def _one_trial(
     from searchlab.trial import TrialResult, TrialState, run_trial
 
     otrial = ostudy.ask()
-    params = space.suggest(otrial)
+    try:
+        params = space.suggest(otrial)
+    except BaseException:
+        ostudy.tell(otrial, state=OptunaState.FAIL)
+        raise
     number = otrial.number
     listener.trial_started(number, done + 1, target, params)
     tags = {
@@ -303,13 +308,14 @@ def _one_trial(
         "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
         "searchlab.num_classes": str(spec.data.num_classes),
     }
-    run_id = tracker.start_trial(number, params, tags)
-    otrial.set_user_attr(RUN_ID_ATTR, run_id)
+    run_id: str | None = None
+    prunes = not isinstance(ostudy.pruner, optuna.pruners.NopPruner)
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        assert run_id is not None
         tracker.log_epoch(run_id, epoch, logs)
         value = logs.get(spec.objective)
-        if value is not None and math.isfinite(value):
+        if prunes and value is not None and math.isfinite(value):
             otrial.report(value, epoch)
             if otrial.should_prune():
                 from searchlab.errors import TrialPruned
@@ -317,8 +323,10 @@ def _one_trial(
                 raise TrialPruned(epoch)
 
     try:
+        run_id = tracker.start_trial(number, params, tags)
+        otrial.set_user_attr(RUN_ID_ATTR, run_id)
         result = run_trial(number, params, spec, tmp / f"trial-{number}", on_epoch)
-    except BaseException as exc:  # Ctrl-C or a study-level error: close this trial, then stop
+    except BaseException as exc:  # Ctrl-C, a study-level or store error: close it, then stop
         error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
         result = TrialResult(number, params, TrialState.FAILED, error=error)
         _finish(ostudy, otrial, tracker, run_id, result)
@@ -333,14 +341,23 @@ def _one_trial(
 
 
 def _finish(
-    ostudy: optuna.Study, otrial: optuna.Trial, tracker: MlflowTracker, run_id: str, result: Any
+    ostudy: optuna.Study,
+    otrial: optuna.Trial,
+    tracker: MlflowTracker,
+    run_id: str | None,
+    result: Any,
 ) -> None:
     """MLflow first, then Optuna: a crash in between leaves Optuna RUNNING (it is failed as
     stale on resume), never a COMPLETE Optuna trial without its MLflow weights."""
-    otrial.set_user_attr("epochs_run", result.epochs_run)
-    if result.error:
-        otrial.set_user_attr("error", result.error[:2000])
-    tracker.end_trial(run_id, result)
+    try:
+        otrial.set_user_attr("epochs_run", result.epochs_run)
+        if result.error:
+            otrial.set_user_attr("error", result.error[:2000])
+        if run_id is not None:
+            tracker.end_trial(run_id, result)
+    except Exception:
+        ostudy.tell(otrial, state=OptunaState.FAIL, skip_if_finished=True)
+        raise
     state = result.state.value
     if state == "complete":
         ostudy.tell(otrial, result.value)
