@@ -291,6 +291,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     With an http(s) --tracking-uri, the server is already there: print its page instead.
     """
+    _quiet_backends()
     from searchlab import tracking
     from searchlab.errors import NotRunError
     from searchlab.study import load_study
@@ -309,7 +310,8 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
                 "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
                 "it ran with."
             )
-        page = f"/#/experiments/{exp_id}/runs"
+        key = tracker.set_compare_view(exp_id, list(study.search_space.params))
+        page = f"/#/experiments/{exp_id}/runs?viewStateShareKey={key}"
     what = f" (experiment {study.name!r})" if study is not None else ""
     if remote:
         tracker.connect()
@@ -353,6 +355,7 @@ def _free_port(host: str, port: int) -> int:
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -36,6 +36,9 @@ RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 #: experiment tag that makes the MLflow UI open the runs table, not its GenAI views
 EXPERIMENT_KIND = "mlflow.experimentKind"
 ML_EXPERIMENT = "custom_model_development"
+#: experiment tag prefix of a view the MLflow UI opens with ``?viewStateShareKey=<key>``
+SHARED_VIEW = "mlflow.sharedViewState."
+COMPARE_VIEW_KEY = "searchlab"
 MAX_PARAM = 6000
 MAX_TAG = 8000
 
@@ -328,6 +331,24 @@ class MlflowTracker:
         if exp.tags.get(EXPERIMENT_KIND) is None:
             self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
         return exp.experiment_id
+
+    def set_compare_view(self, experiment_id: str, params: list[str]) -> str:
+        """Store a runs-table view on the experiment: trial params, the objective, epochs and
+        state as columns (sessions newest first, trials nested under them).  Returns the
+        share key that opens it (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
+        import json
+
+        columns = [
+            "metrics.`objective`",
+            "metrics.`epochs_run`",
+            "metrics.`best_value`",
+            *(f"params.`{name}`" for name in params),
+            "tags.`searchlab.state`",
+        ]
+        self.client.set_experiment_tag(
+            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps({"selectedColumns": columns})
+        )
+        return COMPARE_VIEW_KEY
 
     def log_run_files(self, run_id: str, files: list[Path], artifact_path: str) -> None:
         """Log ``files`` on run ``run_id`` under ``artifact_path`` (a finished run is fine)."""
