@@ -293,30 +293,19 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     """
     _quiet_backends()
     from searchlab import tracking
-    from searchlab.errors import NotRunError
-    from searchlab.study import load_study
 
-    study = load_study(study_file) if study_file else None
     tracker = _tracker(tracking_uri)
-    remote = tracking.is_remote(tracker.uri)
-    if not remote:
-        tracking.check_exists(tracker.uri)
-    page = ""
-    if study is not None:
-        exp_id = tracker.find_experiment(study.name)
-        if exp_id is None:
-            raise NotRunError(
-                f"Study {study.name!r} was never run: {tracker.uri} has no MLflow experiment of "
-                "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
-                "it ran with."
-            )
-        key = tracker.set_compare_view(exp_id, list(study.search_space.params))
-        page = f"/#/experiments/{exp_id}/runs?viewStateShareKey={key}"
-    what = f" (experiment {study.name!r})" if study is not None else ""
-    if remote:
+    if tracking.is_remote(tracker.uri):
         tracker.connect()
-        click.echo(f"MLflow server: {tracker.uri.rstrip('/')}{page}{what}")
+        page = _compare_page(tracker, study_file)
+        click.echo(f"MLflow server: {tracker.uri.rstrip('/')}{page}")
         return
+    tracking.check_exists(tracker.uri)
+    if study_file:
+        from pathlib import Path
+
+        if not Path(study_file).is_file():
+            _compare_page(tracker, study_file)  # says the file is missing, starts nothing
     import signal
     import subprocess
 
@@ -324,7 +313,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     argv = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # started first: it boots while the study file loads
         argv,
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
@@ -336,8 +325,9 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
+        page = _compare_page(tracker, study_file)
         tracking.wait_for_ui(process, url)
-        click.echo(f"MLflow UI: {url}{page}{what}, serving {tracker.uri}")
+        click.echo(f"MLflow UI: {url}{page}, serving {tracker.uri}")
         click.echo("Ctrl-C stops it.")
         code = process.wait()
         if code != 0:
@@ -347,6 +337,25 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(process)
+
+
+def _compare_page(tracker: Any, study_file: str | None) -> str:
+    """The UI page that compares a study's trials (``""``: the UI's home), and its name."""
+    if not study_file:
+        return ""
+    from searchlab.errors import NotRunError
+    from searchlab.study import load_study
+
+    study = load_study(study_file)
+    exp_id = tracker.find_experiment(study.name)
+    if exp_id is None:
+        raise NotRunError(
+            f"Study {study.name!r} was never run: {tracker.uri} has no MLflow experiment of "
+            "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
+            "it ran with."
+        )
+    key = tracker.set_compare_view(exp_id, list(study.search_space.params))
+    return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
 
 
 def _free_port(host: str, port: int) -> int:

@@ -42,7 +42,8 @@ class BestTrial:
 
     ``model_uri`` is the complete best model logged on the session run that ended with this
     trial as its best (``runs:/<session run>/best_model/model.keras``; None if no session
-    finished since); ``weights_uri`` is the trial's own best-epoch weights.
+    finished since); ``weights_uri`` is the trial's own best-epoch weights;
+    ``tracking_uri`` is the MLflow store that holds them.
     """
 
     number: int
@@ -51,6 +52,7 @@ class BestTrial:
     run_id: str | None
     model_uri: str | None
     weights_uri: str | None
+    tracking_uri: str
 
 
 @dataclass
@@ -145,6 +147,7 @@ def best_trial(results: Results) -> BestTrial:
         run_id=run_id,
         model_uri=model_uri,
         weights_uri=f"runs:/{run_id}/weights/{WEIGHTS_FILE}" if run_id else None,
+        tracking_uri=results.tracker.uri,
     )
 
 
@@ -299,6 +302,7 @@ def best(
     Example::
 
         b = searchlab.best("studies/mnist_dense.py")
-        model = mlflow.artifacts.download_artifacts(b.model_uri)  # a .keras file
+        path = mlflow.artifacts.download_artifacts(b.model_uri, tracking_uri=b.tracking_uri)
+        model = keras.models.load_model(path)
     """
     return best_trial(resolve(study_or_path, storage, tracking_uri))

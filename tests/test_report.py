@@ -247,10 +247,15 @@ def test_best_names_the_run_and_the_model(env: Finished, tmp_path: Path) -> None
     assert best.params == _ostudy(env).best_params
     import mlflow.artifacts
 
+    assert best.tracking_uri == env.tracking_uri
     model = mlflow.artifacts.download_artifacts(
-        best.model_uri, dst_path=str(tmp_path), tracking_uri=env.tracking_uri
+        best.model_uri, dst_path=str(tmp_path), tracking_uri=best.tracking_uri
     )
-    assert Path(model).name == "model.keras" and Path(model).stat().st_size > 0
+    assert Path(model).name == "model.keras"
+    import keras
+
+    loaded = keras.models.load_model(model)
+    assert loaded.get_layer("hidden_0").units == best.params["units"]
     weights = mlflow.artifacts.download_artifacts(
         best.weights_uri, dst_path=str(tmp_path / "w"), tracking_uri=env.tracking_uri
     )
