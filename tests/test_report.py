@@ -274,7 +274,7 @@ def _one_line_error(result) -> str:
 def test_a_study_never_run_is_reported_in_one_line(env: Finished, tmp_path: Path) -> None:
     other = tmp_path / "other.py"
     other.write_text(STUDY.replace('name="report-test"', 'name="never-run"'))
-    for command in (["report", other, *env.stores()], ["ui", other, "--tracking-uri", env.tracking_uri]):
+    for command in (["report", other, *env.stores()], ["ui", other, "--tracking-uri", env.tracking_uri, "--port", "0"]):
         line = _one_line_error(invoke(*command))
         assert "never-run" in line and "never run" in line
 
