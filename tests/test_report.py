@@ -262,6 +262,18 @@ def test_best_names_the_run_and_the_model(env: Finished, tmp_path: Path) -> None
     assert Path(weights).stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_cache_tags_become_columns_when_trials_have_them(env: Finished) -> None:
+    before = searchlab.results(env.study_file, storage=env.storage, tracking_uri=env.tracking_uri)
+    assert not [c for c in before.columns if c.startswith("cache")]
+    run_id = before.loc[0, "run_id"]
+    _client(env).set_tag(run_id, "searchlab.cache", "hit")  # as the feature cache tags a trial
+    after = searchlab.results(env.study_file, storage=env.storage, tracking_uri=env.tracking_uri)
+    assert after.loc[after["run_id"] == run_id, "cache"].tolist() == ["hit"]
+    assert after.loc[after["run_id"] != run_id, "cache"].isna().all()
+    _client(env).delete_tag(run_id, "searchlab.cache")
+
+
 def _one_line_error(result) -> str:
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
