@@ -195,7 +195,8 @@ def run(
     engines.run(study, options, tracker, ConsoleProgress(study.objective))
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
-        f"see them with: mlflow ui --backend-store-uri {tracker.uri}"
+        f"compare them with: searchlab ui {study_file}"
+        + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
     )
     click.echo(f"export the best model with: searchlab export {study_file} -o best.h5")
 
