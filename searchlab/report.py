@@ -203,6 +203,13 @@ def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: P
         fig = getattr(vis, f"plot_{plot}")(ostudy, **kwargs)
         axes = getattr(vis_mpl, f"plot_{plot}")(ostudy, **kwargs)
     fig.update_layout(title=title)
+    if name == "parallel_coordinate":  # Optuna's white-to-blue scale hides the worst trial
+        from matplotlib.collections import LineCollection
+
+        for lines in _figure_of(axes).axes[0].collections:
+            if isinstance(lines, LineCollection) and lines.get_cmap().name.startswith("Blues"):
+                reverse = lines.get_cmap().name.endswith("_r")
+                lines.set_cmap("viridis_r" if reverse else "viridis")
     if name == "learning_curves":
         fig.update_layout(yaxis_title=objective, xaxis_title="epoch")
     html = folder / f"{name}.html"
