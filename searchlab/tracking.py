@@ -355,10 +355,6 @@ class MlflowTracker:
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        """``(step, value)`` of one metric of one run, by step."""
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
-
     def runs(self, name: str) -> list[Any]:
         """Every run of a study's experiment (parents and trials), oldest first."""
         exp_id = self.experiment(name, create=False)
