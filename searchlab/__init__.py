@@ -3,6 +3,9 @@
 Users write study files with the public names below::
 
     from searchlab import Study, Int, Float, Choice, Bool, Dataset
+
+and read results back in a notebook with ``searchlab.results(path)`` (a pandas DataFrame)
+and ``searchlab.best(path)``.
 """
 
 from searchlab.data import Dataset
@@ -14,6 +17,7 @@ from searchlab.errors import (
     StudyDefinitionError,
     TrialFailed,
 )
+from searchlab.report import best, results
 from searchlab.space import Bool, Choice, Float, Int, Space
 from searchlab.study import Study, load_study
 
@@ -33,5 +37,7 @@ __all__ = [
     "Study",
     "StudyDefinitionError",
     "TrialFailed",
+    "best",
     "load_study",
+    "results",
 ]

@@ -195,7 +195,8 @@ def run(
     engines.run(study, options, tracker, ConsoleProgress(study.objective))
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
-        f"see them with: mlflow ui --backend-store-uri {tracker.uri}"
+        f"compare them with: searchlab ui {study_file}"
+        + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
     )
     click.echo(f"export the best model with: searchlab export {study_file} -o best.h5")
 
@@ -230,6 +231,164 @@ def export(
         f"wrote {done['path']}: trial #{done['trial']} ({study.objective}={value}, "
         f"{_fmt(done['params'])})"
     )
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV.")
+@click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False), help="Also write the table as Parquet.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), help="Write plots (PNG and HTML) into this folder and log them on the latest parent run.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Learning curves of this many best trials.")
+@storage_option
+@tracking_option
+@friendly
+def report(
+    study_file: str,
+    csv_path: str | None,
+    parquet_path: str | None,
+    plots_dir: str | None,
+    top: int,
+    storage: str | None,
+    tracking_uri: str | None,
+) -> None:
+    """Print the trials of STUDY_FILE best first (from the stores); write tables and plots."""
+    _quiet_backends()
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from pathlib import Path
+
+    from searchlab import report as report_mod
+    from searchlab import table
+    from searchlab.study import load_study
+
+    results = report_mod.open_results(
+        load_study(study_file), storage or config.default_storage(), _tracker(tracking_uri)
+    )
+    frame = report_mod.frame(results)
+    click.echo(report_mod.summary_line(results))
+    click.echo(table.to_text(frame))
+    if csv_path:
+        click.echo(f"wrote {table.write_csv(frame, Path(csv_path))}")
+    if parquet_path:
+        click.echo(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
+    if plots_dir:
+        files, skipped = report_mod.write_plots(results, Path(plots_dir), top=top)
+        names = sorted({f.stem for f in files})
+        click.echo(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html)")
+        for name, why in skipped.items():
+            click.echo(f"skipped {name}: {why}")
+        run_id = report_mod.log_plots(results, files)
+        if run_id:
+            click.echo(f"logged the plots on MLflow run {run_id} (artifacts/plots)")
+
+
+@main.command()
+@click.argument("study_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface the UI listens on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True, help="Port of the UI (0: any free port).")
+@tracking_option
+@friendly
+def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -> None:
+    """Start the MLflow UI on the study's tracking store and print the page to open.
+
+    With an http(s) --tracking-uri, the server is already there: print its page instead.
+    """
+    _quiet_backends()
+    from searchlab import tracking
+
+    tracker = _tracker(tracking_uri)
+    if tracking.is_remote(tracker.uri):
+        tracker.connect()
+        page = _compare_page(tracker, study_file)
+        click.echo(f"MLflow server: {tracker.uri.rstrip('/')}{page}")
+        return
+    tracking.check_exists(tracker.uri)
+    if study_file:
+        from pathlib import Path
+
+        if not Path(study_file).is_file():
+            _compare_page(tracker, study_file)  # says the file is missing, starts nothing
+    import signal
+    import subprocess
+
+    port = _free_port(host, port)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    argv = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
+    quiet = not logging.getLogger().isEnabledFor(logging.INFO)
+    process = subprocess.Popen(  # started first: it boots while the study file loads
+        argv,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.DEVNULL if quiet else None,
+        start_new_session=True,  # its workers are in its process group, stopped together
+    )
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        page = _compare_page(tracker, study_file)
+        tracking.wait_for_ui(process, url)
+        click.echo(f"MLflow UI: {url}{page}, serving {tracker.uri}")
+        click.echo("Ctrl-C stops it.")
+        code = process.wait()
+        if code != 0:
+            raise SearchlabError(f"The MLflow UI stopped with exit code {code}.")
+    except KeyboardInterrupt:
+        click.echo("stopped the MLflow UI.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(process)
+
+
+def _compare_page(tracker: Any, study_file: str | None) -> str:
+    """The UI page that compares a study's trials (``""``: the UI's home), and its name."""
+    if not study_file:
+        return ""
+    from searchlab.errors import NotRunError
+    from searchlab.study import load_study
+
+    study = load_study(study_file)
+    exp_id = tracker.find_experiment(study.name)
+    if exp_id is None:
+        raise NotRunError(
+            f"Study {study.name!r} was never run: {tracker.uri} has no MLflow experiment of "
+            "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
+            "it ran with."
+        )
+    key = tracker.set_compare_view(exp_id, list(study.search_space.params))
+    return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
+
+
+def _free_port(host: str, port: int) -> int:
+    """``port`` if nothing listens on it (0: pick a free one); else one line that says so."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SearchlabError(
+                f"Cannot listen on {host}:{port} ({exc.strerror}): pass another --port or --host."
+            ) from None
+        return int(sock.getsockname()[1])
+
+
+def _stop_group(process: Any, timeout: float = 10.0) -> None:
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,10 @@ class StoreError(SearchlabError, ConnectionError):
     """An Optuna storage or MLflow tracking store cannot be reached or used."""
 
 
+class NotRunError(SearchlabError, LookupError):
+    """A study has no results to show: it was never run against the given stores."""
+
+
 class ExportError(SearchlabError, LookupError):
     """There is nothing to export, or the export target is not usable."""
 

@@ -1,7 +1,8 @@
 """Result tables: the only module that imports pandas.
 
 A table has one row per trial: number, state, objective value, params (``params.<name>``),
-epochs run, duration, and the MLflow run id, best first.
+epochs run, duration, and the MLflow run id, best first.  ``searchlab report`` prints it and
+writes it as CSV or Parquet; ``searchlab.results()`` returns it.
 """
 
 from __future__ import annotations
@@ -42,3 +43,17 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def to_text(frame: pd.DataFrame, max_rows: int | None = None) -> str:
+    """The table as aligned text for a terminal; floats with 4 significant digits."""
+    if frame.empty:
+        return "(no trials)"
+    return frame.to_string(
+        index=False, max_rows=max_rows, float_format=lambda v: f"{v:.4g}", na_rep="-"
+    )

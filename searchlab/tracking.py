@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 #: searchlab's TrialState value -> MLflow run status
 RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+#: experiment tag that makes the MLflow UI open the runs table, not its GenAI views
+EXPERIMENT_KIND = "mlflow.experimentKind"
+ML_EXPERIMENT = "custom_model_development"
+#: experiment tag prefix of a view the MLflow UI opens with ``?viewStateShareKey=<key>``
+SHARED_VIEW = "mlflow.sharedViewState."
+COMPARE_VIEW_KEY = "searchlab"
 MAX_PARAM = 6000
 MAX_TAG = 8000
 
@@ -94,6 +100,65 @@ def client(uri: str) -> Any:
     return c
 
 
+def is_remote(uri: str) -> bool:
+    return urllib.parse.urlparse(uri).scheme in ("http", "https")
+
+
+def local_path(uri: str) -> Path | None:
+    """The file or folder a local tracking URI names (``sqlite:///f.db``, ``file:///d``, ``d``)."""
+    parsed = urllib.parse.urlparse(uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive)
+        return Path(uri)
+    return None
+
+
+def check_exists(uri: str) -> None:
+    """For reading results: fail with one line, and create nothing, when the store is missing."""
+    if is_remote(uri):
+        check_reachable(uri)
+        return
+    path = local_path(uri)
+    if path is not None and not path.exists():
+        raise StoreError(
+            f"No MLflow tracking store at {path}: nothing was tracked there. Run the study "
+            "first (searchlab run STUDY_FILE), or pass the --tracking-uri it ran with."
+        )
+
+
+def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> list[str]:
+    """The ``mlflow ui`` command line that serves the tracking store ``uri``."""
+    import sys
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", host, "--port", str(port), "--workers", "1"]
+    if artifact_root is not None:
+        argv += ["--default-artifact-root", artifact_root.resolve().as_uri()]
+    return argv
+
+
+def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
+    """Wait until the MLflow server at ``url`` answers ``/health``; one line when it cannot."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise StoreError(
+                f"The MLflow UI exited with code {process.returncode} before it answered on "
+                f"{url}; run with -v to see its output, or try another --port."
+            )
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+        except Exception:  # not up yet
+            pass
+        time.sleep(0.5)
+    raise StoreError(f"The MLflow UI did not answer on {url} within {timeout:.0f}s.")
+
+
 def _short(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -137,7 +202,9 @@ class MlflowTracker:
         if self.artifact_root is not None and not self.uri.startswith(("http://", "https://")):
             self.artifact_root.mkdir(parents=True, exist_ok=True)
             location = self.artifact_root.resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND: ML_EXPERIMENT}
+        )
 
     def start_study(self, name: str, info: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
@@ -254,6 +321,39 @@ class MlflowTracker:
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
         dst = dst or Path(tempfile.mkdtemp(prefix="searchlab-"))
         return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def find_experiment(self, name: str) -> str | None:
+        """The id of study ``name``'s experiment, or None; marks it as an ML experiment so the
+        MLflow UI opens its runs table."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            return None
+        if exp.tags.get(EXPERIMENT_KIND) is None:
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
+        return exp.experiment_id
+
+    def set_compare_view(self, experiment_id: str, params: list[str]) -> str:
+        """Store a runs-table view on the experiment: trial params, the objective, epochs and
+        state as columns (sessions newest first, trials nested under them).  Returns the
+        share key that opens it (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
+        import json
+
+        columns = [
+            "metrics.`objective`",
+            "metrics.`epochs_run`",
+            "metrics.`best_value`",
+            *(f"params.`{name}`" for name in params),
+            "tags.`searchlab.state`",
+        ]
+        self.client.set_experiment_tag(
+            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps({"selectedColumns": columns})
+        )
+        return COMPARE_VIEW_KEY
+
+    def log_run_files(self, run_id: str, files: list[Path], artifact_path: str) -> None:
+        """Log ``files`` on run ``run_id`` under ``artifact_path`` (a finished run is fine)."""
+        for path in files:
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def runs(self, name: str) -> list[Any]:
         """Every run of a study's experiment (parents and trials), oldest first."""

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState as OptunaState
 
 from searchlab import data as data_mod
-from searchlab.errors import SearchlabError, StoreError, StudyDefinitionError
+from searchlab.errors import NotRunError, SearchlabError, StoreError, StudyDefinitionError
 from searchlab.space import Space
 
 if TYPE_CHECKING:
@@ -54,6 +54,42 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"Cannot open the Optuna storage {_redact(url)}: {first}. "
             "Check --storage (for PostgreSQL: host, port, user, password, database)."
         ) from exc
+
+
+def load_stored(name: str, url: str) -> optuna.Study:
+    """The stored Optuna study ``name`` for reading results; never creates a store or a study.
+
+    Raises ``StoreError`` when a local SQLite storage file does not exist, and ``NotRunError``
+    when the storage holds no study of that name.
+    """
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise StoreError(
+            f"No Optuna storage at {url[len('sqlite:///'):]}: the study was never run here. "
+            "Run it first (searchlab run STUDY_FILE), or pass the --storage it ran with."
+        )
+    storage = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise NotRunError(
+            f"Study {name!r} was never run: {_redact(url)} holds no study of that name. Run it "
+            "first (searchlab run STUDY_FILE), or pass the --storage it ran with."
+        ) from None
+
+
+def top_trials(ostudy: optuna.Study, k: int) -> optuna.Study:
+    """An in-memory copy of ``ostudy`` in which only the ``k`` best complete trials keep their
+    per-epoch (intermediate) values; trial numbers are kept, so plots name the real trials."""
+    complete = ostudy.get_trials(deepcopy=False, states=(OptunaState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: t.value, reverse=ostudy.direction.name == "MAXIMIZE")
+    keep = {t.number for t in ranked[:k]}
+    copy = optuna.create_study(study_name=ostudy.study_name, direction=ostudy.direction)
+    for t in ostudy.get_trials(deepcopy=False):
+        if t.number in keep:
+            copy.add_trial(t)
+        else:  # a placeholder keeps the numbering; it has no curve to draw
+            copy.add_trial(optuna.trial.create_trial(state=OptunaState.FAIL))
+    return copy
 
 
 def _redact(url: str) -> str:

@@ -1,0 +1,315 @@
+"""A study's results read back from the stores: the trials table, the best trial, and plots.
+
+Nothing here is kept in memory between runs: the Optuna storage gives each trial's state,
+value, params and per-epoch objective; MLflow gives the run ids, tags (such as whether the
+feature cache was used) and artifacts.  Plots are Optuna's own (``optuna.visualization``):
+matplotlib for PNG, plotly for interactive HTML.  This module is the only one that imports
+the plotting libraries.
+
+Call order for a report: ``open_results`` once (it fails with one line when the study was
+never run or a store does not exist), then any of ``frame``, ``best_trial``, ``write_plots``
+and ``log_plots``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from searchlab.errors import NotRunError
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+    from searchlab.study import Study
+    from searchlab.tracking import MlflowTracker
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("optimization_history", "parallel_coordinate", "param_importances", "learning_curves")
+SESSION_ROLE = "session"
+BEST_MODEL_PATH = "best_model/model.keras"
+PLOTS_ARTIFACT_PATH = "plots"
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    """The best complete trial of a study, with where its model lives in MLflow.
+
+    ``model_uri`` is the complete best model logged on the session run that ended with this
+    trial as its best (``runs:/<session run>/best_model/model.keras``; None if no session
+    finished since); ``weights_uri`` is the trial's own best-epoch weights;
+    ``tracking_uri`` is the MLflow store that holds them.
+    """
+
+    number: int
+    value: float
+    params: dict[str, Any]
+    run_id: str | None
+    model_uri: str | None
+    weights_uri: str | None
+    tracking_uri: str
+
+
+@dataclass
+class Results:
+    """One study's results as the stores hold them."""
+
+    study: Study
+    ostudy: optuna.Study
+    tracker: MlflowTracker
+    runs: list[Any] = field(default_factory=list)
+
+    @property
+    def sessions(self) -> list[Any]:
+        """The study's parent (session) runs, oldest first."""
+        return [r for r in self.runs if r.data.tags.get("searchlab.role") == SESSION_ROLE]
+
+    @property
+    def trial_runs(self) -> dict[str, Any]:
+        """Trial child runs by run id."""
+        return {
+            r.info.run_id: r for r in self.runs if r.data.tags.get("mlflow.parentRunId") is not None
+        }
+
+
+def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Results:
+    """Open the study's results; never creates a store, a study or an experiment.
+
+    Raises ``StoreError`` when a store does not exist or cannot be reached and ``NotRunError``
+    when the study was never run against these stores.
+    """
+    from searchlab import tracking
+    from searchlab.engines.optuna import load_stored
+
+    tracking.check_exists(tracker.uri)
+    ostudy = load_stored(study.name, storage_url)
+    if not ostudy.get_trials(deepcopy=False):
+        raise NotRunError(
+            f"Study {study.name!r} has no trials yet: run it first (searchlab run STUDY_FILE)."
+        )
+    if tracker.find_experiment(study.name) is None:
+        raise NotRunError(
+            f"Study {study.name!r} has no MLflow experiment in {tracker.uri}: pass the "
+            "--tracking-uri it ran with."
+        )
+    return Results(study=study, ostudy=ostudy, tracker=tracker, runs=tracker.runs(study.name))
+
+
+def rows(results: Results) -> list[dict[str, Any]]:
+    """One dict per trial: the Optuna trial joined with its MLflow run's searchlab tags."""
+    from searchlab.engines.optuna import trial_rows
+
+    by_id = results.trial_runs
+    out = []
+    for row in trial_rows(results.ostudy):
+        run = by_id.get(row.get("run_id") or "")
+        if run is not None:
+            for key, value in sorted(run.data.tags.items()):
+                if key.startswith("searchlab.cache"):  # the feature cache, where a trial used it
+                    row[key[len("searchlab."):]] = value
+        out.append(row)
+    return out
+
+
+def frame(results: Results) -> pd.DataFrame:
+    """The trials table, best first (see ``searchlab.table.trials_frame``)."""
+    from searchlab import table
+
+    return table.trials_frame(rows(results), results.study.direction)
+
+
+def best_trial(results: Results) -> BestTrial:
+    from optuna.trial import TrialState
+
+    if not results.ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise NotRunError(f"Study {results.study.name!r} has no complete trial yet.")
+    best = results.ostudy.best_trial
+    run_id = best.user_attrs.get("mlflow_run_id")
+    model_uri = None
+    for session in reversed(results.sessions):
+        if (
+            session.info.status == "FINISHED"
+            and session.data.metrics.get("best_trial") == best.number
+        ):
+            model_uri = f"runs:/{session.info.run_id}/{BEST_MODEL_PATH}"
+            break
+    from searchlab.trial import WEIGHTS_FILE
+
+    return BestTrial(
+        number=best.number,
+        value=float(best.value),
+        params=dict(best.params),
+        run_id=run_id,
+        model_uri=model_uri,
+        weights_uri=f"runs:/{run_id}/weights/{WEIGHTS_FILE}" if run_id else None,
+        tracking_uri=results.tracker.uri,
+    )
+
+
+def write_plots(results: Results, folder: Path, top: int = 5) -> tuple[list[Path], dict[str, str]]:
+    """Write every plot as PNG and HTML into ``folder``.
+
+    Returns the files written and, for each plot that cannot be drawn from these trials
+    (for instance importances from fewer than two complete trials), the reason.
+    """
+    from optuna.trial import TrialState
+
+    from searchlab.engines.optuna import top_trials
+
+    ostudy = results.ostudy
+    objective = results.study.objective
+    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise NotRunError(f"Study {results.study.name!r} has no complete trial: nothing to plot.")
+    folder.mkdir(parents=True, exist_ok=True)
+    top = max(1, min(top, len(complete)))
+    curves = top_trials(ostudy, top)
+    skipped: dict[str, str] = {}
+    if len(complete) < 2:
+        skipped["param_importances"] = "needs at least 2 complete trials"
+    elif not any(len({repr(t.params.get(p)) for t in complete}) > 1 for p in ostudy.best_params):
+        skipped["param_importances"] = "every complete trial has the same params"
+    if not any(t.intermediate_values for t in curves.get_trials(deepcopy=False)):
+        skipped["learning_curves"] = f"no trial reported {objective} per epoch"
+    titles = {
+        "optimization_history": f"Optimization history ({objective}, best so far)",
+        "parallel_coordinate": f"Parameters vs {objective}",
+        "param_importances": f"Parameter importances for {objective}",
+        "learning_curves": f"Learning curves of the top {top} trials ({objective} per epoch)",
+    }
+    written: list[Path] = []
+    for name in PLOTS:
+        if name in skipped:
+            continue
+        source = curves if name == "learning_curves" else ostudy
+        written += _draw(name, source, objective, titles[name], folder)
+    return written, skipped
+
+
+def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_mpl
+
+    kwargs: dict[str, Any] = {} if name == "learning_curves" else {"target_name": objective}
+    plot = "intermediate_values" if name == "learning_curves" else name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        fig = getattr(vis, f"plot_{plot}")(ostudy, **kwargs)
+        axes = getattr(vis_mpl, f"plot_{plot}")(ostudy, **kwargs)
+    fig.update_layout(title=title)
+    if name == "parallel_coordinate":  # Optuna's white-to-blue scale hides the worst trial
+        from matplotlib.collections import LineCollection
+
+        for lines in _figure_of(axes).axes[0].collections:
+            if isinstance(lines, LineCollection) and lines.get_cmap().name.startswith("Blues"):
+                reverse = lines.get_cmap().name.endswith("_r")
+                lines.set_cmap("viridis_r" if reverse else "viridis")
+    if name == "learning_curves":
+        fig.update_layout(yaxis_title=objective, xaxis_title="epoch")
+    html = folder / f"{name}.html"
+    fig.write_html(html, include_plotlyjs=True, full_html=True)
+    figure = _figure_of(axes)
+    ax = figure.axes[0]
+    for loc in ("left", "right"):
+        ax.set_title("", loc=loc)
+    ax.set_title(title)
+    if name in ("learning_curves", "optimization_history"):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if name == "learning_curves":
+        ax.set_ylabel(objective)
+        ax.set_xlabel("epoch")
+    png = folder / f"{name}.png"
+    figure.savefig(png, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return [png, html]
+
+
+def _figure_of(axes: Any) -> Any:
+    if hasattr(axes, "figure"):
+        return axes.figure
+    return axes.flat[0].figure  # an array of Axes (one per objective)
+
+
+def log_plots(results: Results, files: list[Path]) -> str | None:
+    """Log plot files on the study's latest session run; return its run id (None: no run)."""
+    sessions = results.sessions
+    if not sessions or not files:
+        return None
+    run_id = sessions[-1].info.run_id
+    results.tracker.log_run_files(run_id, files, PLOTS_ARTIFACT_PATH)
+    return run_id
+
+
+def summary_line(results: Results) -> str:
+    counts: dict[str, int] = {}
+    for row in rows(results):
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    study = results.study
+    return (
+        f"study {study.name}: {sum(counts.values())} trials ({parts}); objective "
+        f"{study.objective} ({study.direction}), best first"
+    )
+
+
+def resolve(
+    study_or_path: Study | str | Path,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> Results:
+    """Open results for a ``Study`` or a study file path, on the given or default stores."""
+    from searchlab import config
+    from searchlab.study import Study, load_study
+    from searchlab.tracking import MlflowTracker
+
+    study = study_or_path if isinstance(study_or_path, Study) else load_study(study_or_path)
+    tracker = MlflowTracker(
+        tracking_uri or config.default_tracking_uri(), config.default_artifact_root()
+    )
+    return open_results(study, storage or config.default_storage(), tracker)
+
+
+def results(
+    study_or_path: Study | str | Path,
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """A study's trials as a pandas DataFrame, best first.
+
+    Columns: ``number``, ``state``, ``value`` (the objective), ``epochs``, ``duration_s``,
+    ``run_id`` (the trial's MLflow run), ``params.<name>`` per parameter, and ``cache*``
+    columns when trials used the feature cache.
+
+    Example::
+
+        import searchlab
+        df = searchlab.results("studies/mnist_dense.py")
+        df.head()
+    """
+    return frame(resolve(study_or_path, storage, tracking_uri))
+
+
+def best(
+    study_or_path: Study | str | Path,
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> BestTrial:
+    """The best complete trial: ``number``, ``value``, ``params``, ``run_id``, ``model_uri``.
+
+    Example::
+
+        b = searchlab.best("studies/mnist_dense.py")
+        path = mlflow.artifacts.download_artifacts(b.model_uri, tracking_uri=b.tracking_uri)
+        model = keras.models.load_model(path)
+    """
+    return best_trial(resolve(study_or_path, storage, tracking_uri))
