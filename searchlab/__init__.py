@@ -5,6 +5,7 @@ Users write study files with the public names below::
     from searchlab import Study, Int, Float, Choice, Bool, Dataset
 """
 
+from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
 from searchlab.data import Dataset
 from searchlab.errors import (
     DataError,

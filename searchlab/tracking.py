@@ -189,7 +189,7 @@ class MlflowTracker:
         )
 
     def end_trial(self, run_id: str, result: TrialResult) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, Param, RunTag
 
         state = result.state.value
         now = int(time.time() * 1000)
@@ -206,8 +206,9 @@ class MlflowTracker:
         tags += [RunTag(k, _short(v, MAX_TAG)) for k, v in result.tags.items()]
         if result.error:
             tags.append(RunTag("searchlab.error", _short(result.error, MAX_TAG)))
+        params = [Param(k, _short(v, MAX_PARAM)) for k, v in result.settings.items()]
         try:
-            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            self.client.log_batch(run_id, metrics=metrics, tags=tags, params=params)
             if result.weights_path is not None and result.weights_path.exists():
                 self.client.log_artifact(run_id, str(result.weights_path), "weights")
         finally:
