@@ -240,5 +240,29 @@ def export(
     )
 
 
+@main.command()
+@click.argument("study_file", required=False, type=click.Path(dir_okay=False))
+@storage_option
+@tracking_option
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are [default: $SEARCHLAB_DATA_DIR].")
+@friendly
+def doctor(
+    study_file: str | None, storage: str | None, tracking_uri: str | None, data_dir: str | None
+) -> None:
+    """Check the Keras backend, its devices, the data directory and the stores (and what
+    STUDY_FILE needs); exit 1 when something a run needs is missing."""
+    _quiet_backends()
+    from searchlab.doctor import Status, run_checks
+
+    problems = []
+    for check in run_checks(study_file, data_dir, storage, tracking_uri):
+        click.echo(f"{check.status.value:<4}  {check.label:<15} {check.detail}")
+        if check.status is Status.FAIL:
+            problems.append(check.label)
+    if problems:
+        _fail(f"{len(problems)} problem(s): {', '.join(problems)}; see the FAIL lines above.")
+    click.echo("ready: nothing a run needs is missing.")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -116,7 +116,10 @@ class _Monitor(keras.callbacks.Callback):
         self.best_epoch: int | None = None
         self.best_weights: list[np.ndarray] | None = None
         self.bad_loss: str | None = None
+        self.epoch_started = 0.0
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_started = time.perf_counter()
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
@@ -125,6 +128,8 @@ class _Monitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
+        # wall time of the epoch, validation included (the first one includes compiling)
+        logs["epoch_s"] = time.perf_counter() - self.epoch_started
         try:
             logs["learning_rate"] = float(
                 keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
