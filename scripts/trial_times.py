@@ -37,7 +37,8 @@ def main() -> None:
                 "state": tags.get("searchlab.state", "?"),
                 "backend": tags.get("searchlab.backend", "?"),
                 "device": tags.get("searchlab.device_name") or tags.get("searchlab.device", "?"),
-                "precision": run.data.params.get("searchlab.precision", "?"),
+                "precision": tags.get("searchlab.precision")
+                or run.data.params.get("searchlab.precision", "?"),
                 "fit_s": metrics["fit_s"],
                 "s_per_epoch": metrics["fit_s"] / epochs,
                 "first_epoch_s": epoch_s[0] if epoch_s else float("nan"),

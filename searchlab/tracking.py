@@ -146,12 +146,18 @@ class MlflowTracker:
         tags = {
             "searchlab.study": name,
             "searchlab.role": "session",
-            **{f"searchlab.{k}": _short(v, MAX_TAG) for k, v in info.items() if k != "space"},
+            **{
+                f"searchlab.{k}": _short(v, MAX_TAG)
+                for k, v in info.items()
+                if k not in ("space", "run_params")
+            },
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self.parent_run_id = run.info.run_id
         self._open.add(self.parent_run_id)
         params = [Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()]
+        # session settings that are not searched (e.g. precision) are params of the parent run
+        params += [Param(k, _short(v, MAX_PARAM)) for k, v in info.get("run_params", {}).items()]
         if params:
             self.client.log_batch(self.parent_run_id, params=params)
         return self.parent_run_id
@@ -189,7 +195,7 @@ class MlflowTracker:
         )
 
     def end_trial(self, run_id: str, result: TrialResult) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         state = result.state.value
         now = int(time.time() * 1000)
@@ -206,9 +212,8 @@ class MlflowTracker:
         tags += [RunTag(k, _short(v, MAX_TAG)) for k, v in result.tags.items()]
         if result.error:
             tags.append(RunTag("searchlab.error", _short(result.error, MAX_TAG)))
-        params = [Param(k, _short(v, MAX_PARAM)) for k, v in result.settings.items()]
         try:
-            self.client.log_batch(run_id, metrics=metrics, tags=tags, params=params)
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
             if result.weights_path is not None and result.weights_path.exists():
                 self.client.log_artifact(run_id, str(result.weights_path), "weights")
         finally:

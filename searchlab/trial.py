@@ -54,8 +54,6 @@ class TrialResult:
     fit_seconds: float = 0.0
     error: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    #: run settings that are not searched (e.g. the precision): logged as params
-    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def epochs_run(self) -> int:
@@ -171,8 +169,8 @@ def run_trial(
     """
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
-    result.settings["searchlab.precision"] = spec.precision
     result.tags.update(backend.run_tags())
+    result.tags["searchlab.precision"] = spec.precision
     keras.backend.clear_session(free_memory=True)  # also resets Keras's dtype policy
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
     monitor = _Monitor(spec, on_epoch)

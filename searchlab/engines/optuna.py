@@ -216,6 +216,7 @@ def run(
         "optuna_study": study.name,
         "precision": options.precision,
         "space": space.describe(),
+        "run_params": {"precision": options.precision},
     }
     from searchlab import backend
 
