@@ -9,7 +9,9 @@
 #
 # Usage, on the device, from the repository root:
 #   bash .whl/gpu_check.sh "studies/mnist_dense.py --trials 4 --epochs 3" ["OTHER_STUDY ARGS" ...]
-# Each argument is a study file (relative to .whl/) and its `searchlab run` flags.
+# Each argument is a study file (relative to .whl/) and its `searchlab run` flags; the same
+# study may come twice with different flags (e.g. its cache on and off): each runs fresh.
+# Rows are labelled ARGUMENT_INDEX:BACKEND-PRECISION.
 # Environment: PRECISIONS (default "float32 mixed_float16 mixed_bfloat16"), KERAS_BACKEND
 # (default jax), WHL (default .whl), SITE (default /tmp/site).
 set -euo pipefail
@@ -30,11 +32,13 @@ python3 -c 'import searchlab, keras, optuna, mlflow, sys; print("python", sys.ve
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -m searchlab.cli doctor || true
 
+i=0
 for spec in "$@"; do
+  i=$((i + 1))
   read -r study args <<<"$spec"
   name="$(python3 -c 'import sys; from searchlab.study import load_study; print(load_study(sys.argv[1]).name)' "$WHL/$study")"
   for precision in $PRECISIONS; do
-    home="$WORK/$name-$precision"
+    home="$WORK/$i-$name-$precision"  # a fresh study per argument and precision
     echo "== $study $args --precision $precision (KERAS_BACKEND=$KERAS_BACKEND)"
     start=$(date +%s.%N)
     # shellcheck disable=SC2086 # $args holds several flags
@@ -42,7 +46,7 @@ for spec in "$@"; do
     end=$(date +%s.%N)
     echo "wall $(python3 -c "print(f'{$end - $start:.1f}')")s for the whole command"
     SEARCHLAB_HOME="$home" python3 "$WHL/trial_times.py" "$name" \
-      --label "$KERAS_BACKEND-$precision" | tee -a "$WORK/times.txt"
+      --label "$i:$KERAS_BACKEND-$precision" | tee -a "$WORK/times.txt"
   done
 done
 echo "== per-trial times"

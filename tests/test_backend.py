@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,11 +19,26 @@ from searchlab.data import Data
 from searchlab.errors import StudyDefinitionError
 from searchlab.models import dense_classifier
 from searchlab.trial import TrialSpec, TrialState, run_trial
+from tests.conftest import REPO
 
 
-def test_import_turns_tensorflow_gpu_memory_growth_on() -> None:
-    # searchlab/__init__ imports backend first, before any backend can touch a GPU
-    assert os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+def test_import_sets_gpu_memory_growth_before_any_backend_loads() -> None:
+    code = (
+        "import os, sys, searchlab, searchlab.cli, searchlab.doctor; "
+        "print(os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH'), "
+        "any(m in sys.modules for m in ('keras', 'tensorflow', 'jax', 'torch')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_FORCE_GPU_ALLOW_GROWTH"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["true", "False"]  # set on import; no backend imported by then
+    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "false"  # the user's own setting wins
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["false", "False"]
 
 
 def test_unknown_precision_names_the_choices() -> None:
