@@ -58,11 +58,11 @@ def main() -> None:
               f"{r['fit_s']:>7.2f} {r['first_epoch_s']:>8.2f} {later:>7.2f} "
               f"{r['objective']:>9.4f}  {r['device']}")
     later_all = [v for r in rows for v in r["later_epoch_s"]]
-    later_text = f"{statistics.median(later_all):.2f}" if later_all else "n/a"
+    later_text = f"{statistics.median(later_all):.2f}s" if later_all else "n/a"
     print(
         f"SUMMARY {args.label}: {len(rows)} trials, median fit {statistics.median(r['fit_s'] for r in rows):.2f}s "
         f"per trial, median first epoch {statistics.median(r['first_epoch_s'] for r in rows):.2f}s "
-        f"(includes compiling), median later epoch {later_text}s, "
+        f"(includes compiling), median later epoch {later_text}, "
         f"total fit {sum(r['fit_s'] for r in rows):.1f}s"
     )
 
