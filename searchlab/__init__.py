@@ -8,6 +8,7 @@ and read results back in a notebook with ``searchlab.results(path)`` (a pandas D
 and ``searchlab.best(path)``.
 """
 
+from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
 from searchlab.data import Dataset
 from searchlab.errors import (
     DataError,

@@ -69,6 +69,11 @@ class ConsoleProgress:
             f"study {name}: {info['strategy']} search, {budget}{resumed}; "
             f"objective {info['objective']} ({info['direction']}); data {info['data']}"
         )
+        if "backend" in info:
+            click.echo(
+                f"backend {info['backend']} {info.get('backend_version', '')} on "
+                f"{info.get('devices', '?')}; precision {info.get('precision', 'float32')}"
+            )
 
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
@@ -158,6 +163,7 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
 @click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
 @click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
+@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default="float32", show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
 @storage_option
 @tracking_option
 @click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
@@ -171,6 +177,7 @@ def run(
     seed: int | None,
     subset: str | None,
     max_failures: int,
+    precision: str,
     storage: str | None,
     tracking_uri: str | None,
     data_dir: str | None,
@@ -190,6 +197,7 @@ def run(
         storage=storage or config.default_storage(),
         data_dir=data_dir,
         max_failures=max_failures,
+        precision=precision,
     )
     tracker = _tracker(tracking_uri)
     engines.run(study, options, tracker, ConsoleProgress(study.objective))
@@ -389,6 +397,27 @@ def _stop_group(process: Any, timeout: float = 10.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+@click.argument("study_file", required=False, type=click.Path(dir_okay=False))
+@storage_option
+@tracking_option
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are [default: $SEARCHLAB_DATA_DIR].")
+@friendly
+def doctor(
+    study_file: str | None, storage: str | None, tracking_uri: str | None, data_dir: str | None
+) -> None:
+    """Check the Keras backend, its devices, the data directory and the stores (and what
+    STUDY_FILE needs); exit 1 when something a run needs is missing."""
+    _quiet_backends()
+    from searchlab.doctor import Status, run_checks
+
+    problems = []
+    for check in run_checks(study_file, data_dir, storage, tracking_uri):
+        click.echo(f"{check.status.value:<4}  {check.label:<15} {check.detail}")
+        if check.status is Status.FAIL:
+            problems.append(check.label)
+    if problems:
+        _fail(f"{len(problems)} problem(s): {', '.join(problems)}; see the FAIL lines above.")
+    click.echo("ready: nothing a run needs is missing.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -233,7 +233,9 @@ def _keras_cache() -> Path:
     return Path(base) / "datasets"
 
 
-def _load_named(name: str, root: str | None) -> tuple[Any, Any, str]:
+def find_local(name: str, root: str | os.PathLike[str] | None = None) -> Path | None:
+    """The file a named dataset would be read from (data directory, then Keras's cache), or
+    None when it would have to be downloaded."""
     files, _ = _KNOWN[name]
     places = [Path(root)] if root else []
     places.append(_keras_cache())
@@ -241,8 +243,31 @@ def _load_named(name: str, root: str | None) -> tuple[Any, Any, str]:
         for fname in files:
             path = place / fname
             if path.is_file():
-                train, test = _read_npz(path)
-                return train, test, str(path)
+                return path
+    return None
+
+
+def known_files() -> dict[str, str]:
+    """File name -> the named dataset it holds, for every file name searchlab looks for."""
+    return {fname: name for name, (files, _) in _KNOWN.items() for fname in files}
+
+
+def dataset_files(name: str) -> tuple[str, ...]:
+    """The file names a named dataset is looked for under, in order."""
+    return _KNOWN[name][0]
+
+
+def keras_cache_dir() -> Path:
+    """Keras's own dataset cache (``$KERAS_HOME/datasets``, default ``~/.keras/datasets``)."""
+    return _keras_cache()
+
+
+def _load_named(name: str, root: str | None) -> tuple[Any, Any, str]:
+    files, _ = _KNOWN[name]
+    path = find_local(name, root)
+    if path is not None:
+        train, test = _read_npz(path)
+        return train, test, str(path)
     # Keras's own download (it reuses its cache when the file is there).
     import keras  # heavy: only when nothing local was found
 

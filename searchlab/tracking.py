@@ -213,12 +213,18 @@ class MlflowTracker:
         tags = {
             "searchlab.study": name,
             "searchlab.role": "session",
-            **{f"searchlab.{k}": _short(v, MAX_TAG) for k, v in info.items() if k != "space"},
+            **{
+                f"searchlab.{k}": _short(v, MAX_TAG)
+                for k, v in info.items()
+                if k not in ("space", "run_params")
+            },
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self.parent_run_id = run.info.run_id
         self._open.add(self.parent_run_id)
         params = [Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()]
+        # session settings that are not searched (e.g. precision) are params of the parent run
+        params += [Param(k, _short(v, MAX_PARAM)) for k, v in info.get("run_params", {}).items()]
         if params:
             self.client.log_batch(self.parent_run_id, params=params)
         return self.parent_run_id

@@ -12,7 +12,9 @@ from __future__ import annotations
 import enum
 import gc
 import inspect
+import logging
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -23,9 +25,11 @@ from typing import Any
 import keras
 import numpy as np
 
+from searchlab import backend
 from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 
+log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
 WEIGHTS_FILE = "best.weights.h5"
 
@@ -68,6 +72,7 @@ class TrialSpec:
     direction: str = "maximize"
     batch_size: int = 32
     seed: int = 0
+    precision: str = backend.DEFAULT_PRECISION  # a Keras dtype policy, see backend.PRECISIONS
 
     def better(self, a: float, b: float | None) -> bool:
         if b is None:
@@ -122,7 +127,10 @@ class _Monitor(keras.callbacks.Callback):
         self.best_epoch: int | None = None
         self.best_weights: list[np.ndarray] | None = None
         self.bad_loss: str | None = None
+        self.epoch_started = 0.0
 
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch_started = time.perf_counter()
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
@@ -131,6 +139,8 @@ class _Monitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = {k: float(v) for k, v in (logs or {}).items()}
+        # wall time of the epoch, validation included (the first one includes compiling)
+        logs["epoch_s"] = time.perf_counter() - self.epoch_started
         try:
             logs["learning_rate"] = float(
                 keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
@@ -172,36 +182,14 @@ def run_trial(
     """
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
-    _release_previous_trial()
+    result.tags.update(backend.run_tags())
+    result.tags["searchlab.precision"] = spec.precision
+    _release_previous_trial()  # also resets Keras's dtype policy
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
     monitor = _Monitor(spec, on_epoch)
     try:
-        model = build_model(spec.build, params, info_of(spec.data))
-        batch_size = int(params.get("batch_size", spec.batch_size))
-        fit_started = time.perf_counter()
-        try:
-            model.fit(
-                spec.data.x_train,
-                spec.data.y_train,
-                validation_data=(spec.data.x_val, spec.data.y_val),
-                epochs=spec.epochs,
-                batch_size=batch_size,
-                callbacks=[monitor],
-                verbose=0,
-            )
-        finally:
-            result.fit_seconds = time.perf_counter() - fit_started
-        result.history = monitor.history
-        if monitor.bad_loss:
-            raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
-        if monitor.best_weights is None:
-            raise TrialFailed(f"the objective {spec.objective!r} was never finite")
-        model.set_weights(monitor.best_weights)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result.weights_path = workdir / WEIGHTS_FILE
-        model.save_weights(result.weights_path)
-        result.state = TrialState.COMPLETE
-        result.value, result.best_epoch = monitor.best, monitor.best_epoch
+        with backend.precision_policy(spec.precision):  # the global policy comes back after
+            _build_and_fit(number, params, spec, workdir, monitor, result)
     except TrialPruned as exc:
         result.history = monitor.history
         result.state = TrialState.PRUNED
@@ -218,6 +206,64 @@ def run_trial(
     finally:
         result.duration = time.perf_counter() - started
     return result
+
+
+def _build_and_fit(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    workdir: Path,
+    monitor: _Monitor,
+    result: TrialResult,
+) -> None:
+    """The part of a trial that runs under its precision policy; fills ``result`` in."""
+    model = build_model(spec.build, params, info_of(spec.data))
+    result.tags.update(_device_tags(model))
+    warning = backend.output_dtype_warning(model, spec.precision)
+    if warning:
+        log.warning("trial %s: %s", number, warning)
+    batch_size = int(params.get("batch_size", spec.batch_size))
+    fit_started = time.perf_counter()
+    try:
+        model.fit(
+            spec.data.x_train,
+            spec.data.y_train,
+            validation_data=(spec.data.x_val, spec.data.y_val),
+            epochs=spec.epochs,
+            batch_size=batch_size,
+            callbacks=[monitor],
+            verbose=0,
+        )
+    finally:
+        result.fit_seconds = time.perf_counter() - fit_started
+    result.history = monitor.history
+    if monitor.bad_loss:
+        raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
+    if monitor.best_weights is None:
+        raise TrialFailed(f"the objective {spec.objective!r} was never finite")
+    model.set_weights(monitor.best_weights)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result.weights_path = workdir / WEIGHTS_FILE
+    model.save_weights(result.weights_path)
+    result.state = TrialState.COMPLETE
+    result.value, result.best_epoch = monitor.best, monitor.best_epoch
+
+
+def _device_tags(model: Any) -> dict[str, str]:
+    """Where this trial trains: the device its weights live on (else the backend's first)."""
+    device = backend.device_of(model)
+    if device is None:
+        try:
+            device = backend.devices()[0]
+        except Exception:  # a backend that cannot list devices: say so, do not fail the trial
+            return {"searchlab.device": "unknown"}
+    tags = {"searchlab.device": device.label}
+    if device.name:
+        tags["searchlab.device_name"] = device.name
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and device.kind == "gpu":
+        tags["searchlab.cuda_visible_devices"] = visible
+    return tags
 
 
 def load_trained(

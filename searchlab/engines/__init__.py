@@ -32,6 +32,7 @@ class RunOptions:
     data_dir: str | None = None
     engine: str = "optuna"
     max_failures: int = 5
+    precision: str = "float32"  # a Keras dtype policy: float32, mixed_float16, mixed_bfloat16
 
 
 class SearchListener(Protocol):

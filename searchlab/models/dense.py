@@ -27,7 +27,10 @@ def dense_classifier(params: Mapping[str, Any], info: DataInfo) -> keras.Model:
         )(x)
         if float(params.get("dropout", 0.0)) > 0:
             x = keras.layers.Dropout(float(params["dropout"]), name=f"dropout_{i}")(x)
-    outputs = keras.layers.Dense(info.num_classes, activation="softmax", name="classes")(x)
+    # float32 output: under a mixed-precision policy the softmax and the loss stay float32
+    outputs = keras.layers.Dense(
+        info.num_classes, activation="softmax", dtype="float32", name="classes"
+    )(x)
     model = keras.Model(inputs, outputs, name="dense_classifier")
     lr = float(params.get("learning_rate", 1e-3))
     optimizer = (

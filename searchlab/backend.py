@@ -1,0 +1,248 @@
+"""The Keras backend a process runs on: its environment, its devices, its precision policy.
+
+Keras 3 picks its backend (``tensorflow``, ``jax`` or ``torch``) from ``KERAS_BACKEND`` (or
+``~/.keras/keras.json``) when it is first imported.  Everything searchlab trains goes through
+the Keras 3 API only, so the same study runs on each of them; this module is the one place
+that knows how the backends differ in naming their devices.  It never imports TensorFlow
+itself (Keras does, on the TensorFlow backend), and imports Keras only inside functions, so
+``import searchlab`` stays fast.
+
+Importing this module sets ``TF_FORCE_GPU_ALLOW_GROWTH=true`` unless the environment already
+says otherwise: TensorFlow reads it when it first touches a GPU, and with it parallel workers
+on one GPU each take the memory they need instead of all of it.  ``import searchlab`` imports
+this module first, so that happens before any backend loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from searchlab.errors import StudyDefinitionError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tensorflow", "jax", "torch")
+#: --precision values: the Keras dtype policies a trial can train under.
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+DEFAULT_PRECISION = "float32"
+#: the distribution that carries each backend's version
+_DISTRIBUTIONS = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tf-nightly"),
+    "jax": ("jax",),
+    "torch": ("torch",),
+}
+
+
+def configure_environment() -> None:
+    """Environment a backend must see before it starts (the user's own settings win)."""
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+
+configure_environment()
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device a backend can train on: ``kind:index`` as Keras names it, and what it is."""
+
+    kind: str  # "cpu", "gpu" or "tpu"
+    index: int
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.name})" if self.name else self.label
+
+
+def name() -> str:
+    """The Keras backend in force (imports Keras)."""
+    import keras
+
+    return str(keras.backend.backend())
+
+
+def requested() -> str:
+    """The backend Keras will load, read from the environment only (does not import Keras)."""
+    return os.environ.get("KERAS_BACKEND") or _keras_json_backend() or "tensorflow"
+
+
+def _keras_json_backend() -> str | None:
+    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = os.path.join(base, "keras.json")
+    try:
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(value) if value else None
+
+
+def version(backend: str) -> str | None:
+    """The installed version of a backend's package, read from its metadata (no import)."""
+    for dist in _DISTRIBUTIONS.get(backend, (backend,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def keras_version() -> str | None:
+    try:
+        return importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def devices() -> list[Device]:
+    """The devices the current backend trains on by default: its GPUs (or TPUs) if it sees
+    any, else its CPU.  The first one is where a trial runs unless the model says otherwise."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        found = jax.devices()
+        return [Device(_kind(d.platform), int(d.id), str(d.device_kind)) for d in found]
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return [
+                Device("gpu", i, torch.cuda.get_device_name(i))
+                for i in range(torch.cuda.device_count())
+            ]
+        return [Device("cpu", 0, "cpu")]
+    import keras
+
+    found = keras.distribution.list_devices()
+    out = []
+    for label in found:
+        kind, _, index = str(label).partition(":")
+        out.append(Device(_kind(kind), int(index or 0), ""))
+    return out or [Device("cpu", 0)]
+
+
+def _kind(platform: str) -> str:
+    platform = platform.lower()
+    if platform in ("cuda", "rocm", "gpu", "mps"):
+        return "gpu"
+    return platform
+
+
+_TF_DEVICE = re.compile(r"device:([A-Za-z]+):(\d+)", re.IGNORECASE)
+
+
+def device_of(model: Any) -> Device | None:
+    """The device a built model's weights live on, read from the backend's own tensor.
+
+    JAX arrays name their devices (``.devices()``), torch tensors their ``.device``, and
+    TensorFlow variables a device string; None when the model has no weights."""
+    weights = getattr(model, "weights", None) or []
+    if not weights:
+        return None
+    value = getattr(weights[0], "value", weights[0])
+    if hasattr(value, "devices") and callable(value.devices):  # a jax.Array
+        try:
+            d = sorted(value.devices(), key=lambda x: x.id)[0]
+            return Device(_kind(d.platform), int(d.id), str(getattr(d, "device_kind", "")))
+        except Exception:  # a tracer or a deleted array: fall back to the device list
+            return None
+    device = getattr(value, "device", None)
+    if device is None:
+        return None
+    if hasattr(device, "type"):  # a torch.device
+        kind = _kind(device.type)
+        index = int(device.index or 0)
+        label = ""
+        if kind == "gpu" and device.type == "cuda":
+            import torch
+
+            label = torch.cuda.get_device_name(index)
+        return Device(kind, index, label)
+    match = _TF_DEVICE.search(str(device))
+    if match:
+        return Device(_kind(match.group(1)), int(match.group(2)))
+    return None
+
+
+def check_precision(precision: str | None) -> str:
+    """Validate a ``--precision`` value; None means float32."""
+    value = precision or DEFAULT_PRECISION
+    if value not in PRECISIONS:
+        raise StudyDefinitionError(
+            f"Unknown precision {value!r}: choose one of {', '.join(PRECISIONS)}."
+        )
+    return value
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str | None) -> Iterator[str]:
+    """Build and train under a Keras dtype policy; the previous global policy comes back after.
+
+    ``mixed_float16`` and ``mixed_bfloat16`` compute in 16 bits and keep variables in float32;
+    Keras wraps the optimizer of a ``mixed_float16`` model in a ``LossScaleOptimizer`` when it
+    compiles.  The model's output layer should be built with ``dtype="float32"`` so that the
+    softmax and the loss stay in float32 (the builders in ``searchlab.models`` do this).
+    """
+    import keras
+
+    value = check_precision(precision)
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(value)
+    try:
+        yield value
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def output_dtype_warning(model: Any, precision: str) -> str | None:
+    """A one-line warning when a mixed-precision model's output is not float32, else None."""
+    if precision == DEFAULT_PRECISION:
+        return None
+    try:
+        out = model.outputs[0]
+        dtype = str(getattr(out, "dtype", ""))
+    except Exception:  # a subclassed model has no symbolic outputs: nothing to check
+        return None
+    if dtype and "float32" not in dtype:
+        return (
+            f"under {precision} the model's output is {dtype}: build its last layer with "
+            "dtype='float32' so the softmax and the loss stay in float32"
+        )
+    return None
+
+
+def session_info() -> dict[str, str]:
+    """Where a session runs: the backend, its version, Keras's version and the devices seen."""
+    backend = name()
+    try:
+        seen = ", ".join(str(d) for d in devices())
+    except Exception as exc:  # report it rather than stop a run over a label
+        seen = f"unknown ({type(exc).__name__})"
+    return {
+        "backend": backend,
+        "backend_version": version(backend) or "unknown",
+        "keras_version": keras_version() or "unknown",
+        "devices": seen,
+    }
+
+
+def run_tags() -> dict[str, str]:
+    """Tags for a trial's run: its backend and that backend's version."""
+    backend = name()
+    return {
+        "searchlab.backend": backend,
+        "searchlab.backend_version": version(backend) or "unknown",
+    }

@@ -1,0 +1,246 @@
+"""``searchlab doctor``: what this machine offers a study, checked before any training.
+
+``run_checks`` yields one ``Check`` at a time (the backend first: importing it can take
+seconds), so the CLI prints as it goes.  A check whose status is ``FAIL`` is something a run
+needs and lacks; the command then exits non-zero.  ``WARN`` is worth knowing but does not stop
+a run (a dataset that is not local yet and would be downloaded, say).  Nothing is written:
+stores that do not exist yet are reported as such, not created.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from searchlab import backend, config
+from searchlab import data as data_mod
+from searchlab.errors import SearchlabError
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    label: str
+    status: Status
+    detail: str
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def check_backend() -> Iterator[Check]:
+    """The backend Keras will load, its version, and the devices it sees."""
+    wanted = backend.requested()
+    source = "$KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "Keras's default"
+    if wanted not in backend.BACKENDS:
+        yield Check(
+            "backend",
+            Status.FAIL,
+            f"{wanted!r} (from {source}) is not a Keras backend: set KERAS_BACKEND to one of "
+            f"{', '.join(backend.BACKENDS)}.",
+        )
+        return
+    version = backend.version(wanted)
+    if version is None:
+        yield Check(
+            "backend",
+            Status.FAIL,
+            f"{wanted} (from {source}) is not installed: pip install {wanted}, or set "
+            f"KERAS_BACKEND to an installed one ({_installed_backends() or 'none installed'}).",
+        )
+        return
+    try:
+        loaded = backend.name()
+    except Exception as exc:
+        yield Check(
+            "backend",
+            Status.FAIL,
+            f"Keras could not load {wanted} {version}: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]}",
+        )
+        return
+    yield Check(
+        "backend",
+        Status.OK,
+        f"{loaded} {backend.version(loaded)} (keras {backend.keras_version()}, from {source})",
+    )
+    try:
+        seen = backend.devices()
+    except Exception as exc:
+        yield Check("devices", Status.FAIL, f"{loaded} cannot list its devices: {exc}")
+        return
+    notes = []
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        notes.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
+    if loaded == "tensorflow" and any(d.kind == "gpu" for d in seen):
+        notes.append(f"TF_FORCE_GPU_ALLOW_GROWTH={os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH')}")
+    if not any(d.kind in ("gpu", "tpu") for d in seen):
+        notes.append("no GPU: trials run on the CPU")
+    text = ", ".join(str(d) for d in seen)
+    yield Check("devices", Status.OK, text + (f" [{'; '.join(notes)}]" if notes else ""))
+
+
+def _installed_backends() -> str:
+    return ", ".join(b for b in backend.BACKENDS if backend.version(b))
+
+
+def check_data_dir(explicit: str | None) -> Iterator[Check]:
+    root = data_mod.data_dir(explicit)
+    cache = data_mod.keras_cache_dir()
+    if root is None:
+        yield Check(
+            "data directory",
+            Status.OK,
+            f"none set (--data-dir or ${data_mod.DATA_DIR_ENV}); Keras's cache {cache} is used, "
+            "then keras.datasets downloads",
+        )
+        return
+    if not root.is_dir():
+        yield Check(
+            "data directory",
+            Status.FAIL,
+            f"{root} does not exist: create it, or point --data-dir / "
+            f"${data_mod.DATA_DIR_ENV} at the folder that holds your datasets.",
+        )
+        return
+    known = data_mod.known_files()
+    datasets, others = [], []
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        if path.name in known:
+            datasets.append(f"{known[path.name]} ({path.name}, {_size(path)})")
+        else:
+            others.append(f"{path.name} ({_size(path)})")
+    text = f"{root}: " + (", ".join(datasets) if datasets else "no known dataset file")
+    if others:
+        text += f"; other files: {', '.join(others)}"
+    yield Check("data directory", Status.OK, text)
+
+
+def check_stores(storage: str | None, tracking_uri: str | None) -> Iterator[Check]:
+    url = storage or config.default_storage()
+    yield _check_optuna(url)
+    uri = tracking_uri or config.default_tracking_uri()
+    yield _check_mlflow(uri)
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def _check_optuna(url: str) -> Check:
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        return Check("optuna storage", Status.OK, f"{url} (not created yet: a run creates it)")
+    from searchlab.engines.optuna import _redact, open_storage
+
+    try:
+        import optuna
+
+        names = optuna.get_all_study_names(storage=open_storage(url))
+    except SearchlabError as exc:
+        return Check("optuna storage", Status.FAIL, str(exc))
+    except Exception as exc:
+        return Check(
+            "optuna storage", Status.FAIL, f"{_redact(url)} cannot be read: {type(exc).__name__}: {exc}"
+        )
+    listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return Check(
+        "optuna storage", Status.OK, f"{_redact(url)} ({len(names)} studies{': ' + listed if names else ''})"
+    )
+
+
+def _check_mlflow(uri: str) -> Check:
+    path = _sqlite_path(uri)
+    artifacts = config.default_artifact_root()
+    if path is not None and not path.exists():
+        return Check(
+            "mlflow tracking",
+            Status.OK,
+            f"{uri} (not created yet: a run creates it); artifacts in {artifacts}",
+        )
+    from searchlab import tracking
+
+    try:
+        client = tracking.client(uri)
+        n = len(client.search_experiments(max_results=1000))
+    except SearchlabError as exc:
+        return Check("mlflow tracking", Status.FAIL, str(exc))
+    where = f"; artifacts in {artifacts}" if path is not None else ""
+    return Check("mlflow tracking", Status.OK, f"{uri} ({n} experiments{where})")
+
+
+def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Check]:
+    """What one study needs: its file loads, its data is there, its strategy can run."""
+    from searchlab.study import load_study
+
+    try:
+        study = load_study(study_file)
+    except SearchlabError as exc:
+        yield Check("study", Status.FAIL, str(exc).splitlines()[0])
+        return
+    yield Check(
+        "study",
+        Status.OK,
+        f"{study.name} from {study_file}: {len(study.search_space)} parameters, "
+        f"{study.strategy} search, objective {study.objective}",
+    )
+    dataset = study.dataset
+    root = data_mod.data_dir(explicit_data_dir)
+    if dataset.name is not None and data_mod.find_local(dataset.name, root) is None:
+        files = data_mod.dataset_files(dataset.name)
+        where = root or f"a folder named by --data-dir or ${data_mod.DATA_DIR_ENV}"
+        yield Check(
+            "study data",
+            Status.WARN,
+            f"{dataset.name}: no {' / '.join(files)} in {where} nor in Keras's cache; a run "
+            f"downloads it with keras.datasets (offline: put {files[0]} in {where}).",
+        )
+    else:
+        try:
+            loaded = data_mod.load(dataset, root)
+        except SearchlabError as exc:
+            yield Check("study data", Status.FAIL, str(exc).splitlines()[0])
+        else:
+            shape = "x".join(str(v) for v in loaded.input_shape)
+            yield Check(
+                "study data",
+                Status.OK,
+                f"{dataset.label} from {loaded.source}: {len(loaded.x_train)} train, "
+                f"{len(loaded.x_val)} validation, {shape}, {loaded.num_classes} classes",
+            )
+    if study.strategy == "gp" and importlib.util.find_spec("torch") is None:
+        yield Check(
+            "study strategy",
+            Status.FAIL,
+            "strategy 'gp' (Optuna's GPSampler) needs PyTorch: pip install 'searchlab[gp]', "
+            "or use --strategy bayesian.",
+        )
+
+
+def run_checks(
+    study_file: str | None = None,
+    data_dir: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+) -> Iterator[Check]:
+    """Every check, in the order ``searchlab doctor`` prints them."""
+    yield from check_backend()
+    yield from check_data_dir(data_dir)
+    yield from check_stores(storage, tracking_uri)
+    if study_file is not None:
+        yield from check_study(study_file, data_dir)

@@ -1,0 +1,150 @@
+"""The backend module: precision policies, device names per backend, backend detection;
+and a trial under a mixed-precision policy (on whatever backend this process runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+
+from searchlab import backend
+from searchlab.data import Data
+from searchlab.errors import StudyDefinitionError
+from searchlab.models import dense_classifier
+from searchlab.trial import TrialSpec, TrialState, run_trial
+from tests.conftest import REPO
+
+
+def test_import_sets_gpu_memory_growth_before_any_backend_loads() -> None:
+    code = (
+        "import os, sys, searchlab, searchlab.cli, searchlab.doctor; "
+        "print(os.environ.get('TF_FORCE_GPU_ALLOW_GROWTH'), "
+        "any(m in sys.modules for m in ('keras', 'tensorflow', 'jax', 'torch')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_FORCE_GPU_ALLOW_GROWTH"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["true", "False"]  # set on import; no backend imported by then
+    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "false"  # the user's own setting wins
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["false", "False"]
+
+
+def test_unknown_precision_names_the_choices() -> None:
+    with pytest.raises(StudyDefinitionError, match="mixed_bfloat16"):
+        backend.check_precision("half")
+    assert backend.check_precision(None) == "float32"
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_policy_is_set_inside_and_restored_after(precision: str) -> None:
+    before = keras.config.dtype_policy().name
+    with backend.precision_policy(precision) as name:
+        assert name == precision
+        assert keras.config.dtype_policy().name == precision
+        model = dense_classifier({"units": 8}, SimpleNamespace(input_shape=(4,), num_classes=3))
+        hidden = model.get_layer("hidden_0")
+        assert hidden.compute_dtype == precision.split("_")[1]
+        assert hidden.variable_dtype == "float32"
+        assert model.get_layer("classes").compute_dtype == "float32"
+        assert backend.output_dtype_warning(model, precision) is None
+    assert keras.config.dtype_policy().name == before
+
+
+def test_policy_is_restored_when_the_body_raises() -> None:
+    before = keras.config.dtype_policy().name
+    with pytest.raises(RuntimeError), backend.precision_policy("mixed_bfloat16"):
+        raise RuntimeError("boom")
+    assert keras.config.dtype_policy().name == before
+
+
+def test_a_16_bit_output_layer_is_warned_about() -> None:
+    with backend.precision_policy("mixed_bfloat16"):
+        inputs = keras.Input(shape=(4,))
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+        warning = backend.output_dtype_warning(model, "mixed_bfloat16")
+    assert warning is not None and "dtype='float32'" in warning
+
+
+def test_device_of_reads_each_backends_tensor() -> None:
+    class JaxDevice:
+        platform, id, device_kind = "gpu", 1, "NVIDIA H100 80GB HBM3"
+
+    class JaxArray:
+        def devices(self):
+            return {JaxDevice()}
+
+    def model_with(value):
+        return SimpleNamespace(weights=[SimpleNamespace(value=value)])
+
+    jax_dev = backend.device_of(model_with(JaxArray()))
+    assert (jax_dev.label, jax_dev.name) == ("gpu:1", "NVIDIA H100 80GB HBM3")
+    tf_value = SimpleNamespace(device="/job:localhost/replica:0/task:0/device:GPU:2")
+    assert backend.device_of(model_with(tf_value)).label == "gpu:2"
+    torch_cpu = SimpleNamespace(device=SimpleNamespace(type="cpu", index=None))
+    assert backend.device_of(model_with(torch_cpu)).label == "cpu:0"
+    assert backend.device_of(SimpleNamespace(weights=[])) is None
+
+
+def test_device_of_a_real_model_is_one_the_backend_lists() -> None:
+    model = dense_classifier({"units": 4}, SimpleNamespace(input_shape=(3,), num_classes=2))
+    device = backend.device_of(model)
+    assert device is not None
+    assert device.label in {d.label for d in backend.devices()}
+
+
+def test_requested_backend_comes_from_env_then_keras_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    assert backend.requested() == "tensorflow"
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "torch"}))
+    assert backend.requested() == "torch"
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert backend.requested() == "jax"
+
+
+def test_session_info_names_backend_versions_and_devices() -> None:
+    info = backend.session_info()
+    assert info["backend"] == keras.backend.backend()
+    assert info["backend_version"] == backend.version(info["backend"]) != "unknown"
+    assert info["keras_version"] == keras.__version__
+    assert info["devices"]
+
+
+def _tiny_data(n: int = 64) -> Data:
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 6, 6), dtype=np.float32)
+    y = (x.mean(axis=(1, 2)) > 0.5).astype("int32")
+    return Data(x, y, x[:16], y[:16], x[:16], y[:16], num_classes=2, source="tiny")
+
+
+@pytest.mark.slow
+def test_trial_trains_under_the_policy_and_tags_backend_and_device(tmp_path: Path) -> None:
+    seen = {}
+
+    def build(params, info):
+        seen["policy"] = keras.config.dtype_policy().name
+        return dense_classifier(params, info)
+
+    spec = TrialSpec(build=build, data=_tiny_data(), epochs=2, precision="mixed_bfloat16")
+    result = run_trial(0, {"units": 8, "batch_size": 16}, spec, tmp_path / "t0")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert seen["policy"] == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # restored after the trial
+    assert result.tags["searchlab.backend"] == keras.backend.backend()
+    assert result.tags["searchlab.precision"] == "mixed_bfloat16"
+    assert result.tags["searchlab.device"] in {d.label for d in backend.devices()}
+    assert len(result.history["epoch_s"]) == 2 and min(result.history["epoch_s"]) > 0
