@@ -397,6 +397,9 @@ def _stop_group(process: Any, timeout: float = 10.0) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+@main.command()
 @click.argument("study_file", required=False, type=click.Path(dir_okay=False))
 @storage_option
 @tracking_option

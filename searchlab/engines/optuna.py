@@ -357,9 +357,9 @@ def _one_trial(
         assert run_id is not None
         tracker.log_epoch(run_id, epoch, logs)
         value = logs.get(spec.objective)
-        if prunes and value is not None and math.isfinite(value):
-            otrial.report(value, epoch)
-            if otrial.should_prune():
+        if value is not None and math.isfinite(value):
+            otrial.report(value, epoch)  # also Optuna's learning curves (report, dashboard)
+            if prunes and otrial.should_prune():
                 from searchlab.errors import TrialPruned
 
                 raise TrialPruned(epoch)
