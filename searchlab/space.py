@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -316,13 +317,19 @@ class Space(Mapping[str, Param]):
         return len(self.grid())
 
     def to_hp(self, hp: Any) -> dict[str, Value]:
-        """Declare and read every active parameter on a keras-tuner ``HyperParameters``."""
+        """Declare and read every active parameter on a keras-tuner ``HyperParameters``.
+
+        A ``when=`` condition becomes ``hp.conditional_scope`` so keras-tuner's oracles know
+        the parameter is conditional (and grid search enumerates it only where it is active).
+        """
         out: dict[str, Value] = {}
         for name, param in self.params.items():
-            cond = _when(param.when)
-            if cond and not self.active(name, out):
-                continue
-            out[name] = _hp_value(hp, name, param)
+            with contextlib.ExitStack() as scopes:
+                for parent, values in _when(param.when).items():
+                    scopes.enter_context(hp.conditional_scope(parent, list(values)))
+                value = _hp_value(hp, name, param)
+            if self.active(name, out):
+                out[name] = value
         return out
 
     def describe(self) -> dict[str, str]:

@@ -42,3 +42,11 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
+
+
+def reeval_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize") -> pd.DataFrame:
+    """Re-evaluation rows (trial, mean, std, n, search_value) sorted by mean, best first."""
+    frame = pd.DataFrame(list(rows), columns=["trial", "mean", "std", "n", "search_value"])
+    return frame.sort_values(
+        ["mean", "trial"], ascending=[direction == "minimize", True], na_position="last"
+    ).reset_index(drop=True)

@@ -194,6 +194,7 @@ def run_trial(
         result.state = TrialState.PRUNED
         result.value, result.best_epoch = monitor.best, monitor.best_epoch
         result.error = str(exc)
+        result.tags["searchlab.pruned_epoch"] = str(exc.epoch)
     except TrialFailed as exc:
         result.history = monitor.history
         result.error = str(exc)
