@@ -244,8 +244,11 @@ class HpSpace:
         self.build(hp)
         return dict(hp.values)
 
-    def to_hp(self, hp: Any) -> dict[str, Value]:
-        """Call ``build_model`` with keras-tuner's ``HyperParameters``; return active values."""
+    def to_hp(self, hp: Any, grid: bool = False) -> dict[str, Value]:
+        """Call ``build_model`` with keras-tuner's ``HyperParameters``; return active values.
+
+        ``grid`` is accepted for symmetry with ``Space.to_hp``: the function's own
+        declarations are what keras-tuner's grid enumerates."""
         self.build(hp)
         return {
             p.name: hp.values[p.name]

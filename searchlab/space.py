@@ -316,10 +316,11 @@ class Space(Mapping[str, Param]):
     def grid_size(self) -> int:
         return len(self.grid())
 
-    def to_hp(self, hp: Any) -> dict[str, Value]:
+    def to_hp(self, hp: Any, grid: bool = False) -> dict[str, Value]:
         """Declare and read every active parameter on a keras-tuner ``HyperParameters``.
 
-        A ``when=`` condition becomes ``hp.conditional_scope`` so keras-tuner's oracles know
+        ``grid=True`` declares a parameter's ``grid=`` values as ``hp.Choice`` (what grid
+        search enumerates); otherwise its full range.  A ``when=`` condition becomes ``hp.conditional_scope`` so keras-tuner's oracles know
         the parameter is conditional (and grid search enumerates it only where it is active).
         """
         out: dict[str, Value] = {}
@@ -327,7 +328,7 @@ class Space(Mapping[str, Param]):
             with contextlib.ExitStack() as scopes:
                 for parent, values in _when(param.when).items():
                     scopes.enter_context(hp.conditional_scope(parent, list(values)))
-                value = _hp_value(hp, name, param)
+                value = _hp_value(hp, name, param, grid)
             if self.active(name, out):
                 out[name] = value
         return out
@@ -336,15 +337,15 @@ class Space(Mapping[str, Param]):
         return {name: p.describe() for name, p in self.params.items()}
 
 
-def _hp_value(hp: Any, name: str, param: Param) -> Value:
+def _hp_value(hp: Any, name: str, param: Param, grid: bool = True) -> Value:
     if isinstance(param, Int):
-        if param.grid is not None:
+        if param.grid is not None and grid:
             return hp.Choice(name, list(param.grid))
         return hp.Int(
             name, param.low, param.high, step=param.step, sampling="log" if param.log else "linear"
         )
     if isinstance(param, Float):
-        if param.grid is not None:
+        if param.grid is not None and grid:
             return hp.Choice(name, [float(v) for v in param.grid])
         return hp.Float(
             name, param.low, param.high, step=param.step, sampling="log" if param.log else "linear"

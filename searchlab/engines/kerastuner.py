@@ -96,6 +96,7 @@ def make_oracle(study: Study, options: RunOptions) -> Any:
 def open_oracle(study: Study, options: RunOptions, space: Any) -> Any:
     """The study's oracle: reloaded from its folder if it ran before, else a new one."""
     oracle = make_oracle(study, options)
+    grid = options.strategy == "grid"
     folder = state_dir(study.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     oracle._set_project_dir(str(folder.parent), folder.name)
@@ -108,18 +109,18 @@ def open_oracle(study: Study, options: RunOptions, space: Any) -> Any:
                 "It was written by another strategy or space: run with the same --strategy, "
                 "or give the study a new name."
             ) from exc
-    _populate_space(oracle, space)
+    _populate_space(oracle, space, grid)
     return oracle
 
 
-def _populate_space(oracle: Any, space: Any) -> None:
+def _populate_space(oracle: Any, space: Any, grid: bool) -> None:
     """Declare the whole space on the oracle, activating every conditional scope once
     (what keras-tuner's ``BaseTuner._activate_all_conditions`` does)."""
     never_active: list[Any] = []
     once_active: list[Any] = []
     hp = oracle.get_space()
     while True:
-        space.to_hp(hp)
+        space.to_hp(hp, grid=grid)
         oracle.update_space(hp)
         for conditions in hp.active_scopes:
             if conditions not in once_active:
@@ -279,7 +280,7 @@ def _one_trial(
     hp = ktrial.hyperparameters
     # Declares what the oracle has not seen yet (conditional branches, build_model loops) with
     # its default, as keras-tuner's Tuner does; the oracle learns it when the trial ends.
-    proposed = space.to_hp(hp)
+    proposed = space.to_hp(hp, grid=oracle.__class__.__name__ == "GridSearchOracle")
     ostudy.enqueue_trial(proposed, skip_if_exists=False)
     otrial = ostudy.ask()
     params = space.suggest(otrial)  # the enqueued values, with their Optuna distributions
@@ -337,6 +338,9 @@ def _end_kt(oracle: Any, ktrial: Any, result: TrialResult) -> None:
     else:
         ktrial.status = status.COMPLETED
     oracle.end_trial(ktrial)
+    # end_trial saves before it drops the trial from ongoing_trials; without this save a
+    # reload would put the finished trial in the retry queue and run it again
+    oracle.save()
 
 
 __all__ = ["ENGINE", "make_oracle", "open_oracle", "run", "state_dir"]

@@ -336,7 +336,8 @@ def _one_trial(
         value = logs.get(spec.objective)
         if value is not None and math.isfinite(value):
             otrial.report(value, epoch + 1)  # step = epochs trained, as pruners expect
-            if otrial.should_prune():
+            # pruning after the last epoch saves nothing and would discard a trained model
+            if epoch + 1 < spec.epochs and otrial.should_prune():
                 from searchlab.errors import TrialPruned
 
                 raise TrialPruned(epoch)

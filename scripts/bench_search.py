@@ -1,0 +1,184 @@
+"""Search quality: random vs Bayesian (TPE) vs TPE + ASHA pruning on the MNIST dense study.
+
+Each (strategy, seed) runs the real engine (Optuna storage + MLflow tracking in a fresh
+temporary project folder) on a subset of MNIST, and records when every trial finished and
+what it reached.  Prints the best objective reached versus trial count and versus wall time,
+and, per seed, how long TPE + ASHA took to reach random search's best after all its trials,
+as a fraction of random search's wall time.  Writes a plot (PNG) when matplotlib is there.
+
+    python scripts/bench_search.py                      # 40 trials x 3 seeds, 4 epochs
+    python scripts/bench_search.py --trials 10 --seeds 1 --train 500   # a quick look
+
+All figures come from one run on one machine; on a busy machine the wall times are noisy,
+which is why the ratios are taken between runs of the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CONFIGS = {  # label -> (strategy, pruner)
+    "random": ("random", "none"),
+    "tpe": ("bayesian", "none"),
+    "tpe+asha": ("bayesian", "asha"),
+}
+
+
+class Recorder:
+    """A SearchListener that keeps (seconds since start, value or None) per finished trial."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.points: list[tuple[float, float | None, str, int]] = []
+
+    def started(self, name, done, total, info):
+        self.t0 = time.monotonic()
+
+    def trial_started(self, number, index, total, params):
+        pass
+
+    def trial_finished(self, result, best):
+        value = result.value if result.state.value == "complete" else None
+        self.points.append((time.monotonic() - self.t0, value, result.state.value, result.epochs_run))
+
+    def finished(self, summary):
+        pass
+
+
+def best_so_far(values: list[float | None]) -> list[float | None]:
+    out, best = [], None
+    for v in values:
+        if v is not None and (best is None or v > best):
+            best = v
+        out.append(best)
+    return out
+
+
+def time_to_reach(points, target: float) -> float | None:
+    best = None
+    for t, v, _, _ in points:
+        if v is not None and (best is None or v > best):
+            best = v
+        if best is not None and best >= target:
+            return t
+    return None
+
+
+def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
+    from searchlab import engines
+    from searchlab.tracking import MlflowTracker
+
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as home:
+        os.environ["SEARCHLAB_HOME"] = home
+        options = engines.RunOptions(
+            strategy=strategy, trials=args.trials, timeout=None, epochs=args.epochs, seed=seed,
+            storage=f"sqlite:///{home}/optuna.db", data_dir=args.data_dir, pruner=pruner,
+            max_failures=args.trials,
+        )
+        tracker = MlflowTracker(f"sqlite:///{home}/mlflow.db", Path(home) / "mlartifacts")
+        rec = Recorder()
+        engines.run(study, options, tracker, rec)
+    return rec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train", type=int, default=2000, help="training examples")
+    parser.add_argument("--val", type=int, default=1000, help="validation examples")
+    parser.add_argument("--data-dir", default=os.environ.get("SEARCHLAB_DATA_DIR"))
+    parser.add_argument("--plot", default="bench_search.png")
+    args = parser.parse_args()
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from searchlab.study import load_study
+
+    study = load_study(REPO / "studies" / "mnist_dense.py")
+    study = dataclasses.replace(
+        study, data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val})
+    )
+    print(f"MNIST dense study, {args.train} train / {args.val} val, {args.epochs} epochs, "
+          f"{args.trials} trials x {args.seeds} seeds; objective val_accuracy")
+    runs: dict[str, list[Recorder]] = {label: [] for label in CONFIGS}
+    for seed in range(args.seeds):
+        for label, (strategy, pruner) in CONFIGS.items():
+            rec = run_one(study, strategy, pruner, seed, args)
+            runs[label].append(rec)
+            values = [v for _, v, _, _ in rec.points if v is not None]
+            pruned = sum(s == "pruned" for _, _, s, _ in rec.points)
+            epochs = sum(e for *_, e in rec.points)
+            print(f"  seed {seed} {label:9s}: best {max(values):.4f}, {rec.points[-1][0]:6.1f}s, "
+                  f"{pruned} pruned, {epochs} epochs trained", flush=True)
+
+    checkpoints = [n for n in (5, 10, 20, args.trials) if n <= args.trials]
+    print("\nbest val_accuracy after N trials (mean over seeds) and total wall time")
+    header = f"{'strategy':10s}" + "".join(f"{'N=' + str(n):>9s}" for n in checkpoints)
+    print(header + f"{'wall s':>9s}{'epochs':>8s}")
+    for label, recs in runs.items():
+        cells = []
+        for n in checkpoints:
+            cells.append(statistics.fmean(best_so_far([v for _, v, _, _ in r.points])[n - 1] or 0 for r in recs))
+        wall = statistics.fmean(r.points[-1][0] for r in recs)
+        epochs = statistics.fmean(sum(e for *_, e in r.points) for r in recs)
+        print(f"{label:10s}" + "".join(f"{c:9.4f}" for c in cells) + f"{wall:9.1f}{epochs:8.0f}")
+
+    print(f"\ntime to reach random search's {args.trials}-trial best, as a fraction of random's wall time")
+    for label in ("tpe", "tpe+asha"):
+        fractions = []
+        for seed, (rnd, other) in enumerate(zip(runs["random"], runs[label], strict=True)):
+            target = max(v for _, v, _, _ in rnd.points if v is not None)
+            reached = time_to_reach(other.points, target)
+            total = rnd.points[-1][0]
+            fractions.append(reached / total if reached is not None else None)
+            shown = f"{reached / total:.2f}" if reached is not None else "not reached"
+            print(f"  seed {seed} {label:9s}: target {target:.4f}: {shown}")
+        got = [f for f in fractions if f is not None]
+        if got:
+            print(f"  {label}: median fraction {statistics.median(got):.2f} "
+                  f"({len(got)}/{len(fractions)} seeds reached the target)")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (ax_n, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    for (label, recs), color in zip(runs.items(), ("tab:gray", "tab:blue", "tab:red"), strict=True):
+        for i, r in enumerate(recs):
+            curve = best_so_far([v for _, v, _, _ in r.points])
+            xs = list(range(1, len(curve) + 1))
+            kw = {"label": label} if i == 0 else {}
+            ax_n.step(xs, curve, where="post", color=color, alpha=0.7, **kw)
+            ax_t.step([t for t, *_ in r.points], curve, where="post", color=color, alpha=0.7, **kw)
+    ax_n.set(xlabel="trials", ylabel="best val_accuracy", title="best vs trial count")
+    ax_t.set(xlabel="wall time (s)", ylabel="best val_accuracy", title="best vs wall time")
+    for ax in (ax_n, ax_t):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
