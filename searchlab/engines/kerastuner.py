@@ -187,7 +187,7 @@ def run(
         "direction": study.direction,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
-        "pruner": type(oracle).__name__,
+        "pruner": "HyperbandOracle" if options.strategy == "hyperband" else "none",
         "seed": options.seed,
         "storage": _redact(options.storage),
         "data": loaded.source,
