@@ -233,3 +233,12 @@ def test_a_kerastuner_getting_started_study_runs_unchanged_on_both_engines(
     result = cli("run", study_file, "--strategy", "grid")
     assert result.exit_code == 1
     assert "hp.Float('lr', ...)" in result.output and "step=" in result.output
+
+
+def test_an_optuna_pruner_on_the_keras_tuner_engine_is_one_clear_error(cli, project):
+    study_file = project / "tiny.py"
+    study_file.write_text(TINY)
+    result = cli("run", study_file, "--engine", "keras-tuner", "--pruner", "asha")
+    assert result.exit_code == 1
+    assert "error: --pruner asha is an Optuna pruner" in result.output
+    assert "--strategy hyperband" in result.output
