@@ -8,6 +8,9 @@ as a fraction of random search's wall time.  Writes a plot (PNG) when matplotlib
 
     python scripts/bench_search.py                      # 40 trials x 3 seeds, 4 epochs
     python scripts/bench_search.py --trials 10 --seeds 1 --train 500   # a quick look
+    # one process per seed (a busy machine gives each its share), then one table:
+    python scripts/bench_search.py --seed-list 1 --dump s1.json   (and s0, s2 alike)
+    python scripts/bench_search.py --merge s0.json s1.json s2.json
 
 All figures come from one run on one machine; on a busy machine the wall times are noisy,
 which is why the ratios are taken between runs of the same invocation.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -100,7 +104,19 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=1000, help="validation examples")
     parser.add_argument("--data-dir", default=os.environ.get("SEARCHLAB_DATA_DIR"))
     parser.add_argument("--plot", default="bench_search.png")
+    parser.add_argument("--seed-list", help="comma-separated seeds to run [default: 0..seeds-1]")
+    parser.add_argument("--dump", help="write every run's trial points to this JSON file")
+    parser.add_argument("--merge", nargs="+", help="analyse these --dump files instead of running")
     args = parser.parse_args()
+    if args.merge:
+        runs: dict[str, list[list]] = {label: [] for label in CONFIGS}
+        for path in args.merge:
+            dumped = json.loads(Path(path).read_text())
+            args.trials = dumped["trials"]
+            for label in CONFIGS:
+                runs[label] += dumped["runs"][label]
+        report(runs, args)
+        return
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -114,19 +130,26 @@ def main() -> None:
     study = dataclasses.replace(
         study, data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val})
     )
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     print(f"MNIST dense study, {args.train} train / {args.val} val, {args.epochs} epochs, "
-          f"{args.trials} trials x {args.seeds} seeds; objective val_accuracy")
-    runs: dict[str, list[Recorder]] = {label: [] for label in CONFIGS}
-    for seed in range(args.seeds):
+          f"{args.trials} trials x seeds {list(seeds)}; objective val_accuracy")
+    runs = {label: [] for label in CONFIGS}
+    for seed in seeds:
         for label, (strategy, pruner) in CONFIGS.items():
             rec = run_one(study, strategy, pruner, seed, args)
-            runs[label].append(rec)
+            runs[label].append(rec.points)
+            if args.dump:
+                Path(args.dump).write_text(json.dumps({"trials": args.trials, "runs": runs}))
             values = [v for _, v, _, _ in rec.points if v is not None]
             pruned = sum(s == "pruned" for _, _, s, _ in rec.points)
             epochs = sum(e for *_, e in rec.points)
             print(f"  seed {seed} {label:9s}: best {max(values):.4f}, {rec.points[-1][0]:6.1f}s, "
                   f"{pruned} pruned, {epochs} epochs trained", flush=True)
+    report(runs, args)
 
+
+def report(runs: dict[str, list[list]], args) -> None:
+    """Print the tables and write the plot; ``runs``: label -> per seed, the trial points."""
     checkpoints = [n for n in (5, 10, 20, args.trials) if n <= args.trials]
     print("\nbest val_accuracy after N trials (mean over seeds) and total wall time")
     header = f"{'strategy':10s}" + "".join(f"{'N=' + str(n):>9s}" for n in checkpoints)
@@ -134,18 +157,18 @@ def main() -> None:
     for label, recs in runs.items():
         cells = []
         for n in checkpoints:
-            cells.append(statistics.fmean(best_so_far([v for _, v, _, _ in r.points])[n - 1] or 0 for r in recs))
-        wall = statistics.fmean(r.points[-1][0] for r in recs)
-        epochs = statistics.fmean(sum(e for *_, e in r.points) for r in recs)
+            cells.append(statistics.fmean(best_so_far([v for _, v, _, _ in r])[n - 1] or 0 for r in recs))
+        wall = statistics.fmean(r[-1][0] for r in recs)
+        epochs = statistics.fmean(sum(e for *_, e in r) for r in recs)
         print(f"{label:10s}" + "".join(f"{c:9.4f}" for c in cells) + f"{wall:9.1f}{epochs:8.0f}")
 
     print(f"\ntime to reach random search's {args.trials}-trial best, as a fraction of random's wall time")
     for label in ("tpe", "tpe+asha"):
         fractions = []
         for seed, (rnd, other) in enumerate(zip(runs["random"], runs[label], strict=True)):
-            target = max(v for _, v, _, _ in rnd.points if v is not None)
-            reached = time_to_reach(other.points, target)
-            total = rnd.points[-1][0]
+            target = max(v for _, v, _, _ in rnd if v is not None)
+            reached = time_to_reach(other, target)
+            total = rnd[-1][0]
             fractions.append(reached / total if reached is not None else None)
             shown = f"{reached / total:.2f}" if reached is not None else "not reached"
             print(f"  seed {seed} {label:9s}: target {target:.4f}: {shown}")
@@ -165,11 +188,11 @@ def main() -> None:
     fig, (ax_n, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
     for (label, recs), color in zip(runs.items(), ("tab:gray", "tab:blue", "tab:red"), strict=True):
         for i, r in enumerate(recs):
-            curve = best_so_far([v for _, v, _, _ in r.points])
+            curve = best_so_far([v for _, v, _, _ in r])
             xs = list(range(1, len(curve) + 1))
             kw = {"label": label} if i == 0 else {}
             ax_n.step(xs, curve, where="post", color=color, alpha=0.7, **kw)
-            ax_t.step([t for t, *_ in r.points], curve, where="post", color=color, alpha=0.7, **kw)
+            ax_t.step([t for t, *_ in r], curve, where="post", color=color, alpha=0.7, **kw)
     ax_n.set(xlabel="trials", ylabel="best val_accuracy", title="best vs trial count")
     ax_t.set(xlabel="wall time (s)", ylabel="best val_accuracy", title="best vs wall time")
     for ax in (ax_n, ax_t):
