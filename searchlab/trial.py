@@ -214,5 +214,7 @@ def load_trained(
     """Rebuild a trial's model from its params and load its saved best weights."""
     keras.backend.clear_session()
     model = build_model(build, params, info)
+    if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
+        model.build((None, *info.input_shape))
     model.load_weights(weights)
     return model
