@@ -64,7 +64,7 @@ study = Study(
     space=None,
     model=build_model,
     data=Dataset("mnist", subset={"train": 256, "val": 128}),
-    trials=2,
+    trials=1,
     epochs=1,
     batch_size=64,
 )
@@ -222,7 +222,7 @@ def test_a_kerastuner_getting_started_study_runs_unchanged_on_both_engines(
         monkeypatch.setenv("SEARCHLAB_HOME", str(project / f"home-{engine}"))
         result = cli("run", study_file, "--engine", engine)
         assert result.exit_code == 0, result.output
-        assert "2 complete, 0 pruned, 0 failed" in result.output
+        assert "1 complete, 0 pruned, 0 failed" in result.output
         out = project / f"gs-{engine}.h5"
         assert cli("export", study_file, "-o", out).exit_code == 0
         model = keras.models.load_model(out)

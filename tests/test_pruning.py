@@ -30,7 +30,7 @@ study = Study(
     model=build,
     data=Dataset("mnist", subset={"train": 512, "val": 256}),
     strategy="grid",
-    epochs=3,
+    epochs=2,
     batch_size=64,
 )
 '''
@@ -61,7 +61,7 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
         bad = run.data.params["bad"] == "True"
         assert run.info.status == ("KILLED" if bad else "FINISHED")
         assert run.data.tags["searchlab.state"] == ("pruned" if bad else "complete")
-        assert run.data.metrics["epochs_run"] == (1 if bad else 3)  # stopped early: 1 of 3 epochs
+        assert run.data.metrics["epochs_run"] == (1 if bad else 2)  # stopped early: 1 of 2 epochs
         assert run.data.tags.get("searchlab.pruned_epoch") == ("0" if bad else None)
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
     assert session.data.tags["searchlab.pruner"] == "MedianPruner"

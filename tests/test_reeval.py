@@ -16,7 +16,7 @@ study = Study(
     model=dense_classifier,
     data=Dataset("mnist", subset={"train": 256, "val": 128}),
     strategy="random",
-    trials=3,
+    trials=2,
     epochs=1,
     batch_size=64,
 )
@@ -39,7 +39,7 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
     search = [r for r in runs if r.info.run_name.startswith("trial-")]
     reeval = [r for r in runs if r.data.tags.get("searchlab.role") == "reeval"]
-    assert len(search) == 3 and len(reeval) == 2 * 2
+    assert len(search) == 2 and len(reeval) == 2 * 2
     assert {r.data.tags["mlflow.parentRunId"] for r in reeval} == {session.info.run_id}
     top2 = sorted(search, key=lambda r: -r.data.metrics["objective"])[:2]
     assert {r.data.tags["searchlab.reeval_of"] for r in reeval} == {
