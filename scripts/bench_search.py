@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,43 @@ class Recorder:
         pass
 
 
+class LocalTracker:
+    """Stands in for MLflow where it is not installed (``--tracker local``): keeps each trial's
+    weights in a folder so the engine can still log the best model; logs nothing else."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+
+    def connect(self) -> None:
+        pass
+
+    def start_study(self, name, info):
+        return "session"
+
+    def start_trial(self, number, params, tags, run_name=None):
+        self.count += 1
+        return f"run-{self.count}"
+
+    def log_epoch(self, run_id, epoch, metrics) -> None:
+        pass
+
+    def end_trial(self, run_id, result) -> None:
+        if result.weights_path is not None and result.weights_path.exists():
+            folder = self.root / run_id / "weights"
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(result.weights_path, folder / result.weights_path.name)
+
+    def end_study(self, summary, status="FINISHED") -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        pass
+
+    def download(self, run_id, path, dst=None) -> Path:
+        return self.root / run_id / path
+
+
 def best_so_far(values: list[float | None]) -> list[float | None]:
     out, best = [], None
     for v in values:
@@ -80,7 +118,6 @@ def time_to_reach(points, target: float) -> float | None:
 
 def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
     from searchlab import engines
-    from searchlab.tracking import MlflowTracker
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as home:
         os.environ["SEARCHLAB_HOME"] = home
@@ -89,7 +126,12 @@ def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
             storage=f"sqlite:///{home}/optuna.db", data_dir=args.data_dir, pruner=pruner,
             max_failures=args.trials,
         )
-        tracker = MlflowTracker(f"sqlite:///{home}/mlflow.db", Path(home) / "mlartifacts")
+        if args.tracker == "mlflow":
+            from searchlab.tracking import MlflowTracker
+
+            tracker = MlflowTracker(f"sqlite:///{home}/mlflow.db", Path(home) / "mlartifacts")
+        else:
+            tracker = LocalTracker(Path(home) / "artifacts")
         rec = Recorder()
         engines.run(study, options, tracker, rec)
     return rec
@@ -107,15 +149,20 @@ def main() -> None:
     parser.add_argument("--seed-list", help="comma-separated seeds to run [default: 0..seeds-1]")
     parser.add_argument("--dump", help="write every run's trial points to this JSON file")
     parser.add_argument("--merge", nargs="+", help="analyse these --dump files instead of running")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of random,tpe,tpe+asha to run")
+    parser.add_argument("--tracker", choices=["mlflow", "local"], default="mlflow",
+                        help="local: no MLflow (where it is not installed); weights kept in a folder")
     args = parser.parse_args()
     if args.merge:
-        runs: dict[str, list[list]] = {label: [] for label in CONFIGS}
+        by_seed: dict[str, dict[int, list]] = {label: {} for label in CONFIGS}
         for path in args.merge:
             dumped = json.loads(Path(path).read_text())
             args.trials = dumped["trials"]
-            for label in CONFIGS:
-                runs[label] += dumped["runs"][label]
-        report(runs, args)
+            for label, seeds in dumped["runs"].items():
+                by_seed[label].update({int(k): v for k, v in seeds.items()})
+        common = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        print(f"merged seeds {common}")
+        report({label: [by_seed[label][s] for s in common] for label in CONFIGS}, args)
         return
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -133,19 +180,24 @@ def main() -> None:
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     print(f"MNIST dense study, {args.train} train / {args.val} val, {args.epochs} epochs, "
           f"{args.trials} trials x seeds {list(seeds)}; objective val_accuracy")
-    runs = {label: [] for label in CONFIGS}
+    labels = args.configs.split(",")
+    runs = {label: [] for label in labels}
+    dumped: dict[str, dict[int, list]] = {label: {} for label in labels}
     for seed in seeds:
-        for label, (strategy, pruner) in CONFIGS.items():
+        for label in labels:
+            strategy, pruner = CONFIGS[label]
             rec = run_one(study, strategy, pruner, seed, args)
             runs[label].append(rec.points)
+            dumped[label][seed] = rec.points
             if args.dump:
-                Path(args.dump).write_text(json.dumps({"trials": args.trials, "runs": runs}))
+                Path(args.dump).write_text(json.dumps({"trials": args.trials, "runs": dumped}))
             values = [v for _, v, _, _ in rec.points if v is not None]
             pruned = sum(s == "pruned" for _, _, s, _ in rec.points)
             epochs = sum(e for *_, e in rec.points)
             print(f"  seed {seed} {label:9s}: best {max(values):.4f}, {rec.points[-1][0]:6.1f}s, "
                   f"{pruned} pruned, {epochs} epochs trained", flush=True)
-    report(runs, args)
+    if set(labels) == set(CONFIGS):
+        report(runs, args)
 
 
 def report(runs: dict[str, list[list]], args) -> None:
