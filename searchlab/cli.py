@@ -108,6 +108,12 @@ class ConsoleProgress:
             f"trials: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
             f"{summary['n_failed']} failed"
         )
+        if summary.get("selected_trial") is not None:
+            click.echo(
+                f"re-evaluated: #{summary['selected_trial']} has the best mean "
+                f"{self.objective}={summary['reeval_mean']:.4f} ± {summary['reeval_std']:.4f} "
+                f"over {summary['reeval_n']} seeds; export uses it"
+            )
 
 
 def _tracker(uri: str | None) -> Any:
@@ -156,7 +162,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--strategy", help="grid, random, bayesian (TPE) or gp [default: the study's].")
+@click.option("--strategy", help="grid, random, bayesian (TPE), gp or hyperband [default: the study's].")
 @click.option("--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's].")
@@ -164,6 +170,10 @@ def main(verbose: bool) -> None:
 @click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
 @click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default="float32", show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
+@click.option("--engine", type=click.Choice(["optuna", "keras-tuner"]), default="optuna", show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
+@click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none", show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
+@click.option("--reeval-top", type=click.IntRange(min=0), default=0, show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
+@click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
 @storage_option
 @tracking_option
 @click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
@@ -178,6 +188,10 @@ def run(
     subset: str | None,
     max_failures: int,
     precision: str,
+    engine: str,
+    pruner: str,
+    reeval_top: int,
+    reeval_seeds: int,
     storage: str | None,
     tracking_uri: str | None,
     data_dir: str | None,
@@ -198,6 +212,10 @@ def run(
         data_dir=data_dir,
         max_failures=max_failures,
         precision=precision,
+        engine=engine,
+        pruner=pruner,
+        reeval_top=reeval_top,
+        reeval_seeds=reeval_seeds,
     )
     tracker = _tracker(tracking_uri)
     engines.run(study, options, tracker, ConsoleProgress(study.objective))

@@ -41,7 +41,11 @@ def find_trial(study: Study, storage_url: str, number: int | None = None) -> Any
     if number is None:
         if not complete:
             raise ExportError(f"Study {study.name!r} has no complete trial yet: nothing to export.")
-        return ostudy.best_trial
+        from searchlab.reeval import selected_number
+
+        number = selected_number(ostudy)  # re-evaluated: the best mean over seeds decides
+        if number is None:
+            return ostudy.best_trial
     chosen = [t for t in complete if t.number == number]
     if not chosen:
         raise ExportError(

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -315,29 +316,36 @@ class Space(Mapping[str, Param]):
     def grid_size(self) -> int:
         return len(self.grid())
 
-    def to_hp(self, hp: Any) -> dict[str, Value]:
-        """Declare and read every active parameter on a keras-tuner ``HyperParameters``."""
+    def to_hp(self, hp: Any, grid: bool = False) -> dict[str, Value]:
+        """Declare and read every active parameter on a keras-tuner ``HyperParameters``.
+
+        ``grid=True`` declares a parameter's ``grid=`` values as ``hp.Choice`` (what grid
+        search enumerates); otherwise its full range.  A ``when=`` condition becomes ``hp.conditional_scope`` so keras-tuner's oracles know
+        the parameter is conditional (and grid search enumerates it only where it is active).
+        """
         out: dict[str, Value] = {}
         for name, param in self.params.items():
-            cond = _when(param.when)
-            if cond and not self.active(name, out):
-                continue
-            out[name] = _hp_value(hp, name, param)
+            with contextlib.ExitStack() as scopes:
+                for parent, values in _when(param.when).items():
+                    scopes.enter_context(hp.conditional_scope(parent, list(values)))
+                value = _hp_value(hp, name, param, grid)
+            if self.active(name, out):
+                out[name] = value
         return out
 
     def describe(self) -> dict[str, str]:
         return {name: p.describe() for name, p in self.params.items()}
 
 
-def _hp_value(hp: Any, name: str, param: Param) -> Value:
+def _hp_value(hp: Any, name: str, param: Param, grid: bool = True) -> Value:
     if isinstance(param, Int):
-        if param.grid is not None:
+        if param.grid is not None and grid:
             return hp.Choice(name, list(param.grid))
         return hp.Int(
             name, param.low, param.high, step=param.step, sampling="log" if param.log else "linear"
         )
     if isinstance(param, Float):
-        if param.grid is not None:
+        if param.grid is not None and grid:
             return hp.Choice(name, [float(v) for v in param.grid])
         return hp.Float(
             name, param.low, param.high, step=param.step, sampling="log" if param.log else "linear"

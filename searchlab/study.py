@@ -27,9 +27,10 @@ from typing import Any
 
 from searchlab.data import Dataset
 from searchlab.errors import DataError, SearchlabError, StudyDefinitionError
+from searchlab.hp import HpSpace
 from searchlab.space import Param, Space, as_space
 
-STRATEGIES = ("grid", "random", "bayesian", "gp")
+STRATEGIES = ("grid", "random", "bayesian", "gp", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
 
 
@@ -47,9 +48,13 @@ class Study:
 
     Args:
         name: the study's name: its Optuna study and its MLflow experiment.
-        space: parameter name -> ``Int`` / ``Float`` / ``Choice`` / ``Bool``.
+        space: parameter name -> ``Int`` / ``Float`` / ``Choice`` / ``Bool``; or ``None``
+            when ``model`` is a KerasTuner-style ``build_model(hp)`` that declares its own
+            parameters (``hp.Int``, ``hp.Float``, ``hp.Choice``, ``hp.Boolean``; see
+            ``searchlab.hp``).
         model: ``build(params)`` or ``build(params, info)`` returning a compiled
-            ``keras.Model``; ``info`` has ``input_shape`` and ``num_classes``.
+            ``keras.Model``; ``info`` has ``input_shape`` and ``num_classes``.  With
+            ``space=None``: ``build_model(hp)``.
         data: a dataset name (``"mnist"``) or a ``Dataset``.
         objective: the metric to optimise, as Keras reports it per epoch.
         direction: ``"maximize"`` or ``"minimize"``.
@@ -63,7 +68,7 @@ class Study:
     """
 
     name: str
-    space: Mapping[str, Param]
+    space: Mapping[str, Param] | None
     model: Callable[..., Any]
     data: str | Dataset
     objective: str = "val_accuracy"
@@ -79,12 +84,18 @@ class Study:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise StudyDefinitionError(f"Study name must be a non-empty string, got {self.name!r}.")
-        object.__setattr__(self, "space", as_space(self.space))
         if not callable(self.model):
             raise StudyDefinitionError(
                 f"Study model must be a function build(params) -> compiled keras.Model, "
                 f"got {type(self.model).__name__}."
             )
+        if self.space is None or isinstance(self.space, HpSpace):
+            # build_model(hp): the function is the space; trials rebuild from a params dict
+            hp_space = self.space or HpSpace(self.model)
+            object.__setattr__(self, "space", hp_space)
+            object.__setattr__(self, "model", hp_space.builder)
+        else:
+            object.__setattr__(self, "space", as_space(self.space))
         data = Dataset(self.data) if isinstance(self.data, str) else self.data
         if not isinstance(data, Dataset):
             raise StudyDefinitionError(
@@ -115,8 +126,8 @@ class Study:
         return self.data
 
     @property
-    def search_space(self) -> Space:
-        assert isinstance(self.space, Space)
+    def search_space(self) -> Space | HpSpace:
+        assert isinstance(self.space, Space | HpSpace)
         return self.space
 
 

@@ -57,3 +57,11 @@ def to_text(frame: pd.DataFrame, max_rows: int | None = None) -> str:
     return frame.to_string(
         index=False, max_rows=max_rows, float_format=lambda v: f"{v:.4g}", na_rep="-"
     )
+
+
+def reeval_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize") -> pd.DataFrame:
+    """Re-evaluation rows (trial, mean, std, n, search_value) sorted by mean, best first."""
+    frame = pd.DataFrame(list(rows), columns=["trial", "mean", "std", "n", "search_value"])
+    return frame.sort_values(
+        ["mean", "trial"], ascending=[direction == "minimize", True], na_position="last"
+    ).reset_index(drop=True)

@@ -229,7 +229,13 @@ class MlflowTracker:
             self.client.log_batch(self.parent_run_id, params=params)
         return self.parent_run_id
 
-    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    def start_trial(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+    ) -> str:
         from mlflow.entities import Param, RunTag
 
         assert self.experiment_id is not None and self.parent_run_id is not None
@@ -240,7 +246,7 @@ class MlflowTracker:
             **tags,
         }
         run = self.client.create_run(
-            self.experiment_id, tags=all_tags, run_name=f"trial-{number:04d}"
+            self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
         )
         run_id = run.info.run_id
         self._open.add(run_id)

@@ -195,6 +195,7 @@ def run_trial(
         result.state = TrialState.PRUNED
         result.value, result.best_epoch = monitor.best, monitor.best_epoch
         result.error = str(exc)
+        result.tags["searchlab.pruned_epoch"] = str(exc.epoch)
     except TrialFailed as exc:
         result.history = monitor.history
         result.error = str(exc)
@@ -272,5 +273,7 @@ def load_trained(
     """Rebuild a trial's model from its params and load its saved best weights."""
     keras.backend.clear_session()
     model = build_model(build, params, info)
+    if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
+        model.build((None, *info.input_shape))
     model.load_weights(weights)
     return model

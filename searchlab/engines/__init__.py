@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from searchlab.tracking import Tracker
     from searchlab.trial import TrialResult
 
-ENGINES = ("optuna",)
+ENGINES = ("optuna", "keras-tuner")
+PRUNERS = ("none", "median", "asha", "hyperband")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class RunOptions:
     engine: str = "optuna"
     max_failures: int = 5
     precision: str = "float32"  # a Keras dtype policy: float32, mixed_float16, mixed_bfloat16
+    #: Optuna pruner: none, median, asha or hyperband (strategy hyperband implies hyperband)
+    pruner: str = "none"
+    #: after the search, re-train the best ``reeval_top`` configurations ``reeval_seeds`` times
+    reeval_top: int = 0
+    reeval_seeds: int = 3
 
 
 class SearchListener(Protocol):
@@ -66,8 +72,14 @@ def run(
     listener: SearchListener | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) ``study`` until its budget is met; return the session summary."""
+    if options.pruner not in PRUNERS:
+        raise StudyDefinitionError(
+            f"Unknown pruner {options.pruner!r}: choose one of {', '.join(PRUNERS)}."
+        )
     if options.engine == "optuna":
         from searchlab.engines import optuna as engine
+    elif options.engine == "keras-tuner":
+        from searchlab.engines import kerastuner as engine
     else:
         raise StudyDefinitionError(
             f"Unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}."

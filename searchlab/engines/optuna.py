@@ -102,7 +102,7 @@ def _redact(url: str) -> str:
 
 
 def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
-    if strategy in ("random", "grid"):
+    if strategy in ("random", "grid", "hyperband"):
         return optuna.samplers.RandomSampler(seed=seed)
     if strategy == "bayesian":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
@@ -116,6 +116,28 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
             ) from None
         return optuna.samplers.GPSampler(seed=seed)
     raise StudyDefinitionError(f"Unknown strategy {strategy!r}.")
+
+
+def make_pruner(options: RunOptions) -> optuna.pruners.BasePruner:
+    """``--pruner``: none (never prune), median, asha (successive halving) or hyperband.
+
+    Steps are epochs trained (1, 2, ...).  Strategy ``hyperband`` means random sampling with
+    the Hyperband pruner unless another pruner is named.
+    """
+    name = options.pruner
+    if name == "none" and options.strategy == "hyperband":
+        name = "hyperband"
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(options.epochs, 1), reduction_factor=3
+        )
+    raise StudyDefinitionError(f"Unknown pruner {name!r}: choose none, median, asha or hyperband.")
 
 
 def _key(params: Mapping[str, Any]) -> tuple:
@@ -144,7 +166,7 @@ def load_optuna_study(
         study_name=study.name,
         storage=storage,
         sampler=sampler,
-        pruner=optuna.pruners.NopPruner(),  # Optuna's default would prune with MedianPruner
+        pruner=optuna.pruners.NopPruner(),  # not Optuna's default MedianPruner: run() sets it
         direction=study.direction,
         load_if_exists=True,
     )
@@ -232,6 +254,7 @@ def run(
     tracker.connect()
     ostudy = load_optuna_study(study, storage, make_sampler(options.strategy, 0))
     ostudy.sampler = make_sampler(options.strategy, options.seed + len(ostudy.trials))
+    ostudy.pruner = make_pruner(options)
 
     from searchlab import trial as trial_mod
 
@@ -252,6 +275,7 @@ def run(
         "direction": study.direction,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
+        "pruner": type(ostudy.pruner).__name__,
         "seed": options.seed,
         "storage": _redact(options.storage),
         "data": loaded.source,
@@ -309,6 +333,13 @@ def run(
                         )
                 else:
                     consecutive_failures = 0
+            if options.reeval_top:
+                from searchlab import reeval
+
+                reeval.reevaluate(
+                    ostudy, spec, tracker, base_tags, options.reeval_top, options.reeval_seeds,
+                    Path(tmp) / "reeval",
+                )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -351,15 +382,16 @@ def _one_trial(
         "searchlab.num_classes": str(spec.data.num_classes),
     }
     run_id: str | None = None
-    prunes = not isinstance(ostudy.pruner, optuna.pruners.NopPruner)
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
         assert run_id is not None
         tracker.log_epoch(run_id, epoch, logs)
         value = logs.get(spec.objective)
         if value is not None and math.isfinite(value):
-            otrial.report(value, epoch)  # also Optuna's learning curves (report, dashboard)
-            if prunes and otrial.should_prune():
+            otrial.report(value, epoch + 1)  # step = epochs trained, as pruners expect; also
+            # Optuna's learning curves (report, dashboard)
+            # pruning after the last epoch saves nothing and would discard a trained model
+            if epoch + 1 < spec.epochs and otrial.should_prune():
                 from searchlab.errors import TrialPruned
 
                 raise TrialPruned(epoch)
@@ -424,7 +456,15 @@ def _summary(ostudy: optuna.Study, counts: Mapping[str, int], started: float) ->
         "best_trial": best.number if best else None,
         "best_params": dict(best.params) if best else {},
         "best_run_id": best.user_attrs.get(RUN_ID_ATTR) if best else None,
+        **_reeval_summary(ostudy),
     }
+
+
+def _reeval_summary(ostudy: optuna.Study) -> dict[str, Any]:
+    """Re-evaluation's choice (by mean objective over seeds), when the study has one."""
+    from searchlab import reeval
+
+    return reeval.summary(ostudy)
 
 
 def _log_study_artifacts(
@@ -436,16 +476,15 @@ def _log_study_artifacts(
     with tempfile.TemporaryDirectory(prefix="searchlab-study-") as tmp:
         frame = table.trials_frame(trial_rows(ostudy), study.direction)
         tracker.log_artifact(table.write_csv(frame, Path(tmp) / "trials.csv"))
-        run_id = summary.get("best_run_id")
+        run_id = summary.get("selected_run_id") or summary.get("best_run_id")
+        params = summary.get("selected_params") or summary["best_params"]
         if not run_id:
             return
         from searchlab import trial as trial_mod
         from searchlab.data import info_of
 
         weights = tracker.download(run_id, f"weights/{trial_mod.WEIGHTS_FILE}", Path(tmp))
-        model = trial_mod.load_trained(
-            spec.build, summary["best_params"], info_of(spec.data), weights
-        )
+        model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
         path = Path(tmp) / "model.keras"
         model.save(path)
         tracker.log_artifact(path, "best_model")

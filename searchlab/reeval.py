@@ -1,0 +1,152 @@
+"""Top-k re-evaluation: re-train the best configurations with other seeds, pick by the mean.
+
+A search ranks configurations by one training run each, so a lucky seed can decide what is
+exported.  ``reevaluate`` re-trains the ``top`` best complete trials ``seeds`` times each
+(seeds the search never used), logs every run as an MLflow child run of the session tagged
+``searchlab.role=reeval`` (with the trial it re-evaluates and the seed), and keeps the
+result in the Optuna study's user attr ``searchlab.reeval``: trial number -> mean, std, n,
+values and run ids.  From then on the study's selected configuration is the one with the best
+mean objective; ``summary`` reports it and ``export`` exports it (the original trial's
+weights).  Both engines call this after their search loop, before the session ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+    from searchlab.tracking import MlflowTracker
+    from searchlab.trial import TrialSpec
+
+log = logging.getLogger(__name__)
+ATTR = "searchlab.reeval"
+RUN_ID_ATTR = "mlflow_run_id"
+#: offset between the seeds of successive re-evaluation runs (the search used spec.seed)
+SEED_STRIDE = 7919
+
+
+def reeval_seed(seed: int, index: int) -> int:
+    return seed + SEED_STRIDE * (index + 1)
+
+
+def top_trials(ostudy: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` best complete trials, best first (ties by trial number)."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = -1.0 if ostudy.direction == StudyDirection.MAXIMIZE else 1.0
+    return sorted(complete, key=lambda t: (sign * float(t.value), t.number))[:top]
+
+
+def choose(results: Mapping[str, Mapping[str, Any]], direction: str) -> str | None:
+    """The key of the entry with the best mean (ties: the lower trial number); None if none."""
+    scored = [(k, v["mean"]) for k, v in results.items() if v.get("mean") is not None]
+    if not scored:
+        return None
+    sign = -1.0 if direction == "maximize" else 1.0
+    return min(scored, key=lambda kv: (sign * kv[1], int(kv[0])))[0]
+
+
+def reevaluate(
+    ostudy: optuna.Study,
+    spec: TrialSpec,
+    tracker: MlflowTracker,
+    base_tags: Mapping[str, str],
+    top: int,
+    seeds: int,
+    workdir: Path,
+) -> dict[str, dict[str, Any]]:
+    """Re-train the ``top`` best configurations ``seeds`` times; store and return the results."""
+    from searchlab import table
+    from searchlab.trial import run_trial
+
+    results: dict[str, dict[str, Any]] = dict(ostudy.user_attrs.get(ATTR) or {})
+    for trial in top_trials(ostudy, top):
+        values: list[float] = []
+        run_ids: list[str] = []
+        for index in range(seeds):
+            seed = reeval_seed(spec.seed, index)
+            tags = {
+                **base_tags,
+                "searchlab.role": "reeval",
+                "searchlab.reeval_of": str(trial.number),
+                "searchlab.reeval_seed": str(seed),
+                "searchlab.reeval_source_run": str(trial.user_attrs.get(RUN_ID_ATTR, "")),
+                "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
+                "searchlab.num_classes": str(spec.data.num_classes),
+            }
+            run_id = tracker.start_trial(
+                trial.number, trial.params, tags, run_name=f"reeval-{trial.number:04d}-s{index}"
+            )
+
+            def on_epoch(epoch: int, logs: dict[str, float], run_id: str = run_id) -> None:
+                tracker.log_epoch(run_id, epoch, logs)
+
+            result = run_trial(
+                trial.number,
+                trial.params,
+                dataclasses.replace(spec, seed=seed),
+                workdir / f"trial-{trial.number}-s{index}",
+                on_epoch,
+            )
+            tracker.end_trial(run_id, result)
+            run_ids.append(run_id)
+            if result.state.value == "complete" and result.value is not None:
+                values.append(float(result.value))
+            log.info("re-evaluated trial %d seed %d: %s", trial.number, seed, result.value)
+        results[str(trial.number)] = {
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+            "n": len(values),
+            "values": values,
+            "run_ids": run_ids,
+            "search_value": trial.value,
+        }
+    ostudy.set_user_attr(ATTR, results)
+    rows = [
+        {"trial": int(k), **{f: v.get(f) for f in ("mean", "std", "n", "search_value")}}
+        for k, v in results.items()
+    ]
+    with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
+        frame = table.reeval_frame(rows, spec.direction)
+        tracker.log_artifact(table.write_csv(frame, Path(tmp) / "reeval.csv"))
+    return results
+
+
+def summary(ostudy: optuna.Study) -> dict[str, Any]:
+    """The study's selected configuration by mean objective, for the session summary."""
+    results = ostudy.user_attrs.get(ATTR) or {}
+    direction = ostudy.direction.name.lower()
+    key = choose(results, direction)
+    if key is None:
+        return {}
+    trial = ostudy.trials[int(key)]
+    chosen = results[key]
+    out: dict[str, Any] = {
+        "selected_trial": int(key),
+        "selected_params": dict(trial.params),
+        "selected_run_id": trial.user_attrs.get(RUN_ID_ATTR),
+        "reeval_mean": chosen["mean"],
+        "reeval_std": chosen["std"],
+        "reeval_n": chosen["n"],
+    }
+    for number, entry in results.items():  # mean ± std of every re-evaluated trial
+        if entry.get("mean") is not None:
+            out[f"reeval_{number}_mean"] = entry["mean"]
+            out[f"reeval_{number}_std"] = entry["std"]
+    return out
+
+
+def selected_number(ostudy: optuna.Study) -> int | None:
+    """The trial number export should use by default: the best mean, if re-evaluated."""
+    key = choose(ostudy.user_attrs.get(ATTR) or {}, ostudy.direction.name.lower())
+    return int(key) if key is not None else None
