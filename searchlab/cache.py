@@ -51,11 +51,13 @@ class Source(enum.Enum):
 
 @dataclass(frozen=True)
 class Cut:
-    """Cut a model after ``layers[index]`` (``name``); ``shape`` is that layer's output shape."""
+    """Cut a model after ``layers[index]`` (``name``), whose output in the model's graph is
+    ``tensor`` with per-example ``shape``."""
 
     index: int
     name: str
     shape: tuple[int, ...]
+    tensor: Any = None
 
 
 @dataclass(frozen=True)
@@ -84,30 +86,44 @@ def cache_safe(layer: Any) -> bool:
     return not layer.trainable_weights and not _is_random(layer)
 
 
-def cut_points(model: keras.Model) -> list[int]:
-    """Indices ``i`` into ``model.layers`` after which one tensor -- layer i's output -- is all
-    the rest of the model needs.  Call it right after building: later sub-models add nodes."""
+def _own_nodes(model: keras.Model) -> dict[int, Any]:
+    """Each layer's node in ``model``'s own graph (a layer loaded from a file, or shared with
+    another model, has several)."""
+    mine = {id(n) for nodes in model._nodes_by_depth.values() for n in nodes}
+    out = {}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            if id(node) in mine:
+                out[id(layer)] = node
+                break
+    return out
+
+
+def cut_points(model: keras.Model) -> dict[int, Any]:
+    """Index ``i`` into ``model.layers`` -> layer i's output tensor, for every ``i`` after which
+    that one tensor is all the rest of the model needs."""
     layers = model.layers
     index = {id(layer): i for i, layer in enumerate(layers)}
+    nodes = _own_nodes(model)
     edges: list[tuple[int, int]] = []
     for j, layer in enumerate(layers):
-        nodes = getattr(layer, "_inbound_nodes", [])
-        if not nodes:
+        node = nodes.get(id(layer))
+        if node is None:
             continue
-        for parent in nodes[0].parent_nodes:
+        for parent in node.parent_nodes:
             i = index.get(id(parent.operation))
             if i is not None:
                 edges.append((i, j))
-    valid = []
+    valid = {}
     for i, layer in enumerate(layers[:-1]):
-        out = getattr(layer, "_inbound_nodes", [None])[0]
-        single = out is not None and len(out.outputs) == 1
-        if single and all(u == i for u, v in edges if u <= i < v):
-            valid.append(i)
+        node = nodes.get(id(layer))
+        outputs = keras.tree.flatten(node.outputs) if node is not None else []
+        if len(outputs) == 1 and all(u == i for u, v in edges if u <= i < v):
+            valid[i] = outputs[0]
     return valid
 
 
-def plan_cut(model: keras.Model, valid: list[int]) -> Cut | None:
+def plan_cut(model: keras.Model, valid: dict[int, Any]) -> Cut | None:
     """The deepest valid cut with every layer up to it frozen and deterministic, or None."""
     layers = model.layers
     safe_until = 0
@@ -116,14 +132,14 @@ def plan_cut(model: keras.Model, valid: list[int]) -> Cut | None:
     best = max((i for i in valid if 0 < i <= safe_until), default=None)
     if best is None:
         return None
-    layer = layers[best]
-    return Cut(best, layer.name, tuple(int(d) for d in layer.output.shape[1:]))
+    tensor = valid[best]
+    return Cut(best, layers[best].name, tuple(int(d) for d in tensor.shape[1:]), tensor)
 
 
 def suffix_model(model: keras.Model, cut: Cut) -> keras.Model:
     """The layers after ``cut`` as a model taking the cut's features; it shares the layers
     (and so the weights) of ``model``."""
-    return keras.Model(model.layers[cut.index].output, model.outputs, name=f"{model.name}_suffix")
+    return keras.Model(cut.tensor, model.outputs, name=f"{model.name}_suffix")
 
 
 def _prefix_key(model: keras.Model, cut: Cut, data: Data) -> str:
@@ -194,7 +210,7 @@ class FeatureCache:
         found = self._read(key)
         source = Source.DISK
         if found is None:
-            prefix = keras.Model(model.inputs, model.layers[cut.index].output)
+            prefix = keras.Model(model.inputs, cut.tensor)
             found = (
                 np.asarray(prefix.predict(data.x_train, batch_size=batch_size, verbose=0)),
                 np.asarray(prefix.predict(data.x_val, batch_size=batch_size, verbose=0)),

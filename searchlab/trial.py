@@ -172,7 +172,7 @@ def run_trial(
         try:
             if _is_phased(spec.build):
                 monitor.target = model
-                result.tags.update(_fit_phased(model, params, spec, monitor, batch_size, number))
+                _fit_phased(model, params, spec, monitor, batch_size, number, result.tags)
             else:
                 model.fit(
                     spec.data.x_train,
@@ -227,16 +227,17 @@ def _fit_phased(
     monitor: _Monitor,
     batch_size: int,
     number: int,
-) -> dict[str, str]:
+    tags: dict[str, str],
+) -> None:
     """Fit a transfer model phase by phase (one phase, or head-then-fine-tune), each phase on
-    the frozen-prefix feature cache when it can be used; returns the MLflow tags saying so."""
+    the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
+    say so, also when a phase is pruned or fails."""
     from searchlab import cache as cache_mod
 
     build = spec.build
     valid = cache_mod.cut_points(model)  # before any sub-model adds nodes to the layers
     store = cache_mod.default_cache()
     data = spec.data
-    tags: dict[str, str] = {}
     used: list[str] = []
     epoch = 0
     for phase, (epochs, frozen, lr_factor) in enumerate(build.schedule(params, model, spec.epochs)):
@@ -254,6 +255,9 @@ def _fit_phased(
             used.append(f"{cut.name}:{feats.source.value}")
             tags["searchlab.cache_layer"] = cut.name
             tags["searchlab.cache_layer_index"] = str(cut.index)
+        tags["searchlab.cache"] = "used" if any(u != "off" for u in used) else "off"
+        tags["searchlab.cache_phases"] = ",".join(used)
+        tags["searchlab.phases"] = str(len(used))
         build.compile(train, params, lr_factor)
         # Reseed right before fit: the same trial shuffles and drops out identically with
         # and without the cache (computing features must not move the random streams).
@@ -271,10 +275,6 @@ def _fit_phased(
         epoch += epochs
         if monitor.bad_loss:
             break
-    tags["searchlab.cache"] = "used" if any(u != "off" for u in used) else "off"
-    tags["searchlab.cache_phases"] = ",".join(used)
-    tags["searchlab.phases"] = str(len(used))
-    return tags
 
 
 def load_trained(
