@@ -179,20 +179,31 @@ class Transfer:
         inputs, features, n_backbone = (
             self._file_backbone(info) if self.is_file else self._app_backbone(info)
         )
+        taken = {layer.name for layer in keras.Model(inputs, features).layers}
+        n = 0
+        while {f"head_pool{self._tag(n)}", f"classes{self._tag(n)}"} & taken:
+            n += 1  # a backbone that was itself built here: give the new head new names
+        tag = self._tag(n)
         if len(features.shape) == 4:
             pool = {
                 "avg": keras.layers.GlobalAveragePooling2D,
                 "max": keras.layers.GlobalMaxPooling2D,
                 "flatten": keras.layers.Flatten,
             }[self.pooling]
-            x = pool(name="head_pool")(features)
+            x = pool(name=f"head_pool{tag}")(features)
         else:
-            x = keras.layers.Flatten(name="head_pool")(features)
+            x = keras.layers.Flatten(name=f"head_pool{tag}")(features)
         x = keras.layers.Dense(int(params.get("head_width", 256)), activation="relu",
-                               name="head_dense")(x)
-        x = keras.layers.Dropout(float(params.get("dropout", 0.0)), name="head_dropout")(x)
-        outputs = keras.layers.Dense(info.num_classes, activation="softmax", name="classes")(x)
+                               name=f"head_dense{tag}")(x)
+        x = keras.layers.Dropout(float(params.get("dropout", 0.0)), name=f"head_dropout{tag}")(x)
+        outputs = keras.layers.Dense(
+            info.num_classes, activation="softmax", name=f"classes{tag}"
+        )(x)
         return keras.Model(inputs, outputs, name=self.__name__), n_backbone
+
+    @staticmethod
+    def _tag(n: int) -> str:
+        return f"_{n}" if n else ""
 
     def frozen_count(self, params: Mapping[str, Any], n_backbone: int) -> int:
         """``frozen_layers`` from params (default: the whole backbone), checked."""
