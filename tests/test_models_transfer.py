@@ -179,3 +179,24 @@ def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch
                       tmp_path / "plain")
     assert again.tags["searchlab.cache_phases"] == "off,off"
     np.testing.assert_allclose(again.history["val_loss"], result.history["val_loss"], rtol=1e-4)
+
+
+def test_grid_search_runs_the_points_of_one_cut_point_together():
+    import optuna
+
+    from searchlab import Choice as C
+    from searchlab.engines.optuna import _next_grid_point
+    from searchlab.space import Space
+
+    space = Space({"head_width": C([8, 16]), "frozen_layers": C([18, 10])}).validate()
+    ostudy = optuna.create_study()
+    seen = []
+    for _ in range(4):
+        point = _next_grid_point(ostudy, space, Transfer.group_by)
+        seen.append(point["frozen_layers"])
+        ostudy.enqueue_trial(point)
+        trial = ostudy.ask()
+        assert space.suggest(trial) == point
+        ostudy.tell(trial, 0.5)
+    assert seen == [10, 10, 18, 18]
+    assert _next_grid_point(ostudy, space, Transfer.group_by) is None

@@ -131,13 +131,20 @@ def load_optuna_study(
     return ostudy
 
 
-def _next_grid_point(ostudy: optuna.Study, space: Space) -> dict[str, Any] | None:
+def _next_grid_point(
+    ostudy: optuna.Study, space: Space, group: str | None = None
+) -> dict[str, Any] | None:
+    """The first grid point not yet run; with ``group`` (a transfer builder's cut-point
+    parameter, e.g. ``frozen_layers``), points sharing its value run one after the other."""
     taken = {
         _key(t.params)
         for t in ostudy.get_trials(deepcopy=False)
         if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
     }
-    for point in space.grid():
+    points = space.grid()
+    if group is not None:
+        points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
+    for point in points:
         if _key(point) not in taken:
             return point
     return None
@@ -241,7 +248,9 @@ def run(
                     log.info("time budget of %ss reached", options.timeout)
                     break
                 if options.strategy == "grid":
-                    point = _next_grid_point(ostudy, space)
+                    point = _next_grid_point(
+                        ostudy, space, getattr(study.model, "group_by", None)
+                    )
                     if point is None:
                         break
                     ostudy.enqueue_trial(point)

@@ -102,6 +102,8 @@ class Transfer:
     """
 
     feature_cache: bool
+    #: grid search runs the points that share a cut point together (one cache entry at a time)
+    group_by = "frozen_layers"
 
     def __init__(
         self,
