@@ -145,6 +145,10 @@ def test_a_model_file_is_cut_before_its_classifier_or_at_a_named_layer(tmp_path)
     assert names == ["conv_a", "pool_a", "conv_b", "flat"]
     cut = Transfer(str(path), cut="pool_a")({}, info)
     assert [layer.name for layer in Transfer.backbone_layers(cut)] == ["conv_a", "pool_a"]
+    keras_file = tmp_path / "tiny.keras"
+    keras.models.load_model(path).save(keras_file)
+    from_keras = Transfer(str(keras_file), cut="conv_b")({}, info)
+    assert [layer.name for layer in Transfer.backbone_layers(from_keras)][-1] == "conv_b"
     with pytest.raises(StudyDefinitionError, match="no layer named 'nope'; its layers are"):
         Transfer(str(path), cut="nope")({}, info)
     with pytest.raises(StudyDefinitionError, match=r"takes inputs of shape \(12, 12, 1\)"):
