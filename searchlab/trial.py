@@ -100,13 +100,11 @@ def trial_seed(seed: int, number: int) -> int:
 class _Monitor(keras.callbacks.Callback):
     """Per-epoch report, NaN guard and in-memory best-weights checkpoint."""
 
-    def __init__(
-        self, spec: TrialSpec, on_epoch: EpochCallback | None, target: Any = None
-    ) -> None:
+    def __init__(self, spec: TrialSpec, on_epoch: EpochCallback | None) -> None:
         super().__init__()
         self.spec = spec
         self.on_epoch = on_epoch
-        self.target = target  # whose weights to keep (the complete model when fit on a suffix)
+        self.target: Any = None  # whose weights to keep: the complete model when fit on a suffix
         self.history: dict[str, list[float]] = {}
         self.best: float | None = None
         self.best_epoch: int | None = None
