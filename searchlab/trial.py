@@ -122,6 +122,7 @@ class _Monitor(keras.callbacks.Callback):
         super().__init__()
         self.spec = spec
         self.on_epoch = on_epoch
+        self.target: Any = None  # whose weights to keep: the complete model when fit on a suffix
         self.history: dict[str, list[float]] = {}
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -164,7 +165,7 @@ class _Monitor(keras.callbacks.Callback):
             value = logs[self.spec.objective]
             if math.isfinite(value) and self.spec.better(value, self.best):
                 self.best, self.best_epoch = value, epoch
-                self.best_weights = self.model.get_weights()
+                self.best_weights = (self.target or self.model).get_weights()
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
 
@@ -226,15 +227,19 @@ def _build_and_fit(
     batch_size = int(params.get("batch_size", spec.batch_size))
     fit_started = time.perf_counter()
     try:
-        model.fit(
-            spec.data.x_train,
-            spec.data.y_train,
-            validation_data=(spec.data.x_val, spec.data.y_val),
-            epochs=spec.epochs,
-            batch_size=batch_size,
-            callbacks=[monitor],
-            verbose=0,
-        )
+        if _is_phased(spec.build):
+            monitor.target = model
+            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags)
+        else:
+            model.fit(
+                spec.data.x_train,
+                spec.data.y_train,
+                validation_data=(spec.data.x_val, spec.data.y_val),
+                epochs=spec.epochs,
+                batch_size=batch_size,
+                callbacks=[monitor],
+                verbose=0,
+            )
     finally:
         result.fit_seconds = time.perf_counter() - fit_started
     result.history = monitor.history
@@ -265,6 +270,69 @@ def _device_tags(model: Any) -> dict[str, str]:
     if visible is not None and device.kind == "gpu":
         tags["searchlab.cuda_visible_devices"] = visible
     return tags
+
+
+def _is_phased(build: Any) -> bool:
+    """A transfer builder (``searchlab.models.Transfer``): it knows its backbone, its training
+    phases and whether the frozen prefix may be cached."""
+    return all(hasattr(build, a) for a in ("schedule", "freeze", "compile", "feature_cache"))
+
+
+def _fit_phased(
+    model: Any,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    monitor: _Monitor,
+    batch_size: int,
+    number: int,
+    tags: dict[str, str],
+) -> None:
+    """Fit a transfer model phase by phase (one phase, or head-then-fine-tune), each phase on
+    the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
+    say so, also when a phase is pruned or fails."""
+    from searchlab import cache as cache_mod
+
+    build = spec.build
+    valid = cache_mod.cut_points(model)  # before any sub-model adds nodes to the layers
+    store = cache_mod.default_cache()
+    data = spec.data
+    used: list[str] = []
+    epoch = 0
+    for phase, (epochs, frozen, lr_factor) in enumerate(build.schedule(params, model, spec.epochs)):
+        build.freeze(model, frozen)
+        cut = cache_mod.plan_cut(model, valid) if build.feature_cache else None
+        if cut is not None and not store.fits(cut, data):
+            cut = None
+            tags[f"searchlab.cache_note.{phase}"] = "features larger than the memory bound"
+        if cut is None:
+            train, x, x_val = model, data.x_train, data.x_val
+            used.append("off")
+        else:
+            feats = store.features(model, cut, data)
+            train, x, x_val = cache_mod.suffix_model(model, cut), feats.x_train, feats.x_val
+            used.append(f"{cut.name}:{feats.source.value}")
+            tags["searchlab.cache_layer"] = cut.name
+            tags["searchlab.cache_layer_index"] = str(cut.index)
+        tags["searchlab.cache"] = "used" if any(u != "off" for u in used) else "off"
+        tags["searchlab.cache_phases"] = ",".join(used)
+        tags["searchlab.phases"] = str(len(used))
+        build.compile(train, params, lr_factor)
+        # Reseed right before fit: the same trial shuffles and drops out identically with
+        # and without the cache (computing features must not move the random streams).
+        keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
+        train.fit(
+            x,
+            data.y_train,
+            validation_data=(x_val, data.y_val),
+            initial_epoch=epoch,
+            epochs=epoch + epochs,
+            batch_size=batch_size,
+            callbacks=[monitor],
+            verbose=0,
+        )
+        epoch += epochs
+        if monitor.bad_loss:
+            break
 
 
 def load_trained(

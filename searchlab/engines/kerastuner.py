@@ -179,6 +179,7 @@ def run(
         direction=study.direction,
         batch_size=study.batch_size,
         seed=options.seed,
+        precision=options.precision,
     )
     info = {
         "strategy": options.strategy,
@@ -192,8 +193,13 @@ def run(
         "storage": _redact(options.storage),
         "data": loaded.source,
         "optuna_study": study.name,
+        "precision": options.precision,
         "space": space.describe(),
+        "run_params": {"precision": options.precision},
     }
+    from searchlab import backend
+
+    info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
     tracker.start_study(study.name, info)
     base_tags = {
         "searchlab.study": study.name,

@@ -191,17 +191,22 @@ def load_optuna_study(
 
 
 def _next_grid_point(
-    ostudy: optuna.Study, space: Space, failed_here: set[tuple]
+    ostudy: optuna.Study, space: Space, failed_here: set[tuple], group: str | None = None
 ) -> dict[str, Any] | None:
     """The first grid point with no finished or running trial.  A point whose trial failed in
     an earlier session (a crash, say) is tried again once; one that failed in this session
-    is not retried."""
+    is not retried.  With ``group`` (a transfer builder's cut-point parameter, e.g.
+    ``frozen_layers``), points sharing its value run one after the other, so the feature
+    cache of that cut point is reused."""
     taken = {
         _key(t.params)
         for t in ostudy.get_trials(deepcopy=False)
         if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
     } | failed_here
-    for point in space.grid():
+    points = space.grid()
+    if group is not None:
+        points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
+    for point in points:
         if _key(point) not in taken:
             return point
     return None
@@ -314,7 +319,9 @@ def run(
                     log.info("time budget of %ss reached", options.timeout)
                     break
                 if options.strategy == "grid":
-                    point = _next_grid_point(ostudy, space, failed_here)
+                    point = _next_grid_point(
+                        ostudy, space, failed_here, getattr(study.model, "group_by", None)
+                    )
                     if point is None:
                         break
                     ostudy.enqueue_trial(point)

@@ -2,5 +2,6 @@
 Keras model. Only the Keras 3 API is used, so they run on every Keras backend."""
 
 from searchlab.models.dense import dense_classifier
+from searchlab.models.transfer import BACKBONES, FineTune, Transfer
 
-__all__ = ["dense_classifier"]
+__all__ = ["BACKBONES", "FineTune", "Transfer", "dense_classifier"]

@@ -1,0 +1,252 @@
+"""Benchmark: VGG16 transfer search with searchlab (feature cache) vs plain KerasTuner.
+
+The same space (head_width, dropout, learning_rate, batch_size; frozen_layers fixed per
+case), the same data (CIFAR-10 from the data directory, pixels 0..255), the same VGG16
+backbone weights file (ImageNet weights when the data directory has them, else one random
+VGG16 written once and loaded by both sides), the same trials and epochs, one after the
+other in this process.  KerasTuner is used as its users write it: a ``build_model(hp)`` that
+stacks VGG16 and a head, and ``RandomSearch.search`` -- every trial pushes every image
+through the whole backbone in every epoch.  searchlab runs ``studies``-style ``Transfer``
+trials through its Optuna engine with MLflow tracking on (all overheads included), with an
+empty feature cache at the start of each case.
+
+Cases: ``frozen`` (all 18 VGG16 layers frozen: only the head trains) and ``block5``
+(frozen_layers=14: block5 and the head train).
+
+    python scripts/bench_transfer.py                       # 20 trials x 2 epochs per case
+    python scripts/bench_transfer.py --trials 10 --kt-trials 4 --cases frozen
+
+Prints, per case, trials per hour for each tool, their ratio, and each one's best
+val_accuracy.  Timing claims come only from this script's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+CASES = {"frozen": 18, "block5": 14}
+
+
+def make_weights(tmp: Path) -> Path:
+    """ImageNet notop weights from the data directory if there, else a fixed random VGG16."""
+    import keras
+
+    from searchlab.models.transfer import resolve_weights
+
+    found = resolve_weights("vgg16", "imagenet")
+    if found is not None:
+        return found
+    keras.utils.set_random_seed(1234)
+    model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp / "vgg16_random_notop.weights.h5"
+    model.save_weights(path)
+    keras.backend.clear_session()
+    return path
+
+
+def space(case: str):
+    from searchlab import Choice, Float
+
+    return {
+        "frozen_layers": Choice([CASES[case]]),
+        "head_width": Choice([128, 256, 512]),
+        "dropout": Float(0.0, 0.5),
+        "learning_rate": Float(1e-4, 3e-3, log=True),
+        "batch_size": Choice([32, 64]),
+    }
+
+
+class Quiet:
+    def started(self, *a):
+        pass
+
+    def trial_started(self, *a):
+        pass
+
+    def trial_finished(self, result, best):
+        print(
+            f"    searchlab trial {result.number}: {result.state.value} "
+            f"val_accuracy={result.value if result.value is not None else float('nan'):.4f} "
+            f"{result.duration:.1f}s cache={result.tags.get('searchlab.cache_phases')}",
+            flush=True,
+        )
+
+    def finished(self, summary):
+        pass
+
+
+def run_searchlab(case: str, args, weights: Path, tmp: Path) -> tuple[float, float, int]:
+    from searchlab import Dataset, Study, cache, engines
+    from searchlab.models import Transfer
+    from searchlab.tracking import MlflowTracker
+
+    home = tmp / f"searchlab-{case}"
+    os.environ["SEARCHLAB_HOME"] = str(home)
+    cache.default_cache().clear_memory()
+    transfer = Transfer("vgg16", weights=str(weights))
+    study = Study(
+        name=f"bench-{case}",
+        space=space(case),
+        model=transfer,
+        data=Dataset("cifar10", validation="test", subset=_subset(args), scale=False),
+        strategy="random",
+        trials=args.trials,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+    options = engines.RunOptions(
+        strategy="random",
+        trials=args.trials,
+        timeout=None,
+        epochs=args.epochs,
+        seed=args.seed,
+        storage=f"sqlite:///{home / 'optuna.db'}",
+        data_dir=args.data_dir,
+        max_failures=3,
+    )
+    _no_pruning()
+    tracker = MlflowTracker(f"sqlite:///{home / 'mlflow.db'}", home / "mlartifacts")
+    from searchlab import data as data_mod
+
+    data_mod.load(study.dataset, args.data_dir)  # both sides start with the arrays loaded
+    started = time.perf_counter()
+    summary = engines.run(study, options, tracker, Quiet())
+    seconds = time.perf_counter() - started
+    return seconds, float(summary["best_value"] or float("nan")), int(summary["n_complete"])
+
+
+def _no_pruning() -> None:
+    """Every trial runs all its epochs, as in KerasTuner's RandomSearch: the Optuna engine's
+    default pruner (Optuna's MedianPruner) would stop weak trials early and flatter us."""
+    import functools
+
+    import optuna
+
+    from searchlab.engines import optuna as engine
+
+    if not isinstance(engine.optuna.create_study, functools.partial):
+        engine.optuna.create_study = functools.partial(
+            optuna.create_study, pruner=optuna.pruners.NopPruner()
+        )
+
+
+def _subset(args) -> dict[str, int] | None:
+    sizes = {}
+    if args.train:
+        sizes["train"] = args.train
+    if args.val:
+        sizes["val"] = args.val
+    return sizes or None
+
+
+def run_kerastuner(case: str, args, weights: Path, tmp: Path) -> tuple[float, float, int]:
+    import keras
+    import keras_tuner as kt
+
+    from searchlab import Dataset
+    from searchlab import data as data_mod
+
+    d = data_mod.load(
+        Dataset("cifar10", validation="test", subset=_subset(args), scale=False), args.data_dir
+    )
+    frozen = CASES[case]
+
+    class VGGHead(kt.HyperModel):
+        def build(self, hp):
+            base = keras.applications.VGG16(
+                include_top=False, weights=str(weights), input_shape=(32, 32, 3)
+            )
+            for layer in base.layers[1 : frozen + 1]:  # layers[0] is the input
+                layer.trainable = False
+            inputs = keras.Input(shape=(32, 32, 3))
+            x = keras.applications.vgg16.preprocess_input(inputs)
+            x = base(x)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            x = keras.layers.Dense(hp.Choice("head_width", [128, 256, 512]), activation="relu")(x)
+            x = keras.layers.Dropout(hp.Float("dropout", 0.0, 0.5))(x)
+            outputs = keras.layers.Dense(10, activation="softmax")(x)
+            model = keras.Model(inputs, outputs)
+            model.compile(
+                optimizer=keras.optimizers.Adam(
+                    hp.Float("learning_rate", 1e-4, 3e-3, sampling="log")
+                ),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+            return model
+
+        def fit(self, hp, model, *fit_args, **kwargs):
+            return model.fit(*fit_args, batch_size=hp.Choice("batch_size", [32, 64]), **kwargs)
+
+    tuner = kt.RandomSearch(
+        VGGHead(),
+        objective="val_accuracy",
+        max_trials=args.kt_trials or args.trials,
+        seed=args.seed,
+        directory=str(tmp / "kt"),
+        project_name=case,
+        overwrite=True,
+    )
+    started = time.perf_counter()
+    tuner.search(
+        d.x_train, d.y_train, epochs=args.epochs, validation_data=(d.x_val, d.y_val), verbose=0
+    )
+    seconds = time.perf_counter() - started
+    trials = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+    for t in trials:
+        print(f"    keras-tuner trial {t.trial_id}: val_accuracy={t.score:.4f}", flush=True)
+    best = max((t.score for t in trials if t.score is not None), default=float("nan"))
+    return seconds, float(best), len(trials)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--kt-trials", type=int, default=None,
+                        help="KerasTuner trials, if fewer (its trials all cost the same)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--cases", default="frozen,block5")
+    parser.add_argument("--train", type=int, default=None, help="at most this many train images")
+    parser.add_argument("--val", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=os.environ.get("SEARCHLAB_DATA_DIR"))
+    args = parser.parse_args()
+
+    import keras
+
+    keras.utils.set_random_seed(args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp_:
+        tmp = Path(tmp_)
+        weights = make_weights(tmp)
+        print(f"backbone weights: {weights}; backend {keras.backend.backend()}; "
+              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+        for case in args.cases.split(","):
+            print(f"== case {case} (frozen_layers={CASES[case]})", flush=True)
+            s_sec, s_best, s_n = run_searchlab(case, args, weights, tmp)
+            print(f"  searchlab: {s_n} trials in {s_sec:.0f}s", flush=True)
+            k_sec, k_best, k_n = run_kerastuner(case, args, weights, tmp)
+            print(f"  keras-tuner: {k_n} trials in {k_sec:.0f}s", flush=True)
+            rows.append((case, s_n, s_sec, s_best, k_n, k_sec, k_best))
+    print()
+    print(f"{'case':8} {'tool':12} {'trials':>6} {'seconds':>8} {'trials/h':>9} {'best val_acc':>12}")
+    for case, s_n, s_sec, s_best, k_n, k_sec, k_best in rows:
+        s_rate, k_rate = s_n / s_sec * 3600, k_n / k_sec * 3600
+        print(f"{case:8} {'searchlab':12} {s_n:6d} {s_sec:8.0f} {s_rate:9.1f} {s_best:12.4f}")
+        print(f"{case:8} {'keras-tuner':12} {k_n:6d} {k_sec:8.0f} {k_rate:9.1f} {k_best:12.4f}")
+        print(f"{case:8} ratio (searchlab / keras-tuner trials per hour): {s_rate / k_rate:.1f}x; "
+              f"best val_accuracy difference: {100 * (s_best - k_best):+.1f} points")
+    print(f"epochs per trial: {args.epochs}; load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

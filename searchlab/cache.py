@@ -1,0 +1,295 @@
+"""Frozen-prefix feature cache: compute the frozen part of a model once, train the rest on it.
+
+When the first layers of a model are frozen and nothing random acts on them (no augmentation
+or dropout before the cut; a frozen BatchNorm runs in inference mode in Keras 3), their output
+is the same in every epoch and in every trial that freezes the same prefix.  ``plan_cut`` finds
+the deepest layer where the model can be cut (one tensor crosses the cut, everything before it
+is frozen and deterministic), ``FeatureCache.features`` computes that layer's outputs for the
+training and validation images once, and ``suffix_model`` is the rest of the model -- sharing
+its layers, so training it trains the complete model.
+
+Features are keyed by (model name, the prefix layers' configs -- which cover the input size,
+resizing and preprocessing --, a hash of the prefix's weights, the cut layer, the data's
+fingerprint).  They are kept in memory (LRU, bounded) and on disk under the project folder
+(``.searchlab/feature-cache/``, bounded, oldest files evicted first) so a resumed or parallel
+study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
+``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from searchlab import config
+from searchlab.data import Data
+
+log = logging.getLogger(__name__)
+MEMORY_ENV = "SEARCHLAB_CACHE_MEMORY_MB"
+DISK_ENV = "SEARCHLAB_CACHE_DISK_MB"
+CACHE_DIR = "feature-cache"
+
+
+class Source(enum.Enum):
+    """Where a trial's features came from."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    COMPUTED = "computed"
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Cut a model after ``layers[index]`` (``name``), whose output in the model's graph is
+    ``tensor`` with per-example ``shape``."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    tensor: Any = None
+
+
+@dataclass(frozen=True)
+class Features:
+    x_train: np.ndarray
+    x_val: np.ndarray
+    key: str
+    source: Source
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.x_train.nbytes + self.x_val.nbytes)
+
+
+def _is_random(layer: Any) -> bool:
+    if isinstance(layer, keras.layers.Lambda):  # user code: it may be random
+        return True
+    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
+
+
+def cache_safe(layer: Any) -> bool:
+    """Whether ``layer`` gives the same output for the same input in training: no trainable
+    weights and no randomness (Dropout, noise, augmentation)."""
+    if isinstance(layer, keras.layers.InputLayer):
+        return True
+    return not layer.trainable_weights and not _is_random(layer)
+
+
+def _own_nodes(model: keras.Model) -> dict[int, Any]:
+    """Each layer's node in ``model``'s own graph (a layer loaded from a file, or shared with
+    another model, has several)."""
+    mine = {id(n) for nodes in model._nodes_by_depth.values() for n in nodes}
+    out = {}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            if id(node) in mine:
+                out[id(layer)] = node
+                break
+    return out
+
+
+def cut_points(model: keras.Model) -> dict[int, Any]:
+    """Index ``i`` into ``model.layers`` -> layer i's output tensor, for every ``i`` after which
+    that one tensor is all the rest of the model needs."""
+    layers = model.layers
+    index = {id(layer): i for i, layer in enumerate(layers)}
+    nodes = _own_nodes(model)
+    edges: list[tuple[int, int]] = []
+    for j, layer in enumerate(layers):
+        node = nodes.get(id(layer))
+        if node is None:
+            continue
+        for parent in node.parent_nodes:
+            i = index.get(id(parent.operation))
+            if i is not None:
+                edges.append((i, j))
+    valid = {}
+    for i, layer in enumerate(layers[:-1]):
+        node = nodes.get(id(layer))
+        outputs = keras.tree.flatten(node.outputs) if node is not None else []
+        if len(outputs) == 1 and all(u == i for u, v in edges if u <= i < v):
+            valid[i] = outputs[0]
+    return valid
+
+
+def plan_cut(model: keras.Model, valid: dict[int, Any]) -> Cut | None:
+    """The deepest valid cut with every layer up to it frozen and deterministic, or None."""
+    layers = model.layers
+    safe_until = 0
+    while safe_until + 1 < len(layers) and cache_safe(layers[safe_until + 1]):
+        safe_until += 1
+    best = max((i for i in valid if 0 < i <= safe_until), default=None)
+    if best is None:
+        return None
+    tensor = valid[best]
+    return Cut(best, layers[best].name, tuple(int(d) for d in tensor.shape[1:]), tensor)
+
+
+def suffix_model(model: keras.Model, cut: Cut) -> keras.Model:
+    """The layers after ``cut`` as a model taking the cut's features; it shares the layers
+    (and so the weights) of ``model``."""
+    return keras.Model(cut.tensor, model.outputs, name=f"{model.name}_suffix")
+
+
+def _prefix_key(model: keras.Model, cut: Cut, data: Data) -> str:
+    h = hashlib.sha1()
+    configs = []
+    for layer in model.layers[: cut.index + 1]:
+        try:
+            cfg = layer.get_config()
+        except Exception:  # a layer without a config: its class and name stand in
+            cfg = {"name": layer.name}
+        cfg.pop("trainable", None)
+        configs.append([type(layer).__name__, cfg])
+        for w in layer.weights:
+            arr = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
+            h.update(arr.tobytes())
+    h.update(json.dumps(configs, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [model.name, cut.name, cut.index, data.fingerprint, keras.backend.backend()]
+        ).encode()
+    )
+    return h.hexdigest()[:24]
+
+
+def _mb_env(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+class FeatureCache:
+    """Features of frozen prefixes, in memory (LRU) and on disk, both bounded in bytes.
+
+    Args:
+        root: the disk folder (None: ``<project>/.searchlab/feature-cache``); ``disk_mb=0``
+            keeps features in memory only.
+        memory_mb, disk_mb: the bounds; None reads ``$SEARCHLAB_CACHE_MEMORY_MB`` /
+            ``$SEARCHLAB_CACHE_DISK_MB``.
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        memory_mb: int | None = None,
+        disk_mb: int | None = None,
+    ) -> None:
+        self._root = root
+        self.memory_bytes = (memory_mb if memory_mb is not None else _mb_env(MEMORY_ENV, 2048)) << 20
+        self.disk_bytes = (disk_mb if disk_mb is not None else _mb_env(DISK_ENV, 4096)) << 20
+        self._memory: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    @property
+    def root(self) -> Path:
+        return self._root or config.home() / CACHE_DIR
+
+    def fits(self, cut: Cut, data: Data) -> bool:
+        """Whether the features of ``cut`` fit in the memory bound."""
+        per_item = int(np.prod(cut.shape)) * 4
+        return per_item * (len(data.x_train) + len(data.x_val)) <= self.memory_bytes
+
+    def features(self, model: keras.Model, cut: Cut, data: Data, batch_size: int = 128) -> Features:
+        """The outputs of ``model.layers[cut.index]`` for the training and validation images."""
+        key = _prefix_key(model, cut, data)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return Features(*self._memory[key], key=key, source=Source.MEMORY)
+        found = self._read(key)
+        source = Source.DISK
+        if found is None:
+            prefix = keras.Model(model.inputs, cut.tensor)
+            found = (
+                np.asarray(prefix.predict(data.x_train, batch_size=batch_size, verbose=0)),
+                np.asarray(prefix.predict(data.x_val, batch_size=batch_size, verbose=0)),
+            )
+            source = Source.COMPUTED
+            self._write(key, found)
+        self._remember(key, found)
+        return Features(*found, key=key, source=source)
+
+    def _remember(self, key: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        self._memory[key] = arrays
+        while len(self._memory) > 1 and self._memory_used() > self.memory_bytes:
+            self._memory.popitem(last=False)
+
+    def _memory_used(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self._memory.values())
+
+    def clear_memory(self) -> None:
+        self._memory.clear()
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.npz"
+
+    def _read(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.disk_bytes <= 0:
+            return None
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = (f["x_train"], f["x_val"])
+            os.utime(path)  # most recently used: evicted last
+            return arrays
+        except (OSError, ValueError, KeyError) as exc:  # a torn or foreign file: recompute
+            log.warning("ignoring unreadable feature cache file %s: %s", path, exc)
+            return None
+
+    def _write(self, key: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        size = arrays[0].nbytes + arrays[1].nbytes
+        if self.disk_bytes <= 0 or size > self.disk_bytes:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._evict(self.disk_bytes - size)
+            # Write then rename: a parallel worker never reads half a file.
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}-", suffix=".npz")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, x_train=arrays[0], x_val=arrays[1])
+            os.replace(tmp, self._path(key))
+        except OSError as exc:  # a full or read-only disk only costs the reuse
+            log.warning("could not write the feature cache in %s: %s", self.root, exc)
+
+    def _evict(self, budget: int) -> None:
+        files = []
+        for path in self.root.glob("*.npz"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, path))
+        files.sort()
+        used = sum(size for _, size, _ in files)
+        for _, size, path in files:
+            if used <= budget:
+                break
+            path.unlink(missing_ok=True)
+            used -= size
+
+    def disk_usage(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("*.npz")) if self.root.is_dir() else 0
+
+
+_DEFAULT: FeatureCache | None = None
+
+
+def default_cache() -> FeatureCache:
+    """The process-wide cache (its disk folder follows ``$SEARCHLAB_HOME`` at each use)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = FeatureCache()
+    return _DEFAULT

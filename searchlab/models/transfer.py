@@ -1,0 +1,460 @@
+"""Transfer models: a pretrained backbone, its first N layers frozen, and a new head.
+
+The backbone is a ``keras.applications`` model by name (``vgg16``, ``vgg19``, ``resnet50``,
+``mobilenet_v2``) without its top, or a Keras model file of your own (``.h5`` / ``.keras``) cut
+at a named layer or just before its classifier.  The complete model takes raw images::
+
+    raw images -> [Resizing] -> the backbone's own preprocessing -> backbone -> head
+    head: pooling (avg | max) or flatten -> Dense(head_width) -> Dropout -> Dense(classes)
+
+All of it is built from stock Keras layers, so an exported ``.h5`` loads with plain
+``keras.models.load_model``.  Searched params (all optional): ``frozen_layers`` (the first N
+backbone layers are frozen; default all of them), ``head_width`` (256), ``dropout`` (0.0),
+``learning_rate`` (1e-3), ``batch_size``.  With a ``FineTune`` schedule the trial first trains
+the head with the whole backbone frozen, then unfreezes down to layer ``frozen_layers`` and
+trains on at a smaller learning rate (params ``head_epochs``, ``fine_tune_epochs``,
+``lr_factor`` override the schedule's values).
+
+ImageNet weights (``weights="imagenet"``) are looked for, in order: in the data directory
+under Keras's own file name, in Keras's cache (``~/.keras/models``), then downloaded by Keras.
+``weights=None`` gives a random backbone that is the same in every trial and process (seeded
+from ``seed``), and ``weights="path.h5"`` loads your file.
+
+Example:
+    >>> vgg = Transfer("vgg16", weights="imagenet", pooling="avg")
+    >>> study = Study(name="cifar-vgg", space={"frozen_layers": Int(10, 18)}, model=vgg, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from searchlab import data as data_mod
+from searchlab.data import DataInfo
+from searchlab.errors import SpaceError, StudyDefinitionError
+
+#: name -> (keras.applications constructor name, preprocessing mode, notop weights file)
+BACKBONES: dict[str, tuple[str, str, str]] = {
+    "vgg16": ("VGG16", "caffe", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg19": ("VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "resnet50": ("ResNet50", "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "mobilenet_v2": ("MobileNetV2", "tf", ""),  # file name depends on the input size
+}
+PREPROCESS = ("caffe", "tf", "torch", "none")
+POOLINGS = ("avg", "max", "flatten")
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BACKBONE_PREFIX = "_searchlab_backbone"
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Two-phase schedule: ``head_epochs`` with the whole backbone frozen (on the feature
+    cache), then ``epochs`` more with the layers from ``frozen_layers`` on unfrozen, at the
+    learning rate times ``lr_factor``.  ``epochs=None`` takes the study's epochs."""
+
+    head_epochs: int = 1
+    epochs: int | None = None
+    lr_factor: float = 0.1
+
+    def resolve(self, params: Mapping[str, Any], study_epochs: int) -> tuple[int, int, float]:
+        e1 = int(params.get("head_epochs", self.head_epochs))
+        e2 = params.get("fine_tune_epochs", self.epochs)
+        e2 = study_epochs if e2 is None else int(e2)
+        f = float(params.get("lr_factor", self.lr_factor))
+        if e1 < 0 or e2 < 0 or e1 + e2 < 1:
+            raise SpaceError(
+                f"FineTune: head_epochs and fine_tune_epochs must be >= 0 with at least one "
+                f"epoch in all, but got head_epochs={e1}, fine_tune_epochs={e2}."
+            )
+        if not f > 0:
+            raise SpaceError(f"FineTune: lr_factor must be > 0, but got {f}.")
+        return e1, e2, f
+
+
+class Transfer:
+    """A model builder ``build(params, info)`` for backbone + new head (see the module doc).
+
+    Args:
+        backbone: ``vgg16``, ``vgg19``, ``resnet50``, ``mobilenet_v2``, or the path of a saved
+            Keras model (``.h5`` / ``.keras``).
+        weights: ``"imagenet"``, None (a fixed random backbone) or a weights file path; for a
+            model file its own weights are used and this must stay ``"imagenet"`` or None.
+        cut: for a model file, the name of its last layer to keep (default: all layers but the
+            last, i.e. cut just before its classifier).
+        input_size: resize images to this square size first (e.g. 64 or 224 to upsample
+            CIFAR-10's 32x32); None keeps the data's size.
+        pooling: ``avg``, ``max`` or ``flatten`` between backbone and head.
+        preprocess: ``auto`` (the backbone's own: caffe for VGG/ResNet, tf for MobileNetV2,
+            none for a model file), or ``caffe``, ``tf``, ``torch``, ``none``.
+        cache: reuse the frozen prefix's outputs across epochs and trials (the feature cache).
+        fine_tune: a ``FineTune`` schedule for two-phase training, or None.
+        seed: seeds the random backbone when ``weights=None``.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+    """
+
+    feature_cache: bool
+    #: grid search runs the points that share a cut point together (one cache entry at a time)
+    group_by = "frozen_layers"
+
+    def __init__(
+        self,
+        backbone: str = "vgg16",
+        *,
+        weights: str | os.PathLike[str] | None = "imagenet",
+        cut: str | None = None,
+        input_size: int | None = None,
+        pooling: str = "avg",
+        preprocess: str = "auto",
+        cache: bool = True,
+        fine_tune: FineTune | None = None,
+        seed: int = 0,
+        optimizer: str = "adam",
+    ) -> None:
+        self.backbone = str(backbone)
+        self.is_file = self.backbone.endswith((".h5", ".keras")) or os.sep in self.backbone
+        if not self.is_file and self.backbone not in BACKBONES:
+            raise StudyDefinitionError(
+                f"Unknown backbone {self.backbone!r}: use one of {', '.join(BACKBONES)}, or the "
+                "path of a saved Keras model (.h5 or .keras)."
+            )
+        if pooling not in POOLINGS:
+            raise StudyDefinitionError(
+                f"pooling must be one of {', '.join(POOLINGS)}, but got {pooling!r}."
+            )
+        if preprocess != "auto" and preprocess not in PREPROCESS:
+            raise StudyDefinitionError(
+                f"preprocess must be 'auto' or one of {', '.join(PREPROCESS)}, got {preprocess!r}."
+            )
+        if input_size is not None and (not isinstance(input_size, int) or input_size < 8):
+            raise StudyDefinitionError(f"input_size must be an int >= 8 or None, got {input_size!r}.")
+        if optimizer not in ("adam", "sgd"):
+            raise StudyDefinitionError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
+        if self.is_file and weights not in ("imagenet", None):
+            raise StudyDefinitionError(
+                "A backbone model file brings its own weights: leave weights= unset."
+            )
+        if fine_tune is not None and not isinstance(fine_tune, FineTune):
+            raise StudyDefinitionError("fine_tune must be a FineTune(...) schedule or None.")
+        self.weights = None if weights is None else str(weights)
+        self.cut = cut
+        self.input_size = input_size
+        self.pooling = pooling
+        self.preprocess = preprocess
+        self.feature_cache = bool(cache)
+        self.fine_tune = fine_tune
+        self.seed = int(seed)
+        self.optimizer = optimizer
+        self.__name__ = f"transfer_{Path(self.backbone).stem}"
+
+    def __repr__(self) -> str:
+        return (
+            f"Transfer({self.backbone!r}, weights={self.weights!r}, pooling={self.pooling!r}, "
+            f"input_size={self.input_size!r}, cache={self.feature_cache})"
+        )
+
+    # -- building ---------------------------------------------------------------------------
+
+    def __call__(self, params: Mapping[str, Any], info: DataInfo) -> keras.Model:
+        """Build and compile the complete model for ``params``."""
+        model, n_backbone = self.build_uncompiled(params, info)
+        frozen = self.frozen_count(params, n_backbone)
+        if self.fine_tune is not None:
+            frozen_now = n_backbone if self.fine_tune.resolve(params, 1)[0] > 0 else frozen
+        else:
+            frozen_now = frozen
+        self.freeze(model, frozen_now)
+        self.compile(model, params)
+        return model
+
+    def build_uncompiled(
+        self, params: Mapping[str, Any], info: DataInfo
+    ) -> tuple[keras.Model, int]:
+        inputs, features, n_backbone = (
+            self._file_backbone(info) if self.is_file else self._app_backbone(info)
+        )
+        taken = {layer.name for layer in keras.Model(inputs, features).layers}
+        n = 0
+        while {f"head_pool{self._tag(n)}", f"classes{self._tag(n)}"} & taken:
+            n += 1  # a backbone that was itself built here: give the new head new names
+        tag = self._tag(n)
+        if len(features.shape) == 4:
+            pool = {
+                "avg": keras.layers.GlobalAveragePooling2D,
+                "max": keras.layers.GlobalMaxPooling2D,
+                "flatten": keras.layers.Flatten,
+            }[self.pooling]
+            x = pool(name=f"head_pool{tag}")(features)
+        else:
+            x = keras.layers.Flatten(name=f"head_pool{tag}")(features)
+        x = keras.layers.Dense(int(params.get("head_width", 256)), activation="relu",
+                               name=f"head_dense{tag}")(x)
+        x = keras.layers.Dropout(float(params.get("dropout", 0.0)), name=f"head_dropout{tag}")(x)
+        outputs = keras.layers.Dense(
+            info.num_classes, activation="softmax", name=f"classes{tag}"
+        )(x)
+        return keras.Model(inputs, outputs, name=self.__name__), n_backbone
+
+    @staticmethod
+    def _tag(n: int) -> str:
+        return f"_{n}" if n else ""
+
+    def frozen_count(self, params: Mapping[str, Any], n_backbone: int) -> int:
+        """``frozen_layers`` from params (default: the whole backbone), checked."""
+        value = params.get("frozen_layers", n_backbone)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n_backbone:
+            raise SpaceError(
+                f"frozen_layers={value!r} is out of range for backbone {self.backbone}: it has "
+                f"{n_backbone} layers, so frozen_layers must be an int in [0, {n_backbone}]. "
+                f"Narrow the space, e.g. Int(0, {n_backbone})."
+            )
+        return value
+
+    @staticmethod
+    def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
+        return [layer for layer in model.layers if getattr(layer, BACKBONE_PREFIX, False)]
+
+    def freeze(self, model: keras.Model, frozen: int) -> None:
+        """Freeze the first ``frozen`` backbone layers; the rest of the backbone and the head
+        train.  Frozen BatchNorm layers run in inference mode (Keras 3)."""
+        for i, layer in enumerate(self.backbone_layers(model)):
+            layer.trainable = i >= frozen
+
+    def compile(self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0) -> None:
+        lr = float(params.get("learning_rate", 1e-3)) * lr_factor
+        optimizer = (
+            keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+            if self.optimizer == "sgd"
+            else keras.optimizers.Adam(learning_rate=lr)
+        )
+        model.compile(
+            optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+
+    def schedule(
+        self, params: Mapping[str, Any], model: keras.Model, study_epochs: int
+    ) -> list[tuple[int, int, float]]:
+        """The trial's phases as (epochs, frozen backbone layers, learning-rate factor)."""
+        n_backbone = len(self.backbone_layers(model))
+        frozen = self.frozen_count(params, n_backbone)
+        if self.fine_tune is None:
+            return [(study_epochs, frozen, 1.0)]
+        e1, e2, factor = self.fine_tune.resolve(params, study_epochs)
+        phases = []
+        if e1:
+            phases.append((e1, n_backbone, 1.0))
+        if e2:
+            phases.append((e2, frozen, factor))
+        return phases
+
+    def _preprocessing(self, x: Any, mode: str) -> Any:
+        if mode == "caffe":  # RGB -> BGR, minus the ImageNet mean: a fixed 1x1 convolution
+            kernel = np.zeros((1, 1, 3, 3), dtype="float32")
+            for out_c, in_c in enumerate((2, 1, 0)):
+                kernel[0, 0, in_c, out_c] = 1.0
+            layer = keras.layers.Conv2D(3, 1, name="preprocess_caffe", trainable=False)
+            x = layer(x)
+            layer.set_weights([kernel, -np.array(_CAFFE_MEAN_BGR, dtype="float32")])
+            return x
+        if mode == "tf":
+            return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocess_tf")(x)
+        if mode == "torch":
+            x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess_torch_scale")(x)
+            return keras.layers.Normalization(
+                mean=list(_TORCH_MEAN), variance=[s * s for s in _TORCH_STD],
+                name="preprocess_torch",
+            )(x)
+        return x
+
+    def _app_backbone(self, info: DataInfo) -> tuple[Any, Any, int]:
+        ctor_name, mode, _ = BACKBONES[self.backbone]
+        shape = tuple(info.input_shape)
+        if len(shape) != 3 or shape[-1] != 3:
+            raise StudyDefinitionError(
+                f"Backbone {self.backbone} needs RGB images (height, width, 3), but the data "
+                f"has shape {shape}. Use a colour dataset or a backbone model file of your own."
+            )
+        inputs = keras.Input(shape=shape, name="images")
+        x = inputs
+        size = shape[:2]
+        if self.input_size is not None and tuple(size) != (self.input_size,) * 2:
+            size = (self.input_size, self.input_size)
+            x = keras.layers.Resizing(*size, name="resize")(x)
+        x = self._preprocessing(x, mode if self.preprocess == "auto" else self.preprocess)
+        ctor = getattr(keras.applications, ctor_name)
+        try:
+            app = ctor(include_top=False, weights=None, input_tensor=x)
+        except ValueError as exc:
+            raise StudyDefinitionError(
+                f"Backbone {self.backbone} cannot take {size[0]}x{size[1]} images ({exc}). "
+                "Set input_size= to a size it accepts (e.g. 32 or more for VGG16)."
+            ) from None
+        layers = [layer for layer in app.layers if not isinstance(layer, keras.layers.InputLayer)]
+        known = {id(layer) for layer in _layers_up_to(inputs, x)}
+        layers = [layer for layer in layers if id(layer) not in known]
+        for layer in layers:
+            setattr(layer, BACKBONE_PREFIX, True)
+        arrays = _backbone_arrays(self, tuple(size) + (3,), layers)
+        for layer, values in zip(layers, arrays, strict=True):
+            if values:
+                layer.set_weights(values)
+        return inputs, app.output, len(layers)
+
+    def _file_backbone(self, info: DataInfo) -> tuple[Any, Any, int]:
+        path = Path(self.backbone).expanduser()
+        if not path.is_file():
+            raise StudyDefinitionError(
+                f"Backbone model file {path} not found. Give the path of a model saved with "
+                "model.save('name.h5') or model.save('name.keras')."
+            )
+        try:
+            loaded = keras.models.load_model(path, compile=False)
+        except Exception as exc:
+            raise StudyDefinitionError(
+                f"Cannot load backbone model file {path} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})."
+            ) from exc
+        layers = [layer for layer in loaded.layers if not isinstance(layer, keras.layers.InputLayer)]
+        names = [layer.name for layer in layers]
+        if self.cut is None:
+            if len(layers) < 2:
+                raise StudyDefinitionError(
+                    f"Backbone model {path} has {len(layers)} layer(s): nothing is left once its "
+                    "classifier is cut off. Pass cut='LAYER_NAME'."
+                )
+            keep = len(layers) - 1
+        elif self.cut in names:
+            keep = names.index(self.cut) + 1
+        else:
+            raise StudyDefinitionError(
+                f"Backbone model {path} has no layer named {self.cut!r}; its layers are "
+                f"{', '.join(names)}."
+            )
+        expected = tuple(loaded.inputs[0].shape[1:])
+        if tuple(info.input_shape) != expected:
+            raise StudyDefinitionError(
+                f"Backbone model {path} takes inputs of shape {expected}, but the data has "
+                f"shape {tuple(info.input_shape)}. Use data of the shape the model was trained on."
+            )
+        for layer in layers[:keep]:
+            setattr(layer, BACKBONE_PREFIX, True)
+        x = layers[keep - 1].output
+        mode = "none" if self.preprocess == "auto" else self.preprocess
+        if mode != "none":
+            raise StudyDefinitionError(
+                "preprocess= applies to keras.applications backbones; a model file keeps its own."
+            )
+        return loaded.inputs[0], x, keep
+
+
+def _layers_up_to(inputs: Any, tensor: Any) -> list[Any]:
+    """The layers between ``inputs`` and ``tensor`` (our resize/preprocess layers)."""
+    if tensor is inputs:
+        return []
+    return list(keras.Model(inputs, tensor).layers)
+
+
+#: per process: the backbone's weights, so each trial does not read the file again
+_ARRAYS: dict[tuple, list[list[np.ndarray]]] = {}
+
+
+def _backbone_arrays(
+    spec: Transfer, shape: tuple[int, ...], layers: list[Any]
+) -> list[list[np.ndarray]]:
+    if spec.weights is None:
+        key: tuple = (spec.backbone, None, spec.seed, shape)
+        if key not in _ARRAYS:
+            _ARRAYS.clear()
+            _ARRAYS[key] = [_seeded(layer, spec.seed) for layer in layers]
+        return _ARRAYS[key]
+    path = resolve_weights(spec.backbone, spec.weights, shape)
+    key = (spec.backbone, str(path), os.path.getmtime(path) if path else None, shape)
+    if key not in _ARRAYS:
+        ctor = getattr(keras.applications, BACKBONES[spec.backbone][0])
+        try:
+            source = ctor(include_top=False, weights=str(path) if path else "imagenet",
+                          input_shape=shape)
+        except Exception as exc:
+            if path is None:
+                raise _missing_weights(spec.backbone, shape, exc) from exc
+            raise StudyDefinitionError(
+                f"Cannot load backbone weights {path} into {spec.backbone} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Use the notop weights file "
+                f"for {spec.backbone}."
+            ) from exc
+        src = [layer for layer in source.layers if not isinstance(layer, keras.layers.InputLayer)]
+        _ARRAYS.clear()
+        _ARRAYS[key] = [layer.get_weights() for layer in src]
+        del source
+    return _ARRAYS[key]
+
+
+def _seeded(layer: Any, seed: int) -> list[np.ndarray]:
+    """Deterministic Glorot-uniform kernels (the same in every process); other variables
+    keep their constant initial values (zero biases, BatchNorm's 1/0)."""
+    out = []
+    for i, w in enumerate(layer.get_weights()):
+        if w.ndim >= 2:
+            digest = hashlib.sha1(f"{seed}/{layer.name}/{i}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            fan_in = int(np.prod(w.shape[:-1]))
+            fan_out = int(np.prod(w.shape[:-2])) * w.shape[-1] if w.ndim == 4 else w.shape[-1]
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            w = rng.uniform(-limit, limit, size=w.shape).astype(w.dtype)
+        out.append(w)
+    return out
+
+
+def weights_file_name(backbone: str, shape: tuple[int, ...] = (224, 224, 3)) -> str:
+    """Keras's own file name of a backbone's ImageNet notop weights."""
+    name = BACKBONES[backbone][2]
+    if name:
+        return name
+    rows = shape[0] if shape[0] in (96, 128, 160, 192, 224) else 224
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+
+
+def resolve_weights(
+    backbone: str, weights: str, shape: tuple[int, ...] = (224, 224, 3)
+) -> Path | None:
+    """The weights file to load: a path as given; for ``imagenet`` the data directory's file
+    with Keras's name, else Keras's cache; None means "let Keras download it"."""
+    if weights != "imagenet":
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise StudyDefinitionError(
+                f"Backbone weights file {path} not found. Pass weights='imagenet', None, or the "
+                "path of a weights .h5 file."
+            )
+        return path
+    fname = weights_file_name(backbone, shape)
+    places = []
+    root = data_mod.data_dir()
+    if root is not None:
+        places.append(root / fname)
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    places.append(Path(keras_home) / "models" / fname)
+    for place in places:
+        if place.is_file():
+            return place
+    return None
+
+
+def _missing_weights(
+    backbone: str, shape: tuple[int, ...], exc: Exception
+) -> StudyDefinitionError:
+    fname = weights_file_name(backbone, shape)
+    where = data_mod.data_dir() or f"the data directory (--data-dir or ${data_mod.DATA_DIR_ENV})"
+    return StudyDefinitionError(
+        f"ImageNet weights for {backbone} not found and could not be downloaded "
+        f"({type(exc).__name__}). Put {fname} in {where} or in ~/.keras/models/, or use "
+        "weights=None."
+    )

@@ -1,0 +1,206 @@
+"""Transfer builders: backbones by name or from a file, frozen_layers checks, weights
+resolution, and the two-phase fine-tuning schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from searchlab import cache
+from searchlab.data import Data, DataInfo
+from searchlab.errors import SpaceError, StudyDefinitionError
+from searchlab.models import FineTune, Transfer
+from searchlab.models import transfer as transfer_mod
+from searchlab.trial import TrialSpec, TrialState, run_trial
+
+CIFAR = DataInfo(input_shape=(32, 32, 3), num_classes=10)
+
+
+@pytest.fixture(autouse=True)
+def _offline_keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Keras cache and no download: only what the test writes is found."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.delenv("SEARCHLAB_DATA_DIR", raising=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("offline (the test forbids downloads)")
+
+    monkeypatch.setattr(keras.src.utils.file_utils, "get_file", offline)
+    transfer_mod._ARRAYS.clear()
+
+
+def test_frozen_layers_out_of_range_says_the_valid_range():
+    build = Transfer("vgg16", weights=None)
+    with pytest.raises(SpaceError, match=r"vgg16: it has 18 layers.*\[0, 18\]"):
+        build({"frozen_layers": 19}, CIFAR)
+    model = build({"frozen_layers": 14}, CIFAR)
+    backbone = Transfer.backbone_layers(model)
+    assert len(backbone) == 18 and backbone[14].name == "block5_conv1"
+    assert not any(layer.trainable for layer in backbone[:14])
+    assert all(layer.trainable for layer in backbone[14:])
+    assert model.get_layer("head_dense").trainable
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backbone": "alexnet"}, "Unknown backbone 'alexnet'"),
+        ({"pooling": "mean"}, "pooling must be one of avg, max, flatten"),
+        ({"input_size": 4}, "input_size must be an int >= 8"),
+    ],
+)
+def test_bad_builder_arguments_are_one_line(kwargs, match):
+    with pytest.raises(StudyDefinitionError, match=match) as info:
+        Transfer(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "frozen"), [("vgg19", 12), ("resnet50", 40), ("mobilenet_v2", 30)]
+)
+def test_other_backbones_build_and_cut_only_where_one_tensor_crosses(name, frozen):
+    model = Transfer(name, weights=None)({"frozen_layers": frozen, "head_width": 8}, CIFAR)
+    assert model.output.shape == (None, 10)
+    cut = cache.plan_cut(model, cache.cut_points(model))
+    assert cut is not None
+    backbone = Transfer.backbone_layers(model)
+    assert model.layers.index(backbone[frozen]) > cut.index  # never past the frozen prefix
+    prefix = keras.Model(model.inputs, model.layers[cut.index].output)
+    assert prefix.output.shape[1:] == cut.shape
+
+
+def _random_vgg_file(folder: Path) -> tuple[Path, list[np.ndarray]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = folder / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"  # Keras's own name
+    source.save(path)
+    return path, source.get_weights()
+
+
+def test_imagenet_weights_are_read_from_the_data_directory(tmp_path, monkeypatch):
+    path, expected = _random_vgg_file(tmp_path / "data")
+    monkeypatch.setenv("SEARCHLAB_DATA_DIR", str(tmp_path / "data"))
+    model = Transfer("vgg16")({"frozen_layers": 18}, CIFAR)
+    got = [w for layer in Transfer.backbone_layers(model) for w in layer.get_weights()]
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The same file given as a path works too.
+    transfer_mod._ARRAYS.clear()
+    model = Transfer("vgg16", weights=str(path))({}, CIFAR)
+    np.testing.assert_array_equal(model.get_layer("block5_conv3").get_weights()[0], expected[-2])
+
+
+def test_imagenet_weights_missing_offline_name_the_file_and_the_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCHLAB_DATA_DIR", str(tmp_path))
+    with pytest.raises(StudyDefinitionError) as info:
+        Transfer("vgg16")({}, CIFAR)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert str(tmp_path) in message and "weights=None" in message
+    with pytest.raises(StudyDefinitionError, match="weights file .*nope.h5 not found"):
+        Transfer("vgg16", weights=str(tmp_path / "nope.h5"))({}, CIFAR)
+
+
+def test_random_backbone_is_the_same_in_every_trial():
+    a = Transfer("vgg16", weights=None)({}, CIFAR).get_layer("block3_conv2").get_weights()[0]
+    transfer_mod._ARRAYS.clear()  # as in a fresh process
+    keras.utils.set_random_seed(99)
+    b = Transfer("vgg16", weights=None)({}, CIFAR).get_layer("block3_conv2").get_weights()[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def _tiny_cnn_file(folder: Path) -> Path:
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu", name="conv_a"),
+            keras.layers.MaxPooling2D(name="pool_a"),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv_b"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(3, activation="softmax", name="old_classes"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    path = folder / "tiny.h5"
+    model.save(path)
+    return path
+
+
+def _images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n).astype("int32")
+    x = rng.normal(size=(n, 12, 12, 1)).astype("float32") + y[:, None, None, None]
+    return x, y
+
+
+def test_a_model_file_is_cut_before_its_classifier_or_at_a_named_layer(tmp_path):
+    path = _tiny_cnn_file(tmp_path)
+    info = DataInfo(input_shape=(12, 12, 1), num_classes=2)
+    model = Transfer(str(path))({"frozen_layers": 1}, info)
+    names = [layer.name for layer in Transfer.backbone_layers(model)]
+    assert names == ["conv_a", "pool_a", "conv_b", "flat"]
+    cut = Transfer(str(path), cut="pool_a")({}, info)
+    assert [layer.name for layer in Transfer.backbone_layers(cut)] == ["conv_a", "pool_a"]
+    keras_file = tmp_path / "tiny.keras"
+    keras.models.load_model(path).save(keras_file)
+    from_keras = Transfer(str(keras_file), cut="conv_b")({}, info)
+    assert [layer.name for layer in Transfer.backbone_layers(from_keras)][-1] == "conv_b"
+    with pytest.raises(StudyDefinitionError, match="no layer named 'nope'; its layers are"):
+        Transfer(str(path), cut="nope")({}, info)
+    with pytest.raises(StudyDefinitionError, match=r"takes inputs of shape \(12, 12, 1\)"):
+        Transfer(str(path))({}, DataInfo(input_shape=(28, 28, 1), num_classes=2))
+    with pytest.raises(SpaceError, match=r"must be an int in \[0, 4\]"):
+        Transfer(str(path))({"frozen_layers": 5}, info)
+
+
+@pytest.mark.slow
+def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
+    monkeypatch.setattr(cache, "_DEFAULT", None)  # a fresh process-wide cache
+    path = _tiny_cnn_file(tmp_path)
+    x, y = _images(96, 0)
+    xv, yv = _images(32, 1)
+    data = Data(x, y, xv, yv, xv[:0], yv[:0], num_classes=2)
+    build = Transfer(str(path), fine_tune=FineTune(head_epochs=2, epochs=1, lr_factor=0.1))
+    spec = TrialSpec(build=build, data=data, epochs=5, seed=0)
+    params = {"frozen_layers": 2, "learning_rate": 1e-2, "fine_tune_epochs": 2, "head_width": 8}
+    result = run_trial(0, params, spec, tmp_path / "trial")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert result.epochs_run == 4  # head_epochs 2 + fine_tune_epochs 2 (params beat the schedule)
+    assert result.history["learning_rate"] == pytest.approx([1e-2, 1e-2, 1e-3, 1e-3])
+    # Phase one: the whole backbone frozen -> cut after the pooling; phase two: conv_b trains,
+    # so the cut moves back to pool_a (frozen_layers=2).
+    assert result.tags["searchlab.cache_phases"] == "head_pool:computed,pool_a:computed"
+    assert result.tags["searchlab.phases"] == "2"
+    # Without the cache, the same schedule gives the same numbers.
+    plain = Transfer(str(path), cache=False,
+                     fine_tune=FineTune(head_epochs=2, epochs=1, lr_factor=0.1))
+    again = run_trial(0, params, TrialSpec(build=plain, data=data, epochs=5, seed=0),
+                      tmp_path / "plain")
+    assert again.tags["searchlab.cache_phases"] == "off,off"
+    np.testing.assert_allclose(again.history["val_loss"], result.history["val_loss"], rtol=1e-4)
+
+
+def test_grid_search_runs_the_points_of_one_cut_point_together():
+    import optuna
+
+    from searchlab import Choice as C
+    from searchlab.engines.optuna import _next_grid_point
+    from searchlab.space import Space
+
+    space = Space({"head_width": C([8, 16]), "frozen_layers": C([18, 10])}).validate()
+    ostudy = optuna.create_study()
+    seen = []
+    for _ in range(4):
+        point = _next_grid_point(ostudy, space, Transfer.group_by)
+        seen.append(point["frozen_layers"])
+        ostudy.enqueue_trial(point)
+        trial = ostudy.ask()
+        assert space.suggest(trial) == point
+        ostudy.tell(trial, 0.5)
+    assert seen == [10, 10, 18, 18]
+    assert _next_grid_point(ostudy, space, Transfer.group_by) is None
