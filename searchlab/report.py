@@ -211,7 +211,7 @@ def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: P
                 reverse = lines.get_cmap().name.endswith("_r")
                 lines.set_cmap("viridis_r" if reverse else "viridis")
     if name == "learning_curves":
-        fig.update_layout(yaxis_title=objective, xaxis_title="epoch")
+        fig.update_layout(yaxis_title=objective, xaxis_title="epochs trained")
     html = folder / f"{name}.html"
     fig.write_html(html, include_plotlyjs=True, full_html=True)
     figure = _figure_of(axes)
@@ -225,7 +225,7 @@ def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: P
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if name == "learning_curves":
         ax.set_ylabel(objective)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained")
     png = folder / f"{name}.png"
     figure.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(figure)

@@ -196,11 +196,11 @@ def test_grid_search_runs_the_points_of_one_cut_point_together():
     ostudy = optuna.create_study()
     seen = []
     for _ in range(4):
-        point = _next_grid_point(ostudy, space, Transfer.group_by)
+        point = _next_grid_point(ostudy, space, set(), Transfer.group_by)
         seen.append(point["frozen_layers"])
         ostudy.enqueue_trial(point)
         trial = ostudy.ask()
         assert space.suggest(trial) == point
         ostudy.tell(trial, 0.5)
     assert seen == [10, 10, 18, 18]
-    assert _next_grid_point(ostudy, space, Transfer.group_by) is None
+    assert _next_grid_point(ostudy, space, set(), Transfer.group_by) is None

@@ -198,8 +198,8 @@ class Transfer:
         x = keras.layers.Dense(int(params.get("head_width", 256)), activation="relu",
                                name=f"head_dense{tag}")(x)
         x = keras.layers.Dropout(float(params.get("dropout", 0.0)), name=f"head_dropout{tag}")(x)
-        outputs = keras.layers.Dense(
-            info.num_classes, activation="softmax", name=f"classes{tag}"
+        outputs = keras.layers.Dense(  # float32 also under a mixed precision policy
+            info.num_classes, activation="softmax", dtype="float32", name=f"classes{tag}"
         )(x)
         return keras.Model(inputs, outputs, name=self.__name__), n_backbone
 
