@@ -32,6 +32,10 @@ class RunOptions:
     data_dir: str | None = None
     engine: str = "optuna"
     max_failures: int = 5
+    #: set in a worker process of ``--workers N``: log trials under this parent run
+    parent_run_id: str | None = None
+    #: the worker's label (tag ``searchlab.worker`` on its trial runs), e.g. "2/3"
+    worker: str | None = None
 
 
 class SearchListener(Protocol):
