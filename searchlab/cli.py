@@ -32,6 +32,21 @@ def _quiet_backends() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM stops a run like Ctrl-C: the running trial is closed, every run ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -59,8 +74,9 @@ def _fmt(params: Mapping[str, Any]) -> str:
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far."""
 
-    def __init__(self, objective: str) -> None:
+    def __init__(self, objective: str, prefix: str = "") -> None:
         self.objective = objective
+        self.prefix = prefix
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
@@ -74,7 +90,7 @@ class ConsoleProgress:
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
         of = f" of {total}" if total is not None else ""
-        click.echo(f"trial {index}{of} (#{number}): {_fmt(params)}")
+        click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
         state = result.state.value
@@ -89,7 +105,7 @@ class ConsoleProgress:
             line = f"  failed: {(result.error or '').splitlines()[0]}"
         if best:
             line += f" | best so far {best['value']:.4f} (#{best['number']})"
-        click.echo(line)
+        click.echo(self.prefix + line)
 
     def finished(self, summary: Mapping[str, Any]) -> None:
         if summary.get("best_value") is None:
@@ -158,6 +174,10 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
 @click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
 @click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
+@click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
+@click.option("--parent-run", hidden=True, help="(internal) run as a worker under this MLflow parent run.")
+@click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
 @storage_option
 @tracking_option
 @click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
@@ -171,14 +191,24 @@ def run(
     seed: int | None,
     subset: str | None,
     max_failures: int,
+    workers: int,
+    gpus: str | None,
+    parent_run: str | None,
+    worker_label: str | None,
     storage: str | None,
     tracking_uri: str | None,
     data_dir: str | None,
 ) -> None:
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
+    _sigterm_interrupts()
     from searchlab import engines
+    from searchlab.engines import workers as workers_mod
     from searchlab.study import check_strategy, load_study
+
+    gpu_list = workers_mod.parse_gpus(gpus)
+    if gpu_list and click.get_current_context().get_parameter_source("workers").name == "DEFAULT":
+        workers = len(gpu_list)
 
     study = _with_subset(load_study(study_file), subset)
     options = engines.RunOptions(
@@ -190,9 +220,35 @@ def run(
         storage=storage or config.default_storage(),
         data_dir=data_dir,
         max_failures=max_failures,
+        parent_run_id=parent_run,
+        worker=worker_label,
     )
     tracker = _tracker(tracking_uri)
-    engines.run(study, options, tracker, ConsoleProgress(study.objective))
+    progress = ConsoleProgress(study.objective, prefix=f"[worker {worker_label}] " if worker_label else "")
+    if parent_run:
+        engines.run(study, options, tracker, progress)
+        return
+    if workers > 1 or gpu_list:
+
+        def worker_command(index: int, parent_run_id: str) -> list[str]:
+            cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
+                   "--strategy", options.strategy, "--epochs", str(options.epochs),
+                   "--seed", str(options.seed), "--max-failures", str(max_failures),
+                   "--storage", options.storage, "--tracking-uri", tracker.uri,
+                   "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
+            if options.trials is not None:
+                cmd += ["--trials", str(options.trials)]
+            if options.timeout is not None:
+                cmd += ["--timeout", str(options.timeout)]
+            for flag, value in (("--subset", subset), ("--data-dir", data_dir)):
+                if value:
+                    cmd += [flag, value]
+            return cmd
+
+        workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpu_list,
+                        worker_command=worker_command)
+    else:
+        engines.run(study, options, tracker, progress)
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
         f"see them with: mlflow ui --backend-store-uri {tracker.uri}"

@@ -265,8 +265,10 @@ def claim_trial(
         if target is not None and len(finished) + len(running) >= target:
             return Claimed(Claim.WAIT, failed_stale=failed)
         if grid is not None:
+            # A claimed trial has no params in the storage until its owner suggests them;
+            # its grid point is in the system attr Optuna's enqueue_trial wrote.
             taken = {
-                _key(t.params)
+                _key(t.params or t.system_attrs.get("fixed_params") or {})
                 for t in trials
                 if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
             }
