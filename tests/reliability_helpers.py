@@ -18,7 +18,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: A grid of 4 points on 300 MNIST examples, 1 epoch.  With $SEARCHLAB_TEST_HANG set to a
+#: A grid of 6 points on 300 MNIST examples, 1 epoch.  With $SEARCHLAB_TEST_HANG set to a
 #: path, the first training batch writes that file and then sleeps: the test knows the
 #: process is inside ``model.fit`` and kills or interrupts it there.
 STUDY = '''
@@ -60,7 +60,7 @@ def build(params, info):
 
 study = Study(
     name="tiny",
-    space={"units": Choice([8, 16]), "learning_rate": Choice([0.001, 0.01])},
+    space={"units": Choice([8, 16, 32]), "learning_rate": Choice([0.001, 0.01])},
     model=build,
     data=Dataset("mnist", validation="test", subset={"train": 300, "val": 100}),
     strategy="grid",
@@ -69,7 +69,7 @@ study = Study(
     batch_size=100,
 )
 '''
-GRID_SIZE = 4
+GRID_SIZE = 6
 
 
 def write_study(folder: Path) -> Path:

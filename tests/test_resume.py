@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from reliability_helpers import (
-    GRID_SIZE,
     Session,
     check_consistent,
     env_for,
@@ -17,6 +16,7 @@ from reliability_helpers import (
 )
 
 pytestmark = pytest.mark.slow
+BUDGET = 4  # of the 6 grid points
 
 
 def _stores(home: Path) -> tuple[str, str]:
@@ -26,7 +26,7 @@ def _stores(home: Path) -> tuple[str, str]:
 def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     home = project / ".searchlab"
     study = write_study(project)
-    cmd = searchlab_cmd(study)
+    cmd = searchlab_cmd(study, "--trials", BUDGET)
     env = env_for(home)
 
     # 1. during start-up: the session's parent run exists, no trial has started
@@ -56,7 +56,7 @@ def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     assert "trials: 4 complete" in out, out
 
     storage, tracking = _stores(home)
-    found = check_consistent(storage, tracking, "tiny", GRID_SIZE)
+    found = check_consistent(storage, tracking, "tiny", BUDGET)
     failed = [t for t in found["trials"] if t.state.name == "FAIL"]
     assert len(failed) == 1, "the trial killed during fit is failed"
     assert "interrupted" in failed[0].user_attrs["error"]
