@@ -267,10 +267,13 @@ def claim_trial(
         if grid is not None:
             # A claimed trial has no params in the storage until its owner suggests them;
             # its grid point is in the system attr Optuna's enqueue_trial wrote.
+            # A point that failed in this session is not retried before the next session
+            # (a deterministic failure would otherwise repeat until --max-failures).
             taken = {
                 _key(t.params or t.system_attrs.get("fixed_params") or {})
                 for t in trials
                 if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
+                or (t.state == OptunaState.FAIL and t.user_attrs.get(SESSION_ATTR) == session)
             }
             point = next((p for p in grid if _key(p) not in taken), None)
             waiting = any(t.state == OptunaState.WAITING for t in trials)

@@ -71,6 +71,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             with storage.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         return storage
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"Cannot open the Optuna storage {_redact(url)}: its database driver "
+            f"{exc.name!r} is not installed. For PostgreSQL: pip install 'searchlab[postgres]'."
+        ) from exc
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(
