@@ -211,3 +211,29 @@ def check_consistent(
             assert run.info.status == "FAILED", (t.number, run.info.status)
             assert run.data.tags.get("searchlab.error"), t.number
     return {"trials": trials, "runs": runs, "sessions": sessions, "trial_runs": trial_runs}
+
+
+def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]:
+    """A worker process for the lock test: claim ``claims`` grid points, complete them at
+    once (no training), return the claimed ``a`` values."""
+    import optuna
+
+    from searchlab.engines import coordination
+    from searchlab.engines.optuna import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    study = optuna.load_study(study_name="grid", storage=storage)
+    lock = coordination.StudyLock(
+        storage=storage, storage_url=storage_url, study_name="grid", lock_dir=Path(lock_dir)
+    )
+    grid = [{"a": i} for i in range(3 * claims)]
+    got = []
+    for _ in range(claims):
+        claimed = coordination.claim_trial(study, lock, target=None, grid=grid, session="w")
+        assert claimed.trial is not None
+        time.sleep(0.05)  # hold the claim a moment before its params are suggested
+        value = claimed.trial.suggest_int("a", 0, 100)
+        got.append(value)
+        study.tell(claimed.trial, float(value))
+    return got
