@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,7 +244,7 @@ def open_session(
     tracker.connect()
     storage = open_storage(options.storage)
     ostudy = load_optuna_study(study, storage, make_sampler(options.strategy, 0))
-    ostudy.sampler = make_sampler(options.strategy, options.seed + len(ostudy.trials) + os.getpid())
+    ostudy.sampler = make_sampler(options.strategy, _sampler_seed(options, len(ostudy.trials)))
     lock = coordination.StudyLock(
         storage=storage, storage_url=options.storage, study_name=study.name,
         lock_dir=config.home(),
@@ -283,6 +284,16 @@ def open_session(
          "tracking_uri": tracker.uri},
     )
     return session
+
+
+def _sampler_seed(options: RunOptions, n_trials: int) -> int:
+    """A plain run on a SQLite storage is reproducible from its seed.  Processes that may run
+    side by side (workers, or a shared server storage that other machines join) get distinct
+    seeds, or their samplers would propose the same params."""
+    seed = options.seed + n_trials
+    if options.worker or not options.storage.startswith("sqlite:"):
+        seed += zlib.crc32(f"{coordination.hostname()}/{os.getpid()}".encode())
+    return seed % (2**32)
 
 
 def close_session(session: Session, status: str, counts: Mapping[str, int], spec: Any) -> dict[str, Any]:
