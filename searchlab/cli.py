@@ -234,7 +234,6 @@ def run(
             cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
                    "--strategy", options.strategy, "--epochs", str(options.epochs),
                    "--seed", str(options.seed), "--max-failures", str(max_failures),
-                   "--storage", options.storage, "--tracking-uri", tracker.uri,
                    "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
             if options.trials is not None:
                 cmd += ["--trials", str(options.trials)]

@@ -71,10 +71,17 @@ def detect_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
-def worker_env(index: int, gpus: Sequence[str] | None) -> dict[str, str]:
-    """The environment of worker ``index``: unbuffered output, and its GPU when pinned."""
+def worker_env(
+    index: int, gpus: Sequence[str] | None, *, storage: str, tracking_uri: str
+) -> dict[str, str]:
+    """The environment of worker ``index``: the stores (in the environment, so a password
+    in a URL does not show in the process list), unbuffered output, its GPU when pinned."""
+    from searchlab import config
+
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env[config.STORAGE_ENV] = storage
+    env[config.TRACKING_ENV] = tracking_uri
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     return env
@@ -108,7 +115,11 @@ def run(
             log.info("starting worker %s: %s", index + 1, " ".join(cmd))
             # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
             procs.append(
-                subprocess.Popen(cmd, env=worker_env(index, gpus), start_new_session=True)
+                subprocess.Popen(
+                    cmd,
+                    env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
+                    start_new_session=True,
+                )
             )
         _wait(procs)
         status = "FINISHED"
