@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,78 @@ def run_searchlab(args: argparse.Namespace, out: dict) -> None:
     out.update(marks=rec.marks, seconds=time.perf_counter() - rec.started)
 
 
+STUDY_FILE = """
+from searchlab import Choice, Dataset, Float, Int, Study
+from searchlab.models import dense_classifier
+
+study = Study(
+    name="bench-memory-workers",
+    space={"layers": Int(1, 3), "units": Int(32, 256, step=32), "dropout": Float(0.0, 0.5),
+           "learning_rate": Float(1e-4, 1e-2, log=True), "batch_size": Choice([64, 128, 256])},
+    model=dense_classifier,
+    data=Dataset("mnist", validation="test", subset={"train": TRAIN, "val": VAL}),
+    strategy="random", trials=TRIALS, epochs=1,
+)
+"""
+
+
+def _worker_peaks(launcher: int) -> dict[int, float]:
+    """Peak RSS (VmHWM, MB) of every live child process of ``launcher``."""
+    peaks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != launcher:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks[int(stat.parent.name)] = int(line.split()[1]) / 1024
+    return peaks
+
+
+def run_workers(args: argparse.Namespace, out: dict) -> None:
+    """``searchlab run --workers 1``: trials in a worker process that the launcher restarts
+    when it grew by more than --recycle-mb; the figure is the worker's peak RSS."""
+    home = Path(tempfile.mkdtemp(prefix="bench-memory-w-"))
+    study = home / "study.py"
+    study.write_text(STUDY_FILE.replace("TRAIN", str(args.train)).replace("VAL", str(args.val))
+                     .replace("TRIALS", str(args.trials)))
+    env = dict(os.environ, SEARCHLAB_HOME=str(home), PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "searchlab.cli", "run", str(study), "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    peak, done, marks, workers = 0.0, 0, {}, set()
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not stop.wait(0.2):
+            seen = _worker_peaks(proc.pid)
+            workers.update(seen)
+            peak = max([peak, *seen.values()])
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "complete:" in line or "pruned after" in line or "failed:" in line:
+            done += 1
+            if done in (CHECKPOINT, args.trials):
+                current = max(_worker_peaks(proc.pid).values(), default=peak)
+                marks[str(done)] = [max(peak, current), current]
+    proc.wait()
+    stop.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"searchlab --workers 1 failed with exit code {proc.returncode}")
+    out.update(marks=marks, seconds=time.perf_counter() - started, processes=len(workers))
+
+
 def run_kerastuner(args: argparse.Namespace, out: dict) -> None:
     import keras
     import keras_tuner as kt
@@ -126,7 +199,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--part", choices=["searchlab", "kerastuner"])
+    parser.add_argument("--part", choices=["searchlab", "searchlab-workers", "kerastuner"])
     args = parser.parse_args()
     if args.part:
         import logging
@@ -134,12 +207,14 @@ def main() -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.disable(logging.WARNING)
         out: dict = {"part": args.part}
-        (run_searchlab if args.part == "searchlab" else run_kerastuner)(args, out)
+        runner = {"searchlab": run_searchlab, "searchlab-workers": run_workers,
+                  "kerastuner": run_kerastuner}[args.part]
+        runner(args, out)
         print("RESULT " + json.dumps(out), flush=True)
         return
 
     results = {}
-    for part in ("searchlab", "kerastuner"):
+    for part in ("searchlab", "searchlab-workers", "kerastuner"):
         cmd = [sys.executable, __file__, "--part", part, "--trials", str(args.trials),
                "--train", str(args.train), "--val", str(args.val)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -151,12 +226,12 @@ def main() -> None:
     last = str(args.trials)
     print(f"{args.trials} trials, 1 epoch each, MNIST subset {args.train}/{args.val}, "
           "dense net (layers, units, dropout, learning_rate, batch_size)")
-    print(f"{'':12} {'peak@5':>9} {'peak@' + last:>9} {'growth':>8} "
+    print(f"{'':17} {'peak@5':>9} {'peak@' + last:>9} {'growth':>8} "
           f"{'rss@5':>8} {'rss@' + last:>8} {'growth':>8} {'wall s':>7}")
     for part, res in results.items():
         p5, r5 = res["marks"][str(CHECKPOINT)]
         pn, rn = res["marks"][last]
-        print(f"{part:12} {p5:8.0f}M {pn:8.0f}M {pn - p5:+7.0f}M "
+        print(f"{part:17} {p5:8.0f}M {pn:8.0f}M {pn - p5:+7.0f}M "
               f"{r5:7.0f}M {rn:7.0f}M {rn - r5:+7.0f}M {res['seconds']:7.0f}")
 
 

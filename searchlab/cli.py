@@ -176,6 +176,7 @@ def main(verbose: bool) -> None:
 @click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
 @click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
+@click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="With --workers: restart a worker whose memory grew by this many MB since its first trial.")
 @click.option("--parent-run", hidden=True, help="(internal) run as a worker under this MLflow parent run.")
 @click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
 @storage_option
@@ -193,6 +194,7 @@ def run(
     max_failures: int,
     workers: int,
     gpus: str | None,
+    recycle_mb: float,
     parent_run: str | None,
     worker_label: str | None,
     storage: str | None,
@@ -222,11 +224,13 @@ def run(
         max_failures=max_failures,
         parent_run_id=parent_run,
         worker=worker_label,
+        recycle_mb=recycle_mb if parent_run else None,
     )
     tracker = _tracker(tracking_uri)
     progress = ConsoleProgress(study.objective, prefix=f"[worker {worker_label}] " if worker_label else "")
     if parent_run:
-        engines.run(study, options, tracker, progress)
+        if engines.run(study, options, tracker, progress).get("recycle"):
+            sys.exit(workers_mod.RECYCLE)
         return
     if workers > 1 or gpu_list:
 
@@ -234,6 +238,7 @@ def run(
             cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
                    "--strategy", options.strategy, "--epochs", str(options.epochs),
                    "--seed", str(options.seed), "--max-failures", str(max_failures),
+                   "--recycle-mb", str(recycle_mb),
                    "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
             if options.trials is not None:
                 cmd += ["--trials", str(options.trials)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import inspect
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -94,26 +93,6 @@ def build_model(build: Callable[..., Any], params: Mapping[str, Any], info: Data
     return model
 
 
-def release_memory() -> None:
-    """Give memory that the last trial freed back to the operating system.
-
-    ``clear_session`` frees Keras' objects, but glibc's malloc keeps the freed pages of its
-    arenas, so the resident size of a long search keeps growing; ``malloc_trim`` returns them.
-    A no-op where the C library has no ``malloc_trim`` (macOS, musl).
-    """
-    import gc
-
-    gc.collect()
-    if os.environ.get("SEARCHLAB_NO_TRIM"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def trial_seed(seed: int, number: int) -> int:
     return (seed * 100_003 + number) % (2**31 - 1)
 
@@ -181,7 +160,6 @@ def run_trial(
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
     keras.backend.clear_session(free_memory=True)
-    release_memory()
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
     monitor = _Monitor(spec, on_epoch)
     try:

@@ -36,6 +36,9 @@ class RunOptions:
     parent_run_id: str | None = None
     #: the worker's label (tag ``searchlab.worker`` on its trial runs), e.g. "2/3"
     worker: str | None = None
+    #: a worker ends itself (exit code ``workers.RECYCLE``, restarted by the launcher) once
+    #: its memory grew by this many MB since its first trial; None: never
+    recycle_mb: float | None = None
 
 
 class SearchListener(Protocol):

@@ -68,6 +68,15 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+def rss_mb() -> float:
+    """This process's resident memory in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -343,10 +343,10 @@ def run(
     counts = {"complete": 0, "pruned": 0, "failed": 0}
     if options.parent_run_id:
         try:
-            work(session, spec, listener, counts)
+            recycle = work(session, spec, listener, counts)
         finally:
             tracker.close_all("FAILED")  # only this worker's own trial runs are open
-        return _summary(session.ostudy, counts, session.started)
+        return {**_summary(session.ostudy, counts, session.started), "recycle": recycle}
     status = "FAILED"
     listener.started(study.name, session.finished_count(), session.target, session.info)
     try:
@@ -363,8 +363,11 @@ def run(
 
 def work(
     session: Session, spec: Any, listener: SearchListener, counts: dict[str, int]
-) -> None:
-    """Claim and run trials until the budget or the time limit is met."""
+) -> bool:
+    """Claim and run trials until the budget or the time limit is met.
+
+    Returns True when it stopped early because this process grew by more than
+    ``options.recycle_mb`` (a worker then exits and its launcher starts a fresh one)."""
     options, tracker = session.options, session.tracker
     grid = session.study.search_space.grid() if options.strategy == "grid" else None
     base_tags = {
@@ -380,11 +383,12 @@ def work(
         **{str(k): str(v) for k, v in session.study.tags.items()},
     }
     consecutive_failures = 0
+    baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
         while True:
             if options.timeout is not None and time.monotonic() - session.started >= options.timeout:
                 log.info("time budget of %ss reached", options.timeout)
-                return
+                return False
             done = session.finished_count()
             claimed = coordination.claim_trial(
                 session.ostudy, session.lock, target=session.target, grid=grid,
@@ -393,7 +397,7 @@ def work(
             if claimed.failed_stale:
                 session.reconcile()
             if claimed.state is coordination.Claim.DONE:
-                return
+                return False
             if claimed.state is coordination.Claim.WAIT:
                 time.sleep(coordination.wait_seconds())
                 continue
@@ -414,6 +418,12 @@ def work(
                     )
             else:
                 consecutive_failures = 0
+            if options.recycle_mb is not None:
+                rss = coordination.rss_mb()
+                baseline = rss if baseline is None else baseline
+                if rss - baseline > options.recycle_mb:
+                    log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
+                    return True
 
 
 def _one_trial(

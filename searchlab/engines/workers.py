@@ -11,6 +11,10 @@ the trials table and the best model on the parent run and closes it.
 
 Workers are processes, not threads: Keras/TensorFlow keep global state per process, a
 crashed worker cannot take the others down, and a GPU is pinned before its framework loads.
+Memory: Keras/TensorFlow keep a few MB per trial that ``clear_session`` does not give back
+(``scripts/bench_memory.py``), so a worker whose memory grew by more than ``--recycle-mb``
+since its first trial ends itself between two trials (exit code ``RECYCLE``) and the launcher
+starts a fresh one; the study, in the stores, does not notice.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
+#: a worker's exit code when it ended itself to shed memory (``--recycle-mb``): restart it
+RECYCLE = 75
 
 
 def parse_gpus(value: str | None) -> list[str] | None:
@@ -109,19 +115,20 @@ def run(
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     procs: list[subprocess.Popen[bytes]] = []
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        cmd = worker_command(index, session.run_id)
+        log.info("starting worker %s: %s", index + 1, " ".join(cmd))
+        # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
+        return subprocess.Popen(
+            cmd,
+            env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
+            start_new_session=True,
+        )
+
     try:
-        for index in range(workers):
-            cmd = worker_command(index, session.run_id)
-            log.info("starting worker %s: %s", index + 1, " ".join(cmd))
-            # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
-                    start_new_session=True,
-                )
-            )
-        _wait(procs)
+        procs.extend(start(index) for index in range(workers))
+        _wait(procs, start)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -135,11 +142,18 @@ def run(
     return summary
 
 
-def _wait(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Wait for every worker; the first that fails stops the others and the session."""
+def _wait(
+    procs: list[subprocess.Popen[bytes]], start: Callable[[int], subprocess.Popen[bytes]]
+) -> None:
+    """Wait for every worker, restarting the ones that recycled themselves; the first that
+    fails stops the others and the session."""
     while True:
+        for index, p in enumerate(procs):
+            if p.poll() == RECYCLE:
+                log.info("worker %s recycled itself to free memory; starting a fresh one", index + 1)
+                procs[index] = start(index)
         codes = [p.poll() for p in procs]
-        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, RECYCLE)]
         if failed:
             index, code = failed[0]
             _stop(procs)
