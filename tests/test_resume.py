@@ -49,8 +49,9 @@ def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     s.kill()
     s.finish()
 
-    # 4. resume to the end
-    s = Session(cmd, env, project)
+    # 4. resume to the end, in a worker process that recycles itself after every trial
+    #    (--recycle-mb 0), as a long search that sheds memory would
+    s = Session([*cmd, "--workers", "1", "--recycle-mb", "0"], env, project)
     out = s.finish()
     assert s.proc.returncode == 0, out
     assert "trials: 4 complete" in out, out
@@ -58,8 +59,10 @@ def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     storage, tracking = _stores(home)
     found = check_consistent(storage, tracking, "tiny", BUDGET)
     failed = [t for t in found["trials"] if t.state.name == "FAIL"]
-    assert len(failed) == 1, "the trial killed during fit is failed"
-    assert "interrupted" in failed[0].user_attrs["error"]
+    # the trial killed during fit; the kill "right after a trial" may also land after the
+    # next trial was claimed, which then fails the same way
+    assert 1 <= len(failed) <= 2, [t.user_attrs.get("error") for t in failed]
+    assert all("interrupted" in t.user_attrs["error"] for t in failed)
     sessions = found["sessions"]
     assert len(sessions) == 4
     ended = sorted(r.info.status for r in sessions)
@@ -68,6 +71,11 @@ def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     assert last.data.tags["searchlab.optuna_study"] == "tiny"
     assert last.data.tags["searchlab.previous_session"] in {r.info.run_id for r in sessions}
     assert int(last.data.tags["searchlab.resumed_with"]) >= 1
+    last_trials = [
+        t for t in found["trials"]
+        if t.user_attrs.get("searchlab.session") == last.info.run_id
+    ]
+    assert len({t.user_attrs["searchlab.pid"] for t in last_trials}) >= 2, "worker recycled"
 
 
 def test_ctrl_c_marks_the_running_trial_failed_and_closes_every_run(project: Path) -> None:
