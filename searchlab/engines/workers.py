@@ -171,11 +171,13 @@ def _wait(
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Interrupt the workers still running (each closes its trial), then wait; kill the
-    ones that do not stop within ``STOP_GRACE_S`` (the next session fails their trials)."""
+    ones that do not stop within ``STOP_GRACE_S`` (the next session fails their trials).
+    SIGTERM, which a worker treats like Ctrl-C: SIGINT may be ignored by processes a
+    non-interactive shell started in the background."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         try:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + STOP_GRACE_S
