@@ -38,3 +38,29 @@ def test_three_workers_share_one_study(project: Path) -> None:
         assert r.data.tags["searchlab.cuda_visible_devices"] == str(
             int(r.data.tags["searchlab.worker"][0]) - 1
         )
+
+
+def test_stopping_the_launcher_closes_every_worker_trial(project: Path) -> None:
+    import signal
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    home = project / ".searchlab"
+    marker = project / "in-fit"
+    s = Session(
+        searchlab_cmd(write_study(project), "--workers", 2),
+        env_for(home, SEARCHLAB_TEST_HANG=str(marker)), project,
+    )
+    s.wait_for_file(marker)
+    s.kill(signal.SIGTERM)  # like Ctrl-C; the launcher passes it on to each worker
+    out = s.finish()
+    assert s.proc.returncode == 130, out
+    trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials
+    assert trials and all(t.state.name in ("FAIL", "COMPLETE") for t in trials)
+    assert any(t.user_attrs.get("error") == "interrupted (Ctrl-C)" for t in trials)
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert all(r.info.status != "RUNNING" for r in runs)
+    (session,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
+    assert session.info.status == "KILLED"
