@@ -209,7 +209,8 @@ def run(
     from searchlab.study import check_strategy, load_study
 
     gpu_list = workers_mod.parse_gpus(gpus)
-    if gpu_list and click.get_current_context().get_parameter_source("workers").name == "DEFAULT":
+    workers_given = click.get_current_context().get_parameter_source("workers").name != "DEFAULT"
+    if gpu_list and not workers_given:
         workers = len(gpu_list)
 
     study = _with_subset(load_study(study_file), subset)
@@ -232,7 +233,7 @@ def run(
         if engines.run(study, options, tracker, progress).get("recycle"):
             sys.exit(workers_mod.RECYCLE)
         return
-    if workers > 1 or gpu_list:
+    if workers_given or gpu_list:  # worker processes (--workers 1 too: they recycle)
 
         def worker_command(index: int, parent_run_id: str) -> list[str]:
             cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
