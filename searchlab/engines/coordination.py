@@ -257,6 +257,7 @@ def claim_trial(
     target: int | None,
     grid: list[dict[str, Any]] | None,
     session: str,
+    suggest: Any = None,
 ) -> Claimed:
     """Under the study lock: fail stale trials, check the budget, ask for a trial and own it.
 
@@ -300,6 +301,21 @@ def claim_trial(
         storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
         storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
         storage.record_heartbeat(trial_id)
+        if grid is not None and suggest is not None:
+            # Params go into the storage while the lock is held, and a point that another
+            # live or finished trial already has is dropped here, before any training.
+            params = suggest(trial)
+            others = {
+                _key(t.params)
+                for t in ostudy.get_trials(deepcopy=False)
+                if t._trial_id != trial_id
+                and t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
+            }
+            if _key(params) in others:
+                reason = f"duplicate grid point {dict(params)}: dropped before training"
+                log.warning("trial %s: %s", trial.number, reason)
+                _fail(storage, trial_id, reason)
+                return Claimed(Claim.WAIT, failed_stale=failed)
         return Claimed(Claim.TRIAL, trial=trial, failed_stale=failed)
 
 

@@ -392,7 +392,7 @@ def work(
             done = session.finished_count()
             claimed = coordination.claim_trial(
                 session.ostudy, session.lock, target=session.target, grid=grid,
-                session=session.run_id,
+                session=session.run_id, suggest=session.study.search_space.suggest,
             )
             if claimed.failed_stale:
                 session.reconcile()
