@@ -97,6 +97,12 @@ def searchlab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "searchlab.cli", "run", *map(str, args)]
 
 
+def _default_sigint() -> None:
+    """The child handles Ctrl-C even if this test process ignores SIGINT (an ignored signal
+    is inherited, and Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Session:
     """A ``searchlab run`` subprocess whose output lines are read as they come."""
 
@@ -104,7 +110,7 @@ class Session:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             cmd, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True,
+            text=True, preexec_fn=_default_sigint,  # noqa: PLW1509 - only resets a signal
         )
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
