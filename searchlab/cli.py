@@ -32,6 +32,21 @@ def _quiet_backends() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM stops a run like Ctrl-C: the running trial is closed, every run ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -59,8 +74,9 @@ def _fmt(params: Mapping[str, Any]) -> str:
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far."""
 
-    def __init__(self, objective: str) -> None:
+    def __init__(self, objective: str, prefix: str = "") -> None:
         self.objective = objective
+        self.prefix = prefix
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
@@ -79,7 +95,7 @@ class ConsoleProgress:
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
         of = f" of {total}" if total is not None else ""
-        click.echo(f"trial {index}{of} (#{number}): {_fmt(params)}")
+        click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
         state = result.state.value
@@ -94,7 +110,7 @@ class ConsoleProgress:
             line = f"  failed: {(result.error or '').splitlines()[0]}"
         if best:
             line += f" | best so far {best['value']:.4f} (#{best['number']})"
-        click.echo(line)
+        click.echo(self.prefix + line)
 
     def finished(self, summary: Mapping[str, Any]) -> None:
         if summary.get("best_value") is None:
@@ -174,6 +190,11 @@ def main(verbose: bool) -> None:
 @click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none", show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
 @click.option("--reeval-top", type=click.IntRange(min=0), default=0, show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
 @click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
+@click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
+@click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="With --workers: restart a worker whose memory grew by this many MB since its first trial.")
+@click.option("--parent-run", hidden=True, help="(internal) run as a worker under this MLflow parent run.")
+@click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
 @storage_option
 @tracking_option
 @click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
@@ -192,14 +213,26 @@ def run(
     pruner: str,
     reeval_top: int,
     reeval_seeds: int,
+    workers: int,
+    gpus: str | None,
+    recycle_mb: float,
+    parent_run: str | None,
+    worker_label: str | None,
     storage: str | None,
     tracking_uri: str | None,
     data_dir: str | None,
 ) -> None:
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
+    _sigterm_interrupts()
     from searchlab import engines
+    from searchlab.engines import workers as workers_mod
     from searchlab.study import check_strategy, load_study
+
+    gpu_list = workers_mod.parse_gpus(gpus)
+    workers_given = click.get_current_context().get_parameter_source("workers").name != "DEFAULT"
+    if gpu_list and not workers_given:
+        workers = len(gpu_list)
 
     study = _with_subset(load_study(study_file), subset)
     options = engines.RunOptions(
@@ -216,9 +249,43 @@ def run(
         pruner=pruner,
         reeval_top=reeval_top,
         reeval_seeds=reeval_seeds,
+        parent_run_id=parent_run,
+        worker=worker_label,
+        recycle_mb=recycle_mb if parent_run else None,
     )
     tracker = _tracker(tracking_uri)
-    engines.run(study, options, tracker, ConsoleProgress(study.objective))
+    progress = ConsoleProgress(study.objective, prefix=f"[worker {worker_label}] " if worker_label else "")
+    if parent_run:
+        if engines.run(study, options, tracker, progress).get("recycle"):
+            sys.exit(workers_mod.RECYCLE)
+        return
+    if workers_given or gpu_list:  # worker processes (--workers 1 too: they recycle)
+        if engine != "optuna" or reeval_top:
+            raise SearchlabError(
+                "--workers/--gpus run the Optuna engine without re-evaluation: drop "
+                "--engine keras-tuner and --reeval-top, or run a single process."
+            )
+
+        def worker_command(index: int, parent_run_id: str) -> list[str]:
+            cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
+                   "--strategy", options.strategy, "--epochs", str(options.epochs),
+                   "--seed", str(options.seed), "--max-failures", str(max_failures),
+                   "--recycle-mb", str(recycle_mb), "--precision", precision,
+                   "--pruner", pruner,
+                   "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
+            if options.trials is not None:
+                cmd += ["--trials", str(options.trials)]
+            if options.timeout is not None:
+                cmd += ["--timeout", str(options.timeout)]
+            for flag, value in (("--subset", subset), ("--data-dir", data_dir)):
+                if value:
+                    cmd += [flag, value]
+            return cmd
+
+        workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpu_list,
+                        worker_command=worker_command)
+    else:
+        engines.run(study, options, tracker, progress)
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
         f"compare them with: searchlab ui {study_file}"

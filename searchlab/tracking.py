@@ -229,6 +229,116 @@ class MlflowTracker:
             self.client.log_batch(self.parent_run_id, params=params)
         return self.parent_run_id
 
+    def attach(self, parent_run_id: str) -> None:
+        """Log this process's trials under another process's session run (a worker of
+        ``searchlab run --workers N``); that process opens and closes the parent run."""
+        run = self.client.get_run(parent_run_id)
+        self.experiment_id = run.info.experiment_id
+        self.parent_run_id = parent_run_id
+
+    def set_session_tags(self, tags: Mapping[str, str]) -> None:
+        """Tags on the session's parent run (links to the study, liveness heartbeat)."""
+        from mlflow.entities import RunTag
+
+        if self.parent_run_id is not None and tags:
+            self.client.log_batch(
+                self.parent_run_id, tags=[RunTag(k, _short(v, MAX_TAG)) for k, v in tags.items()]
+            )
+
+    def previous_session(self, name: str) -> str | None:
+        """The run id of the study's latest session run before this one, if any."""
+        exp_id = self.experiment(name, create=False)
+        if exp_id is None:
+            return None
+        runs = self.client.search_runs(
+            [exp_id],
+            filter_string="tags.`searchlab.role` = 'session'",
+            max_results=2,
+            order_by=["attributes.start_time DESC"],
+        )
+        return next((r.info.run_id for r in runs if r.info.run_id != self.parent_run_id), None)
+
+    def reconcile(
+        self,
+        name: str,
+        trials: Mapping[int, Mapping[str, Any]],
+        *,
+        session_dead: Any,
+    ) -> list[str]:
+        """Close the MLflow runs a crashed process left behind; return what was changed.
+
+        ``trials`` maps an Optuna trial number to ``{"state", "value", "error", "run_id"}``
+        (state: complete, pruned, failed, running or waiting).  Rules, so MLflow agrees with
+        Optuna after any crash:
+
+        - a RUNNING trial run whose Optuna trial is failed (or missing: the process died
+          before linking it) ends FAILED with the error; complete ends FINISHED with its
+          objective; pruned ends KILLED.  A run whose trial still runs is left alone.
+        - a FINISHED trial run whose Optuna trial is failed (killed after MLflow recorded it
+          but before Optuna did) ends FAILED: the point is run again in a new trial.
+        - a RUNNING session run for which ``session_dead(run)`` is true ends FAILED.
+        """
+        from mlflow.entities import Metric, RunTag
+
+        changed: list[str] = []
+        by_run_id = {t["run_id"]: (n, t) for n, t in trials.items() if t.get("run_id")}
+        for run in self.runs(name):
+            info, tags = run.info, run.data.tags
+            if info.run_id == self.parent_run_id:
+                continue
+            if tags.get("searchlab.role") == "session":
+                if info.status == "RUNNING" and session_dead(run):
+                    self.client.set_tag(info.run_id, "searchlab.end", "interrupted (process gone)")
+                    self.client.set_terminated(info.run_id, "FAILED")
+                    changed.append(f"session {info.run_id}: FAILED")
+                continue
+            if "searchlab.trial" not in tags:
+                continue
+            linked = by_run_id.get(info.run_id)
+            if linked is not None:
+                number, trial = linked
+            else:
+                try:
+                    number = int(tags["searchlab.trial"])
+                except ValueError:
+                    continue
+                trial = trials.get(number) or {"state": "failed", "run_id": None}
+                if trial.get("run_id") not in (None, info.run_id) and info.status != "RUNNING":
+                    continue  # an older run with the same number (a recreated Optuna study)
+            state = trial["state"]
+            if info.status == "RUNNING":
+                if state in ("running", "waiting") and trial.get("run_id") in (None, info.run_id):
+                    continue
+                error = trial.get("error") or "interrupted: the process running it died"
+                status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
+                now = int(time.time() * 1000)
+                new_tags = [RunTag("searchlab.state", state if status != "FAILED" else "failed")]
+                metrics = []
+                if status == "FAILED":
+                    new_tags.append(RunTag("searchlab.error", _short(error, MAX_TAG)))
+                elif trial.get("value") is not None:
+                    metrics.append(Metric("objective", float(trial["value"]), now, 0))
+                self.client.log_batch(info.run_id, metrics=metrics, tags=new_tags)
+                self.client.set_terminated(info.run_id, status)
+                changed.append(f"trial {number} run {info.run_id}: {status}")
+            elif info.status == "FINISHED" and state == "failed" and linked is not None:
+                error = trial.get("error") or "interrupted before Optuna recorded the result"
+                self.client.log_batch(
+                    info.run_id,
+                    tags=[
+                        RunTag("searchlab.state", "failed"),
+                        RunTag(
+                            "searchlab.error",
+                            _short(f"{error} (Optuna never recorded this result)", MAX_TAG),
+                        ),
+                    ],
+                )
+                self.client.set_terminated(info.run_id, "FAILED")
+                changed.append(f"trial {number} run {info.run_id}: FINISHED -> FAILED")
+        for line in changed:
+            log.warning("reconciled MLflow: %s", line)
+        return changed
+
     def start_trial(
         self,
         number: int,

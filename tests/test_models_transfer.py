@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import cache
+from searchlab import Study, cache
 from searchlab.data import Data, DataInfo
 from searchlab.errors import SpaceError, StudyDefinitionError
 from searchlab.models import FineTune, Transfer
@@ -186,21 +186,16 @@ def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch
 
 
 def test_grid_search_runs_the_points_of_one_cut_point_together():
-    import optuna
-
     from searchlab import Choice as C
-    from searchlab.engines.optuna import _next_grid_point
-    from searchlab.space import Space
+    from searchlab.engines.optuna import grid_points
 
-    space = Space({"head_width": C([8, 16]), "frozen_layers": C([18, 10])}).validate()
-    ostudy = optuna.create_study()
-    seen = []
-    for _ in range(4):
-        point = _next_grid_point(ostudy, space, set(), Transfer.group_by)
-        seen.append(point["frozen_layers"])
-        ostudy.enqueue_trial(point)
-        trial = ostudy.ask()
-        assert space.suggest(trial) == point
-        ostudy.tell(trial, 0.5)
-    assert seen == [10, 10, 18, 18]
-    assert _next_grid_point(ostudy, space, set(), Transfer.group_by) is None
+    def build(params):
+        raise AssertionError("not called")
+
+    for model, expected in ((Transfer("vgg16", weights=None), [10, 10, 18, 18]),
+                            (build, [18, 10, 18, 10])):
+        study = Study(name="g", space={"head_width": C([8, 16]), "frozen_layers": C([18, 10])},
+                      model=model, data="cifar10")
+        points = grid_points(study)
+        assert [p["frozen_layers"] for p in points] == expected
+        assert len({tuple(sorted(p.items())) for p in points}) == 4

@@ -5,24 +5,35 @@ The study lives in an Optuna storage (SQLite by default, any SQLAlchemy URL with
 completed (pruned trials count, failed ones do not); a grid point that completed is never run
 again.  Each trial is one MLflow child run; its id is kept as the Optuna trial's user attr
 ``mlflow_run_id``.
+
+Several processes (``--workers N``, or the same command on several machines) can run one
+study: each trial is claimed under a study-wide lock and kept alive by a heartbeat
+(``engines.coordination``).  A session first fails the trials of processes that died and
+closes the MLflow runs they left open (``Session.reconcile``), so a study survives a SIGKILL
+at any moment.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
+import warnings
+import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
 
+from searchlab import config
 from searchlab import data as data_mod
+from searchlab.engines import coordination
 from searchlab.errors import NotRunError, SearchlabError, StoreError, StudyDefinitionError
-from searchlab.space import Space
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
@@ -41,13 +52,31 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Open an Optuna storage URL, or raise ``StoreError`` with one line that says why."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any] = {}
+    interval = coordination.heartbeat_interval()
     try:
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             kwargs = {"connect_args": {"timeout": 60}}
         elif url.startswith(("postgresql", "mysql")):
             kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks heartbeat_interval experimental
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=interval,
+                grace_period=coordination.grace_period(interval),
+            )
+        if url.startswith("sqlite:///"):
+            # WAL lets worker processes read while one writes; it is a property of the file.
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        return storage
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"Cannot open the Optuna storage {_redact(url)}: its database driver "
+            f"{exc.name!r} is not installed. For PostgreSQL: pip install 'searchlab[postgres]'."
+        ) from exc
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(
@@ -140,11 +169,15 @@ def make_pruner(options: RunOptions) -> optuna.pruners.BasePruner:
     raise StudyDefinitionError(f"Unknown pruner {name!r}: choose none, median, asha or hyperband.")
 
 
-def _key(params: Mapping[str, Any]) -> tuple:
-    def norm(v: Any) -> Any:
-        return float(f"{v:.12g}") if isinstance(v, float) else v
-
-    return tuple(sorted((k, norm(v)) for k, v in params.items()))
+def grid_points(study: Study) -> list[dict[str, Any]]:
+    """The study's grid in the order it runs.  With a transfer builder's ``group_by`` (its
+    cut-point parameter, e.g. ``frozen_layers``), points sharing that value run one after the
+    other, so the feature cache of a cut point is computed once and reused."""
+    points = study.search_space.grid()
+    group = getattr(study.model, "group_by", None)
+    if group is not None:
+        points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
+    return points
 
 
 def budget(study: Study, options: RunOptions) -> int | None:
@@ -166,8 +199,8 @@ def load_optuna_study(
         study_name=study.name,
         storage=storage,
         sampler=sampler,
-        pruner=optuna.pruners.NopPruner(),  # not Optuna's default MedianPruner: run() sets it
         direction=study.direction,
+        pruner=optuna.pruners.NopPruner(),  # not Optuna's default MedianPruner: run() sets it
         load_if_exists=True,
     )
     described = {**study.search_space.describe(), "_objective": study.objective}
@@ -188,28 +221,6 @@ def load_optuna_study(
             "Give the study a new name."
         )
     return ostudy
-
-
-def _next_grid_point(
-    ostudy: optuna.Study, space: Space, failed_here: set[tuple], group: str | None = None
-) -> dict[str, Any] | None:
-    """The first grid point with no finished or running trial.  A point whose trial failed in
-    an earlier session (a crash, say) is tried again once; one that failed in this session
-    is not retried.  With ``group`` (a transfer builder's cut-point parameter, e.g.
-    ``frozen_layers``), points sharing its value run one after the other, so the feature
-    cache of that cut point is reused."""
-    taken = {
-        _key(t.params)
-        for t in ostudy.get_trials(deepcopy=False)
-        if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
-    } | failed_here
-    points = space.grid()
-    if group is not None:
-        points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
-    for point in points:
-        if _key(point) not in taken:
-            return point
-    return None
 
 
 def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
@@ -243,35 +254,71 @@ def _best(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return ostudy.best_trial
 
 
-def run(
-    study: Study,
-    options: RunOptions,
-    tracker: MlflowTracker,
-    listener: SearchListener,
-) -> dict[str, Any]:
-    """Run or continue ``study``; see the module docstring."""
-    space = study.search_space
+@dataclass
+class Session:
+    """One ``searchlab run`` session on a study: its stores, its Optuna study and its
+    parent MLflow run (opened here, or the launcher's when this process is a worker)."""
+
+    study: Study
+    options: RunOptions
+    tracker: MlflowTracker
+    storage: Any
+    ostudy: optuna.Study
+    lock: coordination.StudyLock
+    target: int | None
+    info: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def run_id(self) -> str:
+        assert self.tracker.parent_run_id is not None
+        return self.tracker.parent_run_id
+
+    def finished_count(self) -> int:
+        return len(self.ostudy.get_trials(deepcopy=False, states=FINISHED))
+
+    def reconcile(self) -> list[str]:
+        """Fail trials whose process died, then make MLflow agree with Optuna."""
+        coordination.fail_stale_trials(self.ostudy)
+        trials = self.ostudy.get_trials(deepcopy=False)
+        live_sessions = {
+            t.user_attrs.get(coordination.SESSION_ATTR)
+            for t in trials
+            if t.state == OptunaState.RUNNING
+        }
+        me, grace = coordination.hostname(), coordination.grace_period()
+
+        def session_dead(run: Any) -> bool:
+            tags = run.data.tags
+            pid = tags.get("searchlab.pid")
+            if tags.get("searchlab.host") == me and pid and pid.isdigit():
+                return not coordination.pid_alive(int(pid))
+            if run.info.run_id in live_sessions:
+                return False
+            beat = float(tags.get("searchlab.heartbeat") or run.info.start_time / 1000)
+            return time.time() - beat > grace
+
+        states = {t.number: _row(t) | {"error": t.user_attrs.get("error")} for t in trials}
+        return self.tracker.reconcile(self.study.name, states, session_dead=session_dead)
+
+
+def open_session(
+    study: Study, options: RunOptions, tracker: MlflowTracker, data_source: str = ""
+) -> Session:
+    """Open both stores and the Optuna study, then start this session's parent run (or
+    attach to ``options.parent_run_id``).  Every store problem is raised here, before any
+    training; a new session also closes what a crashed one left open."""
     target = budget(study, options)
     if options.strategy == "grid":
-        space.grid()  # refuses continuous parameters without grid values, before anything runs
-    loaded = data_mod.load(study.dataset, options.data_dir)
-    storage = open_storage(options.storage)
+        study.search_space.grid()  # refuses continuous parameters without grid values
     tracker.connect()
+    storage = open_storage(options.storage)
     ostudy = load_optuna_study(study, storage, make_sampler(options.strategy, 0))
-    ostudy.sampler = make_sampler(options.strategy, options.seed + len(ostudy.trials))
+    ostudy.sampler = make_sampler(options.strategy, _sampler_seed(options, len(ostudy.trials)))
     ostudy.pruner = make_pruner(options)
-
-    from searchlab import trial as trial_mod
-
-    spec = trial_mod.TrialSpec(
-        build=study.model,
-        data=loaded,
-        epochs=options.epochs,
-        objective=study.objective,
-        direction=study.direction,
-        batch_size=study.batch_size,
-        seed=options.seed,
-        precision=options.precision,
+    lock = coordination.StudyLock(
+        storage=storage, storage_url=options.storage, study_name=study.name,
+        lock_dir=config.home(),
     )
     info = {
         "strategy": options.strategy,
@@ -283,136 +330,245 @@ def run(
         "pruner": type(ostudy.pruner).__name__,
         "seed": options.seed,
         "storage": _redact(options.storage),
-        "data": loaded.source,
         "optuna_study": study.name,
         "precision": options.precision,
-        "space": space.describe(),
+        "space": study.search_space.describe(),
         "run_params": {"precision": options.precision},
     }
+    if data_source:
+        info["data"] = data_source
     from searchlab import backend
 
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
+    session = Session(study, options, tracker, storage, ostudy, lock, target, info)
+    if options.parent_run_id:
+        tracker.attach(options.parent_run_id)
+        return session
     tracker.start_study(study.name, info)
-    base_tags = {
-        "searchlab.study": study.name,
-        "searchlab.strategy": options.strategy,
-        "searchlab.engine": ENGINE,
-        **{str(k): str(v) for k, v in study.tags.items()},
-    }
-    counts = {"complete": 0, "pruned": 0, "failed": 0}
-    started = time.monotonic()
-    consecutive_failures = 0
-    failed_here: set[tuple] = set()
-    status = "FAILED"
+    session.reconcile()
+    previous = tracker.previous_session(study.name)
+    tracker.set_session_tags({
+        "searchlab.host": coordination.hostname(),
+        "searchlab.pid": str(os.getpid()),
+        "searchlab.heartbeat": str(time.time()),
+        "searchlab.optuna_study_id": str(ostudy._study_id),
+        "searchlab.resumed_with": str(session.finished_count()),
+        **({"searchlab.previous_session": previous} if previous else {}),
+    })
+    ostudy.set_user_attr(
+        f"searchlab.session.{session.run_id}",
+        {"host": coordination.hostname(), "pid": os.getpid(), "started": time.time(),
+         "tracking_uri": tracker.uri},
+    )
+    return session
 
-    def finished_count() -> int:
-        return len(ostudy.get_trials(deepcopy=False, states=FINISHED))
 
+def _sampler_seed(options: RunOptions, n_trials: int) -> int:
+    """A plain run on a SQLite storage is reproducible from its seed.  Processes that may run
+    side by side (workers, or a shared server storage that other machines join) get distinct
+    seeds, or their samplers would propose the same params."""
+    seed = options.seed + n_trials
+    if options.worker or not options.storage.startswith("sqlite:"):
+        seed += zlib.crc32(f"{coordination.hostname()}/{os.getpid()}".encode())
+    return seed % (2**32)
+
+
+def close_session(session: Session, status: str, counts: Mapping[str, int], spec: Any) -> dict[str, Any]:
+    """Reconcile, write the summary and artifacts on the parent run, and close it."""
+    summary = _summary(session.ostudy, counts, session.started)
     try:
-        listener.started(study.name, finished_count(), target, info)
-        with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
-            while True:
-                done = finished_count()
-                if target is not None and done >= target:
-                    break
-                if options.timeout is not None and time.monotonic() - started >= options.timeout:
-                    log.info("time budget of %ss reached", options.timeout)
-                    break
-                if options.strategy == "grid":
-                    point = _next_grid_point(
-                        ostudy, space, failed_here, getattr(study.model, "group_by", None)
-                    )
-                    if point is None:
-                        break
-                    ostudy.enqueue_trial(point)
-                result = _one_trial(
-                    ostudy, space, spec, tracker, listener, base_tags, Path(tmp), done, target
-                )
-                counts[result.state.value] += 1
-                if result.state.value == "failed":
-                    failed_here.add(_key(result.params))
-                    consecutive_failures += 1
-                    if consecutive_failures >= options.max_failures:
-                        raise SearchlabError(
-                            f"Stopped after {consecutive_failures} failed trials in a row "
-                            f"(--max-failures {options.max_failures}). Last error: "
-                            f"{(result.error or '').splitlines()[0]}"
-                        )
-                else:
-                    consecutive_failures = 0
-            if options.reeval_top:
-                from searchlab import reeval
+        try:
+            session.reconcile()
+        except Exception as exc:  # the stores may be what failed; closing comes first
+            log.warning("could not reconcile MLflow with Optuna: %s", exc)
+        if status == "FINISHED" and spec is not None:
+            _log_study_artifacts(session.study, session.ostudy, spec, session.tracker, summary)
+    finally:
+        session.tracker.end_study(summary, status)
+    return summary
 
+
+def trial_spec(study: Study, options: RunOptions) -> Any:
+    from searchlab import trial as trial_mod
+
+    loaded = data_mod.load(study.dataset, options.data_dir)
+    return trial_mod.TrialSpec(
+        build=study.model,
+        data=loaded,
+        epochs=options.epochs,
+        objective=study.objective,
+        direction=study.direction,
+        batch_size=study.batch_size,
+        seed=options.seed,
+        precision=options.precision,
+    )
+
+
+def run(
+    study: Study,
+    options: RunOptions,
+    tracker: MlflowTracker,
+    listener: SearchListener,
+) -> dict[str, Any]:
+    """Run or continue ``study``; see the module docstring.
+
+    With ``options.parent_run_id`` this process is one worker of a session another process
+    opened: it runs trials until the budget is met and leaves the parent run to its owner.
+    """
+    budget(study, options)
+    spec = trial_spec(study, options)  # a missing dataset fails before the stores are touched
+    session = open_session(study, options, tracker, spec.data.source)
+    counts = {"complete": 0, "pruned": 0, "failed": 0}
+    if options.parent_run_id:
+        try:
+            recycle = work(session, spec, listener, counts)
+        finally:
+            tracker.close_all("FAILED")  # only this worker's own trial runs are open
+        return {**_summary(session.ostudy, counts, session.started), "recycle": recycle}
+    status = "FAILED"
+    listener.started(study.name, session.finished_count(), session.target, session.info)
+    try:
+        work(session, spec, listener, counts)
+        if options.reeval_top:
+            from searchlab import reeval
+
+            base_tags = {
+                "searchlab.study": study.name,
+                "searchlab.strategy": options.strategy,
+                "searchlab.engine": ENGINE,
+                **{str(k): str(v) for k, v in study.tags.items()},
+            }
+            with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
                 reeval.reevaluate(
-                    ostudy, spec, tracker, base_tags, options.reeval_top, options.reeval_seeds,
-                    Path(tmp) / "reeval",
+                    session.ostudy, spec, tracker, base_tags, options.reeval_top,
+                    options.reeval_seeds, Path(tmp),
                 )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        summary = _summary(ostudy, counts, started)
-        try:
-            if status == "FINISHED":
-                _log_study_artifacts(study, ostudy, spec, tracker, summary)
-        finally:
-            tracker.end_study(summary, status)
+        summary = close_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
 
 
+def work(
+    session: Session, spec: Any, listener: SearchListener, counts: dict[str, int]
+) -> bool:
+    """Claim and run trials until the budget or the time limit is met.
+
+    Returns True when it stopped early because this process grew by more than
+    ``options.recycle_mb`` (a worker then exits and its launcher starts a fresh one)."""
+    options, tracker = session.options, session.tracker
+    grid = grid_points(session.study) if options.strategy == "grid" else None
+    base_tags = {
+        "searchlab.study": session.study.name,
+        "searchlab.strategy": options.strategy,
+        "searchlab.engine": ENGINE,
+        **({"searchlab.worker": options.worker} if options.worker else {}),
+        **(
+            {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
+            if "CUDA_VISIBLE_DEVICES" in os.environ
+            else {}
+        ),
+        **{str(k): str(v) for k, v in session.study.tags.items()},
+    }
+    consecutive_failures = 0
+    baseline: float | None = None
+    with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
+        while True:
+            if options.timeout is not None and time.monotonic() - session.started >= options.timeout:
+                log.info("time budget of %ss reached", options.timeout)
+                return False
+            done = session.finished_count()
+            claimed = coordination.claim_trial(
+                session.ostudy, session.lock, target=session.target, grid=grid,
+                session=session.run_id, suggest=session.study.search_space.suggest,
+            )
+            if claimed.failed_stale:
+                session.reconcile()
+            if claimed.state is coordination.Claim.DONE:
+                return False
+            if claimed.state is coordination.Claim.WAIT:
+                time.sleep(coordination.wait_seconds())
+                continue
+            tracker.set_session_tags({"searchlab.heartbeat": str(time.time())})
+            assert claimed.trial is not None
+            result = _one_trial(
+                session, claimed.trial, spec, listener, base_tags, Path(tmp), done
+            )
+            counts[result.state.value] += 1
+            if result.state.value == "failed":
+                consecutive_failures += 1
+                if consecutive_failures >= options.max_failures:
+                    raise SearchlabError(
+                        f"Stopped the study after {consecutive_failures} failed trials in a row "
+                        f"(--max-failures {options.max_failures}); last error: "
+                        f"{(result.error or '').splitlines()[0]}. Fix the study (or raise "
+                        "--max-failures); finished trials are kept."
+                    )
+            else:
+                consecutive_failures = 0
+            if options.recycle_mb is not None:
+                rss = coordination.rss_mb()
+                baseline = rss if baseline is None else baseline
+                if rss - baseline > options.recycle_mb:
+                    log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
+                    return True
+
+
 def _one_trial(
-    ostudy: optuna.Study,
-    space: Space,
+    session: Session,
+    otrial: optuna.Trial,
     spec: Any,
-    tracker: MlflowTracker,
     listener: SearchListener,
     base_tags: Mapping[str, str],
     tmp: Path,
     done: int,
-    target: int | None,
 ) -> TrialResult:
     from searchlab.trial import TrialResult, TrialState, run_trial
 
-    otrial = ostudy.ask()
+    ostudy, tracker, target = session.ostudy, session.tracker, session.target
+    heartbeat = coordination.Heartbeat(
+        session.storage, otrial._trial_id, coordination.heartbeat_interval()
+    ).start()
     try:
-        params = space.suggest(otrial)
-    except BaseException:
-        ostudy.tell(otrial, state=OptunaState.FAIL)
-        raise
-    number = otrial.number
-    listener.trial_started(number, done + 1, target, params)
-    tags = {
-        **base_tags,
-        "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-        "searchlab.num_classes": str(spec.data.num_classes),
-    }
-    run_id: str | None = None
+        params = session.study.search_space.suggest(otrial)
+        number = otrial.number
+        listener.trial_started(number, done + 1, target, params)
+        tags = {
+            **base_tags,
+            "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
+            "searchlab.num_classes": str(spec.data.num_classes),
+        }
+        run_id: str | None = None
 
-    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
-        assert run_id is not None
-        tracker.log_epoch(run_id, epoch, logs)
-        value = logs.get(spec.objective)
-        if value is not None and math.isfinite(value):
-            otrial.report(value, epoch + 1)  # step = epochs trained, as pruners expect; also
-            # Optuna's learning curves (report, dashboard)
-            # pruning after the last epoch saves nothing and would discard a trained model
-            if epoch + 1 < spec.epochs and otrial.should_prune():
-                from searchlab.errors import TrialPruned
+        def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+            assert run_id is not None
+            tracker.log_epoch(run_id, epoch, logs)
+            value = logs.get(spec.objective)
+            if value is not None and math.isfinite(value):
+                # step = epochs trained, as pruners expect; also Optuna's learning curves
+                otrial.report(value, epoch + 1)
+                # pruning after the last epoch saves nothing and would discard a trained model
+                if epoch + 1 < spec.epochs and otrial.should_prune():
+                    from searchlab.errors import TrialPruned
 
-                raise TrialPruned(epoch)
+                    raise TrialPruned(epoch)
 
-    try:
-        run_id = tracker.start_trial(number, params, tags)
-        otrial.set_user_attr(RUN_ID_ATTR, run_id)
-        result = run_trial(number, params, spec, tmp / f"trial-{number}", on_epoch)
-    except BaseException as exc:  # Ctrl-C, a study-level or store error: close it, then stop
-        error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        result = TrialResult(number, params, TrialState.FAILED, error=error)
+        try:
+            run_id = tracker.start_trial(number, params, tags)
+            otrial.set_user_attr(RUN_ID_ATTR, run_id)
+            result = run_trial(number, params, spec, tmp / f"trial-{number}", on_epoch)
+        except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
+            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            result = TrialResult(number, params, TrialState.FAILED, error=error)
+            _finish(ostudy, otrial, tracker, run_id, result)
+            raise
         _finish(ostudy, otrial, tracker, run_id, result)
-        raise
-    _finish(ostudy, otrial, tracker, run_id, result)
+    finally:
+        heartbeat.stop()
     best = _best(ostudy)
     listener.trial_finished(
         result,
@@ -440,12 +596,17 @@ def _finish(
         ostudy.tell(otrial, state=OptunaState.FAIL, skip_if_finished=True)
         raise
     state = result.state.value
-    if state == "complete":
-        ostudy.tell(otrial, result.value)
-    elif state == "pruned":
-        ostudy.tell(otrial, state=OptunaState.PRUNED)
-    else:
-        ostudy.tell(otrial, state=OptunaState.FAIL)
+    try:
+        if state == "complete":
+            ostudy.tell(otrial, result.value, skip_if_finished=True)
+        elif state == "pruned":
+            ostudy.tell(otrial, state=OptunaState.PRUNED, skip_if_finished=True)
+        else:
+            ostudy.tell(otrial, state=OptunaState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Another process failed it as stale (its heartbeats did not reach the store); the
+        # next reconcile marks its MLflow run FAILED too, and the point is run again.
+        log.warning("trial %s was failed as stale by another worker", otrial.number)
 
 
 def _summary(ostudy: optuna.Study, counts: Mapping[str, int], started: float) -> dict[str, Any]:

@@ -1,0 +1,324 @@
+"""Several searchlab processes on one study: who may start the next trial, and which trials died.
+
+Three pieces, used by the Optuna engine:
+
+- ``StudyLock``: one process at a time claims a trial.  On SQLite (one machine) it is an
+  exclusive ``flock`` on a file beside the database; on PostgreSQL (many machines) a
+  session-level ``pg_advisory_lock`` keyed by the study name.  Both are released by the
+  operating system or the server when the holder dies, so a SIGKILL never leaves it held.
+- ``Heartbeat``: a thread that records the running trial's heartbeat in the Optuna storage
+  (Optuna's own ``RDBStorage`` heartbeat table) every ``interval`` seconds.
+- ``fail_stale_trials``: marks FAILED every RUNNING trial whose process is gone: its heartbeat
+  is older than the grace period (any machine), its process id no longer exists (this
+  machine: no need to wait for the grace period), or, seen while holding the lock, it never
+  got its owner recorded (its claimer died inside the claim).
+
+A claim (``claim_trial``) happens under the lock: fail stale trials, count finished and
+running trials against the budget, pick the next free grid point, ``ask`` Optuna and record
+the owner and a first heartbeat.  So two workers never start the same grid point and never
+start more trials than the budget needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+
+log = logging.getLogger(__name__)
+
+HOST_ATTR = "searchlab.host"
+PID_ATTR = "searchlab.pid"
+SESSION_ATTR = "searchlab.session"
+ERROR_ATTR = "error"
+INTERVAL_ENV = "SEARCHLAB_HEARTBEAT_SECONDS"
+DEFAULT_INTERVAL = 10  # seconds between heartbeats
+GRACE_FACTOR = 6  # a trial is stale after GRACE_FACTOR heartbeats were missed
+FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
+
+
+def heartbeat_interval() -> int:
+    """Seconds between heartbeats (``$SEARCHLAB_HEARTBEAT_SECONDS``, default 10)."""
+    value = os.environ.get(INTERVAL_ENV)
+    try:
+        seconds = int(value) if value else DEFAULT_INTERVAL
+    except ValueError:
+        seconds = DEFAULT_INTERVAL
+    return max(1, seconds)
+
+
+def grace_period(interval: int | None = None) -> int:
+    return (interval or heartbeat_interval()) * GRACE_FACTOR
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------- the lock
+
+
+class StudyLock:
+    """An exclusive lock over one study, shared by every process that runs it.
+
+    Use as a context manager around a claim.  ``storage_url`` decides the kind: a
+    ``flock`` file for SQLite (and any other local URL), ``pg_advisory_lock`` for PostgreSQL.
+    """
+
+    def __init__(self, *, storage: Any, storage_url: str, study_name: str, lock_dir: Path) -> None:
+        self.storage = storage
+        self.study_name = study_name
+        self.dialect = storage_url.split(":", 1)[0].split("+", 1)[0]
+        if storage_url.startswith("sqlite:///"):
+            db = Path(storage_url[len("sqlite:///"):])
+            self.path = db.with_name(f"{db.name}.{_digest(study_name)}.lock")
+        else:
+            self.path = lock_dir / f"study-{_digest(study_name)}.lock"
+        if self.dialect not in ("sqlite", "postgresql"):
+            log.warning(
+                "%s storage: claims are locked on this machine only; run workers on several "
+                "machines with a PostgreSQL storage", self.dialect,
+            )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self.dialect == "postgresql":
+            with self._pg_lock():
+                yield
+        else:
+            with self._file_lock():
+                yield
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _pg_lock(self) -> Iterator[None]:
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(self.study_name.encode()).digest()[:8], "big", signed=True)
+        with self.storage.engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------ heartbeats
+
+
+class Heartbeat:
+    """Records ``trial_id``'s heartbeat every ``interval`` seconds until ``stop()``."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: int) -> None:
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # a store hiccup: the next beat retries
+                log.warning("heartbeat of trial id %s not recorded: %s", self.trial_id, exc)
+
+
+# ----------------------------------------------------------------------------- stale trials
+
+
+def _fail(storage: Any, trial_id: int, reason: str) -> bool:
+    try:
+        storage.set_trial_user_attr(trial_id, ERROR_ATTR, reason)
+        return bool(storage.set_trial_state_values(trial_id, state=OptunaState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another process failed (or finished) it first
+
+
+def fail_stale_trials(ostudy: optuna.Study, *, locked: bool = False) -> list[int]:
+    """Fail every RUNNING trial whose process is gone; return their numbers.
+
+    ``locked``: the caller holds the study lock, so a RUNNING trial without an owner was
+    left by a claimer that died inside its claim.
+    """
+    storage = ostudy._storage
+    before = {t._trial_id: t for t in ostudy.get_trials(deepcopy=False, states=(OptunaState.RUNNING,))}
+    if not before:
+        return []
+    failed: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
+        stale_ids = set(storage._get_stale_trial_ids(ostudy._study_id))
+    me = hostname()
+    for trial_id, trial in before.items():
+        attrs = trial.user_attrs
+        owner = f"pid {attrs.get(PID_ATTR)} on {attrs.get(HOST_ATTR)}"
+        reason = None
+        if trial_id in stale_ids:
+            reason = (
+                f"interrupted: its worker ({owner}) sent no heartbeat for "
+                f"{grace_period()} s (killed or crashed); the trial will be run again"
+            )
+        elif PID_ATTR not in attrs:
+            if locked:
+                reason = "interrupted: its worker died while claiming it"
+        elif attrs.get(HOST_ATTR) == me and attrs[PID_ATTR] != os.getpid() and not pid_alive(
+            int(attrs[PID_ATTR])
+        ):
+            reason = f"interrupted: its worker ({owner}) is gone (killed or crashed)"
+        if reason and _fail(storage, trial_id, reason):
+            log.warning("trial %s: %s", trial.number, reason)
+            failed.append(trial.number)
+    return failed
+
+
+# ---------------------------------------------------------------------------------- claims
+
+
+class Claim(enum.Enum):
+    TRIAL = "trial"  # a trial was claimed
+    WAIT = "wait"  # the budget is covered by running trials of other workers: wait for them
+    DONE = "done"  # the budget is met (or the grid is exhausted)
+
+
+@dataclass
+class Claimed:
+    state: Claim
+    trial: optuna.Trial | None = None
+    failed_stale: tuple[int, ...] = ()
+
+
+def _key(params: Mapping[str, Any]) -> tuple:
+    def norm(v: Any) -> Any:
+        return float(f"{v:.12g}") if isinstance(v, float) else v
+
+    return tuple(sorted((k, norm(v)) for k, v in params.items()))
+
+
+def claim_trial(
+    ostudy: optuna.Study,
+    lock: StudyLock,
+    *,
+    target: int | None,
+    grid: list[dict[str, Any]] | None,
+    session: str,
+    suggest: Any = None,
+) -> Claimed:
+    """Under the study lock: fail stale trials, check the budget, ask for a trial and own it.
+
+    ``grid``: every grid point in order (grid search), or None.  Returns ``DONE`` when the
+    budget is met, ``WAIT`` when running trials of other live workers cover it (one of them may
+    still fail), else ``TRIAL`` with a RUNNING trial owned by this process.
+    """
+    with lock.held():
+        failed = tuple(fail_stale_trials(ostudy, locked=True))
+        trials = ostudy.get_trials(deepcopy=False)
+        finished = [t for t in trials if t.state in FINISHED]
+        running = [t for t in trials if t.state == OptunaState.RUNNING]
+        if target is not None and len(finished) >= target:
+            return Claimed(Claim.DONE, failed_stale=failed)
+        if target is not None and len(finished) + len(running) >= target:
+            return Claimed(Claim.WAIT, failed_stale=failed)
+        if grid is not None:
+            # A claimed trial has no params in the storage until its owner suggests them;
+            # its grid point is in the system attr Optuna's enqueue_trial wrote.
+            # A point that failed in this session is not retried before the next session
+            # (a deterministic failure would otherwise repeat until --max-failures).
+            taken = {
+                _key(t.params or t.system_attrs.get("fixed_params") or {})
+                for t in trials
+                if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
+                or (t.state == OptunaState.FAIL and t.user_attrs.get(SESSION_ATTR) == session)
+            }
+            point = next((p for p in grid if _key(p) not in taken), None)
+            waiting = any(t.state == OptunaState.WAITING for t in trials)
+            if point is None and not waiting:
+                state = Claim.WAIT if running else Claim.DONE
+                return Claimed(state, failed_stale=failed)
+            if point is not None:
+                ostudy.enqueue_trial(point, skip_if_exists=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+            trial = ostudy.ask()
+        storage = ostudy._storage
+        trial_id = trial._trial_id
+        storage.set_trial_user_attr(trial_id, HOST_ATTR, hostname())
+        storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
+        storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
+        storage.record_heartbeat(trial_id)
+        if grid is not None and suggest is not None:
+            # Params go into the storage while the lock is held, and a point that another
+            # live or finished trial already has is dropped here, before any training.
+            params = suggest(trial)
+            others = {
+                _key(t.params)
+                for t in ostudy.get_trials(deepcopy=False)
+                if t._trial_id != trial_id
+                and t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
+            }
+            if _key(params) in others:
+                reason = f"duplicate grid point {dict(params)}: dropped before training"
+                log.warning("trial %s: %s", trial.number, reason)
+                _fail(storage, trial_id, reason)
+                return Claimed(Claim.WAIT, failed_stale=failed)
+        return Claimed(Claim.TRIAL, trial=trial, failed_stale=failed)
+
+
+def wait_seconds() -> float:
+    """How long a worker sleeps before claiming again after ``Claim.WAIT``."""
+    return min(2.0, float(heartbeat_interval()))

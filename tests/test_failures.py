@@ -1,0 +1,93 @@
+"""Failure isolation: a NaN loss, a builder exception or running out of memory fails that
+trial only (its error on its MLflow run); ``--max-failures N`` stops after N in a row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STUDY = '''
+import keras
+
+from searchlab import Choice, Dataset, Study
+
+
+def build(params, info):
+    mode = params["mode"]
+    if mode == "raise":
+        raise ValueError("this builder cannot make mode=raise")
+    if mode == "oom":
+        raise MemoryError("simulated: out of memory while building")
+    inputs = keras.Input(info.input_shape)
+    x = keras.layers.Flatten()(inputs)
+    if mode == "nan":
+        x = keras.layers.Lambda(lambda t: t * float("nan"))(x)
+    outputs = keras.layers.Dense(info.num_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+study = Study(
+    name="fragile",
+    space={"mode": Choice(MODES)},
+    model=build,
+    data=Dataset("mnist", validation="test", subset={"train": 200, "val": 50}),
+    strategy="grid",
+    trials=None,
+    epochs=1,
+    batch_size=100,
+)
+'''
+
+
+def _write(folder: Path, modes: list[str]) -> Path:
+    path = folder / "fragile.py"
+    path.write_text(STUDY.replace("MODES", repr(modes)))
+    return path
+
+
+def _stores(project: Path):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    home = project / ".searchlab"
+    trials = optuna.load_study(study_name="fragile", storage=f"sqlite:///{home / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fragile").experiment_id])
+    return trials.get_trials(), runs
+
+
+def test_nan_builder_error_and_oom_fail_alone(cli, project: Path) -> None:
+    result = cli("run", _write(project, ["nan", "raise", "oom", "ok"]))
+    assert result.exit_code == 0, result.output
+    assert "trials: 1 complete, 0 pruned, 3 failed" in result.output
+    trials, runs = _stores(project)
+    by_mode = {t.params["mode"]: t for t in trials}
+    assert {m: t.state.name for m, t in by_mode.items()} == {
+        "nan": "FAIL", "raise": "FAIL", "oom": "FAIL", "ok": "COMPLETE"
+    }
+    errors = {
+        r.data.params["mode"]: (r.info.status, r.data.tags.get("searchlab.error", ""))
+        for r in runs if "searchlab.trial" in r.data.tags
+    }
+    assert errors["nan"][0] == "FAILED" and "NaN/inf loss" in errors["nan"][1]
+    assert errors["raise"][0] == "FAILED" and "cannot make mode=raise" in errors["raise"][1]
+    assert errors["oom"][0] == "FAILED" and "MemoryError" in errors["oom"][1]
+    assert errors["ok"][0] == "FINISHED"
+
+
+def test_max_failures_stops_the_study_with_a_clear_message(cli, project: Path) -> None:
+    result = cli("run", _write(project, ["raise", "oom", "nan", "ok"]), "--max-failures", "2")
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: Stopped the study after 2 failed trials in a row "
+                           "(--max-failures 2); last error: MemoryError"), last
+    trials, runs = _stores(project)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(r.info.status != "RUNNING" for r in runs)
+    (session,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
+    assert session.info.status == "FAILED"

@@ -1,0 +1,154 @@
+"""Many machines: three workers against a real PostgreSQL storage and an ``mlflow server``
+(backed by PostgreSQL too), as the README's multi-machine set-up; a wrong password fails in
+one line.
+
+Needs ``$SEARCHLAB_TEST_POSTGRES_URL`` (a role that may create databases), as
+``scripts/ci_postgres.sh start`` prints.  Without it the tests skip; with
+``$SEARCHLAB_REQUIRE_POSTGRES=1`` (set by ``.ci/run``) a skip is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from reliability_helpers import Session, check_consistent, env_for, searchlab_cmd, write_study
+
+URL_ENV = "SEARCHLAB_TEST_POSTGRES_URL"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("SEARCHLAB_REQUIRE_POSTGRES"):
+        pytest.fail(f"PostgreSQL is required here (SEARCHLAB_REQUIRE_POSTGRES=1): {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[dict[str, str]]:
+    """Two fresh databases (Optuna, MLflow) on the test server; dropped afterwards."""
+    url = os.environ.get(URL_ENV)
+    if not url:
+        _unavailable(f"no PostgreSQL server: set {URL_ENV} (scripts/ci_postgres.sh start)")
+    try:
+        import psycopg
+    except ImportError:
+        _unavailable("psycopg is not installed: pip install 'searchlab[postgres]'")
+    try:
+        admin = psycopg.connect(url, connect_timeout=10, autocommit=True)
+    except Exception as exc:
+        _unavailable(f"cannot connect to {URL_ENV}: {str(exc).strip().splitlines()[0]}")
+    suffix = uuid.uuid4().hex[:8]
+    names = {"optuna": f"sl_optuna_{suffix}", "mlflow": f"sl_mlflow_{suffix}"}
+    base = url.rsplit("/", 1)[0]
+    with admin.cursor() as cur:
+        for name in names.values():
+            cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield {"base": base, **{k: f"{base}/{v}" for k, v in names.items()}}
+    finally:
+        with admin.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(postgres: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--host", "127.0.0.1",
+           "--port", str(port), "--backend-store-uri", postgres["mlflow"],
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    "mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text()
+                )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_three_workers_on_postgres_and_an_mlflow_server(
+    project: Path, postgres: dict[str, str], mlflow_server: str
+) -> None:
+    study = write_study(project)
+    budget = 5
+    s = Session(
+        searchlab_cmd(study, "--trials", budget, "--workers", 3,
+                      "--storage", postgres["optuna"], "--tracking-uri", mlflow_server),
+        env_for(project / ".searchlab"), project,
+    )
+    out = s.finish()
+    assert s.proc.returncode == 0, out
+    assert "trials: 5 complete" in out, out
+    found = check_consistent(postgres["optuna"], mlflow_server, "tiny", budget)
+    assert len(found["trials"]) == budget
+    (session,) = found["sessions"]
+    assert session.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {
+        session.info.run_id
+    }
+    # (how many workers got a trial depends on how fast each started: not asserted)
+    assert {r.data.tags["searchlab.worker"] for r in found["trial_runs"]} <= {"1/3", "2/3", "3/3"}
+    # artifacts went through the server: the best model is on the session run
+    from mlflow.tracking import MlflowClient
+
+    paths = {a.path for a in MlflowClient(mlflow_server).list_artifacts(session.info.run_id)}
+    assert {"trials.csv", "best_model"} <= paths
+
+
+def test_wrong_password_is_one_line_and_writes_nothing(
+    cli, project: Path, postgres: dict[str, str]
+) -> None:
+    study = write_study(project)
+    base = postgres["optuna"]
+    scheme, rest = base.split("://", 1)
+    user, host = rest.split("@", 1)
+    wrong = f"{scheme}://{user.split(':')[0]}:not-the-password@{host}"
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    before = optuna.get_all_study_names(postgres["optuna"])
+    result = cli("run", study, "--storage", wrong)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: Cannot open the Optuna storage")
+    assert "password authentication failed" in lines[0]
+    assert "not-the-password" not in lines[0]
+    assert optuna.get_all_study_names(postgres["optuna"]) == before
+    tracking = MlflowClient(f"sqlite:///{project / '.searchlab' / 'mlflow.db'}")
+    assert tracking.get_experiment_by_name("tiny") is None
