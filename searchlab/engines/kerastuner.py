@@ -36,18 +36,20 @@ import keras_tuner as kt
 import optuna
 
 from searchlab import config
-from searchlab import data as data_mod
 from searchlab.engines.optuna import (
     FINISHED,
     RUN_ID_ATTR,
     _best,
     _finish,
     _log_study_artifacts,
-    _redact,
     _summary,
     budget,
+    link_session,
     load_optuna_study,
     open_storage,
+    session_info,
+    trial_spec,
+    trial_tags,
 )
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
@@ -163,50 +165,17 @@ def run(
     target = budget(study, options)
     if options.strategy == "grid":
         space.grid()  # refuses continuous parameters without grid values, before anything runs
-    loaded = data_mod.load(study.dataset, options.data_dir)
+    spec = trial_spec(study, options)  # a missing dataset fails before the stores are touched
     storage = open_storage(options.storage)
     tracker.connect()
     ostudy = load_optuna_study(study, storage, optuna.samplers.RandomSampler(seed=options.seed))
     oracle = open_oracle(study, options, space)
 
-    from searchlab import trial as trial_mod
-
-    spec = trial_mod.TrialSpec(
-        build=study.model,
-        data=loaded,
-        epochs=options.epochs,
-        objective=study.objective,
-        direction=study.direction,
-        batch_size=study.batch_size,
-        seed=options.seed,
-        precision=options.precision,
-    )
-    info = {
-        "strategy": options.strategy,
-        "engine": ENGINE,
-        "objective": study.objective,
-        "direction": study.direction,
-        "budget": target if target is not None else "timeout",
-        "epochs": options.epochs,
-        "pruner": "HyperbandOracle" if options.strategy == "hyperband" else "none",
-        "seed": options.seed,
-        "storage": _redact(options.storage),
-        "data": loaded.source,
-        "optuna_study": study.name,
-        "precision": options.precision,
-        "space": space.describe(),
-        "run_params": {"precision": options.precision},
-    }
-    from searchlab import backend
-
-    info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
+    pruner = "HyperbandOracle" if options.strategy == "hyperband" else "none"
+    info = session_info(study, options, target, ENGINE, pruner, spec.data.source)
     tracker.start_study(study.name, info)
-    base_tags = {
-        "searchlab.study": study.name,
-        "searchlab.strategy": options.strategy,
-        "searchlab.engine": ENGINE,
-        **{str(k): str(v) for k, v in study.tags.items()},
-    }
+    link_session(tracker, study, ostudy, len(ostudy.get_trials(deepcopy=False, states=FINISHED)))
+    base_tags = trial_tags(study, options, ENGINE)
     counts = {"complete": 0, "pruned": 0, "failed": 0}
     started = time.monotonic()
     consecutive_failures = 0

@@ -320,14 +320,60 @@ def open_session(
         storage=storage, storage_url=options.storage, study_name=study.name,
         lock_dir=config.home(),
     )
-    info = {
+    info = session_info(
+        study, options, target, ENGINE, type(ostudy.pruner).__name__, data_source
+    )
+    session = Session(study, options, tracker, storage, ostudy, lock, target, info)
+    if options.parent_run_id:
+        tracker.attach(options.parent_run_id)
+        return session
+    tracker.start_study(study.name, info)
+    session.reconcile()
+    link_session(tracker, study, ostudy, session.finished_count())
+    ostudy.set_user_attr(
+        f"searchlab.session.{session.run_id}",
+        {"host": coordination.hostname(), "pid": os.getpid(), "started": time.time(),
+         "tracking_uri": tracker.uri},
+    )
+    return session
+
+
+def link_session(
+    tracker: MlflowTracker, study: Study, ostudy: optuna.Study, finished: int
+) -> None:
+    """Tag a new parent run with its process, a liveness heartbeat, and the study it continues
+    (Optuna study id, trials finished before it, the previous session's run)."""
+    previous = tracker.previous_session(study.name)
+    tracker.set_session_tags({
+        "searchlab.host": coordination.hostname(),
+        "searchlab.pid": str(os.getpid()),
+        "searchlab.heartbeat": str(time.time()),
+        "searchlab.optuna_study_id": str(ostudy._study_id),
+        "searchlab.resumed_with": str(finished),
+        **({"searchlab.previous_session": previous} if previous else {}),
+    })
+
+
+def session_info(
+    study: Study,
+    options: RunOptions,
+    target: int | None,
+    engine: str,
+    pruner: str,
+    data_source: str = "",
+) -> dict[str, Any]:
+    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params);
+    both engines use it, so their MLflow runs have the same structure."""
+    from searchlab import backend
+
+    info: dict[str, Any] = {
         "strategy": options.strategy,
-        "engine": ENGINE,
+        "engine": engine,
         "objective": study.objective,
         "direction": study.direction,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
-        "pruner": type(ostudy.pruner).__name__,
+        "pruner": pruner,
         "seed": options.seed,
         "storage": _redact(options.storage),
         "optuna_study": study.name,
@@ -337,30 +383,24 @@ def open_session(
     }
     if data_source:
         info["data"] = data_source
-    from searchlab import backend
-
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
-    session = Session(study, options, tracker, storage, ostudy, lock, target, info)
-    if options.parent_run_id:
-        tracker.attach(options.parent_run_id)
-        return session
-    tracker.start_study(study.name, info)
-    session.reconcile()
-    previous = tracker.previous_session(study.name)
-    tracker.set_session_tags({
-        "searchlab.host": coordination.hostname(),
-        "searchlab.pid": str(os.getpid()),
-        "searchlab.heartbeat": str(time.time()),
-        "searchlab.optuna_study_id": str(ostudy._study_id),
-        "searchlab.resumed_with": str(session.finished_count()),
-        **({"searchlab.previous_session": previous} if previous else {}),
-    })
-    ostudy.set_user_attr(
-        f"searchlab.session.{session.run_id}",
-        {"host": coordination.hostname(), "pid": os.getpid(), "started": time.time(),
-         "tracking_uri": tracker.uri},
-    )
-    return session
+    return info
+
+
+def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]:
+    """Tags on every trial run of a session (and its re-evaluation runs)."""
+    return {
+        "searchlab.study": study.name,
+        "searchlab.strategy": options.strategy,
+        "searchlab.engine": engine,
+        **({"searchlab.worker": options.worker} if options.worker else {}),
+        **(
+            {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
+            if "CUDA_VISIBLE_DEVICES" in os.environ
+            else {}
+        ),
+        **{str(k): str(v) for k, v in study.tags.items()},
+    }
 
 
 def _sampler_seed(options: RunOptions, n_trials: int) -> int:
@@ -432,15 +472,10 @@ def run(
         if options.reeval_top:
             from searchlab import reeval
 
-            base_tags = {
-                "searchlab.study": study.name,
-                "searchlab.strategy": options.strategy,
-                "searchlab.engine": ENGINE,
-                **{str(k): str(v) for k, v in study.tags.items()},
-            }
             with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
                 reeval.reevaluate(
-                    session.ostudy, spec, tracker, base_tags, options.reeval_top,
+                    session.ostudy, spec, tracker, trial_tags(study, options, ENGINE),
+                    options.reeval_top,
                     options.reeval_seeds, Path(tmp),
                 )
         status = "FINISHED"
@@ -462,18 +497,7 @@ def work(
     ``options.recycle_mb`` (a worker then exits and its launcher starts a fresh one)."""
     options, tracker = session.options, session.tracker
     grid = grid_points(session.study) if options.strategy == "grid" else None
-    base_tags = {
-        "searchlab.study": session.study.name,
-        "searchlab.strategy": options.strategy,
-        "searchlab.engine": ENGINE,
-        **({"searchlab.worker": options.worker} if options.worker else {}),
-        **(
-            {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
-            if "CUDA_VISIBLE_DEVICES" in os.environ
-            else {}
-        ),
-        **{str(k): str(v) for k, v in session.study.tags.items()},
-    }
+    base_tags = trial_tags(session.study, options, ENGINE)
     consecutive_failures = 0
     baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
