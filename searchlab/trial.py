@@ -17,6 +17,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,5 +344,9 @@ def load_trained(
     model = build_model(build, params, info)
     if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
         model.build((None, *info.input_shape))
-    model.load_weights(weights)
+    with warnings.catch_warnings():
+        # The file also holds the trained optimizer's slots; a fresh model's optimizer has
+        # none yet, which Keras reports. Only the model's weights matter here.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(weights)
     return model
