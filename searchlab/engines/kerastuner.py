@@ -44,6 +44,7 @@ from searchlab.engines.optuna import (
     _log_study_artifacts,
     _summary,
     budget,
+    failure_streak,
     link_session,
     load_optuna_study,
     open_storage,
@@ -51,7 +52,7 @@ from searchlab.engines.optuna import (
     trial_spec,
     trial_tags,
 )
-from searchlab.errors import SearchlabError, StudyDefinitionError
+from searchlab.errors import StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
@@ -203,16 +204,9 @@ def run(
                     Path(tmp), done, target,
                 )
                 counts[result.state.value] += 1
-                if result.state.value == "failed":
-                    consecutive_failures += 1
-                    if consecutive_failures >= options.max_failures:
-                        raise SearchlabError(
-                            f"Stopped after {consecutive_failures} failed trials in a row "
-                            f"(--max-failures {options.max_failures}). Last error: "
-                            f"{(result.error or '').splitlines()[0]}"
-                        )
-                else:
-                    consecutive_failures = 0
+                consecutive_failures = failure_streak(
+                    consecutive_failures, result, options.max_failures
+                )
             if options.reeval_top:
                 from searchlab import reeval
 

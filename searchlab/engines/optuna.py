@@ -523,23 +523,31 @@ def work(
                 session, claimed.trial, spec, listener, base_tags, Path(tmp), done
             )
             counts[result.state.value] += 1
-            if result.state.value == "failed":
-                consecutive_failures += 1
-                if consecutive_failures >= options.max_failures:
-                    raise SearchlabError(
-                        f"Stopped the study after {consecutive_failures} failed trials in a row "
-                        f"(--max-failures {options.max_failures}); last error: "
-                        f"{(result.error or '').splitlines()[0]}. Fix the study (or raise "
-                        "--max-failures); finished trials are kept."
-                    )
-            else:
-                consecutive_failures = 0
+            consecutive_failures = failure_streak(
+                consecutive_failures, result, options.max_failures
+            )
             if options.recycle_mb is not None:
                 rss = coordination.rss_mb()
                 baseline = rss if baseline is None else baseline
                 if rss - baseline > options.recycle_mb:
                     log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
                     return True
+
+
+def failure_streak(streak: int, result: TrialResult, max_failures: int) -> int:
+    """Failed trials in a row after ``result``; stops the study once that reaches
+    ``max_failures`` (``--max-failures``)."""
+    if result.state.value != "failed":
+        return 0
+    streak += 1
+    if streak >= max_failures:
+        raise SearchlabError(
+            f"Stopped the study after {streak} failed trials in a row "
+            f"(--max-failures {max_failures}); last error: "
+            f"{(result.error or '').splitlines()[0]}. Fix the study (or raise "
+            "--max-failures); finished trials are kept."
+        )
+    return streak
 
 
 def _one_trial(
