@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Memory over many trials: searchlab (in-process trials) vs a plain KerasTuner RandomSearch.
+"""Memory over many trials: searchlab (as `searchlab run`, and in-process) vs KerasTuner.
 
     PYTHONPATH=. python scripts/bench_memory.py [--trials 50] [--train 1000] [--val 200]
 
-Each side runs in its own fresh process, on the same dense MNIST model and space as
+Three runs, each in its own fresh process: ``searchlab run STUDY`` as a user types it
+(trials in a worker process that is replaced once it grew by --recycle-mb), searchlab's
+engine called in-process (``searchlab run --in-process``, what the Python API does), and a
+plain KerasTuner RandomSearch.  All on the same dense MNIST model and space as
 ``studies/mnist_dense.py`` (1 epoch per trial, a subset of MNIST), and reports its resident
 memory after trial 5 and after the last trial: the peak (``ru_maxrss``) and the current RSS.
 The figure to watch is the growth from trial 5 to the end (target for searchlab: <= 100 MB).
@@ -116,9 +119,9 @@ def _worker_peaks(launcher: int) -> dict[int, float]:
     return peaks
 
 
-def run_workers(args: argparse.Namespace, out: dict) -> None:
-    """``searchlab run --workers 1``: trials in a worker process that the launcher restarts
-    when it grew by more than --recycle-mb; the figure is the worker's peak RSS."""
+def run_cli(args: argparse.Namespace, out: dict) -> None:
+    """``searchlab run STUDY``: trials in a worker process that the launcher restarts when it
+    grew by more than --recycle-mb; the figure is the worker's peak RSS."""
     home = Path(tempfile.mkdtemp(prefix="bench-memory-w-"))
     study = home / "study.py"
     study.write_text(STUDY_FILE.replace("TRAIN", str(args.train)).replace("VAL", str(args.val))
@@ -126,7 +129,7 @@ def run_workers(args: argparse.Namespace, out: dict) -> None:
     env = dict(os.environ, SEARCHLAB_HOME=str(home), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "searchlab.cli", "run", str(study), "--workers", "1"],
+        [sys.executable, "-m", "searchlab.cli", "run", str(study)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     peak, done, marks, workers = 0.0, 0, {}, set()
@@ -152,7 +155,7 @@ def run_workers(args: argparse.Namespace, out: dict) -> None:
     stop.set()
     thread.join()
     if proc.returncode != 0:
-        raise SystemExit(f"searchlab --workers 1 failed with exit code {proc.returncode}")
+        raise SystemExit(f"searchlab run failed with exit code {proc.returncode}")
     out.update(marks=marks, seconds=time.perf_counter() - started, processes=len(workers))
 
 
@@ -194,12 +197,15 @@ def run_kerastuner(args: argparse.Namespace, out: dict) -> None:
     out.update(marks=rec.marks, seconds=time.perf_counter() - rec.started)
 
 
+PARTS = {"searchlab run": run_cli, "in-process": run_searchlab, "kerastuner": run_kerastuner}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--part", choices=["searchlab", "searchlab-workers", "kerastuner"])
+    parser.add_argument("--part", choices=list(PARTS))
     args = parser.parse_args()
     if args.part:
         import logging
@@ -207,14 +213,12 @@ def main() -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         logging.disable(logging.WARNING)
         out: dict = {"part": args.part}
-        runner = {"searchlab": run_searchlab, "searchlab-workers": run_workers,
-                  "kerastuner": run_kerastuner}[args.part]
-        runner(args, out)
+        PARTS[args.part](args, out)
         print("RESULT " + json.dumps(out), flush=True)
         return
 
     results = {}
-    for part in ("searchlab", "searchlab-workers", "kerastuner"):
+    for part in PARTS:
         cmd = [sys.executable, __file__, "--part", part, "--trials", str(args.trials),
                "--train", str(args.train), "--val", str(args.val)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -233,6 +237,9 @@ def main() -> None:
         pn, rn = res["marks"][last]
         print(f"{part:17} {p5:8.0f}M {pn:8.0f}M {pn - p5:+7.0f}M "
               f"{r5:7.0f}M {rn:7.0f}M {rn - r5:+7.0f}M {res['seconds']:7.0f}")
+    if "processes" in results["searchlab run"]:
+        print(f"searchlab run used {results['searchlab run']['processes']} worker processes "
+              "(one replaced each time it grew by --recycle-mb, 100 MB)")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def main(verbose: bool) -> None:
 @click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
 @click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
-@click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="With --workers: restart a worker whose memory grew by this many MB since its first trial.")
+@click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="Restart a worker whose memory grew by this many MB since its first trial.")
+@click.option("--in-process", is_flag=True, help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).")
 @click.option("--parent-run", hidden=True, help="(internal) run as a worker under this MLflow parent run.")
 @click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
 @storage_option
@@ -216,6 +217,7 @@ def run(
     workers: int,
     gpus: str | None,
     recycle_mb: float,
+    in_process: bool,
     parent_run: str | None,
     worker_label: str | None,
     storage: str | None,
@@ -227,6 +229,9 @@ def run(
     _sigterm_interrupts()
     from searchlab import engines
     from searchlab.engines import workers as workers_mod
+
+    if parent_run:
+        workers_mod.bind_to_launcher()
     from searchlab.study import check_strategy, load_study
 
     gpu_list = workers_mod.parse_gpus(gpus)
@@ -254,17 +259,22 @@ def run(
         recycle_mb=recycle_mb if parent_run else None,
     )
     tracker = _tracker(tracking_uri)
-    progress = ConsoleProgress(study.objective, prefix=f"[worker {worker_label}] " if worker_label else "")
+    prefix = f"[worker {worker_label}] " if options.one_of_several else ""
+    progress = ConsoleProgress(study.objective, prefix=prefix)
     if parent_run:
         if engines.run(study, options, tracker, progress).get("recycle"):
             sys.exit(workers_mod.RECYCLE)
         return
-    if workers_given or gpu_list:  # worker processes (--workers 1 too: they recycle)
-        if engine != "optuna" or reeval_top:
-            raise SearchlabError(
-                "--workers/--gpus run the Optuna engine without re-evaluation: drop "
-                "--engine keras-tuner and --reeval-top, or run a single process."
-            )
+    if (workers_given or gpu_list) and (engine != "optuna" or in_process):
+        raise SearchlabError(
+            "--workers/--gpus start Optuna-engine worker processes: drop "
+            + ("--engine keras-tuner" if engine != "optuna" else "--in-process")
+            + ", or drop --workers/--gpus."
+        )
+    # Trials run in worker processes (one unless --workers says more) that are replaced when
+    # they have grown by --recycle-mb, so memory stays flat over a long search.  The
+    # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
+    if engine == "optuna" and not in_process:
 
         def worker_command(index: int, parent_run_id: str) -> list[str]:
             cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
@@ -273,6 +283,8 @@ def run(
                    "--recycle-mb", str(recycle_mb), "--precision", precision,
                    "--pruner", pruner,
                    "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
+            if logging.getLogger().isEnabledFor(logging.INFO):  # -v reaches the workers too
+                cmd.insert(3, "-v")
             if options.trials is not None:
                 cmd += ["--trials", str(options.trials)]
             if options.timeout is not None:

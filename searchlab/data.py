@@ -141,6 +141,11 @@ def load(dataset: Dataset | str, data_dir_: str | os.PathLike[str] | None = None
     return _load_cached(dataset, str(root) if root else None)
 
 
+def forget() -> None:
+    """Drop the datasets this process keeps (a launcher whose workers load their own)."""
+    _load_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(dataset: Dataset, root: str | None) -> Data:
     if dataset.loader is not None:

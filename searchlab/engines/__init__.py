@@ -39,13 +39,19 @@ class RunOptions:
     #: after the search, re-train the best ``reeval_top`` configurations ``reeval_seeds`` times
     reeval_top: int = 0
     reeval_seeds: int = 3
-    #: set in a worker process of ``--workers N``: log trials under this parent run
+    #: set in a worker process of ``searchlab run``: log trials under this parent run
     parent_run_id: str | None = None
-    #: the worker's label (tag ``searchlab.worker`` on its trial runs), e.g. "2/3"
+    #: the worker's label, e.g. "2/3" (tag ``searchlab.worker`` on its trial runs when the
+    #: session has several workers)
     worker: str | None = None
     #: a worker ends itself (exit code ``workers.RECYCLE``, restarted by the launcher) once
     #: its memory grew by this many MB since its first trial; None: never
     recycle_mb: float | None = None
+
+    @property
+    def one_of_several(self) -> bool:
+        """A worker with siblings (``--workers N``, N > 1): a plain run's one worker is not."""
+        return self.worker is not None and not self.worker.endswith("/1")
 
 
 class SearchListener(Protocol):

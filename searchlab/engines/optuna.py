@@ -393,7 +393,7 @@ def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]
         "searchlab.study": study.name,
         "searchlab.strategy": options.strategy,
         "searchlab.engine": engine,
-        **({"searchlab.worker": options.worker} if options.worker else {}),
+        **({"searchlab.worker": options.worker} if options.one_of_several else {}),
         **(
             {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
             if "CUDA_VISIBLE_DEVICES" in os.environ
@@ -408,7 +408,7 @@ def _sampler_seed(options: RunOptions, n_trials: int) -> int:
     side by side (workers, or a shared server storage that other machines join) get distinct
     seeds, or their samplers would propose the same params."""
     seed = options.seed + n_trials
-    if options.worker or not options.storage.startswith("sqlite:"):
+    if options.one_of_several or not options.storage.startswith("sqlite:"):
         seed += zlib.crc32(f"{coordination.hostname()}/{os.getpid()}".encode())
     return seed % (2**32)
 

@@ -1,4 +1,7 @@
-"""``searchlab run STUDY --workers N``: N worker processes share one study on this machine.
+"""``searchlab run STUDY [--workers N]``: worker processes share one study on this machine.
+
+A plain ``searchlab run`` is this with one worker: its trials run in a child process that
+is replaced when it has grown (see Memory below), so a long search keeps flat memory.
 
 This process (the launcher) opens the stores, closes what a crashed session left open and
 starts the session's parent MLflow run; then it starts N copies of ``searchlab run`` that
@@ -14,7 +17,14 @@ crashed worker cannot take the others down, and a GPU is pinned before its frame
 Memory: Keras/TensorFlow keep a few MB per trial that ``clear_session`` does not give back
 (``scripts/bench_memory.py``), so a worker whose memory grew by more than ``--recycle-mb``
 since its first trial ends itself between two trials (exit code ``RECYCLE``) and the launcher
-starts a fresh one; the study, in the stores, does not notice.
+starts a fresh one; the study, in the stores, does not notice.  On TensorFlow that is about
+5 MB per trial that no ``clear_session``/``gc`` gets back (a bare Keras build/fit/clear loop
+shows it too); on JAX it is under 1 MB, so there a worker is rarely replaced.
+
+Output: the launcher copies each worker's stdout and stderr to its own, line by line, so
+the user (or a caller that captures the launcher's output) sees every trial.  A worker dies
+with its launcher (``PR_SET_PDEATHSIG`` on Linux, a watchdog thread elsewhere): a
+``kill -9`` of ``searchlab run`` leaves no orphan training on, as it would with one process.
 """
 
 from __future__ import annotations
@@ -24,9 +34,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from searchlab.engines import coordination
 from searchlab.errors import SearchlabError, StudyDefinitionError
@@ -40,6 +52,8 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
 #: a worker's exit code when it ended itself to shed memory (``--recycle-mb``): restart it
 RECYCLE = 75
+#: the launcher's process id, in each worker's environment (see :func:`bind_to_launcher`)
+LAUNCHER_ENV = "SEARCHLAB_LAUNCHER_PID"
 
 
 def parse_gpus(value: str | None) -> list[str] | None:
@@ -86,6 +100,7 @@ def worker_env(
 
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env[LAUNCHER_ENV] = str(os.getpid())
     env[config.STORAGE_ENV] = storage
     env[config.TRACKING_ENV] = tracking_uri
     if gpus:
@@ -105,30 +120,46 @@ def run(
 ) -> dict[str, Any]:
     """Run ``study`` with ``workers`` processes; ``worker_command(index, parent_run_id)`` is
     the command line of worker ``index`` (a ``searchlab run`` with ``--parent-run``)."""
+    from searchlab import data as data_mod
     from searchlab.engines import optuna as engine
 
     engine.budget(study, options)
     spec = engine.trial_spec(study, options)  # a missing dataset fails before any store write
     session = engine.open_session(study, options, tracker, spec.data.source)
-    tracker.set_session_tags({"searchlab.workers": str(workers),
-                              "searchlab.gpus": ",".join(gpus) if gpus else ""})
+    spec = None  # the workers load the data; this process holds no copy while they train
+    data_mod.forget()
+    if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
+        tracker.set_session_tags({"searchlab.workers": str(workers),
+                                  "searchlab.gpus": ",".join(gpus) if gpus else ""})
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     procs: list[subprocess.Popen[bytes]] = []
+    relays: list[threading.Thread] = []
+    errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
 
     def start(index: int) -> subprocess.Popen[bytes]:
         cmd = worker_command(index, session.run_id)
         log.info("starting worker %s: %s", index + 1, " ".join(cmd))
         # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             cmd,
             env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
             start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
+        assert proc.stdout is not None and proc.stderr is not None
+        errors[index] = []
+        relays.extend((_relay(proc.stdout, sys.stdout),
+                       _relay(proc.stderr, sys.stderr, errors[index])))
+        return proc
 
     try:
         procs.extend(start(index) for index in range(workers))
-        _wait(procs, start)
+        _wait(procs, start, lambda index: _worker_error(relays, errors[index]))
+        if options.reeval_top:
+            spec = engine.trial_spec(study, options)
+            _reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -136,17 +167,99 @@ def run(
         raise
     finally:
         _stop(procs)
+        for relay in relays:
+            relay.join(timeout=5)
         counts = _session_counts(session)
+        if status == "FINISHED" and spec is None:
+            spec = engine.trial_spec(study, options)  # for the best model on the parent run
         summary = engine.close_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
 
 
+def _reevaluate(session: Any, spec: Any) -> None:
+    """``--reeval-top``: after the workers' search, re-train the best configurations here."""
+    import tempfile
+    from pathlib import Path
+
+    from searchlab import reeval
+    from searchlab.engines import optuna as engine
+
+    options = session.options
+    with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
+        reeval.reevaluate(
+            session.ostudy, spec, session.tracker,
+            engine.trial_tags(session.study, options, engine.ENGINE),
+            options.reeval_top, options.reeval_seeds, Path(tmp),
+        )
+
+
+def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | None:
+    """The one-line error a stopped worker printed (its ``error: ...`` line), if any."""
+    for relay in relays:  # the worker has ended: let its output drain
+        relay.join(timeout=2)
+    return lines[-1] if lines else None
+
+
+def _relay(
+    source: IO[bytes], target: IO[str], errors: list[str] | None = None
+) -> threading.Thread:
+    """Copy a worker's output to this process's ``target`` stream, line by line.  With
+    ``errors``, the worker's ``error: ...`` lines are kept there instead of printed: the
+    launcher says them once, as its own error."""
+
+    def copy() -> None:
+        with source:
+            for raw in iter(source.readline, b""):
+                line = raw.decode("utf-8", errors="replace")
+                if errors is not None and line.startswith("error: "):
+                    errors.append(line[len("error: "):].strip())
+                    continue
+                try:
+                    target.write(line)
+                    target.flush()
+                except (OSError, ValueError):  # our own output is gone: keep draining
+                    pass
+
+    thread = threading.Thread(target=copy, name="searchlab-relay", daemon=True)
+    thread.start()
+    return thread
+
+
+def bind_to_launcher() -> None:
+    """In a worker: end this process when its launcher ends, however that happens (a
+    ``kill -9`` of ``searchlab run`` must not leave a worker training on its own)."""
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if not launcher.isdigit():
+        return
+    pid = int(launcher)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us with it
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != pid:  # it died before we got here
+        os._exit(1)
+    if not sys.platform.startswith("linux"):
+
+        def watch() -> None:
+            while os.getppid() == pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="searchlab-launcher-watch", daemon=True).start()
+
+
 def _wait(
-    procs: list[subprocess.Popen[bytes]], start: Callable[[int], subprocess.Popen[bytes]]
+    procs: list[subprocess.Popen[bytes]],
+    start: Callable[[int], subprocess.Popen[bytes]],
+    error_of: Callable[[int], str | None],
 ) -> None:
     """Wait for every worker, restarting the ones that recycled themselves; the first that
-    fails stops the others and the session."""
+    fails stops the others and the session, with its error as the session's."""
     while True:
         for index, p in enumerate(procs):
             if p.poll() == RECYCLE:
@@ -159,10 +272,14 @@ def _wait(
             _stop(procs)
             if code == 130:
                 raise KeyboardInterrupt
+            error = error_of(index)
+            if error and len(procs) == 1:
+                raise SearchlabError(error)
             raise SearchlabError(
-                f"Worker {index + 1} of {len(procs)} stopped with exit code {code} (its error "
-                "is printed above); the other workers were stopped. Finished trials are "
-                "kept: fix the cause and run the same command to continue."
+                f"Worker {index + 1} of {len(procs)} stopped"
+                + (f": {error} " if error else f" with exit code {code} (see its output above); ")
+                + ("The other workers were stopped. " if len(procs) > 1 else "")
+                + "Finished trials are kept: fix the cause and run the same command to continue."
             )
         if all(c == 0 for c in codes):
             return
