@@ -150,7 +150,7 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
 #: ``--pruner asha``/``hyperband`` defaults.  A trial may be stopped after its first epoch
 #: (the earliest signal there is: a study that needs warm-up epochs says so with
 #: ``--prune-min-epochs``) and about a third of the trials that reach a rung go on (rungs at
-#: 1, 3, 9, 27 ... epochs; Optuna's own default of 4 keeps a quarter and, at 10 epochs or
+#: 1, 3, 9, 27 ... epochs; Optuna's own default of 4 keeps a quarter and, at 4 epochs or
 #: fewer, leaves a single rung).  Not Optuna's ``bootstrap_count``: it prunes the first trials
 #: that reach a rung outright, which in a sequential run throws away the first trials.
 PRUNE_MIN_EPOCHS = 1
