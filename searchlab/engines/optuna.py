@@ -134,6 +134,11 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
     if strategy in ("random", "grid", "hyperband"):
         return optuna.samplers.RandomSampler(seed=seed)
     if strategy == "bayesian":
+        # Optuna 5's TPE defaults are the ones we want: multivariate (params sampled jointly,
+        # single objective) and constant_liar (--workers do not all propose the same point).
+        # Pruned trials count as finished, also towards the 5 random start-up trials; TPE
+        # ranks them below every complete trial (README, "Pruning").  5, not Optuna's 10:
+        # studies here run tens of trials, not hundreds.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
     if strategy == "gp":
         try:
@@ -275,10 +280,13 @@ def trial_rows(ostudy: optuna.Study) -> list[dict[str, Any]]:
 
 
 def _best(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = ostudy.get_trials(deepcopy=False, states=(OptunaState.COMPLETE,))
-    if not complete:
+    """Optuna's best trial (its tie-breaking, which ``searchlab report`` shows too), or None.
+
+    One storage query, asked after every trial: no listing of every trial first."""
+    try:
+        return ostudy.best_trial
+    except ValueError:  # no complete trial yet
         return None
-    return ostudy.best_trial
 
 
 @dataclass
