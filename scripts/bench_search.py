@@ -126,6 +126,8 @@ def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
             strategy=strategy, trials=args.trials, timeout=None, epochs=args.epochs, seed=seed,
             storage=f"sqlite:///{home}/optuna.db", data_dir=args.data_dir, pruner=pruner,
             max_failures=args.trials,
+            prune_min_epochs=args.prune_min_epochs if pruner != "none" else None,
+            prune_factor=args.prune_factor if pruner != "none" else None,
         )
         if args.tracker == "mlflow":
             from searchlab.tracking import MlflowTracker
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--dump", help="write every run's trial points to this JSON file")
     parser.add_argument("--merge", nargs="+", help="analyse these --dump files instead of running")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="which of random,tpe,tpe+asha to run")
+    parser.add_argument("--prune-min-epochs", type=int, help="tpe+asha: --prune-min-epochs [default: searchlab's]")
+    parser.add_argument("--prune-factor", type=int, help="tpe+asha: --prune-factor [default: searchlab's]")
     parser.add_argument("--tracker", choices=["mlflow", "local"], default="mlflow",
                         help="local: no MLflow (where it is not installed); weights kept in a folder")
     args = parser.parse_args()
