@@ -356,10 +356,9 @@ def open_session(
         lock_dir=config.home(),
     )
     info = session_info(
-        study, options, target, ENGINE, type(ostudy.pruner).__name__, data_source
+        study, options, target, ENGINE, type(ostudy.pruner).__name__, data_source,
+        pruner_args=pruner_args(options),
     )
-    if pruner_args(options):
-        info["pruner_args"] = pruner_args(options)  # tag searchlab.pruner_args
     session = Session(study, options, tracker, storage, ostudy, lock, target, info)
     if options.parent_run_id:
         tracker.attach(options.parent_run_id)
@@ -398,6 +397,7 @@ def session_info(
     engine: str,
     pruner: str,
     data_source: str = "",
+    pruner_args: str = "",
 ) -> dict[str, Any]:
     """What a session's parent run records (tags, ``space.*`` and ``run_params`` params);
     both engines use it, so their MLflow runs have the same structure."""
@@ -420,6 +420,8 @@ def session_info(
     }
     if data_source:
         info["data"] = data_source
+    if pruner_args:  # the pruner's settings (tag searchlab.pruner_args)
+        info["pruner_args"] = pruner_args
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
     return info
 
