@@ -207,6 +207,32 @@ def precision_policy(precision: str | None) -> Iterator[str]:
         keras.config.set_dtype_policy(before)
 
 
+def build_for_fit(model: Any, x: Any, y: Any, batch_size: int) -> None:
+    """Create a compiled model's optimizer, loss and metric variables before ``fit``.
+
+    On TensorFlow without a distribution strategy, Keras defers creating them to the first
+    trace of the train step, and a ``tf.function`` that creates variables is traced a second
+    time: about 0.4 s of every trial's first epoch for a small dense net on CPU, a third of a
+    trial pruned after one epoch.  Keras builds them symbolically up front on JAX and torch
+    (and on TensorFlow under a strategy); this does the same with its own
+    ``Trainer._symbolic_build`` (no computation, no random numbers drawn), so the train step
+    is traced once.  Where a Keras version lacks that method or the build fails, ``fit``
+    builds as it always did.
+    """
+    if name() != "tensorflow" or getattr(model, "_distribute_strategy", None) is not None:
+        return  # Keras already builds before tracing there
+    symbolic_build = getattr(model, "_symbolic_build", None)
+    if symbolic_build is None:
+        return
+    import keras
+
+    try:
+        batch = keras.tree.map_structure(lambda a: a[:batch_size], (x, y))
+        symbolic_build(data_batch=(batch[0], batch[1], None))
+    except Exception as exc:  # fit builds the rest itself, as without this call
+        log.debug("could not build the model before fit (%s); fit builds it", exc)
+
+
 def output_dtype_warning(model: Any, precision: str) -> str | None:
     """A one-line warning when a mixed-precision model's output is not float32, else None."""
     if precision == DEFAULT_PRECISION:

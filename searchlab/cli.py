@@ -188,6 +188,8 @@ def main(verbose: bool) -> None:
 @click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default="float32", show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
 @click.option("--engine", type=click.Choice(["optuna", "keras-tuner"]), default="optuna", show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
 @click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none", show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
+@click.option("--prune-min-epochs", type=click.IntRange(min=1), help="Epochs a trial trains before the pruner may stop it [default: 1].")
+@click.option("--prune-factor", type=click.IntRange(min=2), help="asha/hyperband: about 1/F of the trials reaching a rung go on; rungs at MIN*F**k epochs [default: 3].")
 @click.option("--reeval-top", type=click.IntRange(min=0), default=0, show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
 @click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
@@ -212,6 +214,8 @@ def run(
     precision: str,
     engine: str,
     pruner: str,
+    prune_min_epochs: int | None,
+    prune_factor: int | None,
     reeval_top: int,
     reeval_seeds: int,
     workers: int,
@@ -252,6 +256,8 @@ def run(
         precision=precision,
         engine=engine,
         pruner=pruner,
+        prune_min_epochs=prune_min_epochs,
+        prune_factor=prune_factor,
         reeval_top=reeval_top,
         reeval_seeds=reeval_seeds,
         parent_run_id=parent_run,
@@ -289,9 +295,11 @@ def run(
                 cmd += ["--trials", str(options.trials)]
             if options.timeout is not None:
                 cmd += ["--timeout", str(options.timeout)]
-            for flag, value in (("--subset", subset), ("--data-dir", data_dir)):
+            for flag, value in (("--subset", subset), ("--data-dir", data_dir),
+                                ("--prune-min-epochs", prune_min_epochs),
+                                ("--prune-factor", prune_factor)):
                 if value:
-                    cmd += [flag, value]
+                    cmd += [flag, str(value)]
             return cmd
 
         workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpu_list,

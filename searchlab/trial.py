@@ -160,15 +160,17 @@ class _Monitor(keras.callbacks.Callback):
         loss = logs.get("loss", 0.0)
         if not math.isfinite(loss) and self.bad_loss is None:
             self.bad_loss = f"loss became {loss} in epoch {epoch}"
+        improved = False
         if self.bad_loss:
             self.model.stop_training = True
         else:
             value = logs[self.spec.objective]
             if math.isfinite(value) and self.spec.better(value, self.best):
-                self.best, self.best_epoch = value, epoch
-                self.best_weights = (self.target or self.model).get_weights()
+                self.best, self.best_epoch, improved = value, epoch, True
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
+        if improved:  # copied once the pruner let the trial go on: a pruned trial keeps none
+            self.best_weights = (self.target or self.model).get_weights()
 
 
 def run_trial(
@@ -232,6 +234,7 @@ def _build_and_fit(
             monitor.target = model
             _fit_phased(model, params, spec, monitor, batch_size, number, result.tags)
         else:
+            backend.build_for_fit(model, spec.data.x_train, spec.data.y_train, batch_size)
             model.fit(
                 spec.data.x_train,
                 spec.data.y_train,

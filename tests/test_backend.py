@@ -148,3 +148,51 @@ def test_trial_trains_under_the_policy_and_tags_backend_and_device(tmp_path: Pat
     assert result.tags["searchlab.precision"] == "mixed_bfloat16"
     assert result.tags["searchlab.device"] in {d.label for d in backend.devices()}
     assert len(result.history["epoch_s"]) == 2 and min(result.history["epoch_s"]) > 0
+
+
+def _fit_counting_traces(build_first: bool) -> tuple[keras.Model, list[float], int]:
+    data = _tiny_data()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(3)
+    info = SimpleNamespace(input_shape=(6, 6), num_classes=2)
+    model = dense_classifier({"units": 8, "dropout": 0.2}, info)
+    traces = []
+    step = model.train_step
+    model.train_step = lambda batch: (traces.append(1), step(batch))[1]  # runs while tracing
+    if build_first:
+        backend.build_for_fit(model, data.x_train, data.y_train, 16)
+    history = model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
+                        epochs=2, batch_size=16, verbose=0, shuffle=True)
+    return model, history.history["val_loss"] + history.history["loss"], len(traces)
+
+
+def test_build_for_fit_builds_first_and_changes_no_result() -> None:
+    model, built_first, traces = _fit_counting_traces(build_first=True)
+    _, plain, plain_traces = _fit_counting_traces(build_first=False)
+    assert model.optimizer.built
+    np.testing.assert_allclose(built_first, plain, rtol=1e-6)  # same seed, same numbers
+    if keras.backend.backend() == "tensorflow":
+        # without it TensorFlow creates the optimizer's variables inside the first trace of
+        # the train step and traces it a second time
+        assert (traces, plain_traces) == (1, 2)
+
+
+def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch) -> None:
+    from searchlab.errors import TrialPruned
+
+    copies = []
+    get_weights = keras.Model.get_weights
+    monkeypatch.setattr(keras.Model, "get_weights", lambda self: (copies.append(1), get_weights(self))[1])
+    spec = TrialSpec(build=dense_classifier, data=_tiny_data(), epochs=3)
+    params = {"units": 8, "batch_size": 16}
+
+    def prune_first(epoch, logs):
+        raise TrialPruned(epoch)
+
+    pruned = run_trial(0, params, spec, tmp_path / "t0", prune_first)
+    assert pruned.state is TrialState.PRUNED and pruned.value is not None
+    assert pruned.weights_path is None and not (tmp_path / "t0").exists()
+    assert copies == []
+    complete = run_trial(1, params, spec, tmp_path / "t1", lambda epoch, logs: None)
+    assert complete.state is TrialState.COMPLETE and complete.weights_path.exists()
+    assert 1 <= len(copies) <= 3  # one copy per improving epoch

@@ -242,3 +242,12 @@ def test_an_optuna_pruner_on_the_keras_tuner_engine_is_one_clear_error(cli, proj
     assert result.exit_code == 1
     assert "error: --pruner asha is an Optuna pruner" in result.output
     assert "--strategy hyperband" in result.output
+
+
+def test_optuna_pruner_settings_on_the_keras_tuner_engine_are_one_clear_error(cli, project):
+    study_file = project / "tiny.py"
+    study_file.write_text(TINY)
+    result = cli("run", study_file, "--engine", "keras-tuner", "--strategy", "hyperband",
+                 "--prune-factor", "2")
+    assert result.exit_code == 1
+    assert "error: --prune-min-epochs and --prune-factor set Optuna's pruners" in result.output

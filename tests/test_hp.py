@@ -163,6 +163,62 @@ def test_unknown_pruner_is_one_clear_error(data_dir):
         engines.run(study, options, tracker=None)
 
 
+def test_pruner_settings_reach_the_optuna_pruners():
+    from searchlab.engines import RunOptions
+    from searchlab.engines.optuna import make_pruner, pruner_args
+
+    def options(pruner, **kw):
+        return RunOptions(strategy="bayesian", trials=1, timeout=None, epochs=10, seed=0,
+                          storage="sqlite://", pruner=pruner, **kw)
+
+    asha = make_pruner(options("asha"))
+    assert (asha._min_resource, asha._reduction_factor, asha._bootstrap_count) == (1, 3, 0)
+    asha = make_pruner(options("asha", prune_min_epochs=2, prune_factor=2))
+    assert (asha._min_resource, asha._reduction_factor) == (2, 2)
+    hyperband = make_pruner(options("hyperband", prune_min_epochs=2, prune_factor=4))
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (2, 10, 4)
+    assert make_pruner(options("median", prune_min_epochs=3))._n_warmup_steps == 3
+    assert pruner_args(options("asha")) == "min_epochs=1, factor=3"
+    assert pruner_args(options("none")) == ""
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"pruner": "none", "prune_factor": 2},
+         "--prune-factor only apply with a pruner, and this run has none: add --pruner asha"),
+        ({"pruner": "median", "prune_factor": 2},
+         "--prune-factor is the reduction factor of --pruner asha and hyperband"),
+        ({"pruner": "asha", "prune_factor": 1}, r"--prune-factor must be an integer >= 2 .* got 1"),
+        ({"pruner": "asha", "prune_min_epochs": 0}, "--prune-min-epochs must be an integer >= 1, but got 0"),
+        ({"pruner": "asha", "prune_min_epochs": 4},
+         r"--prune-min-epochs must be less than the epochs per trial \(4\), but got 4"),
+    ],
+)
+def test_pruner_settings_that_cannot_work_are_one_clear_error(settings, message):
+    from searchlab import engines
+
+    options = engines.RunOptions(strategy="bayesian", trials=1, timeout=None, epochs=4, seed=0,
+                                 storage="sqlite://", **settings)
+    with pytest.raises(StudyDefinitionError, match=message):
+        engines.check_pruning(options)
+    study = Study(name="p", space={"a": Int(1, 2)}, model=lambda p: None, data="mnist")
+    with pytest.raises(StudyDefinitionError, match=message):  # before any store is touched
+        engines.run(study, options, tracker=None)
+
+
+def test_prune_settings_on_the_command_line_are_checked_before_training(cli, project):
+    study_file = project / "s.py"
+    study_file.write_text(
+        "from searchlab import Dataset, Int, Study\n"
+        "study = Study(name='s', space={'a': Int(1, 2)}, model=lambda p: None,\n"
+        "              data=Dataset('mnist', subset={'train': 64, 'val': 32}), epochs=2, trials=1)\n"
+    )
+    result = cli("run", study_file, "--pruner", "asha", "--prune-min-epochs", "2")
+    assert result.exit_code != 0
+    assert "--prune-min-epochs must be less than the epochs per trial (2), but got 2" in result.output
+
+
 def test_reeval_choice_is_by_mean_not_by_the_lucky_single():
     from searchlab.reeval import choose
 

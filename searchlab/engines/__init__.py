@@ -36,6 +36,12 @@ class RunOptions:
     precision: str = "float32"  # a Keras dtype policy: float32, mixed_float16, mixed_bfloat16
     #: Optuna pruner: none, median, asha or hyperband (strategy hyperband implies hyperband)
     pruner: str = "none"
+    #: epochs every trial trains before the pruner may stop it (ASHA's and Hyperband's
+    #: minimum resource, the median pruner's warm-up); None: 1
+    prune_min_epochs: int | None = None
+    #: ASHA's and Hyperband's reduction factor: about 1/factor of the trials that reach a rung
+    #: go on to the next, rungs at min_epochs * factor**k epochs; None: 3
+    prune_factor: int | None = None
     #: after the search, re-train the best ``reeval_top`` configurations ``reeval_seeds`` times
     reeval_top: int = 0
     reeval_seeds: int = 3
@@ -78,6 +84,53 @@ class NullListener:
         pass
 
 
+def check_pruning(options: RunOptions) -> None:
+    """Refuse a pruner setting that cannot work, with what to pass instead."""
+    if options.pruner not in PRUNERS:
+        raise StudyDefinitionError(
+            f"Unknown pruner {options.pruner!r}: choose one of {', '.join(PRUNERS)}."
+        )
+    pruner = "hyperband" if options.pruner == "none" and options.strategy == "hyperband" else options.pruner
+    given = [
+        flag
+        for flag, value in (("--prune-min-epochs", options.prune_min_epochs),
+                            ("--prune-factor", options.prune_factor))
+        if value is not None
+    ]
+    if given and pruner == "none":
+        raise StudyDefinitionError(
+            f"{' and '.join(given)} only apply with a pruner, and this run has none: add "
+            "--pruner asha (or hyperband, median), or drop the option."
+        )
+    if options.prune_factor is not None and pruner == "median":
+        raise StudyDefinitionError(
+            "--prune-factor is the reduction factor of --pruner asha and hyperband; the median "
+            "pruner has none. Drop --prune-factor, or use --pruner asha."
+        )
+    if options.prune_factor is not None and (
+        isinstance(options.prune_factor, bool)
+        or not isinstance(options.prune_factor, int)
+        or options.prune_factor < 2
+    ):
+        raise StudyDefinitionError(
+            f"--prune-factor must be an integer >= 2 (keep about 1/factor of the trials at each "
+            f"rung), but got {options.prune_factor!r}. 3 is the default."
+        )
+    min_epochs = options.prune_min_epochs
+    if min_epochs is not None and (
+        isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 1
+    ):
+        raise StudyDefinitionError(
+            f"--prune-min-epochs must be an integer >= 1, but got {min_epochs!r}."
+        )
+    if min_epochs is not None and min_epochs >= options.epochs:
+        raise StudyDefinitionError(
+            f"--prune-min-epochs must be less than the epochs per trial ({options.epochs}), "
+            f"but got {min_epochs}: a trial is never pruned after its last epoch, so nothing "
+            "would ever be pruned. Lower --prune-min-epochs, or raise --epochs."
+        )
+
+
 def run(
     study: Study,
     options: RunOptions,
@@ -85,10 +138,7 @@ def run(
     listener: SearchListener | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) ``study`` until its budget is met; return the session summary."""
-    if options.pruner not in PRUNERS:
-        raise StudyDefinitionError(
-            f"Unknown pruner {options.pruner!r}: choose one of {', '.join(PRUNERS)}."
-        )
+    check_pruning(options)
     if options.engine == "optuna":
         from searchlab.engines import optuna as engine
     elif options.engine == "keras-tuner":

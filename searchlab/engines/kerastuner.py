@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 ENGINE = "keras-tuner"
 TUNER_ID = "searchlab"
 KT_TRIAL_ATTR = "kerastuner_trial_id"
+KT_HYPERBAND_FACTOR = 3  # HyperbandOracle: about 1/3 of the trials go on at each round
 
 
 def state_dir(study_name: str) -> Path:
@@ -88,7 +89,8 @@ def make_oracle(study: Study, options: RunOptions) -> Any:
         oracle = kt.oracles.BayesianOptimizationOracle(max_trials=None, **common)
     elif strategy == "hyperband":
         oracle = kt.oracles.HyperbandOracle(
-            max_epochs=options.epochs, factor=3, hyperband_iterations=None, **common
+            max_epochs=options.epochs, factor=KT_HYPERBAND_FACTOR, hyperband_iterations=None,
+            **common
         )
     else:
         raise StudyDefinitionError(f"Unknown strategy {strategy!r} for the keras-tuner engine.")
@@ -162,6 +164,12 @@ def run(
             f"--pruner {options.pruner} is an Optuna pruner; the keras-tuner engine stops "
             "trials early only with --strategy hyperband. Drop --pruner, or use --engine optuna."
         )
+    if options.prune_min_epochs is not None or options.prune_factor is not None:
+        raise StudyDefinitionError(
+            "--prune-min-epochs and --prune-factor set Optuna's pruners; the keras-tuner "
+            f"engine's Hyperband oracle uses factor {KT_HYPERBAND_FACTOR} and --epochs. Drop "
+            "them, or use --engine optuna."
+        )
     space = study.search_space
     target = budget(study, options)
     if options.strategy == "grid":
@@ -172,8 +180,10 @@ def run(
     ostudy = load_optuna_study(study, storage, optuna.samplers.RandomSampler(seed=options.seed))
     oracle = open_oracle(study, options, space)
 
-    pruner = "HyperbandOracle" if options.strategy == "hyperband" else "none"
-    info = session_info(study, options, target, ENGINE, pruner, spec.data.source)
+    hyperband = options.strategy == "hyperband"
+    pruner = "HyperbandOracle" if hyperband else "none"
+    info = session_info(study, options, target, ENGINE, pruner, spec.data.source,
+                        pruner_args=f"factor={KT_HYPERBAND_FACTOR}" if hyperband else "")
     tracker.start_study(study.name, info)
     link_session(tracker, study, ostudy, len(ostudy.get_trials(deepcopy=False, states=FINISHED)))
     base_tags = trial_tags(study, options, ENGINE)

@@ -134,6 +134,11 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
     if strategy in ("random", "grid", "hyperband"):
         return optuna.samplers.RandomSampler(seed=seed)
     if strategy == "bayesian":
+        # Optuna 5's TPE defaults are the ones we want: multivariate (params sampled jointly,
+        # single objective) and constant_liar (--workers do not all propose the same point).
+        # Pruned trials count as finished, also towards the 5 random start-up trials; TPE
+        # ranks them below every complete trial (README, "Pruning").  5, not Optuna's 10:
+        # studies here run tens of trials, not hundreds.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
     if strategy == "gp":
         try:
@@ -147,26 +152,53 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
     raise StudyDefinitionError(f"Unknown strategy {strategy!r}.")
 
 
+#: ``--pruner asha``/``hyperband`` defaults.  A trial may be stopped after its first epoch
+#: (the earliest signal there is: a study that needs warm-up epochs says so with
+#: ``--prune-min-epochs``) and about a third of the trials that reach a rung go on (rungs at
+#: 1, 3, 9, 27 ... epochs; Optuna's own default of 4 keeps a quarter and, at 4 epochs or
+#: fewer, leaves a single rung).  Not Optuna's ``bootstrap_count``: it prunes the first trials
+#: that reach a rung outright, which in a sequential run throws away the first trials.
+PRUNE_MIN_EPOCHS = 1
+PRUNE_FACTOR = 3
+
+
 def make_pruner(options: RunOptions) -> optuna.pruners.BasePruner:
     """``--pruner``: none (never prune), median, asha (successive halving) or hyperband.
 
     Steps are epochs trained (1, 2, ...).  Strategy ``hyperband`` means random sampling with
-    the Hyperband pruner unless another pruner is named.
+    the Hyperband pruner unless another pruner is named.  ``--prune-min-epochs`` and
+    ``--prune-factor`` (checked by ``engines.check_pruning``) override the defaults above.
     """
     name = options.pruner
     if name == "none" and options.strategy == "hyperband":
         name = "hyperband"
+    min_epochs = options.prune_min_epochs or PRUNE_MIN_EPOCHS
+    factor = options.prune_factor or PRUNE_FACTOR
     if name == "none":
         return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        # pruned from step n_warmup_steps on, and steps are epochs trained
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min_epochs)
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_epochs, reduction_factor=factor
+        )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=max(options.epochs, 1), reduction_factor=3
+            min_resource=min_epochs, max_resource=max(options.epochs, 1), reduction_factor=factor
         )
     raise StudyDefinitionError(f"Unknown pruner {name!r}: choose none, median, asha or hyperband.")
+
+
+def pruner_args(options: RunOptions) -> str:
+    """The settings of the session's pruner, for its parent run's tags."""
+    pruner = make_pruner(options)
+    if isinstance(pruner, optuna.pruners.NopPruner):
+        return ""
+    min_epochs = options.prune_min_epochs or PRUNE_MIN_EPOCHS
+    if isinstance(pruner, optuna.pruners.MedianPruner):
+        return f"min_epochs={min_epochs}"
+    return f"min_epochs={min_epochs}, factor={options.prune_factor or PRUNE_FACTOR}"
 
 
 def grid_points(study: Study) -> list[dict[str, Any]]:
@@ -248,10 +280,13 @@ def trial_rows(ostudy: optuna.Study) -> list[dict[str, Any]]:
 
 
 def _best(ostudy: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    complete = ostudy.get_trials(deepcopy=False, states=(OptunaState.COMPLETE,))
-    if not complete:
+    """Optuna's best trial (its tie-breaking, which ``searchlab report`` shows too), or None.
+
+    One storage query, asked after every trial: no listing of every trial first."""
+    try:
+        return ostudy.best_trial
+    except ValueError:  # no complete trial yet
         return None
-    return ostudy.best_trial
 
 
 @dataclass
@@ -321,7 +356,8 @@ def open_session(
         lock_dir=config.home(),
     )
     info = session_info(
-        study, options, target, ENGINE, type(ostudy.pruner).__name__, data_source
+        study, options, target, ENGINE, type(ostudy.pruner).__name__, data_source,
+        pruner_args=pruner_args(options),
     )
     session = Session(study, options, tracker, storage, ostudy, lock, target, info)
     if options.parent_run_id:
@@ -361,6 +397,7 @@ def session_info(
     engine: str,
     pruner: str,
     data_source: str = "",
+    pruner_args: str = "",
 ) -> dict[str, Any]:
     """What a session's parent run records (tags, ``space.*`` and ``run_params`` params);
     both engines use it, so their MLflow runs have the same structure."""
@@ -383,6 +420,8 @@ def session_info(
     }
     if data_source:
         info["data"] = data_source
+    if pruner_args:  # the pruner's settings (tag searchlab.pruner_args)
+        info["pruner_args"] = pruner_args
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
     return info
 

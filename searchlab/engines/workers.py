@@ -121,8 +121,10 @@ def run(
     """Run ``study`` with ``workers`` processes; ``worker_command(index, parent_run_id)`` is
     the command line of worker ``index`` (a ``searchlab run`` with ``--parent-run``)."""
     from searchlab import data as data_mod
+    from searchlab.engines import check_pruning
     from searchlab.engines import optuna as engine
 
+    check_pruning(options)  # once here, not in every worker
     engine.budget(study, options)
     spec = engine.trial_spec(study, options)  # a missing dataset fails before any store write
     session = engine.open_session(study, options, tracker, spec.data.source)
