@@ -14,6 +14,15 @@ fingerprint).  They are kept in memory (LRU, bounded) and on disk under the proj
 (``.searchlab/feature-cache/``, bounded, oldest files evicted first) so a resumed or parallel
 study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 ``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
+
+A trial whose every phase can train on features does not build its complete model:
+``plan_trial`` plans the cuts on a ``Template`` (the builder's complete model, built once per
+process and never trained; it also computes the features and fingerprints the prefix), the
+builder builds only the suffix from the shallowest cut, and ``save_suffix`` writes that
+suffix's weights with the cut and the prefix's fingerprint.  ``load_suffix`` puts them into
+the complete model rebuilt by the builder (for the best model, export, reeval) after checking
+that its prefix has the same fingerprint.  Other trials cut the complete model
+(``suffix_model``: sharing its layers, so training it trains the complete model).
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ callback ``on_epoch(epoch, logs)``; that callback logs the epoch and may raise
 ``TrialPruned``.  A NaN/inf loss, a builder exception or running out of memory raise
 ``TrialFailed`` (the study goes on); a study-level mistake (the objective is not a metric the
 model reports, the builder does not return a compiled model) raises ``StudyDefinitionError``.
+
+A complete trial leaves its best weights in ``TrialResult.weights_path``: the complete
+model's (``WEIGHTS_FILE``) or, for a transfer trial trained entirely on the feature cache,
+only the layers after the frozen prefix (``SUFFIX_WEIGHTS_FILE``; tag
+``searchlab.weights_form``).  ``load_trained`` rebuilds the complete model from either.
 """
 
 from __future__ import annotations

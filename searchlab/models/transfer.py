@@ -15,6 +15,9 @@ the head with the whole backbone frozen, then unfreezes down to layer ``frozen_l
 trains on at a smaller learning rate (params ``head_epochs``, ``fine_tune_epochs``,
 ``lr_factor`` override the schedule's values).
 
+A trial trained on the feature cache uses ``build_suffix`` instead: only the layers after the
+frozen prefix, copied from a complete model built once per process (``searchlab.cache``).
+
 ImageNet weights (``weights="imagenet"``) are looked for, in order: in the data directory
 under Keras's own file name, in Keras's cache (``~/.keras/models``), then downloaded by Keras.
 ``weights=None`` gives a random backbone that is the same in every trial and process (seeded
