@@ -14,6 +14,15 @@ fingerprint).  They are kept in memory (LRU, bounded) and on disk under the proj
 (``.searchlab/feature-cache/``, bounded, oldest files evicted first) so a resumed or parallel
 study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 ``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
+
+A trial whose every phase can train on features does not build its complete model:
+``plan_trial`` plans the cuts on a ``Template`` (the builder's complete model, built once per
+process and never trained; it also computes the features and fingerprints the prefix), the
+builder builds only the suffix from the shallowest cut, and ``save_suffix`` writes that
+suffix's weights with the cut and the prefix's fingerprint.  ``load_suffix`` puts them into
+the complete model rebuilt by the builder (for the best model, export, reeval) after checking
+that its prefix has the same fingerprint.  Other trials cut the complete model
+(``suffix_model``: sharing its layers, so training it trains the complete model).
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,7 @@ import numpy as np
 
 from searchlab import config
 from searchlab.data import Data
+from searchlab.errors import StudyDefinitionError
 
 log = logging.getLogger(__name__)
 MEMORY_ENV = "SEARCHLAB_CACHE_MEMORY_MB"
@@ -142,7 +153,10 @@ def suffix_model(model: keras.Model, cut: Cut) -> keras.Model:
     return keras.Model(cut.tensor, model.outputs, name=f"{model.name}_suffix")
 
 
-def _prefix_key(model: keras.Model, cut: Cut, data: Data) -> str:
+def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
+    """A hash of what the layers up to ``cut`` compute: their configs (input size, resizing,
+    preprocessing; not their trainable flag or dtype policy) and their weights.  Two models
+    with the same fingerprint give the same features for the same images."""
     h = hashlib.sha1()
     configs = []
     for layer in model.layers[: cut.index + 1]:
@@ -151,14 +165,23 @@ def _prefix_key(model: keras.Model, cut: Cut, data: Data) -> str:
         except Exception:  # a layer without a config: its class and name stand in
             cfg = {"name": layer.name}
         cfg.pop("trainable", None)
+        cfg.pop("dtype", None)  # the trained weights are float32 under every policy
         configs.append([type(layer).__name__, cfg])
         for w in layer.weights:
             arr = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
             h.update(arr.tobytes())
     h.update(json.dumps(configs, sort_keys=True, default=str).encode())
-    h.update(
+    return h.hexdigest()[:24]
+
+
+def _prefix_key(
+    model: keras.Model, cut: Cut, data: Data, fingerprint: str | None = None
+) -> str:
+    policies = [getattr(layer.dtype_policy, "name", "") for layer in model.layers[: cut.index + 1]]
+    h = hashlib.sha1(
         json.dumps(
-            [model.name, cut.name, cut.index, data.fingerprint, keras.backend.backend()]
+            [fingerprint or prefix_fingerprint(model, cut), policies, model.name, cut.name,
+             cut.index, data.fingerprint, keras.backend.backend()]
         ).encode()
     )
     return h.hexdigest()[:24]
@@ -201,9 +224,17 @@ class FeatureCache:
         per_item = int(np.prod(cut.shape)) * 4
         return per_item * (len(data.x_train) + len(data.x_val)) <= self.memory_bytes
 
-    def features(self, model: keras.Model, cut: Cut, data: Data, batch_size: int = 128) -> Features:
-        """The outputs of ``model.layers[cut.index]`` for the training and validation images."""
-        key = _prefix_key(model, cut, data)
+    def features(
+        self,
+        model: keras.Model,
+        cut: Cut,
+        data: Data,
+        batch_size: int = 128,
+        key: str | None = None,
+    ) -> Features:
+        """The outputs of ``model.layers[cut.index]`` for the training and validation images
+        (``key``: their cache key when the caller knows it, e.g. ``Template.key``)."""
+        key = key or _prefix_key(model, cut, data)
         if key in self._memory:
             self._memory.move_to_end(key)
             return Features(*self._memory[key], key=key, source=Source.MEMORY)
@@ -293,3 +324,154 @@ def default_cache() -> FeatureCache:
     if _DEFAULT is None:
         _DEFAULT = FeatureCache()
     return _DEFAULT
+
+
+# -- trials without their complete model ---------------------------------------------------
+
+
+@dataclass
+class Template:
+    """A builder's complete model, built once per process and never trained.
+
+    It stands in for the complete model wherever a cached trial needs the frozen prefix:
+    planning the cut of each phase, computing (once) and keying the features, and the prefix
+    fingerprint that a suffix-weights file refers to.  Its weights never change, so the
+    fingerprints and keys computed from it are kept.
+    """
+
+    model: keras.Model
+    valid: dict[int, Any]
+    fingerprints: dict[int, str] = field(default_factory=dict)
+    keys: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    def cut(self, freeze: Callable[[keras.Model, int], None], frozen: int) -> Cut | None:
+        freeze(self.model, frozen)
+        return plan_cut(self.model, self.valid)
+
+    def fingerprint(self, cut: Cut) -> str:
+        if cut.index not in self.fingerprints:
+            self.fingerprints[cut.index] = prefix_fingerprint(self.model, cut)
+        return self.fingerprints[cut.index]
+
+    def key(self, cut: Cut, data: Data) -> str:
+        memo = (cut.index, data.fingerprint)
+        if memo not in self.keys:
+            self.keys[memo] = _prefix_key(self.model, cut, data, self.fingerprint(cut))
+        return self.keys[memo]
+
+
+#: per process: the template of the last builder/data shape/dtype policy asked for (one is
+#: kept: a template holds a complete backbone)
+_TEMPLATES: dict[tuple, Template] = {}
+
+
+def template(build: Any, info: Any) -> Template:
+    """The process-wide template of ``build`` (a ``Transfer``) for data of ``info``'s shape.
+
+    It survives ``keras.backend.clear_session()`` between trials (the trials' own models do
+    not), so memory stays flat: one complete model per process, whatever the trial count."""
+    key = (build.template_key(info), keras.config.dtype_policy().name, keras.backend.backend())
+    found = _TEMPLATES.get(key)
+    if found is None:
+        _TEMPLATES.clear()
+        model, _ = build.build_uncompiled({}, info)
+        found = _TEMPLATES[key] = Template(model, cut_points(model))
+    return found
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A trial whose every phase trains on cached features: per phase its cut (on the
+    template); the trial's model is the builder's suffix from the shallowest cut, ``base``."""
+
+    template: Template
+    phases: list[tuple[int, int, float]]
+    cuts: list[Cut]
+
+    @property
+    def base(self) -> Cut:
+        return min(self.cuts, key=lambda c: c.index)
+
+    def train_model(self, model: keras.Model, cut: Cut) -> keras.Model:
+        """The part of ``model`` (the suffix from ``base``) that trains on ``cut``'s features."""
+        if cut.index == self.base.index:
+            return model
+        return keras.Model(model.get_layer(cut.name).output, model.outputs,
+                           name=f"{model.name}_suffix")
+
+
+def can_plan(build: Any) -> bool:
+    """Whether ``build`` can train a trial without its complete model (``Transfer`` can)."""
+    return bool(getattr(build, "feature_cache", False)) and all(
+        hasattr(build, a) for a in ("template_key", "build_uncompiled", "build_suffix")
+    )
+
+
+def plan_trial(
+    build: Any, params: Any, info: Any, epochs: int, data: Data, store: FeatureCache
+) -> Plan | None:
+    """The plan of a trial of ``build`` when every phase can train on cached features that
+    fit in memory; None when one cannot (that trial builds its complete model)."""
+    tpl = template(build, info)
+    phases = build.schedule(params, tpl.model, epochs)
+    cuts = []
+    for _, frozen, _ in phases:
+        cut = tpl.cut(build.freeze, frozen)
+        if cut is None or not store.fits(cut, data):
+            return None
+        cuts.append(cut)
+    return Plan(tpl, phases, cuts) if cuts else None
+
+
+SUFFIX_FORMAT = "searchlab-suffix-weights"
+
+
+def save_suffix(model: keras.Model, path: Path, cut: Cut, fingerprint: str) -> None:
+    """Save the weights of ``model`` (a suffix from ``cut``) with the fingerprint of the
+    frozen prefix it was trained on: with the builder, that is the complete model."""
+    names: list[list[Any]] = []
+    arrays: dict[str, np.ndarray] = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        weights = layer.get_weights()
+        for i, w in enumerate(weights):
+            arrays[f"w{len(names)}_{i}"] = w
+        names.append([layer.name, len(weights)])
+    meta = {"format": SUFFIX_FORMAT, "version": 1, "cut": cut.name, "cut_index": cut.index,
+            "prefix_fingerprint": fingerprint, "layers": names}
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def load_suffix(model: keras.Model, path: Path) -> None:
+    """Load a ``save_suffix`` file into ``model``, the complete model built by the same
+    builder; its prefix must have the fingerprint the trial was trained on."""
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta"]))
+        if meta.get("format") != SUFFIX_FORMAT:
+            raise StudyDefinitionError(f"{path} is not a searchlab suffix-weights file.")
+        names = [layer.name for layer in model.layers]
+        if meta["cut"] not in names:
+            raise StudyDefinitionError(
+                f"The trial's weights start after layer {meta['cut']!r}, which the study's "
+                f"model no longer has; it has {', '.join(names)}. Run the study again."
+            )
+        cut = Cut(names.index(meta["cut"]), meta["cut"], ())
+        found = prefix_fingerprint(model, cut)
+        if found != meta["prefix_fingerprint"]:
+            raise StudyDefinitionError(
+                f"The trial was trained on a frozen prefix (up to {cut.name!r}) with "
+                f"fingerprint {meta['prefix_fingerprint']}, but the study now builds one with "
+                f"fingerprint {found}: its backbone weights, input size or preprocessing "
+                "changed since the trial ran. Restore them, or run the study again."
+            )
+        stored = {name for name, _ in meta["layers"]}
+        missing = [layer.name for layer in model.layers[cut.index + 1:]
+                   if layer.weights and layer.name not in stored]
+        if missing:
+            raise StudyDefinitionError(
+                f"The trial's weights lack layers {', '.join(missing)} of the study's model: "
+                "its head changed since the trial ran. Run the study again."
+            )
+        for j, (name, n) in enumerate(meta["layers"]):
+            model.get_layer(name).set_weights([f[f"w{j}_{i}"] for i in range(n)])

@@ -2,7 +2,9 @@
 
 Reads from the stores, not from memory: the trial is looked up in the Optuna storage, its
 best weights are downloaded from its MLflow run, and the model is rebuilt with the study's
-builder and its params.  ``.h5`` writes legacy HDF5, ``.keras`` the Keras format.
+builder and its params.  A trial trained on the feature cache logged only the weights after
+the frozen prefix (``weights/best.suffix.npz``, tag ``searchlab.weights_form=suffix``): the
+rebuilt model brings the prefix, checked against the fingerprint the trial recorded.  ``.h5`` writes legacy HDF5, ``.keras`` the Keras format.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def export_model(
     )
     with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
         try:
-            weights = tracker.download(run_id, f"weights/{trial_mod.WEIGHTS_FILE}", Path(tmp))
+            weights = trial_mod.weights_file(tracker.download(run_id, "weights", Path(tmp)))
         except Exception as exc:
             raise ExportError(
                 f"Trial {trial.number}'s weights are missing from MLflow run {run_id} ({exc})."

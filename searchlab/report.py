@@ -42,7 +42,9 @@ class BestTrial:
 
     ``model_uri`` is the complete best model logged on the session run that ended with this
     trial as its best (``runs:/<session run>/best_model/model.keras``; None if no session
-    finished since); ``weights_uri`` is the trial's own best-epoch weights;
+    finished since); ``weights_uri`` is the trial's own best-epoch weights (the complete
+    model's ``best.weights.h5``, or for a trial trained on the feature cache
+    ``best.suffix.npz``: the layers after the frozen prefix, see ``searchlab.cache``);
     ``tracking_uri`` is the MLflow store that holds them.
     """
 
@@ -138,15 +140,18 @@ def best_trial(results: Results) -> BestTrial:
         ):
             model_uri = f"runs:/{session.info.run_id}/{BEST_MODEL_PATH}"
             break
-    from searchlab.trial import WEIGHTS_FILE
+    from searchlab.trial import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
 
+    run = results.trial_runs.get(run_id or "")
+    suffix = run is not None and run.data.tags.get("searchlab.weights_form") == "suffix"
+    weights = SUFFIX_WEIGHTS_FILE if suffix else WEIGHTS_FILE
     return BestTrial(
         number=best.number,
         value=float(best.value),
         params=dict(best.params),
         run_id=run_id,
         model_uri=model_uri,
-        weights_uri=f"runs:/{run_id}/weights/{WEIGHTS_FILE}" if run_id else None,
+        weights_uri=f"runs:/{run_id}/weights/{weights}" if run_id else None,
         tracking_uri=results.tracker.uri,
     )
 

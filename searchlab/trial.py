@@ -5,6 +5,11 @@ callback ``on_epoch(epoch, logs)``; that callback logs the epoch and may raise
 ``TrialPruned``.  A NaN/inf loss, a builder exception or running out of memory raise
 ``TrialFailed`` (the study goes on); a study-level mistake (the objective is not a metric the
 model reports, the builder does not return a compiled model) raises ``StudyDefinitionError``.
+
+A complete trial leaves its best weights in ``TrialResult.weights_path``: the complete
+model's (``WEIGHTS_FILE``) or, for a transfer trial trained entirely on the feature cache,
+only the layers after the frozen prefix (``SUFFIX_WEIGHTS_FILE``; tag
+``searchlab.weights_form``).  ``load_trained`` rebuilds the complete model from either.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
+#: a trial's best weights: the complete model's (``full``) ...
 WEIGHTS_FILE = "best.weights.h5"
+#: ... or, for a trial trained entirely on cached features, only the layers after the frozen
+#: prefix plus the prefix's fingerprint (``suffix``; see ``cache.save_suffix``)
+SUFFIX_WEIGHTS_FILE = "best.suffix.npz"
+WEIGHTS_FILES = (WEIGHTS_FILE, SUFFIX_WEIGHTS_FILE)
 
 
 class TrialState(enum.Enum):
@@ -221,8 +231,27 @@ def _build_and_fit(
     monitor: _Monitor,
     result: TrialResult,
 ) -> None:
-    """The part of a trial that runs under its precision policy; fills ``result`` in."""
-    model = build_model(spec.build, params, info_of(spec.data))
+    """The part of a trial that runs under its precision policy; fills ``result`` in.
+
+    A transfer trial whose every phase trains on cached features never builds its complete
+    model: it trains the builder's suffix model (the layers after the frozen prefix) and
+    saves only those weights (``SUFFIX_WEIGHTS_FILE``), which ``load_trained`` puts back
+    into the complete model.  Other trials build, train and save the complete model.
+    """
+    from searchlab import cache as cache_mod
+
+    info = info_of(spec.data)
+    build = spec.build
+    plan = None
+    if _is_phased(build) and cache_mod.can_plan(build):
+        plan = cache_mod.plan_trial(build, params, info, spec.epochs, spec.data,
+                                    cache_mod.default_cache())
+    # The same seed for the model with and without a plan (planning may build a template).
+    keras.utils.set_random_seed(trial_seed(spec.seed, number))
+    if plan is not None:
+        model = build.build_suffix(params, info, plan.template.model, plan.base)
+    else:
+        model = build_model(build, params, info)
     result.tags.update(_device_tags(model))
     warning = backend.output_dtype_warning(model, spec.precision)
     if warning:
@@ -230,9 +259,9 @@ def _build_and_fit(
     batch_size = int(params.get("batch_size", spec.batch_size))
     fit_started = time.perf_counter()
     try:
-        if _is_phased(spec.build):
+        if _is_phased(build):
             monitor.target = model
-            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags)
+            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags, plan)
         else:
             backend.build_for_fit(model, spec.data.x_train, spec.data.y_train, batch_size)
             model.fit(
@@ -253,8 +282,17 @@ def _build_and_fit(
         raise TrialFailed(f"the objective {spec.objective!r} was never finite")
     model.set_weights(monitor.best_weights)
     workdir.mkdir(parents=True, exist_ok=True)
-    result.weights_path = workdir / WEIGHTS_FILE
-    model.save_weights(result.weights_path)
+    if plan is not None:
+        fingerprint = plan.template.fingerprint(plan.base)
+        result.weights_path = workdir / SUFFIX_WEIGHTS_FILE
+        cache_mod.save_suffix(model, result.weights_path, plan.base, fingerprint)
+        result.tags["searchlab.weights_form"] = "suffix"
+        result.tags["searchlab.weights_prefix_layer"] = plan.base.name
+        result.tags["searchlab.weights_prefix_fingerprint"] = fingerprint
+    else:
+        result.weights_path = workdir / WEIGHTS_FILE
+        model.save_weights(result.weights_path)
+        result.tags["searchlab.weights_form"] = "full"
     result.state = TrialState.COMPLETE
     result.value, result.best_epoch = monitor.best, monitor.best_epoch
 
@@ -290,30 +328,44 @@ def _fit_phased(
     batch_size: int,
     number: int,
     tags: dict[str, str],
+    plan: Any = None,
 ) -> None:
     """Fit a transfer model phase by phase (one phase, or head-then-fine-tune), each phase on
     the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
-    say so, also when a phase is pruned or fails."""
+    say so, also when a phase is pruned or fails.  With a ``plan`` (``cache.Plan``) ``model``
+    is the suffix from the plan's shallowest cut and every phase trains on features."""
     from searchlab import cache as cache_mod
 
     build = spec.build
-    valid = cache_mod.cut_points(model)  # before any sub-model adds nodes to the layers
     store = cache_mod.default_cache()
     data = spec.data
     used: list[str] = []
     epoch = 0
-    for phase, (epochs, frozen, lr_factor) in enumerate(build.schedule(params, model, spec.epochs)):
+    if plan is not None:
+        phases = plan.phases
+    else:
+        valid = cache_mod.cut_points(model)  # before any sub-model adds nodes to the layers
+        phases = build.schedule(params, model, spec.epochs)
+    for phase, (epochs, frozen, lr_factor) in enumerate(phases):
         build.freeze(model, frozen)
-        cut = cache_mod.plan_cut(model, valid) if build.feature_cache else None
-        if cut is not None and not store.fits(cut, data):
-            cut = None
-            tags[f"searchlab.cache_note.{phase}"] = "features larger than the memory bound"
+        if plan is not None:
+            cut = plan.cuts[phase]
+            source = plan.template
+            feats = store.features(source.model, cut, data, key=source.key(cut, data))
+            train, x, x_val = plan.train_model(model, cut), feats.x_train, feats.x_val
+        else:
+            cut = cache_mod.plan_cut(model, valid) if build.feature_cache else None
+            if cut is not None and not store.fits(cut, data):
+                cut = None
+                tags[f"searchlab.cache_note.{phase}"] = "features larger than the memory bound"
+            if cut is None:
+                train, x, x_val = model, data.x_train, data.x_val
+            else:
+                feats = store.features(model, cut, data)
+                train, x, x_val = cache_mod.suffix_model(model, cut), feats.x_train, feats.x_val
         if cut is None:
-            train, x, x_val = model, data.x_train, data.x_val
             used.append("off")
         else:
-            feats = store.features(model, cut, data)
-            train, x, x_val = cache_mod.suffix_model(model, cut), feats.x_train, feats.x_val
             used.append(f"{cut.name}:{feats.source.value}")
             tags["searchlab.cache_layer"] = cut.name
             tags["searchlab.cache_layer_index"] = str(cut.index)
@@ -339,14 +391,34 @@ def _fit_phased(
             break
 
 
+def weights_file(path: Path) -> Path:
+    """A trial's weights file: ``path`` itself, or the one in folder ``path`` (a downloaded
+    ``weights`` artifact folder holds either form)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in WEIGHTS_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no {' or '.join(WEIGHTS_FILES)} in {path}")
+
+
 def load_trained(
     build: Callable[..., Any], params: Mapping[str, Any], info: DataInfo, weights: Path
 ) -> Any:
-    """Rebuild a trial's model from its params and load its saved best weights."""
+    """Rebuild a trial's complete model from its params and load its saved best weights:
+    ``weights`` is either weights file (or the folder holding it).  A suffix file is checked
+    against the rebuilt model's frozen prefix (``cache.load_suffix``)."""
+    weights = weights_file(weights)
     keras.backend.clear_session()
     model = build_model(build, params, info)
     if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
         model.build((None, *info.input_shape))
+    if weights.name.endswith(".npz"):
+        from searchlab import cache as cache_mod
+
+        cache_mod.load_suffix(model, weights)
+        return model
     with warnings.catch_warnings():
         # The file also holds the trained optimizer's slots; a fresh model's optimizer has
         # none yet, which Keras reports. Only the model's weights matter here.

@@ -3,6 +3,7 @@ trial trained on the cache ends exactly where the same trial trained on raw imag
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -11,7 +12,8 @@ import pytest
 
 from searchlab import cache
 from searchlab.data import Data, Dataset, info_of, load
-from searchlab.models import Transfer
+from searchlab.errors import StudyDefinitionError
+from searchlab.models import FineTune, Transfer
 from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
 
 
@@ -129,3 +131,96 @@ def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
     np.testing.assert_allclose(reloaded.predict(data.x_val, verbose=0), probs, rtol=1e-4, atol=1e-6)
     reference = load_trained(build, params, info_of(data), off.weights_path)
     np.testing.assert_allclose(reference.predict(data.x_val, verbose=0), probs, rtol=1e-3, atol=1e-5)
+
+
+def _images(n_train: int = 24, n_val: int = 12, seed: int = 0) -> Data:
+    """Random 32x32 RGB "images" in 0..255 with three classes (no data directory needed)."""
+    rng = np.random.default_rng(seed)
+    return Data(
+        x_train=rng.uniform(0, 255, size=(n_train, 32, 32, 3)).astype("float32"),
+        y_train=rng.integers(0, 3, n_train).astype("int32"),
+        x_val=rng.uniform(0, 255, size=(n_val, 32, 32, 3)).astype("float32"),
+        y_val=rng.integers(0, 3, n_val).astype("int32"),
+        x_test=np.zeros((0, 32, 32, 3), "float32"),
+        y_test=np.zeros((0,), "int32"),
+        num_classes=3,
+    )
+
+
+def _accuracy(model: keras.Model, data: Data) -> float:
+    return float(np.mean(model.predict(data.x_val, verbose=0).argmax(axis=1) == data.y_val))
+
+
+@pytest.mark.slow
+def test_a_cached_trial_saves_only_the_suffix_and_loads_as_the_complete_model(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Backbone frozen: the trial trains Dense -> Dropout -> Dense on cached features, never
+    builds the complete VGG16 once the template exists, and its weights file holds the head
+    and the prefix's fingerprint; the rebuilt complete model takes raw images."""
+    data = _images()
+    build = Transfer("vgg16", weights=None)
+    params = {"frozen_layers": 18, "head_width": 16, "dropout": 0.2, "batch_size": 8}
+    spec = TrialSpec(build=build, data=data, epochs=2, seed=3)
+    first = run_trial(0, params, spec, project / "t0")
+    assert first.state is TrialState.COMPLETE, first.error
+    built = []
+    original = Transfer.build_uncompiled
+    monkeypatch.setattr(Transfer, "build_uncompiled",
+                        lambda self, *a: built.append(1) or original(self, *a))
+    result = run_trial(1, params, spec, project / "t1")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert built == []  # the template of the first trial served the second
+    assert result.tags["searchlab.cache_phases"] == "head_pool:memory"
+    assert result.tags["searchlab.weights_form"] == "suffix"
+    assert result.tags["searchlab.weights_prefix_layer"] == "head_pool"
+    assert result.weights_path.name == "best.suffix.npz"
+    assert result.weights_path.stat().st_size < 100_000  # not the 59 MB of VGG16
+    with np.load(result.weights_path) as f:
+        stored = {k for k in f.files if k != "meta"}
+    assert len(stored) == 4  # head_dense and classes: kernel and bias each
+
+    monkeypatch.setattr(Transfer, "build_uncompiled", original)
+    full = load_trained(build, params, info_of(data), result.weights_path.parent)
+    assert full.input_shape == (None, 32, 32, 3)
+    assert _accuracy(full, data) == pytest.approx(result.value, abs=1e-6)
+    path = project / "best.keras"
+    full.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path, compile=False).predict(data.x_val, verbose=0),
+                               full.predict(data.x_val, verbose=0), rtol=1e-5, atol=1e-6)
+
+    # Another backbone (another seed): the fingerprint no longer matches, and it says so.
+    with pytest.raises(StudyDefinitionError, match="fingerprint"):
+        load_trained(Transfer("vgg16", weights=None, seed=1), params, info_of(data),
+                     result.weights_path)
+
+
+def test_an_uncached_trial_saves_the_complete_model(project: Path):
+    data = _images(n_train=16, n_val=8)
+    build = Transfer("vgg16", weights=None, cache=False)
+    params = {"frozen_layers": 18, "head_width": 8, "batch_size": 8}
+    result = run_trial(0, params, TrialSpec(build=build, data=data, epochs=1), project / "t")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert result.tags["searchlab.cache"] == "off"
+    assert result.tags["searchlab.weights_form"] == "full"
+    assert result.weights_path.name == "best.weights.h5"
+    full = load_trained(build, params, info_of(data), result.weights_path)
+    assert _accuracy(full, data) == pytest.approx(result.value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_two_phase_trial_trains_the_suffix_of_its_shallower_cut(project: Path):
+    """Head first (cut after head_pool), then block5 (cut after block4_pool): both phases
+    train parts of one suffix model, which is what the weights file holds."""
+    data = _images(n_train=16, n_val=8)
+    build = Transfer("vgg16", weights=None, fine_tune=FineTune(head_epochs=1, epochs=1))
+    params = {"frozen_layers": 14, "head_width": 8, "batch_size": 8}
+    result = run_trial(0, params, TrialSpec(build=build, data=data, epochs=1), project / "t")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert result.tags["searchlab.cache_phases"] == "head_pool:computed,block4_pool:computed"
+    assert result.tags["searchlab.weights_prefix_layer"] == "block4_pool"
+    with np.load(result.weights_path) as f:
+        layers = [name for name, _ in json.loads(str(f["meta"]))["layers"]]
+    assert layers[:3] == ["block5_conv1", "block5_conv2", "block5_conv3"]
+    full = load_trained(build, params, info_of(data), result.weights_path)
+    assert _accuracy(full, data) == pytest.approx(result.value, abs=1e-6)

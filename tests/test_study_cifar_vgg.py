@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import config
+from searchlab import config, report
 from searchlab.data import Dataset, load
 from searchlab.study import load_study
 from searchlab.tracking import MlflowTracker
@@ -54,7 +54,16 @@ def test_cifar_vgg_runs_offline_and_exports_a_model_of_raw_images(offline_vgg, c
             "head_pool" if frozen == 18 else keras.applications.VGG16(
                 include_top=False, weights=None).layers[frozen].name
         )
-        assert "weights" in {a.path for a in tracker.client.list_artifacts(run.info.run_id)}
+        # Trained on the cache: only the layers after the prefix are logged, with the
+        # prefix's fingerprint; export below assembles the complete model.
+        assert run.data.tags["searchlab.weights_form"] == "suffix"
+        assert run.data.tags["searchlab.weights_prefix_fingerprint"]
+        logged = [a.path for a in tracker.client.list_artifacts(run.info.run_id, "weights")]
+        assert logged == ["weights/best.suffix.npz"]
+
+    best_trial = report.best(STUDY)
+    assert best_trial.weights_uri.endswith("/weights/best.suffix.npz")
+    assert best_trial.model_uri.endswith("/best_model/model.keras")  # the complete model
 
     out = offline_vgg / "best.h5"
     result = cli("export", STUDY, "-o", out)

@@ -722,7 +722,7 @@ def _log_study_artifacts(
         from searchlab import trial as trial_mod
         from searchlab.data import info_of
 
-        weights = tracker.download(run_id, f"weights/{trial_mod.WEIGHTS_FILE}", Path(tmp))
+        weights = tracker.download(run_id, "weights", Path(tmp))  # either form: see trial
         model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
         path = Path(tmp) / "model.keras"
         model.save(path)

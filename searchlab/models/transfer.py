@@ -15,6 +15,9 @@ the head with the whole backbone frozen, then unfreezes down to layer ``frozen_l
 trains on at a smaller learning rate (params ``head_epochs``, ``fine_tune_epochs``,
 ``lr_factor`` override the schedule's values).
 
+A trial trained on the feature cache uses ``build_suffix`` instead: only the layers after the
+frozen prefix, copied from a complete model built once per process (``searchlab.cache``).
+
 ImageNet weights (``weights="imagenet"``) are looked for, in order: in the data directory
 under Keras's own file name, in Keras's cache (``~/.keras/models``), then downloaded by Keras.
 ``weights=None`` gives a random backbone that is the same in every trial and process (seeded
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,10 @@ POOLINGS = ("avg", "max", "flatten")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BACKBONE_PREFIX = "_searchlab_backbone"
+#: a backbone layer's position in the backbone (``frozen_layers`` counts these)
+BACKBONE_INDEX = "_searchlab_backbone_index"
+#: on a model: how many layers its backbone has (a suffix model holds only the last ones)
+BACKBONE_SIZE = "_searchlab_backbone_size"
 
 
 @dataclass(frozen=True)
@@ -178,30 +186,102 @@ class Transfer:
     def build_uncompiled(
         self, params: Mapping[str, Any], info: DataInfo
     ) -> tuple[keras.Model, int]:
+        head_seed = _draw_seed()  # first: the head is the same in the full and suffix models
         inputs, features, n_backbone = (
             self._file_backbone(info) if self.is_file else self._app_backbone(info)
         )
+        tag = self._head_tag(inputs, features)
+        pooled = self._pool(features, tag)
+        outputs = self._head(pooled, params, info, tag, head_seed)
+        model = keras.Model(inputs, outputs, name=self.__name__)
+        setattr(model, BACKBONE_SIZE, n_backbone)
+        return model, n_backbone
+
+    def template_key(self, info: DataInfo) -> tuple:
+        """What the complete model's layers before the head depend on: two builders with the
+        same key build the same backbone (a per-process template is shared by this key)."""
+        mtime = None
+        if self.is_file:
+            path = Path(self.backbone).expanduser()
+            mtime = path.stat().st_mtime if path.is_file() else None
+        elif self.weights not in (None, "imagenet") and Path(self.weights).expanduser().is_file():
+            mtime = Path(self.weights).expanduser().stat().st_mtime
+        return (self.backbone, self.weights, mtime, self.cut, self.input_size, self.pooling,
+                self.preprocess, self.seed, tuple(info.input_shape), info.num_classes)
+
+    def build_suffix(
+        self, params: Mapping[str, Any], info: DataInfo, template: keras.Model, cut: Any
+    ) -> keras.Model:
+        """The part of the complete model after ``cut`` (a ``cache.Cut`` on ``template``, a
+        complete model this builder built), taking the cut's features: the backbone layers
+        after the cut are copied from ``template`` (configs and weights), the head is new.
+
+        Its layers have the names, and after training the weights, of the same layers of the
+        complete model, and it draws the same head initialization: trained on the features,
+        it ends where the complete model trained on raw images ends.  Building it skips
+        creating and loading the backbone.
+        """
+        head_seed = _draw_seed()
+        tag = self._template_tag(template)
+        pooled = template.get_layer(f"head_pool{tag}").output
+        inputs = keras.Input(shape=cut.shape, name=f"{cut.name}_features")
+        x = inputs
+        n_backbone = getattr(template, BACKBONE_SIZE)
+        if cut.name != f"head_pool{tag}":
+            part = keras.Model(cut.tensor, pooled)
+            copy = keras.models.clone_model(part, input_tensors=inputs)
+            for layer in part.layers:
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                new = copy.get_layer(layer.name)
+                if layer.weights:
+                    new.set_weights(layer.get_weights())
+                if getattr(layer, BACKBONE_PREFIX, False):
+                    setattr(new, BACKBONE_PREFIX, True)
+                    setattr(new, BACKBONE_INDEX, getattr(layer, BACKBONE_INDEX))
+            x = copy.outputs[0]
+        outputs = self._head(x, params, info, tag, head_seed)
+        model = keras.Model(inputs, outputs, name=self.__name__)
+        setattr(model, BACKBONE_SIZE, n_backbone)
+        return model
+
+    def _head_tag(self, inputs: Any, features: Any) -> str:
         taken = {layer.name for layer in keras.Model(inputs, features).layers}
         n = 0
         while {f"head_pool{self._tag(n)}", f"classes{self._tag(n)}"} & taken:
             n += 1  # a backbone that was itself built here: give the new head new names
-        tag = self._tag(n)
+        return self._tag(n)
+
+    @staticmethod
+    def _template_tag(model: keras.Model) -> str:
+        """The head's name suffix in a complete model built here: its last layer's."""
+        name = model.layers[-1].name
+        return name[len("classes"):]
+
+    def _pool(self, features: Any, tag: str) -> Any:
         if len(features.shape) == 4:
             pool = {
                 "avg": keras.layers.GlobalAveragePooling2D,
                 "max": keras.layers.GlobalMaxPooling2D,
                 "flatten": keras.layers.Flatten,
             }[self.pooling]
-            x = pool(name=f"head_pool{tag}")(features)
-        else:
-            x = keras.layers.Flatten(name=f"head_pool{tag}")(features)
-        x = keras.layers.Dense(int(params.get("head_width", 256)), activation="relu",
-                               name=f"head_dense{tag}")(x)
-        x = keras.layers.Dropout(float(params.get("dropout", 0.0)), name=f"head_dropout{tag}")(x)
-        outputs = keras.layers.Dense(  # float32 also under a mixed precision policy
-            info.num_classes, activation="softmax", dtype="float32", name=f"classes{tag}"
+            return pool(name=f"head_pool{tag}")(features)
+        return keras.layers.Flatten(name=f"head_pool{tag}")(features)
+
+    @staticmethod
+    def _head(x: Any, params: Mapping[str, Any], info: DataInfo, tag: str, seed: int) -> Any:
+        """Dense -> Dropout -> Dense(classes), seeded from ``seed`` alone."""
+        x = keras.layers.Dense(
+            int(params.get("head_width", 256)), activation="relu", name=f"head_dense{tag}",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
         )(x)
-        return keras.Model(inputs, outputs, name=self.__name__), n_backbone
+        x = keras.layers.Dropout(
+            float(params.get("dropout", 0.0)), seed=seed + 1, name=f"head_dropout{tag}"
+        )(x)
+        return keras.layers.Dense(  # float32 also under a mixed precision policy
+            info.num_classes, activation="softmax", dtype="float32", name=f"classes{tag}",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
+        )(x)
 
     @staticmethod
     def _tag(n: int) -> str:
@@ -222,11 +302,17 @@ class Transfer:
     def backbone_layers(model: keras.Model) -> list[keras.layers.Layer]:
         return [layer for layer in model.layers if getattr(layer, BACKBONE_PREFIX, False)]
 
+    @classmethod
+    def backbone_size(cls, model: keras.Model) -> int:
+        """The backbone's layer count (also for a suffix model, which holds only its end)."""
+        size = getattr(model, BACKBONE_SIZE, None)
+        return len(cls.backbone_layers(model)) if size is None else int(size)
+
     def freeze(self, model: keras.Model, frozen: int) -> None:
         """Freeze the first ``frozen`` backbone layers; the rest of the backbone and the head
         train.  Frozen BatchNorm layers run in inference mode (Keras 3)."""
         for i, layer in enumerate(self.backbone_layers(model)):
-            layer.trainable = i >= frozen
+            layer.trainable = getattr(layer, BACKBONE_INDEX, i) >= frozen
 
     def compile(self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0) -> None:
         lr = float(params.get("learning_rate", 1e-3)) * lr_factor
@@ -243,7 +329,7 @@ class Transfer:
         self, params: Mapping[str, Any], model: keras.Model, study_epochs: int
     ) -> list[tuple[int, int, float]]:
         """The trial's phases as (epochs, frozen backbone layers, learning-rate factor)."""
-        n_backbone = len(self.backbone_layers(model))
+        n_backbone = self.backbone_size(model)
         frozen = self.frozen_count(params, n_backbone)
         if self.fine_tune is None:
             return [(study_epochs, frozen, 1.0)]
@@ -300,8 +386,9 @@ class Transfer:
         layers = [layer for layer in app.layers if not isinstance(layer, keras.layers.InputLayer)]
         known = {id(layer) for layer in _layers_up_to(inputs, x)}
         layers = [layer for layer in layers if id(layer) not in known]
-        for layer in layers:
+        for i, layer in enumerate(layers):
             setattr(layer, BACKBONE_PREFIX, True)
+            setattr(layer, BACKBONE_INDEX, i)
         arrays = _backbone_arrays(self, tuple(size) + (3,), layers)
         for layer, values in zip(layers, arrays, strict=True):
             if values:
@@ -344,8 +431,9 @@ class Transfer:
                 f"Backbone model {path} takes inputs of shape {expected}, but the data has "
                 f"shape {tuple(info.input_shape)}. Use data of the shape the model was trained on."
             )
-        for layer in layers[:keep]:
+        for i, layer in enumerate(layers[:keep]):
             setattr(layer, BACKBONE_PREFIX, True)
+            setattr(layer, BACKBONE_INDEX, i)
         x = layers[keep - 1].output
         mode = "none" if self.preprocess == "auto" else self.preprocess
         if mode != "none":
@@ -353,6 +441,13 @@ class Transfer:
                 "preprocess= applies to keras.applications backbones; a model file keeps its own."
             )
         return loaded.inputs[0], x, keep
+
+
+def _draw_seed() -> int:
+    """A seed for the head's initializers and dropout, drawn from Python's ``random`` (which
+    ``keras.utils.set_random_seed`` seeds), so a trial's head does not depend on how many
+    backbone layers were created before it."""
+    return random.randint(0, 2**30)
 
 
 def _layers_up_to(inputs: Any, tensor: Any) -> list[Any]:
