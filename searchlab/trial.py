@@ -376,6 +376,7 @@ def _fit_phased(
         # Reseed right before fit: the same trial shuffles and drops out identically with
         # and without the cache (computing features must not move the random streams).
         keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
+        backend.build_for_fit(train, x, data.y_train, batch_size)  # one trace, not two
         train.fit(
             x,
             data.y_train,
