@@ -9,6 +9,9 @@
 # directory, with password (scram) authentication for a role that may create databases:
 # the tests create their own databases, and check that a wrong password is refused.
 set -euo pipefail
+# runuser (and PostgreSQL's tools' helpers) live in sbin, which a minimal PATH (env -i, cron,
+# some CI runners) leaves out
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 DIR="${SEARCHLAB_PG_DIR:-/tmp/searchlab-ci-postgres}"
 PORT="${SEARCHLAB_PG_PORT:-55432}"
 ROLE=searchlab
@@ -21,7 +24,9 @@ bindir() {
 }
 
 as_owner() {  # run a command as the data directory's owner
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+  if [ "$(id -u)" != 0 ]; then "$@"
+  elif command -v runuser >/dev/null 2>&1; then runuser -u postgres -- "$@"
+  else su -s /bin/sh postgres -c "$(printf '%q ' "$@")"; fi
 }
 
 start() {
