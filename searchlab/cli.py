@@ -233,10 +233,10 @@ def run(
     _sigterm_interrupts()
     from searchlab import engines
     from searchlab.engines import workers as workers_mod
-
-    if parent_run:
-        workers_mod.bind_to_launcher()
     from searchlab.study import check_strategy, load_study
+
+    if parent_run:  # a worker: it must not outlive the launcher that started it
+        workers_mod.bind_to_launcher()
 
     gpu_list = workers_mod.parse_gpus(gpus)
     workers_given = click.get_current_context().get_parameter_source("workers").name != "DEFAULT"

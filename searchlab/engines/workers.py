@@ -136,7 +136,7 @@ def run(
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     procs: list[subprocess.Popen[bytes]] = []
-    relays: list[threading.Thread] = []
+    relays: dict[int, list[threading.Thread]] = {}  # worker index -> its output's relays
     errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
 
     def start(index: int) -> subprocess.Popen[bytes]:
@@ -152,13 +152,14 @@ def run(
         )
         assert proc.stdout is not None and proc.stderr is not None
         errors[index] = []
-        relays.extend((_relay(proc.stdout, sys.stdout),
-                       _relay(proc.stderr, sys.stderr, errors[index])))
+        relays.setdefault(index, []).extend(
+            (_relay(proc.stdout, sys.stdout), _relay(proc.stderr, sys.stderr, errors[index]))
+        )
         return proc
 
     try:
         procs.extend(start(index) for index in range(workers))
-        _wait(procs, start, lambda index: _worker_error(relays, errors[index]))
+        _wait(procs, start, lambda index: _worker_error(relays[index], errors[index]))
         if options.reeval_top:
             spec = engine.trial_spec(study, options)
             _reevaluate(session, spec)
@@ -169,7 +170,7 @@ def run(
         raise
     finally:
         _stop(procs)
-        for relay in relays:
+        for relay in (r for rs in relays.values() for r in rs):
             relay.join(timeout=5)
         counts = _session_counts(session)
         if status == "FINISHED" and spec is None:
@@ -197,7 +198,8 @@ def _reevaluate(session: Any, spec: Any) -> None:
 
 
 def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | None:
-    """The one-line error a stopped worker printed (its ``error: ...`` line), if any."""
+    """The one-line error a stopped worker printed (its ``error: ...`` line), if any;
+    ``relays`` are that worker's output relays."""
     for relay in relays:  # the worker has ended: let its output drain
         relay.join(timeout=2)
     return lines[-1] if lines else None
