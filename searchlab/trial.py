@@ -250,6 +250,11 @@ def _build_and_fit(
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
     if plan is not None:
         model = build.build_suffix(params, info, plan.template.model, plan.base)
+        from searchlab.models.transfer import MATMUL_CONVS
+
+        matmul = getattr(model, MATMUL_CONVS, None)
+        if matmul:  # trained as matrix products (MatmulConv2D): same numbers, other rounding
+            result.tags["searchlab.matmul_convs"] = ",".join(matmul)
     else:
         model = build_model(build, params, info)
     result.tags.update(_device_tags(model))

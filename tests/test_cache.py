@@ -115,6 +115,9 @@ def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
     assert on.state is off.state is TrialState.COMPLETE, (on.error, off.error)
     assert on.tags["searchlab.cache"] == "used" and on.tags["searchlab.cache_layer"] == "block4_pool"
     assert off.tags["searchlab.cache"] == "off"
+    # On a CPU block5's 2x2 convolutions train as matrix products (MatmulConv2D).
+    assert on.tags["searchlab.matmul_convs"] == "block5_conv1,block5_conv2,block5_conv3"
+    assert "searchlab.matmul_convs" not in off.tags
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(on.history[metric], off.history[metric], rtol=1e-4, atol=1e-5)
     assert on.best_epoch == off.best_epoch

@@ -199,3 +199,50 @@ def test_grid_search_runs_the_points_of_one_cut_point_together():
         points = grid_points(study)
         assert [p["frozen_layers"] for p in points] == expected
         assert len({tuple(sorted(p.items())) for p in points}) == 4
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [((2, 2, 16), 3, "same"), ((5, 3, 8), 3, "valid"), ((3, 4, 8), 2, "same"), ((2, 2, 8), 1, "same")],
+)
+def test_a_matmul_convolution_computes_and_trains_like_conv2d(shape, kernel, padding):
+    """MatmulConv2D (small maps, training on a CPU) gives Conv2D's outputs, and one step of
+    training moves its weights where Conv2D's go."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, *shape)).astype("float32")
+    y = rng.integers(0, 3, 6)
+    models = []
+    for cls in (keras.layers.Conv2D, transfer_mod.MatmulConv2D):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input(shape)
+        h = cls(5, kernel, padding=padding, activation="relu", name="conv")(inputs)
+        h = keras.layers.Flatten()(h)
+        model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    np.testing.assert_allclose(models[1].predict(x, verbose=0), models[0].predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    for model in models:
+        model.train_on_batch(x, y)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cached_suffix_trains_small_convolutions_as_matrix_products():
+    """Fine-tuning block4+5 on the cache: the 4x4 and 2x2 convolutions of the suffix are
+    MatmulConv2D on a CPU; the complete model keeps stock Conv2D layers."""
+    build = Transfer("vgg16", weights=None)
+    template, _ = build.build_uncompiled({}, CIFAR)
+    build.freeze(template, 10)  # block4 and block5 train; the cut is block3_pool (4x4x256)
+    cut = cache.plan_cut(template, cache.cut_points(template))
+    assert cut is not None and cut.name == "block3_pool"
+    suffix = build.build_suffix({"head_width": 8}, CIFAR, template, cut)
+    matmul = [layer.name for layer in suffix.layers if isinstance(layer, transfer_mod.MatmulConv2D)]
+    assert matmul == [f"block{b}_conv{c}" for b in (4, 5) for c in (1, 2, 3)]
+    assert getattr(suffix, transfer_mod.MATMUL_CONVS) == matmul
+    assert not any(isinstance(layer, transfer_mod.MatmulConv2D) for layer in template.layers)
+    for name in matmul:
+        for a, b in zip(template.get_layer(name).get_weights(), suffix.get_layer(name).get_weights(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)

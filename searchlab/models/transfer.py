@@ -41,6 +41,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from searchlab import backend
 from searchlab import data as data_mod
 from searchlab.data import DataInfo
 from searchlab.errors import SpaceError, StudyDefinitionError
@@ -61,6 +62,8 @@ BACKBONE_PREFIX = "_searchlab_backbone"
 BACKBONE_INDEX = "_searchlab_backbone_index"
 #: on a model: how many layers its backbone has (a suffix model holds only the last ones)
 BACKBONE_SIZE = "_searchlab_backbone_size"
+#: on a suffix model: its layers that compute their convolution as a matrix product
+MATMUL_CONVS = "_searchlab_matmul_convs"
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,11 @@ class Transfer:
         n_backbone = getattr(template, BACKBONE_SIZE)
         if cut.name != f"head_pool{tag}":
             part = keras.Model(cut.tensor, pooled)
-            copy = keras.models.clone_model(part, input_tensors=inputs)
+            matmul = _small_maps_by_matmul()
+            copy = keras.models.clone_model(
+                part, input_tensors=inputs,
+                clone_function=lambda layer: _clone_for_training(layer, matmul),
+            )
             for layer in part.layers:
                 if isinstance(layer, keras.layers.InputLayer):
                     continue
@@ -243,6 +250,9 @@ class Transfer:
         outputs = self._head(x, params, info, tag, head_seed)
         model = keras.Model(inputs, outputs, name=self.__name__)
         setattr(model, BACKBONE_SIZE, n_backbone)
+        setattr(model, MATMUL_CONVS, [
+            layer.name for layer in model.layers if isinstance(layer, MatmulConv2D)
+        ])
         return model
 
     def _head_tag(self, inputs: Any, features: Any) -> str:
@@ -441,6 +451,72 @@ class Transfer:
                 "preprocess= applies to keras.applications backbones; a model file keeps its own."
             )
         return loaded.inputs[0], x, keep
+
+
+class MatmulConv2D(keras.layers.Conv2D):
+    """``Conv2D`` (stride 1, no dilation, one group) computed as one matrix product over
+    the image patches (im2col) instead of the backend's convolution kernel.
+
+    Same config, same weights, same result up to float rounding.  It exists for training
+    on a CPU: there TensorFlow's gradient of a 3x3 convolution with respect to its input
+    takes about 150 ms for a batch of 32 2x2x512 maps -- thirty times its forward pass --
+    and that is most of the cost of fine-tuning VGG16's block5 on 32x32 images (also in a
+    plain Keras model; JAX on CPU is slower still).  As a matrix product both directions
+    run at the speed of the forward pass.  Only models that train on cached features use
+    it (``Transfer.build_suffix``); the complete model and exports keep ``Conv2D``.
+    """
+
+    def convolution_op(self, inputs: Any, kernel: Any) -> Any:
+        ops = keras.ops
+        kh, kw, c_in, c_out = kernel.shape
+        if self.padding == "same":
+            top, left = (kh - 1) // 2, (kw - 1) // 2
+            inputs = ops.pad(inputs, [[0, 0], [top, kh - 1 - top], [left, kw - 1 - left], [0, 0]])
+        rows, cols = inputs.shape[1] - kh + 1, inputs.shape[2] - kw + 1
+        patches = ops.concatenate(
+            [inputs[:, i:i + rows, j:j + cols, :] for i in range(kh) for j in range(kw)], axis=-1
+        )
+        flat = ops.reshape(patches, (-1, kh * kw * c_in))
+        out = ops.matmul(flat, ops.reshape(kernel, (kh * kw * c_in, c_out)))
+        return ops.reshape(out, (-1, rows, cols, c_out))
+
+
+#: MatmulConv2D is used for maps of at most this many positions (measured on a 2-core CPU,
+#: TensorFlow, batch 32, two 3x3 convolutions: 4x faster at 2x2x512, 2x at 4x4x512, slower
+#: from 8x8x256 on, where the backend's own kernel is efficient)
+MATMUL_CONV_MAX_POSITIONS = 16
+
+
+def _clone_for_training(layer: Any, matmul: bool) -> Any:
+    """A layer's copy for a model that trains on cached features (``build_suffix``)."""
+    if matmul and _matmul_conv_fits(layer):
+        return MatmulConv2D.from_config(layer.get_config())
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _matmul_conv_fits(layer: Any) -> bool:
+    if type(layer) is not keras.layers.Conv2D:
+        return False
+    shape = layer.input.shape if hasattr(layer, "input") else None
+    return (
+        shape is not None
+        and None not in shape[1:3]
+        and shape[1] * shape[2] <= MATMUL_CONV_MAX_POSITIONS
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.groups == 1
+        and layer.data_format == "channels_last"
+        and layer.padding in ("same", "valid")
+    )
+
+
+def _small_maps_by_matmul() -> bool:
+    """Whether small convolutions train as matrix products here: on a CPU only (a GPU's
+    convolution kernels are fast in both directions)."""
+    try:
+        return backend.devices()[0].kind == "cpu"
+    except Exception:  # a backend that cannot list devices: keep its own kernels
+        return False
 
 
 def _draw_seed() -> int:
