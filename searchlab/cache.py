@@ -23,6 +23,14 @@ suffix's weights with the cut and the prefix's fingerprint.  ``load_suffix`` put
 the complete model rebuilt by the builder (for the best model, export, reeval) after checking
 that its prefix has the same fingerprint.  Other trials cut the complete model
 (``suffix_model``: sharing its layers, so training it trains the complete model).
+
+Such a trial trains a compiled suffix that an earlier trial of the same structure left in a
+small per-process pool, when there is one (``training_suffix`` takes it, ``keep_suffix`` gives
+it back): the backend then does not trace its train and test steps again, which is most of
+what a small head costs beyond its training steps.  Before it trains, every variable is put
+back where a new suffix starts (the builder's ``reset_suffix``; the optimizer's variables as
+they were before its first step, the trial's learning rate; the metrics), so a trial ends
+where it would have ended on a new suffix, whatever the last one did (pruned, NaN loss).
 """
 
 from __future__ import annotations
@@ -374,6 +382,7 @@ def template(build: Any, info: Any) -> Template:
     found = _TEMPLATES.get(key)
     if found is None:
         _TEMPLATES.clear()
+        _SUFFIXES.clear()  # they were cut from the old template
         model, _ = build.build_uncompiled({}, info)
         found = _TEMPLATES[key] = Template(model, cut_points(model))
     return found
@@ -421,6 +430,117 @@ def plan_trial(
             return None
         cuts.append(cut)
     return Plan(tpl, phases, cuts) if cuts else None
+
+
+# -- one compiled suffix for many trials ---------------------------------------------------
+
+#: per process: compiled suffixes that trials gave back, by structure, least recently used
+#: first; at most ``SUFFIX_POOL_SIZE`` of them and ``SUFFIX_POOL_MB`` of their variables
+#: (the newest is kept whatever its size)
+_SUFFIXES: OrderedDict[tuple, Suffix] = OrderedDict()
+SUFFIX_POOL_SIZE = 4
+SUFFIX_POOL_MB = 128
+
+
+@dataclass
+class Suffix:
+    """A cached trial's model: the builder's suffix from the plan's base cut, and per phase the
+    compiled model that trains on that phase's features (the suffix itself, or its end).
+
+    For each phase the trial calls ``phase_model``, then, on a new suffix, compiles that model,
+    builds its optimizer and calls ``record``; on a ``reused`` one it calls ``restart`` instead
+    (the compiled model, and so its traced steps, is the same).  ``keep_suffix`` gives it back
+    once its fit ended.
+    """
+
+    key: tuple | None  # None: the pool cannot take it
+    model: keras.Model
+    reused: bool = False
+    phases: dict[int, keras.Model] = field(default_factory=dict)
+    #: per phase: its optimizer's variables before its first step (None: zeros)
+    starts: dict[int, list[np.ndarray | None]] = field(default_factory=dict)
+
+    def phase_model(self, plan: Plan, phase: int) -> keras.Model:
+        if phase not in self.phases:
+            self.phases[phase] = plan.train_model(self.model, plan.cuts[phase])
+        return self.phases[phase]
+
+    def record(self, phase: int) -> None:
+        """Remember where the compiled phase model's optimizer starts, for ``restart``."""
+        optimizer = self.phases[phase].optimizer
+        if optimizer is None or not optimizer.built:  # its variables come with the first step
+            self.key = None
+            return
+        self.starts[phase] = [
+            value if value.any() else None
+            for value in (np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables)
+        ]
+
+    def restart(self, phase: int, learning_rate: float) -> None:
+        """Put the phase model's optimizer (steps, moments, learning rate) and metrics where
+        they were before its first step, with ``learning_rate``."""
+        train = self.phases[phase]
+        optimizer = train.optimizer
+        for variable, start in zip(optimizer.variables, self.starts[phase], strict=True):
+            variable.assign(keras.ops.zeros(variable.shape, variable.dtype)
+                            if start is None else start)
+        optimizer.learning_rate = learning_rate
+        train.reset_metrics()
+
+    @property
+    def nbytes(self) -> int:
+        variables = {id(v): v for v in self.model.variables}
+        for train in self.phases.values():
+            if train.optimizer is not None:
+                variables.update((id(v), v) for v in train.optimizer.variables)
+        return sum(int(np.prod(v.shape)) * _itemsize(v.dtype) for v in variables.values())
+
+
+def _itemsize(dtype: Any) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # bfloat16, which NumPy does not name
+        return 2
+
+
+def _suffix_key(build: Any, params: Any, info: Any, plan: Plan) -> tuple | None:
+    if not all(hasattr(build, a) for a in ("suffix_key", "reset_suffix", "learning_rate")):
+        return None
+    indices = [cut.index for cut in plan.cuts]
+    if len(set(indices)) < len(indices):  # two phases would compile one model, each anew
+        return None
+    own = build.suffix_key(params, info, plan.template.model, plan.base)
+    if own is None:
+        return None
+    frozen = tuple(f for _, f, _ in plan.phases)
+    return (own, tuple(indices), frozen, keras.config.dtype_policy().name,
+            keras.backend.backend())
+
+
+def training_suffix(build: Any, params: Any, info: Any, plan: Plan) -> Suffix:
+    """The suffix a trial of ``plan`` trains: a pooled one of the same structure, reset to
+    where a new one starts (the builder draws the same seeds), else a new one."""
+    key = _suffix_key(build, params, info, plan)
+    found = _SUFFIXES.pop(key, None) if key is not None else None
+    if found is None:
+        return Suffix(key, build.build_suffix(params, info, plan.template.model, plan.base))
+    build.reset_suffix(found.model, params, plan.template.model)
+    found.reused = True
+    return found
+
+
+def keep_suffix(suffix: Suffix) -> None:
+    """Give back a suffix whose fit ended (its trial complete, pruned or failed on a NaN
+    loss: ``training_suffix`` resets every variable) for a later trial to reuse."""
+    if suffix.key is None or len(suffix.starts) < len(suffix.phases):
+        return
+    _SUFFIXES[suffix.key] = suffix
+    _SUFFIXES.move_to_end(suffix.key)
+    budget = SUFFIX_POOL_MB << 20
+    while len(_SUFFIXES) > 1 and (
+        len(_SUFFIXES) > SUFFIX_POOL_SIZE or sum(x.nbytes for x in _SUFFIXES.values()) > budget
+    ):
+        _SUFFIXES.popitem(last=False)
 
 
 SUFFIX_FORMAT = "searchlab-suffix-weights"

@@ -248,8 +248,11 @@ def _build_and_fit(
                                     cache_mod.default_cache())
     # The same seed for the model with and without a plan (planning may build a template).
     keras.utils.set_random_seed(trial_seed(spec.seed, number))
+    suffix = None
     if plan is not None:
-        model = build.build_suffix(params, info, plan.template.model, plan.base)
+        suffix = cache_mod.training_suffix(build, params, info, plan)
+        model = suffix.model
+        result.tags["searchlab.suffix_reused"] = "true" if suffix.reused else "false"
         from searchlab.models.transfer import MATMUL_CONVS
 
         matmul = getattr(model, MATMUL_CONVS, None)
@@ -266,7 +269,8 @@ def _build_and_fit(
     try:
         if _is_phased(build):
             monitor.target = model
-            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags, plan)
+            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags, plan,
+                        suffix)
         else:
             backend.build_for_fit(model, spec.data.x_train, spec.data.y_train, batch_size)
             model.fit(
@@ -334,11 +338,37 @@ def _fit_phased(
     number: int,
     tags: dict[str, str],
     plan: Any = None,
+    suffix: Any = None,
 ) -> None:
     """Fit a transfer model phase by phase (one phase, or head-then-fine-tune), each phase on
     the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
     say so, also when a phase is pruned or fails.  With a ``plan`` (``cache.Plan``) ``model``
-    is the suffix from the plan's shallowest cut and every phase trains on features."""
+    is ``suffix.model`` (a ``cache.Suffix``), the suffix from the plan's shallowest cut, and
+    every phase trains on features; once the fit ended (pruned included) the suffix goes back
+    to the pool, and an exception of another kind drops it."""
+    from searchlab import cache as cache_mod
+
+    try:
+        _fit_phases(model, params, spec, monitor, batch_size, number, tags, plan, suffix)
+    except TrialPruned:
+        if suffix is not None:
+            cache_mod.keep_suffix(suffix)
+        raise
+    if suffix is not None:
+        cache_mod.keep_suffix(suffix)
+
+
+def _fit_phases(
+    model: Any,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    monitor: _Monitor,
+    batch_size: int,
+    number: int,
+    tags: dict[str, str],
+    plan: Any,
+    suffix: Any,
+) -> None:
     from searchlab import cache as cache_mod
 
     build = spec.build
@@ -357,7 +387,7 @@ def _fit_phased(
             cut = plan.cuts[phase]
             source = plan.template
             feats = store.features(source.model, cut, data, key=source.key(cut, data))
-            train, x, x_val = plan.train_model(model, cut), feats.x_train, feats.x_val
+            train, x, x_val = suffix.phase_model(plan, phase), feats.x_train, feats.x_val
         else:
             cut = cache_mod.plan_cut(model, valid) if build.feature_cache else None
             if cut is not None and not store.fits(cut, data):
@@ -377,11 +407,18 @@ def _fit_phased(
         tags["searchlab.cache"] = "used" if any(u != "off" for u in used) else "off"
         tags["searchlab.cache_phases"] = ",".join(used)
         tags["searchlab.phases"] = str(len(used))
-        build.compile(train, params, lr_factor)
+        reused = suffix is not None and suffix.reused
+        if reused:  # compiled by an earlier trial: its traced steps serve this one
+            suffix.restart(phase, build.learning_rate(params, lr_factor))
+        else:
+            build.compile(train, params, lr_factor)
         # Reseed right before fit: the same trial shuffles and drops out identically with
         # and without the cache (computing features must not move the random streams).
         keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
-        backend.build_for_fit(train, x, data.y_train, batch_size)  # one trace, not two
+        if not reused:
+            backend.build_for_fit(train, x, data.y_train, batch_size)  # one trace, not two
+            if suffix is not None:
+                suffix.record(phase)
         train.fit(
             x,
             data.y_train,

@@ -4,6 +4,7 @@ trial trained on the cache ends exactly where the same trial trained on raw imag
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import keras
@@ -12,7 +13,7 @@ import pytest
 
 from searchlab import cache
 from searchlab.data import Data, Dataset, info_of, load
-from searchlab.errors import StudyDefinitionError
+from searchlab.errors import StudyDefinitionError, TrialPruned
 from searchlab.models import FineTune, Transfer
 from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
 
@@ -227,3 +228,100 @@ def test_a_two_phase_trial_trains_the_suffix_of_its_shallower_cut(project: Path)
     assert layers[:3] == ["block5_conv1", "block5_conv2", "block5_conv3"]
     full = load_trained(build, params, info_of(data), result.weights_path)
     assert _accuracy(full, data) == pytest.approx(result.value, abs=1e-6)
+
+
+# -- one compiled suffix for many trials ---------------------------------------------------
+
+
+def test_a_reset_suffix_starts_where_a_new_one_starts():
+    """Every variable of a trained (here: NaN-filled) suffix -- block5's weights, the head's,
+    the dropout's rate and seed stream -- is put back to a new suffix's, drawing the same seed
+    from ``random``; the rate is no weight, so the weights still map onto the stock layers."""
+    info = info_of(_images())
+    build = Transfer("vgg16", weights=None)
+    tpl = cache.template(build, info)
+    cut = tpl.cut(build.freeze, 14)
+    first = {"head_width": 8, "dropout": 0.0}
+    second = {"head_width": 8, "dropout": 0.4}
+    key = build.suffix_key(first, info, tpl.model, cut)
+    assert key is not None and key == build.suffix_key(second, info, tpl.model, cut)
+    assert key != build.suffix_key({"head_width": 16}, info, tpl.model, cut)
+
+    keras.utils.set_random_seed(1)
+    used = build.build_suffix(first, info, tpl.model, cut)
+    for v in used.variables:
+        v.assign(keras.ops.full(v.shape, np.nan if "float" in str(v.dtype) else 7, v.dtype))
+    keras.utils.set_random_seed(2)
+    build.reset_suffix(used, second, tpl.model)
+    after_reset = random.random()
+    keras.utils.set_random_seed(2)
+    new = build.build_suffix(second, info, tpl.model, cut)
+    assert random.random() == after_reset  # the head's seed is the one draw that matters
+    assert len(used.variables) == len(new.variables)
+    for a, b in zip(used.variables, new.variables, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                      keras.ops.convert_to_numpy(b), err_msg=a.path)
+    dropout = new.get_layer("head_dropout")
+    assert dropout.get_weights() == [] and dropout.rate == 0.4
+    assert [layer.name for layer in used.layers if layer.weights] == [
+        "block5_conv1", "block5_conv2", "block5_conv3", "head_dense", "classes"]
+
+
+def test_the_pool_keeps_the_most_recently_used_suffixes():
+    cache._SUFFIXES.clear()
+    try:
+        for i in range(cache.SUFFIX_POOL_SIZE + 2):
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+            cache.keep_suffix(cache.Suffix(key=("k", i), model=model))
+        assert list(cache._SUFFIXES) == [("k", i) for i in range(2, cache.SUFFIX_POOL_SIZE + 2)]
+        cache.keep_suffix(cache.Suffix(key=None, model=model))  # cannot be restarted: not kept
+        assert len(cache._SUFFIXES) == cache.SUFFIX_POOL_SIZE
+    finally:
+        cache._SUFFIXES.clear()
+
+
+class _PruneAtOnce:
+    def __call__(self, epoch: int, logs: dict[str, float]) -> None:
+        raise TrialPruned(epoch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fine_tune", [None, FineTune(head_epochs=1, epochs=1)],
+                         ids=["one-phase", "two-phase"])
+def test_cached_trials_reuse_one_compiled_suffix_and_end_as_on_a_new_one(
+    project: Path, fine_tune: FineTune | None
+):
+    """A trial failed on a NaN loss, then a pruned one, then one with another dropout rate,
+    learning rate and batch size train the first trial's compiled suffix (block5 and the
+    head); the last ends exactly where it ends on a new suffix."""
+    data = _images()
+    nan = Data(np.full_like(data.x_train, np.nan), data.y_train, data.x_val, data.y_val,
+               data.x_test, data.y_test, num_classes=3)
+    build = Transfer("vgg16", weights=None, fine_tune=fine_tune)
+    first = {"frozen_layers": 14, "head_width": 8, "dropout": 0.0, "learning_rate": 1e-3,
+             "batch_size": 8}
+    last = {**first, "dropout": 0.5, "learning_rate": 3e-3, "batch_size": 6}
+    spec = TrialSpec(build=build, data=data, epochs=2, seed=5)
+    cache._SUFFIXES.clear()
+
+    runs = [run_trial(0, first, spec, project / "t0"),
+            run_trial(1, first, TrialSpec(build=build, data=nan, epochs=2), project / "t1"),
+            run_trial(2, first, spec, project / "t2", on_epoch=_PruneAtOnce()),
+            run_trial(3, last, spec, project / "t3")]
+    assert [r.state for r in runs] == [TrialState.COMPLETE, TrialState.FAILED,
+                                       TrialState.PRUNED, TrialState.COMPLETE], runs[1].error
+    assert "NaN" in runs[1].error
+    assert [r.tags["searchlab.suffix_reused"] for r in runs] == ["false", "true", "true", "true"]
+
+    cache._SUFFIXES.clear()  # as in a new process
+    new = run_trial(3, last, spec, project / "new")
+    assert new.tags["searchlab.suffix_reused"] == "false"
+    reused = runs[3]
+    assert reused.history.keys() == new.history.keys()
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        np.testing.assert_allclose(reused.history[metric], new.history[metric], rtol=1e-6)
+    assert (reused.value, reused.best_epoch) == (new.value, new.best_epoch)
+    with np.load(reused.weights_path) as a, np.load(new.weights_path) as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -16,7 +16,10 @@ trains on at a smaller learning rate (params ``head_epochs``, ``fine_tune_epochs
 ``lr_factor`` override the schedule's values).
 
 A trial trained on the feature cache uses ``build_suffix`` instead: only the layers after the
-frozen prefix, copied from a complete model built once per process (``searchlab.cache``).
+frozen prefix, copied from a complete model built once per process (``searchlab.cache``).  Its
+head's Dropout keeps the rate in a variable (``VariableRateDropout``), so later trials of the
+same structure (``suffix_key``) can train the same compiled suffix once ``reset_suffix`` has put
+it back where ``build_suffix`` would start a new one.
 
 ImageNet weights (``weights="imagenet"``) are looked for, in order: in the data directory
 under Keras's own file name, in Keras's cache (``~/.keras/models``), then downloaded by Keras.
@@ -233,10 +236,15 @@ class Transfer:
         if cut.name != f"head_pool{tag}":
             part = keras.Model(cut.tensor, pooled)
             matmul = _small_maps_by_matmul()
+            # Cloning draws seeds from `random` for initializers whose values the template's
+            # weights replace: keep them out of the stream, so that building a suffix draws
+            # the head's seed only, as `reset_suffix` does.
+            state = random.getstate()
             copy = keras.models.clone_model(
                 part, input_tensors=inputs,
                 clone_function=lambda layer: _clone_for_training(layer, matmul),
             )
+            random.setstate(state)
             for layer in part.layers:
                 if isinstance(layer, keras.layers.InputLayer):
                     continue
@@ -247,13 +255,51 @@ class Transfer:
                     setattr(new, BACKBONE_PREFIX, True)
                     setattr(new, BACKBONE_INDEX, getattr(layer, BACKBONE_INDEX))
             x = copy.outputs[0]
-        outputs = self._head(x, params, info, tag, head_seed)
+        outputs = self._head(x, params, info, tag, head_seed, dropout=VariableRateDropout)
         model = keras.Model(inputs, outputs, name=self.__name__)
         setattr(model, BACKBONE_SIZE, n_backbone)
         setattr(model, MATMUL_CONVS, [
             layer.name for layer in model.layers if isinstance(layer, MatmulConv2D)
         ])
         return model
+
+    def suffix_key(
+        self, params: Mapping[str, Any], info: DataInfo, template: keras.Model, cut: Any
+    ) -> tuple | None:
+        """What the structure of ``build_suffix(params, info, template, cut)`` depends on
+        besides the template and the cut: suffixes with equal keys have the same layers and
+        optimizer, and ``reset_suffix`` turns one into the other.  The learning rate, dropout
+        rate and batch size are not in it: they are variables, or the traced step takes any.
+        None when the backbone's layers after the cut have random state of their own, which
+        only building them again would draw the same way."""
+        after = template.layers[cut.index + 1:]
+        if any(_has_seed_generator(layer) for layer in after
+               if getattr(layer, BACKBONE_PREFIX, False)):
+            return None
+        return (type(self).__qualname__, self.template_key(info), cut.index, cut.name,
+                int(params.get("head_width", 256)), self.optimizer)
+
+    def reset_suffix(
+        self, model: keras.Model, params: Mapping[str, Any], template: keras.Model
+    ) -> None:
+        """Put ``model`` (a ``build_suffix`` model of the same ``suffix_key``, trained since)
+        where ``build_suffix(params, ...)`` would start a new one: the backbone layers hold the
+        template's weights again, the head is drawn from the seed that ``build_suffix`` would
+        draw (its only draw from ``random``, made first here too), biases are zero, and the
+        dropout has the params' rate and a new seed stream."""
+        head_seed = _draw_seed()
+        for layer in model.layers:
+            if getattr(layer, BACKBONE_PREFIX, False) and layer.weights:
+                layer.set_weights(template.get_layer(layer.name).get_weights())
+        tag = self._template_tag(template)
+        dense_seed, dropout_seed, classes_seed = _head_seeds(head_seed)
+        for name, seed in ((f"head_dense{tag}", dense_seed), (f"classes{tag}", classes_seed)):
+            layer = model.get_layer(name)
+            kernel, bias = layer.kernel, layer.bias
+            kernel.assign(_kernel_initializer(seed)(kernel.shape, dtype=kernel.dtype))
+            bias.assign(keras.ops.zeros(bias.shape, dtype=bias.dtype))
+        dropout = model.get_layer(f"head_dropout{tag}")
+        dropout.restart(float(params.get("dropout", 0.0)), seed=dropout_seed)
 
     def _head_tag(self, inputs: Any, features: Any) -> str:
         taken = {layer.name for layer in keras.Model(inputs, features).layers}
@@ -279,18 +325,25 @@ class Transfer:
         return keras.layers.Flatten(name=f"head_pool{tag}")(features)
 
     @staticmethod
-    def _head(x: Any, params: Mapping[str, Any], info: DataInfo, tag: str, seed: int) -> Any:
+    def _head(
+        x: Any,
+        params: Mapping[str, Any],
+        info: DataInfo,
+        tag: str,
+        seed: int,
+        dropout: type[keras.layers.Dropout] = keras.layers.Dropout,
+    ) -> Any:
         """Dense -> Dropout -> Dense(classes), seeded from ``seed`` alone."""
+        dense_seed, dropout_seed, classes_seed = _head_seeds(seed)
         x = keras.layers.Dense(
             int(params.get("head_width", 256)), activation="relu", name=f"head_dense{tag}",
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+            kernel_initializer=_kernel_initializer(dense_seed),
         )(x)
-        x = keras.layers.Dropout(
-            float(params.get("dropout", 0.0)), seed=seed + 1, name=f"head_dropout{tag}"
-        )(x)
+        x = dropout(float(params.get("dropout", 0.0)), seed=dropout_seed,
+                    name=f"head_dropout{tag}")(x)
         return keras.layers.Dense(  # float32 also under a mixed precision policy
             info.num_classes, activation="softmax", dtype="float32", name=f"classes{tag}",
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 2),
+            kernel_initializer=_kernel_initializer(classes_seed),
         )(x)
 
     @staticmethod
@@ -324,8 +377,12 @@ class Transfer:
         for i, layer in enumerate(self.backbone_layers(model)):
             layer.trainable = getattr(layer, BACKBONE_INDEX, i) >= frozen
 
+    @staticmethod
+    def learning_rate(params: Mapping[str, Any], lr_factor: float = 1.0) -> float:
+        return float(params.get("learning_rate", 1e-3)) * lr_factor
+
     def compile(self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0) -> None:
-        lr = float(params.get("learning_rate", 1e-3)) * lr_factor
+        lr = self.learning_rate(params, lr_factor)
         optimizer = (
             keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
             if self.optimizer == "sgd"
@@ -524,6 +581,77 @@ def _draw_seed() -> int:
     ``keras.utils.set_random_seed`` seeds), so a trial's head does not depend on how many
     backbone layers were created before it."""
     return random.randint(0, 2**30)
+
+
+def _head_seeds(seed: int) -> tuple[int, int, int]:
+    """The seeds of the head's Dense kernel, Dropout and classifier kernel."""
+    return seed, seed + 1, seed + 2
+
+
+def _kernel_initializer(seed: int) -> keras.initializers.Initializer:
+    return keras.initializers.GlorotUniform(seed=seed)
+
+
+def _has_seed_generator(layer: Any) -> bool:
+    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
+
+
+@dataclass(frozen=True)
+class _Untracked:
+    """Holds a variable out of sight of Keras's attribute tracking (it is no weight)."""
+
+    variable: Any
+
+
+class VariableRateDropout(keras.layers.Dropout):
+    """``keras.layers.Dropout`` whose rate is a variable: for training suffix models only.
+
+    A stock ``Dropout`` keeps its rate as a Python float, which a traced train step holds as a
+    constant; with the rate in a variable, one compiled suffix model trains trials of every
+    dropout rate (``restart`` sets it, and the seed).  It drops what ``Dropout(rate,
+    seed=seed)`` drops on TensorFlow (the same seed stream, ``uniform >= rate`` mask and
+    ``1 / (1 - rate)`` scale), and like it has no weights: a suffix's weights file maps onto the
+    complete model's stock layer.  The rate is in ``variables`` (as a seed generator's state
+    is), so a backend that passes state into its traced step (JAX) reads its current value.
+    """
+
+    def __init__(self, rate: float, *, seed: int, name: str) -> None:
+        super().__init__(rate, seed=seed, name=name)
+        self._rate = _Untracked(keras.Variable(
+            [0.0, 1.0], dtype=self.compute_dtype, trainable=False, name="rate"
+        ))
+        self._set_rate(rate)
+
+    def build(self, input_shape: Any) -> None:
+        if getattr(self, "seed_generator", None) is None:  # Dropout makes one for rate > 0 only
+            self.seed_generator = keras.random.SeedGenerator(self.seed)
+
+    @property
+    def variables(self) -> list[Any]:
+        return [*super().variables, self._rate.variable]
+
+    def restart(self, rate: float, seed: int) -> None:
+        """Drop out as a new ``VariableRateDropout(rate, seed=seed)`` would."""
+        self._set_rate(rate)
+        self.seed = seed
+        self.seed_generator.state.assign([seed, 0])  # what a new SeedGenerator(seed) holds
+
+    def _set_rate(self, rate: float) -> None:
+        if not 0 <= rate <= 1:
+            raise ValueError(f"The dropout rate must be in [0, 1], but got {rate}.")
+        self.rate = rate
+        scale = 1 / (1 - rate) if rate < 1 else 0.0  # a rate of 1 drops everything
+        self._rate.variable.assign([rate, scale])
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        if not training:
+            return inputs
+        values = keras.ops.cast(self._rate.variable, inputs.dtype)
+        noise = keras.random.uniform(
+            keras.ops.shape(inputs), dtype=inputs.dtype, seed=self.seed_generator
+        )
+        return keras.ops.where(noise >= values[0], inputs * values[1],
+                               keras.ops.zeros_like(inputs))
 
 
 def _layers_up_to(inputs: Any, tensor: Any) -> list[Any]:
