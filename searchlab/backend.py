@@ -213,13 +213,16 @@ def build_for_fit(model: Any, x: Any, y: Any, batch_size: int) -> None:
     On TensorFlow without a distribution strategy, Keras defers creating them to the first
     trace of the train step, and a ``tf.function`` that creates variables is traced a second
     time: about 0.4 s of every trial's first epoch for a small dense net on CPU, a third of a
-    trial pruned after one epoch.  Keras builds them symbolically up front on JAX and torch
-    (and on TensorFlow under a strategy); this does the same with its own
-    ``Trainer._symbolic_build`` (no computation, no random numbers drawn), so the train step
-    is traced once.  Where a Keras version lacks that method or the build fails, ``fit``
-    builds as it always did.
+    trial pruned after one epoch.  On JAX and torch ``fit`` builds them symbolically from a
+    batch of its own epoch iterator, which shuffles once more (``np.random``) before the first
+    epoch: a model fit again (a pooled suffix, ``searchlab.cache``) would then see other
+    batches than a new one from the same seed.  This builds with Keras's own
+    ``Trainer._symbolic_build`` from the first ``batch_size`` rows instead (no computation, no
+    random numbers drawn), so the train step is traced once and ``fit`` shuffles the same way
+    for a new model and a built one.  Where a Keras version lacks that method or the build
+    fails, ``fit`` builds as it always did.
     """
-    if name() != "tensorflow" or getattr(model, "_distribute_strategy", None) is not None:
+    if name() == "tensorflow" and getattr(model, "_distribute_strategy", None) is not None:
         return  # Keras already builds before tracing there
     symbolic_build = getattr(model, "_symbolic_build", None)
     if symbolic_build is None:

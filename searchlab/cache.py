@@ -467,10 +467,13 @@ class Suffix:
 
     def record(self, phase: int) -> None:
         """Remember where the compiled phase model's optimizer starts, for ``restart``."""
-        optimizer = self.phases[phase].optimizer
-        if optimizer is None or not optimizer.built:  # its variables come with the first step
+        train = self.phases[phase]
+        optimizer = train.optimizer
+        if optimizer is None:
             self.key = None
             return
+        if not optimizer.built:  # as fit builds it (JAX: before its first step, not here yet)
+            optimizer.build(train.trainable_variables)
         self.starts[phase] = [
             value if value.any() else None
             for value in (np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables)

@@ -255,7 +255,9 @@ class Transfer:
                     setattr(new, BACKBONE_PREFIX, True)
                     setattr(new, BACKBONE_INDEX, getattr(layer, BACKBONE_INDEX))
             x = copy.outputs[0]
-        outputs = self._head(x, params, info, tag, head_seed, dropout=VariableRateDropout)
+        dropout = (VariableRateDropout if VariableRateDropout.matches_backend()
+                   else keras.layers.Dropout)
+        outputs = self._head(x, params, info, tag, head_seed, dropout=dropout)
         model = keras.Model(inputs, outputs, name=self.__name__)
         setattr(model, BACKBONE_SIZE, n_backbone)
         setattr(model, MATMUL_CONVS, [
@@ -272,12 +274,15 @@ class Transfer:
         rate and batch size are not in it: they are variables, or the traced step takes any.
         None when the backbone's layers after the cut have random state of their own, which
         only building them again would draw the same way."""
+        if not VariableRateDropout.matches_backend():  # the rate is a constant of the trace
+            return None
         after = template.layers[cut.index + 1:]
         if any(_has_seed_generator(layer) for layer in after
                if getattr(layer, BACKBONE_PREFIX, False)):
             return None
+        matmul = MATMUL_CONV_MAX_POSITIONS if _small_maps_by_matmul() else 0
         return (type(self).__qualname__, self.template_key(info), cut.index, cut.name,
-                int(params.get("head_width", 256)), self.optimizer)
+                int(params.get("head_width", 256)), self.optimizer, matmul)
 
     def reset_suffix(
         self, model: keras.Model, params: Mapping[str, Any], template: keras.Model
@@ -609,16 +614,24 @@ class VariableRateDropout(keras.layers.Dropout):
     A stock ``Dropout`` keeps its rate as a Python float, which a traced train step holds as a
     constant; with the rate in a variable, one compiled suffix model trains trials of every
     dropout rate (``restart`` sets it, and the seed).  It drops what ``Dropout(rate,
-    seed=seed)`` drops on TensorFlow (the same seed stream, ``uniform >= rate`` mask and
-    ``1 / (1 - rate)`` scale), and like it has no weights: a suffix's weights file maps onto the
-    complete model's stock layer.  The rate is in ``variables`` (as a seed generator's state
-    is), so a backend that passes state into its traced step (JAX) reads its current value.
+    seed=seed)`` drops, number for number, on the backends whose dropout it copies
+    (``matches_backend``: TensorFlow keeps ``uniform >= rate`` and scales by ``1 / (1 - rate)``,
+    JAX keeps ``uniform < 1 - rate`` and divides by ``1 - rate``, from the same seed stream),
+    and like it has no weights: a suffix's weights file maps onto the complete model's stock
+    layer.  The rate is in ``variables`` (as a seed generator's state is), so a backend that
+    passes state into its traced step (JAX) reads its current value.
     """
+
+    BACKENDS = ("tensorflow", "jax")
+
+    @classmethod
+    def matches_backend(cls) -> bool:
+        return keras.backend.backend() in cls.BACKENDS
 
     def __init__(self, rate: float, *, seed: int, name: str) -> None:
         super().__init__(rate, seed=seed, name=name)
         self._rate = _Untracked(keras.Variable(
-            [0.0, 1.0], dtype=self.compute_dtype, trainable=False, name="rate"
+            [0.0, 1.0, 1.0, 1.0], dtype=self.compute_dtype, trainable=False, name="rate"
         ))
         self._set_rate(rate)
 
@@ -641,7 +654,8 @@ class VariableRateDropout(keras.layers.Dropout):
             raise ValueError(f"The dropout rate must be in [0, 1], but got {rate}.")
         self.rate = rate
         scale = 1 / (1 - rate) if rate < 1 else 0.0  # a rate of 1 drops everything
-        self._rate.variable.assign([rate, scale])
+        keep = 1 - rate  # the divisor stays 1 where nothing is kept
+        self._rate.variable.assign([rate, scale, keep, keep if rate < 1 else 1.0])
 
     def call(self, inputs: Any, training: bool = False) -> Any:
         if not training:
@@ -650,6 +664,9 @@ class VariableRateDropout(keras.layers.Dropout):
         noise = keras.random.uniform(
             keras.ops.shape(inputs), dtype=inputs.dtype, seed=self.seed_generator
         )
+        if keras.backend.backend() == "jax":  # jax.random.bernoulli(key, 1 - rate)
+            return keras.ops.where(noise < values[2], inputs / values[3],
+                                   keras.ops.zeros_like(inputs))
         return keras.ops.where(noise >= values[0], inputs * values[1],
                                keras.ops.zeros_like(inputs))
 
