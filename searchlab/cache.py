@@ -432,6 +432,21 @@ def plan_trial(
     return Plan(tpl, phases, cuts) if cuts else None
 
 
+#: training steps a model on cached features runs per call into the backend (Keras's
+#: ``steps_per_execution``): such a step is a few small matrix products, and one call per
+#: step costs more than the step (measured on a 2-core CPU, TensorFlow, VGG16 features, a
+#: 256-wide head, batch 32: 0.98 s for two epochs one step per call, 0.50 s with 32)
+STEPS_PER_EXECUTION = 32
+
+
+def run_steps_together(model: keras.Model) -> None:
+    """Let a compiled model that trains on cached features run ``STEPS_PER_EXECUTION``
+    steps per call (the same steps, batches and results; callbacks see every 32nd batch),
+    unless its compile asked for more."""
+    if model.steps_per_execution < STEPS_PER_EXECUTION:
+        model.steps_per_execution = STEPS_PER_EXECUTION
+
+
 # -- one compiled suffix for many trials ---------------------------------------------------
 
 #: per process: compiled suffixes that trials gave back, by structure, least recently used

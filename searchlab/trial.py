@@ -413,6 +413,8 @@ def _fit_phases(
             suffix.restart(phase, build.learning_rate(params, lr_factor))
         else:
             build.compile(train, params, lr_factor)
+            if cut is not None:
+                cache_mod.run_steps_together(train)
         # Reseed right before fit: the same trial shuffles and drops out identically with
         # and without the cache (computing features must not move the random streams).
         keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
