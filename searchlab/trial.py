@@ -283,6 +283,13 @@ def _build_and_fit(
                 callbacks=[monitor],
                 verbose=0,
             )
+    except TrialPruned:
+        if suffix is not None:
+            cache_mod.keep_suffix(suffix)
+        raise
+    else:  # ended, also on a NaN loss: the next trial resets every variable
+        if suffix is not None:
+            cache_mod.keep_suffix(suffix)
     finally:
         result.fit_seconds = time.perf_counter() - fit_started
     result.history = monitor.history
@@ -345,31 +352,8 @@ def _fit_phased(
     the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
     say so, also when a phase is pruned or fails.  With a ``plan`` (``cache.Plan``) ``model``
     is ``suffix.model`` (a ``cache.Suffix``), the suffix from the plan's shallowest cut, and
-    every phase trains on features; once the fit ended (pruned included) the suffix goes back
-    to the pool, and an exception of another kind drops it."""
-    from searchlab import cache as cache_mod
-
-    try:
-        _fit_phases(model, params, spec, monitor, batch_size, number, tags, plan, suffix)
-    except TrialPruned:
-        if suffix is not None:
-            cache_mod.keep_suffix(suffix)
-        raise
-    if suffix is not None:
-        cache_mod.keep_suffix(suffix)
-
-
-def _fit_phases(
-    model: Any,
-    params: Mapping[str, Any],
-    spec: TrialSpec,
-    monitor: _Monitor,
-    batch_size: int,
-    number: int,
-    tags: dict[str, str],
-    plan: Any,
-    suffix: Any,
-) -> None:
+    every phase trains on features (on the suffix's compiled phase models, when it was reused).
+    """
     from searchlab import cache as cache_mod
 
     build = spec.build
