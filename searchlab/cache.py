@@ -91,7 +91,8 @@ class Features:
         return int(self.x_train.nbytes + self.x_val.nbytes)
 
 
-def _is_random(layer: Any) -> bool:
+def is_random(layer: Any) -> bool:
+    """Whether a layer may act randomly (it holds a seed generator, or it is user code)."""
     if isinstance(layer, keras.layers.Lambda):  # user code: it may be random
         return True
     return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
@@ -102,7 +103,7 @@ def cache_safe(layer: Any) -> bool:
     weights and no randomness (Dropout, noise, augmentation)."""
     if isinstance(layer, keras.layers.InputLayer):
         return True
-    return not layer.trainable_weights and not _is_random(layer)
+    return not layer.trainable_weights and not is_random(layer)
 
 
 def _own_nodes(model: keras.Model) -> dict[int, Any]:

@@ -46,6 +46,7 @@ import numpy as np
 
 from searchlab import backend
 from searchlab import data as data_mod
+from searchlab.cache import is_random
 from searchlab.data import DataInfo
 from searchlab.errors import SpaceError, StudyDefinitionError
 
@@ -272,12 +273,12 @@ class Transfer:
         besides the template and the cut: suffixes with equal keys have the same layers and
         optimizer, and ``reset_suffix`` turns one into the other.  The learning rate, dropout
         rate and batch size are not in it: they are variables, or the traced step takes any.
-        None when the backbone's layers after the cut have random state of their own, which
-        only building them again would draw the same way."""
+        None when a backbone layer after the cut may act randomly (``cache.is_random``): only
+        building it again would draw the same way."""
         if not VariableRateDropout.matches_backend():  # the rate is a constant of the trace
             return None
         after = template.layers[cut.index + 1:]
-        if any(_has_seed_generator(layer) for layer in after
+        if any(is_random(layer) for layer in after
                if getattr(layer, BACKBONE_PREFIX, False)):
             return None
         matmul = MATMUL_CONV_MAX_POSITIONS if _small_maps_by_matmul() else 0
@@ -595,10 +596,6 @@ def _head_seeds(seed: int) -> tuple[int, int, int]:
 
 def _kernel_initializer(seed: int) -> keras.initializers.Initializer:
     return keras.initializers.GlorotUniform(seed=seed)
-
-
-def _has_seed_generator(layer: Any) -> bool:
-    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
 
 
 @dataclass(frozen=True)
