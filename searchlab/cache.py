@@ -436,7 +436,8 @@ def plan_trial(
 #: training steps a model on cached features runs per call into the backend (Keras's
 #: ``steps_per_execution``): such a step is a few small matrix products, and one call per
 #: step costs more than the step (measured on a 2-core CPU, TensorFlow, VGG16 features, a
-#: 256-wide head, batch 32: 0.98 s for two epochs one step per call, 0.50 s with 32)
+#: 256-wide head, batch 32: 0.98 s for two epochs one step per call, 0.50 s with 32); on
+#: TensorFlow ``backend.fit_arrays`` makes its calls this many steps long too
 STEPS_PER_EXECUTION = 32
 
 

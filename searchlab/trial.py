@@ -406,16 +406,22 @@ def _fit_phased(
             backend.build_for_fit(train, x, data.y_train, batch_size)  # one trace, not two
             if suffix is not None:
                 suffix.record(phase)
-        train.fit(
-            x,
-            data.y_train,
-            validation_data=(x_val, data.y_val),
-            initial_epoch=epoch,
-            epochs=epoch + epochs,
-            batch_size=batch_size,
-            callbacks=[monitor],
-            verbose=0,
-        )
+        if cut is None:
+            train.fit(
+                x,
+                data.y_train,
+                validation_data=(x_val, data.y_val),
+                initial_epoch=epoch,
+                epochs=epoch + epochs,
+                batch_size=batch_size,
+                callbacks=[monitor],
+                verbose=0,
+            )
+        else:  # small steps on features: fit's input pipeline would cost more than they do
+            backend.fit_arrays(
+                train, x, data.y_train, (x_val, data.y_val), batch_size=batch_size,
+                initial_epoch=epoch, epochs=epoch + epochs, callbacks=[monitor],
+            )
         epoch += epochs
         if monitor.bad_loss:
             break

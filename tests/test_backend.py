@@ -196,3 +196,61 @@ def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch)
     complete = run_trial(1, params, spec, tmp_path / "t1", lambda epoch, logs: None)
     assert complete.state is TrialState.COMPLETE and complete.weights_path.exists()
     assert 1 <= len(copies) <= 3  # one copy per improving epoch
+
+
+class _Calls(keras.callbacks.Callback):
+    """Every callback call with its arguments, as numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def _log(self, name: str, index: int | None, logs: dict | None) -> None:
+        self.calls.append((name, index, {k: float(v) for k, v in (logs or {}).items()}))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._log("epoch_begin", epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._log("batch_end", batch, logs)
+        if self.stop_after is not None and len(self.calls) >= self.stop_after:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._log("epoch_end", epoch, logs)
+
+    stop_after: int | None = None
+
+
+def _fit_with(fit_arrays: bool, initial_epoch: int, stop_after: int | None):
+    data = _tiny_data()  # 64 rows: batches of 12 leave a partial one, 4 steps per call
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(5)
+    info = SimpleNamespace(input_shape=(6, 6), num_classes=2)
+    model = dense_classifier({"units": 8, "dropout": 0.3, "learning_rate": 0.01}, info)
+    model.steps_per_execution = 4
+    calls = _Calls()
+    calls.stop_after = stop_after
+    keras.utils.set_random_seed(9)
+    if fit_arrays:
+        backend.fit_arrays(model, data.x_train, data.y_train, (data.x_val, data.y_val),
+                           batch_size=12, initial_epoch=initial_epoch, epochs=3,
+                           callbacks=[calls])
+    else:
+        model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
+                  batch_size=12, initial_epoch=initial_epoch, epochs=3, callbacks=[calls],
+                  verbose=0)
+    return model, calls.calls
+
+
+@pytest.mark.parametrize(("initial_epoch", "stop_after"), [(0, None), (1, None), (0, 5)])
+def test_fit_arrays_ends_where_fit_ends(initial_epoch: int, stop_after: int | None) -> None:
+    """Same seed, same shuffled batches, steps, metrics and callback calls as ``fit`` (on
+    TensorFlow it runs its own loop: a Keras that shuffled otherwise would fail here), and
+    ``stop_training`` from a batch end stops both after the same chunk of steps."""
+    ours, our_calls = _fit_with(True, initial_epoch, stop_after)
+    keras_model, keras_calls = _fit_with(False, initial_epoch, stop_after)
+    assert our_calls == keras_calls
+    for a, b in zip(ours.get_weights(), keras_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(ours.optimizer.iterations) == int(keras_model.optimizer.iterations) > 0
