@@ -40,6 +40,8 @@ ML_EXPERIMENT = "custom_model_development"
 SHARED_VIEW = "mlflow.sharedViewState."
 COMPARE_VIEW_KEY = "searchlab"
 MAX_PARAM = 6000
+#: the folder of empty SQLite stores that new ones are copied from (``store_template_dir``)
+STORE_TEMPLATES_ENV = "SEARCHLAB_STORE_TEMPLATES"
 MAX_TAG = 8000
 
 
@@ -89,7 +91,10 @@ def client(uri: str) -> Any:
 
     try:
         if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(uri[len("sqlite:///"):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _copy_empty_store(path)
         c = MlflowClient(tracking_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
@@ -98,6 +103,66 @@ def client(uri: str) -> Any:
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Check --tracking-uri."
         ) from exc
     return c
+
+
+def store_template_dir() -> Path:
+    """Where empty SQLite tracking stores, one per MLflow version, are kept for copying:
+    ``$SEARCHLAB_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/searchlab`` (``~/.cache``)."""
+    configured = os.environ.get(STORE_TEMPLATES_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()
+    return Path(cache) / "searchlab"
+
+
+def _copy_empty_store(path: Path) -> None:
+    """Create the SQLite tracking store ``path`` as a copy of an empty one.
+
+    MLflow creates a new SQLite store by running every one of its schema migrations (about
+    60, ~2 s on a laptop CPU, paid by each new project and by every test that tracks).  The
+    first new store of each MLflow version is migrated the usual way (MLflow's own
+    ``_initialize_tables``) in the template folder; later ones copy that file.  MLflow then
+    opens the copy as its own: it checks the schema version and adds its Default experiment
+    (with this store's artifact root), which the template leaves out.  Anything unusual (no
+    writable template folder, another MLflow layout) leaves the store to MLflow, as before.
+    """
+    import shutil
+
+    try:
+        template = _empty_store_template()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, tmp)
+        try:
+            os.link(tmp, path)  # never over a store another process just created
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    except Exception as exc:  # MLflow creates the store itself
+        log.debug("no empty tracking store to copy (%s): MLflow migrates %s", exc, path)
+
+
+def _empty_store_template() -> Path:
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    folder = store_template_dir()
+    template = folder / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.is_file():
+        return template
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{template.name}.{os.getpid()}.tmp"
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        engine.dispose()
+    os.replace(tmp, template)  # whole: a parallel process copies this one or its own
+    return template
 
 
 def is_remote(uri: str) -> bool:

@@ -22,6 +22,16 @@ def _data_dir() -> Path | None:
     return shared if shared.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def store_templates(tmp_path_factory: pytest.TempPathFactory):
+    """One folder of empty MLflow stores for the whole run (not the user's ~/.cache): the
+    first test that tracks migrates one, every later new store is a copy."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("store-templates")
+        mp.setenv("SEARCHLAB_STORE_TEMPLATES", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     found = _data_dir()

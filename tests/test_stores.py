@@ -52,3 +52,61 @@ def test_same_name_different_space_is_refused_before_anything_is_written(
     assert optuna.load_study(study_name="tiny", storage=storage).trials == []
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     assert client.get_experiment_by_name("tiny") is None
+
+
+def _schema(db: Path) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        tables = conn.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+        version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    return [*tables, *version]
+
+
+def test_a_new_tracking_store_is_a_copy_of_one_mlflow_migrated(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The first new SQLite store of an MLflow version is migrated (once) into the template
+    folder; later ones copy it, run no migration, and are what MLflow itself creates."""
+    import mlflow.store.db.utils as db_utils
+    from mlflow.tracking import MlflowClient
+
+    from searchlab import tracking
+
+    monkeypatch.setenv("SEARCHLAB_STORE_TEMPLATES", str(tmp_path / "templates"))
+    monkeypatch.chdir(tmp_path)
+    tracking.client(f"sqlite:///{tmp_path / 'first' / 'mlflow.db'}")
+    assert list((tmp_path / "templates").glob("mlflow-*-empty.db"))
+
+    migrations = []
+    initialize = db_utils._initialize_tables
+    monkeypatch.setattr(db_utils, "_initialize_tables",
+                        lambda engine: (migrations.append(1), initialize(engine))[1])
+    copied = tmp_path / "second" / "mlflow.db"
+    client = tracking.client(f"sqlite:///{copied}")
+    assert migrations == []
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflows_own.db'}").search_experiments()
+    assert migrations == [1]
+    assert _schema(copied) == _schema(tmp_path / "mlflows_own.db")
+
+    default = client.get_experiment("0")  # added on opening, with this store's root
+    assert "templates" not in default.artifact_location
+    run = client.create_run(client.create_experiment("e"))
+    client.log_metric(run.info.run_id, "val_accuracy", 0.5, step=1)
+    assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.5}
+
+
+def test_a_store_is_created_as_before_when_there_is_no_template_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from searchlab import tracking
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("SEARCHLAB_STORE_TEMPLATES", str(tmp_path / "not-a-folder"))
+    monkeypatch.chdir(tmp_path)
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_experiment("0").name == "Default"
+    assert (tmp_path / "mlflow.db").is_file()
+    assert not list(tmp_path.glob(".mlflow.db.*.tmp"))
