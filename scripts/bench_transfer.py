@@ -5,8 +5,11 @@ case), the same data (CIFAR-10 from the data directory, pixels 0..255), the same
 backbone weights file (ImageNet weights when the data directory has them, else one random
 VGG16 written once and loaded by both sides), the same trials and epochs, one after the
 other in this process.  KerasTuner is used as its users write it: a ``build_model(hp)`` that
-stacks VGG16 and a head, and ``RandomSearch.search`` -- every trial pushes every image
-through the whole backbone in every epoch.  searchlab runs ``studies``-style ``Transfer``
+stacks VGG16 and a head, and ``RandomSearch`` -- every trial pushes every image through the
+whole backbone in every epoch.  Its trials are split into two searches (seeds ``seed`` and
+``seed+1``) that run before and after searchlab's, so a drift in the machine's speed during
+a case (this VM's varies by 10-40% from minute to minute) weighs on both sides alike; each
+side's time includes creating its tuner or opening its stores.  searchlab runs ``studies``-style ``Transfer``
 trials through its Optuna engine with MLflow tracking on (all overheads included), with an
 empty feature cache at the start of each case.
 
@@ -147,7 +150,9 @@ def _subset(args) -> dict[str, int] | None:
     return sizes or None
 
 
-def run_kerastuner(case: str, args, weights: Path, tmp: Path) -> tuple[float, float, int]:
+def run_kerastuner(
+    case: str, args, weights: Path, tmp: Path, trials: int, seed: int, name: str
+) -> tuple[float, float, int]:
     import keras
     import keras_tuner as kt
 
@@ -186,25 +191,25 @@ def run_kerastuner(case: str, args, weights: Path, tmp: Path) -> tuple[float, fl
         def fit(self, hp, model, *fit_args, **kwargs):
             return model.fit(*fit_args, batch_size=hp.Choice("batch_size", [32, 64]), **kwargs)
 
+    started = time.perf_counter()
     tuner = kt.RandomSearch(
         VGGHead(),
         objective="val_accuracy",
-        max_trials=args.kt_trials or args.trials,
-        seed=args.seed,
+        max_trials=trials,
+        seed=seed,
         directory=str(tmp / "kt"),
-        project_name=case,
+        project_name=name,
         overwrite=True,
     )
-    started = time.perf_counter()
     tuner.search(
         d.x_train, d.y_train, epochs=args.epochs, validation_data=(d.x_val, d.y_val), verbose=0
     )
     seconds = time.perf_counter() - started
-    trials = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
-    for t in trials:
-        print(f"    keras-tuner trial {t.trial_id}: val_accuracy={t.score:.4f}", flush=True)
-    best = max((t.score for t in trials if t.score is not None), default=float("nan"))
-    return seconds, float(best), len(trials)
+    done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
+    for t in done:
+        print(f"    keras-tuner {name} trial {t.trial_id}: val_accuracy={t.score:.4f}", flush=True)
+    best = max((t.score for t in done if t.score is not None), default=float("nan"))
+    return seconds, float(best), len(done)
 
 
 def main() -> int:
@@ -231,10 +236,21 @@ def main() -> int:
               f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
         for case in args.cases.split(","):
             print(f"== case {case} (frozen_layers={CASES[case]})", flush=True)
+            # KerasTuner's trials bracket searchlab's run (half before, half after, as two
+            # searches with their own seeds), so a machine that speeds up or slows down
+            # during the case weighs on both tools alike.
+            kt_trials = args.kt_trials or args.trials
+            before = run_kerastuner(case, args, weights, tmp, (kt_trials + 1) // 2, args.seed,
+                                    f"{case}-before")
             s_sec, s_best, s_n = run_searchlab(case, args, weights, tmp)
             print(f"  searchlab: {s_n} trials in {s_sec:.0f}s", flush=True)
-            k_sec, k_best, k_n = run_kerastuner(case, args, weights, tmp)
-            print(f"  keras-tuner: {k_n} trials in {k_sec:.0f}s", flush=True)
+            after = (run_kerastuner(case, args, weights, tmp, kt_trials // 2, args.seed + 1,
+                                    f"{case}-after")
+                     if kt_trials > 1 else (0.0, float("nan"), 0))
+            k_sec, k_n = before[0] + after[0], before[2] + after[2]
+            k_best = max(before[1], after[1]) if after[2] else before[1]
+            print(f"  keras-tuner: {k_n} trials in {k_sec:.0f}s "
+                  f"({before[0]:.0f}s before searchlab, {after[0]:.0f}s after)", flush=True)
             rows.append((case, s_n, s_sec, s_best, k_n, k_sec, k_best))
     print()
     print(f"{'case':8} {'tool':12} {'trials':>6} {'seconds':>8} {'trials/h':>9} {'best val_acc':>12}")

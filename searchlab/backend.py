@@ -327,6 +327,7 @@ def _tf_loop_applies(model: Any, x: Any, y: Any, validation_data: Any) -> bool:
         name() == "tensorflow"
         and getattr(model, "_distribute_strategy", None) is None
         and getattr(model, "compiled", False)
+        and getattr(model.optimizer, "built", False)  # else the first trace creates variables
         and not getattr(model, "run_eagerly", False)
         and not getattr(model, "jit_compile", False)
         and all(isinstance(a, np.ndarray) for a in arrays)
@@ -347,17 +348,26 @@ class _TFLoop:
         self.owner = (model.optimizer, getattr(model, "_compile_loss", None),
                       getattr(model, "_compile_metrics", None))
 
-        @tf.function(reduce_retracing=True)
+        # Written as explicit while loops and traced without AutoGraph, as Keras's own
+        # train function is: AutoGraph needs this file's source, and a loop it could not
+        # convert would fail every trial.
+        @tf.function(reduce_retracing=True, autograph=False)
         def train(x, y, order, begin, end, batch_size):  # steps [begin, end) of one epoch
-            for step in tf.range(begin, end):
+            def body(step):
                 rows = order[step * batch_size:(step + 1) * batch_size]
                 model.train_step((tf.gather(x, rows), tf.gather(y, rows)))
+                return (step + 1,)
 
-        @tf.function(reduce_retracing=True)
+            tf.while_loop(lambda step: step < end, body, (begin,))
+
+        @tf.function(reduce_retracing=True, autograph=False)
         def test(x, y, steps, batch_size):
-            for step in tf.range(steps):
-                model.test_step((x[step * batch_size:(step + 1) * batch_size],
-                                 y[step * batch_size:(step + 1) * batch_size]))
+            def body(step):
+                rows = slice(step * batch_size, (step + 1) * batch_size)
+                model.test_step((x[rows], y[rows]))
+                return (step + 1,)
+
+            tf.while_loop(lambda step: step < steps, body, (tf.zeros_like(steps),))
 
         self.train, self.test = train, test
 
@@ -425,7 +435,7 @@ class _TFLoop:
             calls.on_epoch_end(epoch, epoch_logs)
             if model.stop_training:
                 break
-        if epochs > initial_epoch:
+        if epochs > 0:  # as fit: an optimizer with an EMA writes it into the weights
             model.optimizer.finalize_variable_values(model.trainable_weights)
         calls.on_train_end(logs=epoch_logs)
 
@@ -454,6 +464,7 @@ def _keras_order(n: int) -> Any:
     """
     import tensorflow as tf
 
+    @tf.autograph.experimental.do_not_convert  # nothing to convert; needs no source
     def permutation(_):
         indices = tf.range(n, dtype=tf.int64)
         indices = tf.random.shuffle(indices)
