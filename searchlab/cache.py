@@ -50,7 +50,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import config
+from searchlab import backend, config
 from searchlab.data import Data
 from searchlab.errors import StudyDefinitionError
 
@@ -252,8 +252,8 @@ class FeatureCache:
         if found is None:
             prefix = keras.Model(model.inputs, cut.tensor)
             found = (
-                np.asarray(prefix.predict(data.x_train, batch_size=batch_size, verbose=0)),
-                np.asarray(prefix.predict(data.x_val, batch_size=batch_size, verbose=0)),
+                backend.predict_arrays(prefix, data.x_train, batch_size),
+                backend.predict_arrays(prefix, data.x_val, batch_size),
             )
             source = Source.COMPUTED
             self._write(key, found)

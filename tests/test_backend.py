@@ -254,3 +254,23 @@ def test_fit_arrays_ends_where_fit_ends(initial_epoch: int, stop_after: int | No
     for a, b in zip(ours.get_weights(), keras_model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(ours.optimizer.iterations) == int(keras_model.optimizer.iterations) > 0
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float64"])
+def test_predict_arrays_returns_what_predict_returns(dtype: str) -> None:
+    """Same graph, same numbers, whatever the batch split (a partial last batch here) and
+    the input dtype (predict casts floats to Keras's float type, not integers)."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+    ])
+    x = (np.random.default_rng(0).random((37, 8, 8, 3)) * 255).astype(dtype)
+    ours = backend.predict_arrays(model, x, 16)
+    again = backend.predict_arrays(model, x[:20], 16)  # the kept trace, other arrays
+    expected = model.predict(x, batch_size=16, verbose=0)
+    assert ours.dtype == expected.dtype and ours.shape == (37, 4)
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(again, expected[:20])
