@@ -55,14 +55,20 @@ def test_same_name_different_space_is_refused_before_anything_is_written(
 
 
 def _schema(db: Path) -> list[tuple]:
+    """Every table and index with its definition's lines in sorted order: MLflow's own
+    migrations write a table's constraints in an order that varies from process to process."""
     import sqlite3
 
     with sqlite3.connect(db) as conn:
-        tables = conn.execute(
+        objects = conn.execute(
             "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
         ).fetchall()
         version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
-    return [*tables, *version]
+    lines = [
+        (kind, name, sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()))
+        for kind, name, sql in objects
+    ]
+    return [*lines, *version]
 
 
 def test_a_new_tracking_store_is_a_copy_of_one_mlflow_migrated(
