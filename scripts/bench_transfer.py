@@ -120,10 +120,23 @@ def run_searchlab(case: str, args, weights: Path, tmp: Path) -> tuple[float, flo
     from searchlab import data as data_mod
 
     data_mod.load(study.dataset, args.data_dir)  # both sides start with the arrays loaded
+    _clean_slate()
     started = time.perf_counter()
     summary = engines.run(study, options, tracker, Quiet())
     seconds = time.perf_counter() - started
     return seconds, float(summary["best_value"] or float("nan")), int(summary["n_complete"])
+
+
+def _clean_slate() -> None:
+    """Free what the other tool's run left (its models, Keras's global state) before a side
+    is timed: 10 KerasTuner trials leave 10 VGG16 models' garbage, which every later
+    collection walks (a separate searchlab process starts without it)."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
 
 
 def _no_pruning() -> None:
@@ -191,6 +204,7 @@ def run_kerastuner(
         def fit(self, hp, model, *fit_args, **kwargs):
             return model.fit(*fit_args, batch_size=hp.Choice("batch_size", [32, 64]), **kwargs)
 
+    _clean_slate()
     started = time.perf_counter()
     tuner = kt.RandomSearch(
         VGGHead(),
