@@ -110,24 +110,18 @@ def build_model(build: Callable[..., Any], params: Mapping[str, Any], info: Data
     return model
 
 
-_TRIALS_STARTED = 0
-
-
 def _release_previous_trial() -> None:
     """Free what the last trial left (Keras global state, its model's cycles) in ~10 ms.
 
     A full ``gc.collect()`` walks every object of TensorFlow, MLflow and Optuna (about a
     second per trial on a laptop); after each collection the survivors are long-lived, so
-    they are frozen out of later collections, which then only walk the new objects.  Before
-    a process's first trial there is no trial's garbage to free, so that walk (~0.3 s) is
-    skipped and what exists is frozen as it is.
+    they are frozen out of later collections, which then only walk the new objects.  The
+    first one (~0.3 s) is not skipped: in a notebook the garbage of the user's own models
+    would be frozen with the rest and never freed.
     """
-    global _TRIALS_STARTED
     keras.backend.clear_session(free_memory=False)
-    if _TRIALS_STARTED:
-        gc.collect()
+    gc.collect()
     gc.freeze()
-    _TRIALS_STARTED += 1
 
 
 def trial_seed(seed: int, number: int) -> int:
