@@ -8,10 +8,10 @@ other in this process.  KerasTuner is used as its users write it: a ``build_mode
 stacks VGG16 and a head, and ``RandomSearch`` -- every trial pushes every image through the
 whole backbone in every epoch.  Its trials are split into two searches (seeds ``seed`` and
 ``seed+1``) that run before and after searchlab's, so a drift in the machine's speed during
-a case (this VM's varies by 10-40% from minute to minute) weighs on both sides alike; each
-side's time includes creating its tuner or opening its stores.  searchlab runs ``studies``-style ``Transfer``
-trials through its Optuna engine with MLflow tracking on (all overheads included), with an
-empty feature cache at the start of each case.
+a case weighs on both sides alike; each side is timed from creating its tuner or opening
+its stores, after the other's leftovers are collected.  searchlab runs ``studies``-style
+``Transfer`` trials through its Optuna engine with MLflow tracking on (all overheads
+included), with an empty feature cache at the start of each case.
 
 Cases: ``frozen`` (all 18 VGG16 layers frozen: only the head trains) and ``block5``
 (frozen_layers=14: block5 and the head train).
