@@ -330,7 +330,7 @@ def predict_arrays(model: Any, x: Any, batch_size: int) -> Any:
     """
     import numpy as np
 
-    if name() != "tensorflow" or getattr(model, "_distribute_strategy", None) is not None:
+    if not _plain_tensorflow(model):
         return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
     import tensorflow as tf
 
@@ -347,13 +347,18 @@ def predict_arrays(model: Any, x: Any, batch_size: int) -> Any:
     return np.concatenate(outputs) if outputs else np.asarray(model.predict(x, verbose=0))
 
 
+def _plain_tensorflow(model: Any) -> bool:
+    """On TensorFlow, without a distribution strategy (whose input pipeline ``fit`` and
+    ``predict`` must build)."""
+    return name() == "tensorflow" and getattr(model, "_distribute_strategy", None) is None
+
+
 def _tf_loop_applies(model: Any, x: Any, y: Any, validation_data: Any) -> bool:
     import numpy as np
 
     arrays = [x, y, *(validation_data or ())]
     return (
-        name() == "tensorflow"
-        and getattr(model, "_distribute_strategy", None) is None
+        _plain_tensorflow(model)
         and getattr(model, "compiled", False)
         and getattr(model.optimizer, "built", False)  # else the first trace creates variables
         and not getattr(model, "run_eagerly", False)
