@@ -31,7 +31,7 @@ STORE_STEPS = {  # label -> (module or class path, attribute)
     "mlflow log_epoch": ("searchlab.tracking:MlflowTracker", "log_epoch"),
     "mlflow end_trial": ("searchlab.tracking:MlflowTracker", "end_trial"),
     "mlflow heartbeat tag": ("searchlab.tracking:MlflowTracker", "set_session_tags"),
-    "optuna claim (ask)": ("searchlab.engines.coordination", "claim_trial"),
+    "optuna claim (ask)": ("searchlab.coordination", "claim_trial"),
     "optuna suggest (TPE)": ("searchlab.space:Space", "suggest"),
     "optuna report": ("optuna.trial:Trial", "report"),
     "optuna should_prune": ("optuna.trial:Trial", "should_prune"),

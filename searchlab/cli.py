@@ -19,8 +19,8 @@ from searchlab import config
 from searchlab.errors import SearchlabError
 
 if TYPE_CHECKING:
+    from searchlab.outcome import TrialResult
     from searchlab.study import Study
-    from searchlab.trial import TrialResult
 
 
 def _quiet_backends() -> None:
@@ -232,7 +232,7 @@ def run(
     _quiet_backends()
     _sigterm_interrupts()
     from searchlab import engines
-    from searchlab.engines import workers as workers_mod
+    from searchlab import workers as workers_mod
     from searchlab.study import check_strategy, load_study
 
     if parent_run:  # a worker: it must not outlive the launcher that started it

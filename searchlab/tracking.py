@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from searchlab.errors import StoreError
 
 if TYPE_CHECKING:
-    from searchlab.trial import TrialResult
+    from searchlab.outcome import TrialResult
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ only the layers after the frozen prefix (``SUFFIX_WEIGHTS_FILE``; tag
 
 from __future__ import annotations
 
-import enum
 import gc
 import inspect
 import logging
@@ -24,7 +23,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from searchlab import backend
 from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
+from searchlab.outcome import TrialResult, TrialState
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -43,33 +43,6 @@ WEIGHTS_FILE = "best.weights.h5"
 #: prefix plus the prefix's fingerprint (``suffix``; see ``cache.save_suffix``)
 SUFFIX_WEIGHTS_FILE = "best.suffix.npz"
 WEIGHTS_FILES = (WEIGHTS_FILE, SUFFIX_WEIGHTS_FILE)
-
-
-class TrialState(enum.Enum):
-    COMPLETE = "complete"
-    PRUNED = "pruned"
-    FAILED = "failed"
-
-
-@dataclass
-class TrialResult:
-    """What one trial produced. ``history`` maps a metric name to its value per epoch."""
-
-    number: int
-    params: dict[str, Any]
-    state: TrialState
-    value: float | None = None
-    best_epoch: int | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
-    weights_path: Path | None = None
-    duration: float = 0.0
-    fit_seconds: float = 0.0
-    error: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def epochs_run(self) -> int:
-        return max((len(v) for v in self.history.values()), default=0)
 
 
 @dataclass(frozen=True)

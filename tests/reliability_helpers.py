@@ -225,7 +225,7 @@ def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]
     once (no training), return the claimed ``a`` values."""
     import optuna
 
-    from searchlab.engines import coordination
+    from searchlab import coordination
     from searchlab.engines.optuna import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,5 +1,5 @@
 """Claims, stale trials and MLflow reconciliation, without training: fast unit tests of
-``searchlab.engines.coordination`` and ``MlflowTracker.reconcile``."""
+``searchlab.coordination`` and ``MlflowTracker.reconcile``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from optuna.trial import TrialState
 from reliability_helpers import claim_grid_points
 
-from searchlab.engines import coordination
-from searchlab.engines.coordination import Claim, claim_trial, fail_stale_trials
+from searchlab import coordination
+from searchlab.coordination import Claim, claim_trial, fail_stale_trials
 from searchlab.engines.optuna import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

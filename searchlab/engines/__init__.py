@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from searchlab.errors import StudyDefinitionError
 
 if TYPE_CHECKING:
+    from searchlab.outcome import TrialResult
     from searchlab.study import Study
     from searchlab.tracking import Tracker
-    from searchlab.trial import TrialResult
 
 ENGINES = ("optuna", "keras-tuner")
 PRUNERS = ("none", "median", "asha", "hyperband")

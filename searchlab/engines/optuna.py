@@ -8,7 +8,7 @@ again.  Each trial is one MLflow child run; its id is kept as the Optuna trial's
 
 Several processes (``--workers N``, or the same command on several machines) can run one
 study: each trial is claimed under a study-wide lock and kept alive by a heartbeat
-(``engines.coordination``).  A session first fails the trials of processes that died and
+(``coordination``).  A session first fails the trials of processes that died and
 closes the MLflow runs they left open (``Session.reconcile``), so a study survives a SIGKILL
 at any moment.
 """
@@ -30,16 +30,15 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import TrialState as OptunaState
 
-from searchlab import config
+from searchlab import config, coordination
 from searchlab import data as data_mod
-from searchlab.engines import coordination
 from searchlab.errors import NotRunError, SearchlabError, StoreError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
+    from searchlab.outcome import TrialResult
     from searchlab.study import Study
     from searchlab.tracking import MlflowTracker
-    from searchlab.trial import TrialResult
 
 log = logging.getLogger(__name__)
 ENGINE = "optuna"

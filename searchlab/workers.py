@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab.engines import coordination
+from searchlab import coordination
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
