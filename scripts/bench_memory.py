@@ -51,7 +51,7 @@ class Recorder:
 
 
 def run_searchlab(args: argparse.Namespace, out: dict) -> None:
-    from searchlab import Choice, Dataset, Float, Int, Study, engines
+    from searchlab import Choice, Dataset, Float, Int, Study, engines, runner
     from searchlab.engines import NullListener
     from searchlab.models import dense_classifier
     from searchlab.tracking import MlflowTracker
@@ -83,7 +83,7 @@ def run_searchlab(args: argparse.Namespace, out: dict) -> None:
         storage=f"sqlite:///{home / 'optuna.db'}",
     )
     tracker = MlflowTracker(f"sqlite:///{home / 'mlflow.db'}", home / "mlartifacts")
-    engines.run(study, options, tracker, Listener())
+    runner.run(study, options, tracker, Listener())
     out.update(marks=rec.marks, seconds=time.perf_counter() - rec.started)
 
 

@@ -65,7 +65,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as home:
         os.environ["SEARCHLAB_HOME"] = home
-        from searchlab import config, engines, load_study
+        from searchlab import config, engines, load_study, runner
         from searchlab.tracking import MlflowTracker
 
         study = load_study(REPO / "studies/mnist_dense.py")
@@ -79,7 +79,7 @@ def main() -> int:
         )
         timing = Timing()
         tracker = MlflowTracker(config.default_tracking_uri(), config.default_artifact_root())
-        engines.run(study, options, tracker, timing)
+        runner.run(study, options, tracker, timing)
 
     walls = [b - a for a, b in zip(timing.marks, timing.marks[1:], strict=False)]
     # The first trial pays one-off costs (graph tracing, store creation); report it apart.

@@ -118,7 +118,7 @@ def time_to_reach(points, target: float) -> float | None:
 
 
 def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
-    from searchlab import engines
+    from searchlab import engines, runner
 
     with tempfile.TemporaryDirectory(prefix="bench-search-") as home:
         os.environ["SEARCHLAB_HOME"] = home
@@ -136,7 +136,7 @@ def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
         else:
             tracker = LocalTracker(Path(home) / "artifacts")
         rec = Recorder()
-        engines.run(study, options, tracker, rec)
+        runner.run(study, options, tracker, rec)
     return rec
 
 

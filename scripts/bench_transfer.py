@@ -87,7 +87,7 @@ class Quiet:
 
 
 def run_searchlab(case: str, args, weights: Path, tmp: Path) -> tuple[float, float, int]:
-    from searchlab import Dataset, Study, cache, engines
+    from searchlab import Dataset, Study, cache, engines, runner
     from searchlab.models import Transfer
     from searchlab.tracking import MlflowTracker
 
@@ -122,7 +122,7 @@ def run_searchlab(case: str, args, weights: Path, tmp: Path) -> tuple[float, flo
     data_mod.load(study.dataset, args.data_dir)  # both sides start with the arrays loaded
     _clean_slate()
     started = time.perf_counter()
-    summary = engines.run(study, options, tracker, Quiet())
+    summary = runner.run(study, options, tracker, Quiet())
     seconds = time.perf_counter() - started
     return seconds, float(summary["best_value"] or float("nan")), int(summary["n_complete"])
 
@@ -146,7 +146,7 @@ def _no_pruning() -> None:
 
     import optuna
 
-    from searchlab.engines import optuna as engine
+    from searchlab import store as engine
 
     if not isinstance(engine.optuna.create_study, functools.partial):
         engine.optuna.create_study = functools.partial(

@@ -30,14 +30,14 @@ STORE_STEPS = {  # label -> (module or class path, attribute)
     "mlflow start_trial": ("searchlab.tracking:MlflowTracker", "start_trial"),
     "mlflow log_epoch": ("searchlab.tracking:MlflowTracker", "log_epoch"),
     "mlflow end_trial": ("searchlab.tracking:MlflowTracker", "end_trial"),
-    "mlflow heartbeat tag": ("searchlab.tracking:MlflowTracker", "set_session_tags"),
+    "mlflow heartbeat tag": ("searchlab.tracking:MlflowTracker", "tag_session"),
     "optuna claim (ask)": ("searchlab.coordination", "claim_trial"),
     "optuna suggest (TPE)": ("searchlab.space:Space", "suggest"),
     "optuna report": ("optuna.trial:Trial", "report"),
     "optuna should_prune": ("optuna.trial:Trial", "should_prune"),
     "optuna set_user_attr": ("optuna.trial:Trial", "set_user_attr"),
     "optuna tell": ("optuna:Study", "tell"),
-    "optuna best trial": ("searchlab.engines.optuna", "_best"),
+    "optuna best trial": ("searchlab.store:StudyStore", "best"),
 }
 MODEL_STEPS = {
     "release last trial": ("searchlab.trial", "_release_previous_trial"),
@@ -63,7 +63,7 @@ def main() -> None:
 
     import keras
 
-    from searchlab import engines
+    from searchlab import engines, runner
     from searchlab.study import load_study
     from searchlab.tracking import MlflowTracker
 
@@ -137,7 +137,7 @@ def main() -> None:
             pruner=args.pruner, max_failures=args.trials,
         )
         tracker = MlflowTracker(f"sqlite:///{home}/mlflow.db", Path(home) / "mlartifacts")
-        engines.run(study, options, tracker, Listener())
+        runner.run(study, options, tracker, Listener())
 
     labels = ["trial wall", "fit", "epoch 1 (traces)", "later epochs", *MODEL_STEPS, *STORE_STEPS]
     for state in ("pruned", "complete"):

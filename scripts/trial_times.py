@@ -13,7 +13,7 @@ import argparse
 import statistics
 
 from searchlab import config
-from searchlab.tracking import MlflowTracker
+from searchlab.tracking import MlflowTracker, client
 
 
 def main() -> None:
@@ -25,11 +25,11 @@ def main() -> None:
     tracker = MlflowTracker(args.tracking_uri or config.default_tracking_uri())
     rows = []
     for run in tracker.runs(args.study):
-        tags, metrics = run.data.tags, run.data.metrics
+        tags, metrics = run.tags, run.metrics
         if "searchlab.trial" not in tags or "fit_s" not in metrics:
             continue
         epochs = max(metrics.get("epochs_run", 1.0), 1.0)
-        history = tracker.client.get_metric_history(run.info.run_id, "epoch_s")
+        history = client(tracker.uri).get_metric_history(run.run_id, "epoch_s")
         epoch_s = [m.value for m in sorted(history, key=lambda m: m.step)]
         rows.append(
             {

@@ -231,7 +231,7 @@ def run(
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
     _sigterm_interrupts()
-    from searchlab import engines
+    from searchlab import engines, runner
     from searchlab import workers as workers_mod
     from searchlab.study import check_strategy, load_study
 
@@ -268,7 +268,7 @@ def run(
     prefix = f"[worker {worker_label}] " if options.one_of_several else ""
     progress = ConsoleProgress(study.objective, prefix=prefix)
     if parent_run:
-        if engines.run(study, options, tracker, progress).get("recycle"):
+        if runner.run(study, options, tracker, progress).get("recycle"):
             sys.exit(workers_mod.RECYCLE)
         return
     if (workers_given or gpu_list) and (engine != "optuna" or in_process):
@@ -305,7 +305,7 @@ def run(
         workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpu_list,
                         worker_command=worker_command)
     else:
-        engines.run(study, options, tracker, progress)
+        runner.run(study, options, tracker, progress)
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
         f"compare them with: searchlab ui {study_file}"

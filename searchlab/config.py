@@ -12,6 +12,9 @@ from pathlib import Path
 HOME_ENV = "SEARCHLAB_HOME"
 STORAGE_ENV = "SEARCHLAB_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+HEARTBEAT_ENV = "SEARCHLAB_HEARTBEAT_SECONDS"
+DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
+GRACE_FACTOR = 6  # a trial is stale after GRACE_FACTOR heartbeats were missed
 
 
 def home() -> Path:
@@ -28,3 +31,19 @@ def default_tracking_uri() -> str:
 
 def default_artifact_root() -> Path:
     return home() / "mlartifacts"
+
+
+def heartbeat_interval() -> int:
+    """Seconds between a running trial's heartbeats (``$SEARCHLAB_HEARTBEAT_SECONDS``,
+    default 10)."""
+    value = os.environ.get(HEARTBEAT_ENV)
+    try:
+        seconds = int(value) if value else DEFAULT_HEARTBEAT
+    except ValueError:
+        seconds = DEFAULT_HEARTBEAT
+    return max(1, seconds)
+
+
+def grace_period(interval: int | None = None) -> int:
+    """Seconds without a heartbeat after which a running trial is stale."""
+    return (interval or heartbeat_interval()) * GRACE_FACTOR

@@ -1,6 +1,6 @@
 """Several searchlab processes on one study: who may start the next trial, and which trials died.
 
-Three pieces, used by the Optuna engine:
+Three pieces, used by the runner whichever engine proposes the params:
 
 - ``StudyLock``: one process at a time claims a trial.  On SQLite (one machine) it is an
   exclusive ``flock`` on a file beside the database; on PostgreSQL (many machines) a
@@ -14,15 +14,15 @@ Three pieces, used by the Optuna engine:
   got its owner recorded (its claimer died inside the claim).
 
 A claim (``claim_trial``) happens under the lock: fail stale trials, count finished and
-running trials against the budget, pick the next free grid point, ``ask`` Optuna and record
-the owner and a first heartbeat.  So two workers never start the same grid point and never
-start more trials than the budget needs.
+running trials against the budget, take the engine's proposal (the next free grid point, an
+oracle's pick, or "let the sampler choose"), ``ask`` Optuna, record the owner and a first
+heartbeat, and give the trial its params.  So two workers never start the same grid point
+and never start more trials than the budget needs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import hashlib
 import logging
@@ -30,13 +30,20 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState as OptunaState
+
+from searchlab import config
+from searchlab.outcome import Claim, Proposal
+from searchlab.store import stale_reason
+
+if TYPE_CHECKING:
+    from searchlab.store import StudyStore
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +51,9 @@ HOST_ATTR = "searchlab.host"
 PID_ATTR = "searchlab.pid"
 SESSION_ATTR = "searchlab.session"
 ERROR_ATTR = "error"
-INTERVAL_ENV = "SEARCHLAB_HEARTBEAT_SECONDS"
-DEFAULT_INTERVAL = 10  # seconds between heartbeats
-GRACE_FACTOR = 6  # a trial is stale after GRACE_FACTOR heartbeats were missed
 FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
-
-
-def heartbeat_interval() -> int:
-    """Seconds between heartbeats (``$SEARCHLAB_HEARTBEAT_SECONDS``, default 10)."""
-    value = os.environ.get(INTERVAL_ENV)
-    try:
-        seconds = int(value) if value else DEFAULT_INTERVAL
-    except ValueError:
-        seconds = DEFAULT_INTERVAL
-    return max(1, seconds)
-
-
-def grace_period(interval: int | None = None) -> int:
-    return (interval or heartbeat_interval()) * GRACE_FACTOR
+heartbeat_interval = config.heartbeat_interval
+grace_period = config.grace_period
 
 
 def hostname() -> str:
@@ -190,60 +182,67 @@ def _fail(storage: Any, trial_id: int, reason: str) -> bool:
         return False  # another process failed (or finished) it first
 
 
-def fail_stale_trials(ostudy: optuna.Study, *, locked: bool = False) -> list[int]:
+def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
     """Fail every RUNNING trial whose process is gone; return their numbers.
 
-    ``locked``: the caller holds the study lock, so a RUNNING trial without an owner was
-    left by a claimer that died inside its claim.
+    Optuna's own ``fail_stale_trials`` fails those whose heartbeat is older than the grace
+    period (any machine); then a trial whose process id no longer exists on this machine is
+    failed without waiting for the grace period, and, with ``locked`` (the caller holds the
+    study lock), a RUNNING trial without an owner, left by a claimer that died inside its
+    claim.  The last two carry their reason in the trial's ``error`` attr; the first cannot
+    (``store.stale_reason``).
     """
-    storage = ostudy._storage
-    before = {t._trial_id: t for t in ostudy.get_trials(deepcopy=False, states=(OptunaState.RUNNING,))}
+    ostudy = store.ostudy
+    running = (OptunaState.RUNNING,)
+    before = {t._trial_id: t for t in ostudy.get_trials(deepcopy=False, states=running)}
     if not before:
         return []
-    failed: list[int] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
-        stale_ids = set(storage._get_stale_trial_ids(ostudy._study_id))
+        optuna.storages.fail_stale_trials(ostudy)
+    still = {t._trial_id for t in ostudy.get_trials(deepcopy=False, states=running)}
+    failed: list[int] = []
+    for trial_id in sorted(set(before) - still):
+        trial = before[trial_id]
+        log.warning("trial %s (worker %s): %s", trial.number, _owner(trial), stale_reason())
+        failed.append(trial.number)
     me = hostname()
-    for trial_id, trial in before.items():
+    for trial_id in sorted(still & set(before)):
+        trial = before[trial_id]
         attrs = trial.user_attrs
-        owner = f"pid {attrs.get(PID_ATTR)} on {attrs.get(HOST_ATTR)}"
         reason = None
-        if trial_id in stale_ids:
-            reason = (
-                f"interrupted: its worker ({owner}) sent no heartbeat for "
-                f"{grace_period()} s (killed or crashed); the trial will be run again"
-            )
-        elif PID_ATTR not in attrs:
+        if PID_ATTR not in attrs:
             if locked:
                 reason = "interrupted: its worker died while claiming it"
         elif attrs.get(HOST_ATTR) == me and attrs[PID_ATTR] != os.getpid() and not pid_alive(
             int(attrs[PID_ATTR])
         ):
-            reason = f"interrupted: its worker ({owner}) is gone (killed or crashed)"
-        if reason and _fail(storage, trial_id, reason):
+            reason = f"interrupted: its worker ({_owner(trial)}) is gone (killed or crashed)"
+        if reason and _fail(store.storage, trial_id, reason):
             log.warning("trial %s: %s", trial.number, reason)
             failed.append(trial.number)
-    return failed
+    return sorted(failed)
+
+
+def _owner(trial: optuna.trial.FrozenTrial) -> str:
+    return f"pid {trial.user_attrs.get(PID_ATTR)} on {trial.user_attrs.get(HOST_ATTR)}"
 
 
 # ---------------------------------------------------------------------------------- claims
-
-
-class Claim(enum.Enum):
-    TRIAL = "trial"  # a trial was claimed
-    WAIT = "wait"  # the budget is covered by running trials of other workers: wait for them
-    DONE = "done"  # the budget is met (or the grid is exhausted)
 
 
 @dataclass
 class Claimed:
     state: Claim
     trial: optuna.Trial | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    proposal: Proposal | None = None
     failed_stale: tuple[int, ...] = ()
 
 
-def _key(params: Mapping[str, Any]) -> tuple:
+def key(params: Mapping[str, Any]) -> tuple:
+    """A hashable form of ``params`` in which floats equal to 12 digits are equal."""
+
     def norm(v: Any) -> Any:
         return float(f"{v:.12g}") if isinstance(v, float) else v
 
@@ -251,72 +250,60 @@ def _key(params: Mapping[str, Any]) -> tuple:
 
 
 def claim_trial(
-    ostudy: optuna.Study,
+    store: StudyStore,
     lock: StudyLock,
     *,
     target: int | None,
-    grid: list[dict[str, Any]] | None,
     session: str,
-    suggest: Any = None,
+    propose: Callable[[], Proposal | Claim],
+    suggest: Callable[[Any], dict[str, Any]],
 ) -> Claimed:
     """Under the study lock: fail stale trials, check the budget, ask for a trial and own it.
 
-    ``grid``: every grid point in order (grid search), or None.  Returns ``DONE`` when the
-    budget is met, ``WAIT`` when running trials of other live workers cover it (one of them may
-    still fail), else ``TRIAL`` with a RUNNING trial owned by this process.
+    ``propose()`` is the engine's: a ``Proposal``, or ``Claim.DONE``/``Claim.WAIT`` when it
+    has nothing to propose.  ``suggest(trial)`` gives the trial its params (they reach the
+    storage while the lock is held).  Returns ``DONE`` when the budget is met, ``WAIT`` when
+    running trials of other live workers cover it (one of them may still fail), else
+    ``TRIAL`` with a RUNNING trial owned by this process and its params.
     """
+    ostudy = store.ostudy
     with lock.held():
-        failed = tuple(fail_stale_trials(ostudy, locked=True))
+        failed = tuple(fail_stale_trials(store, locked=True))
         trials = ostudy.get_trials(deepcopy=False)
-        finished = [t for t in trials if t.state in FINISHED]
-        running = [t for t in trials if t.state == OptunaState.RUNNING]
-        if target is not None and len(finished) >= target:
+        finished = sum(t.state in FINISHED for t in trials)
+        running = sum(t.state == OptunaState.RUNNING for t in trials)
+        if target is not None and finished >= target:
             return Claimed(Claim.DONE, failed_stale=failed)
-        if target is not None and len(finished) + len(running) >= target:
+        if target is not None and finished + running >= target:
             return Claimed(Claim.WAIT, failed_stale=failed)
-        if grid is not None:
-            # A claimed trial has no params in the storage until its owner suggests them;
-            # its grid point is in the system attr Optuna's enqueue_trial wrote.
-            # A point that failed in this session is not retried before the next session
-            # (a deterministic failure would otherwise repeat until --max-failures).
-            taken = {
-                _key(t.params or t.system_attrs.get("fixed_params") or {})
-                for t in trials
-                if t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
-                or (t.state == OptunaState.FAIL and t.user_attrs.get(SESSION_ATTR) == session)
-            }
-            point = next((p for p in grid if _key(p) not in taken), None)
-            waiting = any(t.state == OptunaState.WAITING for t in trials)
-            if point is None and not waiting:
-                state = Claim.WAIT if running else Claim.DONE
-                return Claimed(state, failed_stale=failed)
-            if point is not None:
-                ostudy.enqueue_trial(point, skip_if_exists=False)
+        proposal = propose()
+        if isinstance(proposal, Claim):
+            return Claimed(proposal, failed_stale=failed)
+        if proposal.params is not None:
+            ostudy.enqueue_trial(proposal.params, skip_if_exists=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
             trial = ostudy.ask()
-        storage = ostudy._storage
+        storage = store.storage
         trial_id = trial._trial_id
         storage.set_trial_user_attr(trial_id, HOST_ATTR, hostname())
         storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
         storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
         storage.record_heartbeat(trial_id)
-        if grid is not None and suggest is not None:
-            # Params go into the storage while the lock is held, and a point that another
-            # live or finished trial already has is dropped here, before any training.
-            params = suggest(trial)
+        params = suggest(trial)
+        if proposal.unique:
             others = {
-                _key(t.params)
+                key(t.params)
                 for t in ostudy.get_trials(deepcopy=False)
                 if t._trial_id != trial_id
                 and t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
             }
-            if _key(params) in others:
+            if key(params) in others:
                 reason = f"duplicate grid point {dict(params)}: dropped before training"
                 log.warning("trial %s: %s", trial.number, reason)
                 _fail(storage, trial_id, reason)
                 return Claimed(Claim.WAIT, failed_stale=failed)
-        return Claimed(Claim.TRIAL, trial=trial, failed_stale=failed)
+        return Claimed(Claim.TRIAL, trial, params, proposal, failed_stale=failed)
 
 
 def wait_seconds() -> float:

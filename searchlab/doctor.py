@@ -146,21 +146,19 @@ def _check_optuna(url: str) -> Check:
     path = _sqlite_path(url)
     if path is not None and not path.exists():
         return Check("optuna storage", Status.OK, f"{url} (not created yet: a run creates it)")
-    from searchlab.engines.optuna import _redact, open_storage
+    from searchlab.store import redact, study_names
 
     try:
-        import optuna
-
-        names = optuna.get_all_study_names(storage=open_storage(url))
+        names = study_names(url)
     except SearchlabError as exc:
         return Check("optuna storage", Status.FAIL, str(exc))
     except Exception as exc:
         return Check(
-            "optuna storage", Status.FAIL, f"{_redact(url)} cannot be read: {type(exc).__name__}: {exc}"
+            "optuna storage", Status.FAIL, f"{redact(url)} cannot be read: {type(exc).__name__}: {exc}"
         )
     listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return Check(
-        "optuna storage", Status.OK, f"{_redact(url)} ({len(names)} studies{': ' + listed if names else ''})"
+        "optuna storage", Status.OK, f"{redact(url)} ({len(names)} studies{': ' + listed if names else ''})"
     )
 
 

@@ -15,39 +15,42 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab.errors import ExportError, StoreError
+from searchlab.errors import ExportError, NotRunError, StoreError
 
 if TYPE_CHECKING:
+    from searchlab.store import StoredTrial
     from searchlab.study import Study
     from searchlab.tracking import MlflowTracker
 
 FORMATS = (".h5", ".keras")
 
 
-def find_trial(study: Study, storage_url: str, number: int | None = None) -> Any:
+def find_trial(study: Study, storage_url: str, number: int | None = None) -> StoredTrial:
     """The best complete trial (or trial ``number``) of ``study`` in the Optuna storage."""
-    import optuna
-    from optuna.trial import TrialState
+    from searchlab.outcome import TrialState
+    from searchlab.store import StudyStore, redact, sqlite_path
 
-    from searchlab.engines.optuna import open_storage
-
-    storage = open_storage(storage_url)
+    path = sqlite_path(storage_url)
     try:
-        ostudy = optuna.load_study(study_name=study.name, storage=storage)
-    except KeyError:
+        if path is not None and not path.is_file():  # nothing to read, and nothing created
+            raise NotRunError(study.name)
+        store = StudyStore.load(study.name, storage_url)
+    except NotRunError:
         raise ExportError(
-            f"No study named {study.name!r} in {storage_url}. Run it first "
+            f"No study named {study.name!r} in {redact(storage_url)}. Run it first "
             "(searchlab run STUDY_FILE), or pass the --storage it ran with."
         ) from None
-    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = store.trials(TrialState.COMPLETE)
     if number is None:
         if not complete:
             raise ExportError(f"Study {study.name!r} has no complete trial yet: nothing to export.")
         from searchlab.reeval import selected_number
 
-        number = selected_number(ostudy)  # re-evaluated: the best mean over seeds decides
+        number = selected_number(store)  # re-evaluated: the best mean over seeds decides
         if number is None:
-            return ostudy.best_trial
+            best = store.best()
+            assert best is not None  # there are complete trials
+            return best
     chosen = [t for t in complete if t.number == number]
     if not chosen:
         raise ExportError(
@@ -71,14 +74,14 @@ def export_model(
     if not out.parent.exists():
         raise ExportError(f"Cannot export to {out}: folder {out.parent} does not exist.")
     trial = find_trial(study, storage_url, number)
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.run_id
     if not run_id:
         raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
     from searchlab import trial as trial_mod
     from searchlab.data import DataInfo
 
     try:
-        tags = tracker.client.get_run(run_id).data.tags
+        tags = tracker.run_tags(run_id)
     except StoreError:
         raise
     except Exception as exc:

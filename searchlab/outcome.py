@@ -1,5 +1,7 @@
-"""What a trial ends as: its state and its result.  Plain Python, so the stores, the tracker
-and the CLI can read a result without importing Keras."""
+"""The plain records that pass between the layers: what an engine proposes for the next
+trial (``Proposal``, ``Claim``), a trial's state and what it produced (``TrialState``,
+``TrialResult``).  Plain Python, so the stores, the tracker and the CLI read them without
+importing Keras or Optuna."""
 
 from __future__ import annotations
 
@@ -10,11 +12,20 @@ from typing import Any
 
 
 class TrialState(enum.Enum):
-    """How a trial ended (searchlab's view; the stores map it to their own states)."""
+    """A trial's state in searchlab's words; the stores map it to their own.  A trial ends
+    COMPLETE, PRUNED or FAILED (``TrialResult.state``); the store also holds RUNNING trials
+    and WAITING ones (enqueued, not started)."""
 
     COMPLETE = "complete"
     PRUNED = "pruned"
     FAILED = "failed"
+    RUNNING = "running"
+    WAITING = "waiting"
+
+    @property
+    def finished(self) -> bool:
+        """Counts towards the budget: complete or pruned."""
+        return self in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
@@ -36,3 +47,28 @@ class TrialResult:
     @property
     def epochs_run(self) -> int:
         return max((len(v) for v in self.history.values()), default=0)
+
+
+class Claim(enum.Enum):
+    TRIAL = "trial"  # a trial was claimed
+    WAIT = "wait"  # the budget is covered by running trials of other workers: wait for them
+    DONE = "done"  # the budget is met (or the engine has nothing left to propose)
+
+
+@dataclass
+class Proposal:
+    """What an engine asks the next trial to be (``engines.Engine.propose``).
+
+    ``params``: fixed values, enqueued for the trial (a grid point, an oracle's pick), or
+    None: the study's sampler picks them.  ``unique``: a grid point, dropped before training
+    when another live or finished trial already has it.  ``epochs``: this trial's epochs when
+    the engine sets them (KerasTuner's Hyperband); ``tags`` go on the trial's MLflow run,
+    ``attrs`` on its Optuna trial; ``token`` is the engine's own handle, handed back to it.
+    """
+
+    params: dict[str, Any] | None = None
+    unique: bool = False
+    epochs: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    attrs: dict[str, str] = field(default_factory=dict)
+    token: Any = None

@@ -20,31 +20,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import optuna
+from searchlab.outcome import TrialState
 
-    from searchlab.tracking import MlflowTracker
+if TYPE_CHECKING:
+    from searchlab.store import StoredTrial, StudyStore
+    from searchlab.tracking import Tracker
     from searchlab.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 ATTR = "searchlab.reeval"
-RUN_ID_ATTR = "mlflow_run_id"
 #: offset between the seeds of successive re-evaluation runs (the search used spec.seed)
 SEED_STRIDE = 7919
 
 
 def reeval_seed(seed: int, index: int) -> int:
     return seed + SEED_STRIDE * (index + 1)
-
-
-def top_trials(ostudy: optuna.Study, top: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``top`` best complete trials, best first (ties by trial number)."""
-    from optuna.study import StudyDirection
-    from optuna.trial import TrialState
-
-    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    sign = -1.0 if ostudy.direction == StudyDirection.MAXIMIZE else 1.0
-    return sorted(complete, key=lambda t: (sign * float(t.value), t.number))[:top]
 
 
 def choose(results: Mapping[str, Mapping[str, Any]], direction: str) -> str | None:
@@ -57,9 +47,9 @@ def choose(results: Mapping[str, Mapping[str, Any]], direction: str) -> str | No
 
 
 def reevaluate(
-    ostudy: optuna.Study,
+    store: StudyStore,
     spec: TrialSpec,
-    tracker: MlflowTracker,
+    tracker: Tracker,
     base_tags: Mapping[str, str],
     top: int,
     seeds: int,
@@ -67,42 +57,16 @@ def reevaluate(
 ) -> dict[str, dict[str, Any]]:
     """Re-train the ``top`` best configurations ``seeds`` times; store and return the results."""
     from searchlab import table
-    from searchlab.trial import run_trial
 
-    results: dict[str, dict[str, Any]] = dict(ostudy.user_attrs.get(ATTR) or {})
-    for trial in top_trials(ostudy, top):
+    results: dict[str, dict[str, Any]] = dict(store.attr(ATTR) or {})
+    for trial in store.top(top):
         values: list[float] = []
         run_ids: list[str] = []
         for index in range(seeds):
-            seed = reeval_seed(spec.seed, index)
-            tags = {
-                **base_tags,
-                "searchlab.role": "reeval",
-                "searchlab.reeval_of": str(trial.number),
-                "searchlab.reeval_seed": str(seed),
-                "searchlab.reeval_source_run": str(trial.user_attrs.get(RUN_ID_ATTR, "")),
-                "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-                "searchlab.num_classes": str(spec.data.num_classes),
-            }
-            run_id = tracker.start_trial(
-                trial.number, trial.params, tags, run_name=f"reeval-{trial.number:04d}-s{index}"
-            )
-
-            def on_epoch(epoch: int, logs: dict[str, float], run_id: str = run_id) -> None:
-                tracker.log_epoch(run_id, epoch, logs)
-
-            result = run_trial(
-                trial.number,
-                trial.params,
-                dataclasses.replace(spec, seed=seed),
-                workdir / f"trial-{trial.number}-s{index}",
-                on_epoch,
-            )
-            tracker.end_trial(run_id, result)
+            run_id, result = _retrain(trial, index, spec, tracker, base_tags, workdir)
             run_ids.append(run_id)
-            if result.state.value == "complete" and result.value is not None:
+            if result.state is TrialState.COMPLETE and result.value is not None:
                 values.append(float(result.value))
-            log.info("re-evaluated trial %d seed %d: %s", trial.number, seed, result.value)
         results[str(trial.number)] = {
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
@@ -111,7 +75,7 @@ def reevaluate(
             "run_ids": run_ids,
             "search_value": trial.value,
         }
-    ostudy.set_user_attr(ATTR, results)
+    store.set_attr(ATTR, results)
     rows = [
         {"trial": int(k), **{f: v.get(f) for f in ("mean", "std", "n", "search_value")}}
         for k, v in results.items()
@@ -122,19 +86,59 @@ def reevaluate(
     return results
 
 
-def summary(ostudy: optuna.Study) -> dict[str, Any]:
+def _retrain(
+    trial: StoredTrial,
+    index: int,
+    spec: TrialSpec,
+    tracker: Tracker,
+    base_tags: Mapping[str, str],
+    workdir: Path,
+) -> tuple[str, Any]:
+    """Re-train ``trial``'s configuration with its ``index``-th re-evaluation seed, as a
+    child run of the session; return the run id and the result."""
+    from searchlab.trial import run_trial
+
+    seed = reeval_seed(spec.seed, index)
+    tags = {
+        **base_tags,
+        "searchlab.role": "reeval",
+        "searchlab.reeval_of": str(trial.number),
+        "searchlab.reeval_seed": str(seed),
+        "searchlab.reeval_source_run": str(trial.run_id or ""),
+        "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
+        "searchlab.num_classes": str(spec.data.num_classes),
+    }
+    run_id = tracker.start_trial(
+        trial.number, trial.params, tags, run_name=f"reeval-{trial.number:04d}-s{index}"
+    )
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        tracker.log_epoch(run_id, epoch, logs)
+
+    result = run_trial(
+        trial.number,
+        trial.params,
+        dataclasses.replace(spec, seed=seed),
+        workdir / f"trial-{trial.number}-s{index}",
+        on_epoch,
+    )
+    tracker.end_trial(run_id, result)
+    log.info("re-evaluated trial %d seed %d: %s", trial.number, seed, result.value)
+    return run_id, result
+
+
+def summary(store: StudyStore) -> dict[str, Any]:
     """The study's selected configuration by mean objective, for the session summary."""
-    results = ostudy.user_attrs.get(ATTR) or {}
-    direction = ostudy.direction.name.lower()
-    key = choose(results, direction)
+    results = store.attr(ATTR) or {}
+    key = choose(results, store.direction)
     if key is None:
         return {}
-    trial = ostudy.trials[int(key)]
+    trial = store.trial(int(key))
     chosen = results[key]
     out: dict[str, Any] = {
         "selected_trial": int(key),
         "selected_params": dict(trial.params),
-        "selected_run_id": trial.user_attrs.get(RUN_ID_ATTR),
+        "selected_run_id": trial.run_id,
         "reeval_mean": chosen["mean"],
         "reeval_std": chosen["std"],
         "reeval_n": chosen["n"],
@@ -146,7 +150,7 @@ def summary(ostudy: optuna.Study) -> dict[str, Any]:
     return out
 
 
-def selected_number(ostudy: optuna.Study) -> int | None:
+def selected_number(store: StudyStore) -> int | None:
     """The trial number export should use by default: the best mean, if re-evaluated."""
-    key = choose(ostudy.user_attrs.get(ATTR) or {}, ostudy.direction.name.lower())
+    key = choose(store.attr(ATTR) or {}, store.direction)
     return int(key) if key is not None else None

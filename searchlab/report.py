@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     import optuna
     import pandas as pd
 
+    from searchlab.store import StudyStore
     from searchlab.study import Study
-    from searchlab.tracking import MlflowTracker
+    from searchlab.tracking import MlflowTracker, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,19 @@ class Results:
     """One study's results as the stores hold them."""
 
     study: Study
-    ostudy: optuna.Study
+    store: StudyStore
     tracker: MlflowTracker
-    runs: list[Any] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
 
     @property
-    def sessions(self) -> list[Any]:
+    def sessions(self) -> list[RunRecord]:
         """The study's parent (session) runs, oldest first."""
-        return [r for r in self.runs if r.data.tags.get("searchlab.role") == SESSION_ROLE]
+        return [r for r in self.runs if r.tags.get("searchlab.role") == SESSION_ROLE]
 
     @property
-    def trial_runs(self) -> dict[str, Any]:
+    def trial_runs(self) -> dict[str, RunRecord]:
         """Trial child runs by run id."""
-        return {
-            r.info.run_id: r for r in self.runs if r.data.tags.get("mlflow.parentRunId") is not None
-        }
+        return {r.run_id: r for r in self.runs if r.tags.get("mlflow.parentRunId") is not None}
 
 
 def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Results:
@@ -86,11 +85,11 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
     when the study was never run against these stores.
     """
     from searchlab import tracking
-    from searchlab.engines.optuna import load_stored
+    from searchlab.store import StudyStore
 
     tracking.check_exists(tracker.uri)
-    ostudy = load_stored(study.name, storage_url)
-    if not ostudy.get_trials(deepcopy=False):
+    store = StudyStore.load(study.name, storage_url)
+    if not store.count():
         raise NotRunError(
             f"Study {study.name!r} has no trials yet: run it first (searchlab run STUDY_FILE)."
         )
@@ -99,19 +98,17 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
             f"Study {study.name!r} has no MLflow experiment in {tracker.uri}: pass the "
             "--tracking-uri it ran with."
         )
-    return Results(study=study, ostudy=ostudy, tracker=tracker, runs=tracker.runs(study.name))
+    return Results(study=study, store=store, tracker=tracker, runs=tracker.runs(study.name))
 
 
 def rows(results: Results) -> list[dict[str, Any]]:
     """One dict per trial: the Optuna trial joined with its MLflow run's searchlab tags."""
-    from searchlab.engines.optuna import trial_rows
-
     by_id = results.trial_runs
     out = []
-    for row in trial_rows(results.ostudy):
+    for row in (t.row() for t in results.store.trials()):
         run = by_id.get(row.get("run_id") or "")
         if run is not None:
-            for key, value in sorted(run.data.tags.items()):
+            for key, value in sorted(run.tags.items()):
                 if key.startswith("searchlab.cache"):  # the feature cache, where a trial used it
                     row[key[len("searchlab."):]] = value
         out.append(row)
@@ -126,28 +123,23 @@ def frame(results: Results) -> pd.DataFrame:
 
 
 def best_trial(results: Results) -> BestTrial:
-    from optuna.trial import TrialState
-
-    if not results.ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    best = results.store.best()
+    if best is None:
         raise NotRunError(f"Study {results.study.name!r} has no complete trial yet.")
-    best = results.ostudy.best_trial
-    run_id = best.user_attrs.get("mlflow_run_id")
+    run_id = best.run_id
     model_uri = None
     for session in reversed(results.sessions):
-        if (
-            session.info.status == "FINISHED"
-            and session.data.metrics.get("best_trial") == best.number
-        ):
-            model_uri = f"runs:/{session.info.run_id}/{BEST_MODEL_PATH}"
+        if session.status == "FINISHED" and session.metrics.get("best_trial") == best.number:
+            model_uri = f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
             break
     from searchlab.trial import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
 
     run = results.trial_runs.get(run_id or "")
-    suffix = run is not None and run.data.tags.get("searchlab.weights_form") == "suffix"
+    suffix = run is not None and run.tags.get("searchlab.weights_form") == "suffix"
     weights = SUFFIX_WEIGHTS_FILE if suffix else WEIGHTS_FILE
     return BestTrial(
         number=best.number,
-        value=float(best.value),
+        value=float(best.value or 0.0),
         params=dict(best.params),
         run_id=run_id,
         model_uri=model_uri,
@@ -162,22 +154,21 @@ def write_plots(results: Results, folder: Path, top: int = 5) -> tuple[list[Path
     Returns the files written and, for each plot that cannot be drawn from these trials
     (for instance importances from fewer than two complete trials), the reason.
     """
-    from optuna.trial import TrialState
+    from searchlab.outcome import TrialState
 
-    from searchlab.engines.optuna import top_trials
-
-    ostudy = results.ostudy
+    ostudy = results.store.ostudy
     objective = results.study.objective
-    complete = ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    complete = results.store.trials(TrialState.COMPLETE)
+    best = results.store.best()
+    if best is None:
         raise NotRunError(f"Study {results.study.name!r} has no complete trial: nothing to plot.")
     folder.mkdir(parents=True, exist_ok=True)
     top = max(1, min(top, len(complete)))
-    curves = top_trials(ostudy, top)
+    curves = results.store.plot_copy(top)
     skipped: dict[str, str] = {}
     if len(complete) < 2:
         skipped["param_importances"] = "needs at least 2 complete trials"
-    elif not any(len({repr(t.params.get(p)) for t in complete}) > 1 for p in ostudy.best_params):
+    elif not any(len({repr(t.params.get(p)) for t in complete}) > 1 for p in best.params):
         skipped["param_importances"] = "every complete trial has the same params"
     if not any(t.intermediate_values for t in curves.get_trials(deepcopy=False)):
         skipped["learning_curves"] = f"no trial reported {objective} per epoch"
@@ -248,7 +239,7 @@ def log_plots(results: Results, files: list[Path]) -> str | None:
     sessions = results.sessions
     if not sessions or not files:
         return None
-    run_id = sessions[-1].info.run_id
+    run_id = sessions[-1].run_id
     results.tracker.log_run_files(run_id, files, PLOTS_ARTIFACT_PATH)
     return run_id
 

@@ -1,15 +1,9 @@
 """MLflow tracking: the only module that imports mlflow.
 
-Call order of a ``Tracker`` (one per ``searchlab run`` session):
-
-1. ``start_study(name, info)`` once: opens the session's parent run.
-2. Per trial: ``start_trial(number, params, tags)`` returns the child run id; then
-   ``log_epoch(run_id, epoch, metrics)`` once per epoch; then ``end_trial(run_id, result)``
-   exactly once, which sets the run's final state (FINISHED, KILLED or FAILED).
-3. ``end_study(summary, status)`` once: best value and params, counts, the trials table and the
-   best model go on the parent run, which is closed.
-
-Every run that was opened is closed, also when the session ends by an exception.
+``Tracker`` is what the runner, the workers and re-evaluation may ask of a tracker (its
+docstring gives the call order); ``MlflowTracker`` implements it on an MLflow tracking store,
+``MemoryTracker`` in memory (for tests).  No MLflow object leaves this module: runs are read
+back as ``RunRecord``s.
 """
 
 from __future__ import annotations
@@ -20,19 +14,25 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from searchlab.errors import StoreError
+from searchlab.outcome import TrialState
 
 if TYPE_CHECKING:
     from searchlab.outcome import TrialResult
 
 log = logging.getLogger(__name__)
 
-#: searchlab's TrialState value -> MLflow run status
-RUN_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+#: how a trial ended -> its MLflow run's status
+RUN_STATUS = {
+    TrialState.COMPLETE: "FINISHED",
+    TrialState.PRUNED: "KILLED",
+    TrialState.FAILED: "FAILED",
+}
 #: experiment tag that makes the MLflow UI open the runs table, not its GenAI views
 EXPERIMENT_KIND = "mlflow.experimentKind"
 ML_EXPERIMENT = "custom_model_development"
@@ -45,12 +45,68 @@ STORE_TEMPLATES_ENV = "SEARCHLAB_STORE_TEMPLATES"
 MAX_TAG = 8000
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the tracker holds it (a session run or a trial's)."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, KILLED or FAILED
+    start_time: float  # seconds since the epoch
+    tags: Mapping[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
 class Tracker(Protocol):
-    def start_study(self, name: str, info: Mapping[str, Any]) -> str: ...
-    def start_trial(self, number: int, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
+    """Where a session's results go: one parent run per session, one child run per trial.
+
+    Call order, for one process:
+
+    1. ``connect()``, before any training: an unreachable store fails here.
+    2. ``start_session(name, info)`` once (the process that opens the session) or
+       ``attach(session_id)`` (a worker, whose launcher opened it).  The first may be
+       followed by ``reconcile(...)``, closing what a crashed process left open, and any
+       time later by ``tag_session(tags)`` (links, heartbeat).
+    3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
+       ``log_epoch(run_id, epoch, metrics)`` once per epoch; ``end_trial(run_id, result)``
+       exactly once, which logs the outcome and the weights and closes the run.
+    4. The session's owner: ``log_artifact(path)`` (trials table, best model), then
+       ``end_session(summary, status)`` once, which closes the parent run and any trial run
+       still open.  A worker ends with ``close_all("FAILED")``: it closes only its own runs.
+
+    Every run that was opened is closed, also when the session ends by an exception.
+    """
+
+    uri: str
+
+    @property
+    def session_id(self) -> str | None: ...
+    def connect(self) -> None: ...
+    def start_session(self, name: str, info: Mapping[str, Any]) -> str: ...
+    def attach(self, session_id: str) -> None: ...
+    def tag_session(self, tags: Mapping[str, str]) -> None: ...
+    def previous_session(self, name: str) -> str | None: ...
+    def reconcile(
+        self,
+        name: str,
+        trials: Mapping[int, Mapping[str, Any]],
+        *,
+        session_dead: Callable[[RunRecord], bool],
+    ) -> list[str]: ...
+    def start_trial(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+    ) -> str: ...
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
-    def end_study(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def download(self, run_id: str, path: str, dst: Path | None = None) -> Path: ...
+    def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None: ...
+    def close_all(self, status: str = "FAILED") -> None: ...
 
 
 def _quiet_mlflow() -> None:
@@ -84,7 +140,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str) -> Any:
-    """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created."""
+    """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created.  For
+    ``MlflowTracker`` and ``doctor``, and for tests and scripts that read MLflow directly."""
     _quiet_mlflow()
     check_reachable(uri)
     from mlflow.tracking import MlflowClient
@@ -243,24 +300,30 @@ class MlflowTracker:
         self.artifact_root = artifact_root
         self._client: Any = None
         self.experiment_id: str | None = None
-        self.parent_run_id: str | None = None
+        self._session_id: str | None = None
         self._open: set[str] = set()
 
     @property
-    def client(self) -> Any:
+    def session_id(self) -> str | None:
+        """The session's parent run id, once started or attached."""
+        return self._session_id
+
+    @property
+    def _mlflow(self) -> Any:
+        """The ``MlflowClient``, opened on first use (it never leaves this module)."""
         if self._client is None:
             self._client = client(self.uri)
         return self._client
 
     def connect(self) -> None:
         """Open the store now, so an unreachable one fails before any training."""
-        _ = self.client
+        _ = self._mlflow
 
     def experiment(self, name: str, create: bool = True) -> str | None:
-        exp = self.client.get_experiment_by_name(name)
+        exp = self._mlflow.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
+                self._mlflow.restore_experiment(exp.experiment_id)
             return exp.experiment_id
         if not create:
             return None
@@ -268,11 +331,11 @@ class MlflowTracker:
         if self.artifact_root is not None and not self.uri.startswith(("http://", "https://")):
             self.artifact_root.mkdir(parents=True, exist_ok=True)
             location = self.artifact_root.resolve().as_uri()
-        return self.client.create_experiment(
+        return self._mlflow.create_experiment(
             name, artifact_location=location, tags={EXPERIMENT_KIND: ML_EXPERIMENT}
         )
 
-    def start_study(self, name: str, info: Mapping[str, Any]) -> str:
+    def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         from mlflow.entities import Param
 
         self.experiment_id = self.experiment(name)
@@ -285,30 +348,30 @@ class MlflowTracker:
                 if k not in ("space", "run_params")
             },
         }
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
-        self.parent_run_id = run.info.run_id
-        self._open.add(self.parent_run_id)
+        run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
+        self._session_id = run.info.run_id
+        self._open.add(self._session_id)
         params = [Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()]
         # session settings that are not searched (e.g. precision) are params of the parent run
         params += [Param(k, _short(v, MAX_PARAM)) for k, v in info.get("run_params", {}).items()]
         if params:
-            self.client.log_batch(self.parent_run_id, params=params)
-        return self.parent_run_id
+            self._mlflow.log_batch(self._session_id, params=params)
+        return self._session_id
 
-    def attach(self, parent_run_id: str) -> None:
+    def attach(self, session_id: str) -> None:
         """Log this process's trials under another process's session run (a worker of
         ``searchlab run --workers N``); that process opens and closes the parent run."""
-        run = self.client.get_run(parent_run_id)
+        run = self._mlflow.get_run(session_id)
         self.experiment_id = run.info.experiment_id
-        self.parent_run_id = parent_run_id
+        self._session_id = session_id
 
-    def set_session_tags(self, tags: Mapping[str, str]) -> None:
+    def tag_session(self, tags: Mapping[str, str]) -> None:
         """Tags on the session's parent run (links to the study, liveness heartbeat)."""
         from mlflow.entities import RunTag
 
-        if self.parent_run_id is not None and tags:
-            self.client.log_batch(
-                self.parent_run_id, tags=[RunTag(k, _short(v, MAX_TAG)) for k, v in tags.items()]
+        if self._session_id is not None and tags:
+            self._mlflow.log_batch(
+                self._session_id, tags=[RunTag(k, _short(v, MAX_TAG)) for k, v in tags.items()]
             )
 
     def previous_session(self, name: str) -> str | None:
@@ -316,26 +379,25 @@ class MlflowTracker:
         exp_id = self.experiment(name, create=False)
         if exp_id is None:
             return None
-        runs = self.client.search_runs(
+        runs = self._mlflow.search_runs(
             [exp_id],
             filter_string="tags.`searchlab.role` = 'session'",
             max_results=2,
             order_by=["attributes.start_time DESC"],
         )
-        return next((r.info.run_id for r in runs if r.info.run_id != self.parent_run_id), None)
+        return next((r.info.run_id for r in runs if r.info.run_id != self._session_id), None)
 
     def reconcile(
         self,
         name: str,
         trials: Mapping[int, Mapping[str, Any]],
         *,
-        session_dead: Any,
+        session_dead: Callable[[RunRecord], bool],
     ) -> list[str]:
         """Close the MLflow runs a crashed process left behind; return what was changed.
 
         ``trials`` maps an Optuna trial number to ``{"state", "value", "error", "run_id"}``
-        (state: complete, pruned, failed, running or waiting).  Rules, so MLflow agrees with
-        Optuna after any crash:
+        (``state``: a ``TrialState``).  Rules, so MLflow agrees with Optuna after any crash:
 
         - a RUNNING trial run whose Optuna trial is failed (or missing: the process died
           before linking it) ends FAILED with the error; complete ends FINISHED with its
@@ -344,18 +406,16 @@ class MlflowTracker:
           but before Optuna did) ends FAILED: the point is run again in a new trial.
         - a RUNNING session run for which ``session_dead(run)`` is true ends FAILED.
         """
-        from mlflow.entities import Metric, RunTag
-
         changed: list[str] = []
         by_run_id = {t["run_id"]: (n, t) for n, t in trials.items() if t.get("run_id")}
-        for run in self.runs(name):
+        for run in self._runs(name):
             info, tags = run.info, run.data.tags
-            if info.run_id == self.parent_run_id:
+            if info.run_id == self._session_id:
                 continue
             if tags.get("searchlab.role") == "session":
-                if info.status == "RUNNING" and session_dead(run):
-                    self.client.set_tag(info.run_id, "searchlab.end", "interrupted (process gone)")
-                    self.client.set_terminated(info.run_id, "FAILED")
+                if info.status == "RUNNING" and session_dead(_record(run)):
+                    self._mlflow.set_tag(info.run_id, "searchlab.end", "interrupted (process gone)")
+                    self._mlflow.set_terminated(info.run_id, "FAILED")
                     changed.append(f"session {info.run_id}: FAILED")
                 continue
             if "searchlab.trial" not in tags:
@@ -368,42 +428,48 @@ class MlflowTracker:
                     number = int(tags["searchlab.trial"])
                 except ValueError:
                     continue
-                trial = trials.get(number) or {"state": "failed", "run_id": None}
+                trial = trials.get(number) or {"state": TrialState.FAILED, "run_id": None}
                 if trial.get("run_id") not in (None, info.run_id) and info.status != "RUNNING":
                     continue  # an older run with the same number (a recreated Optuna study)
-            state = trial["state"]
-            if info.status == "RUNNING":
-                if state in ("running", "waiting") and trial.get("run_id") in (None, info.run_id):
-                    continue
-                error = trial.get("error") or "interrupted: the process running it died"
-                status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
-                now = int(time.time() * 1000)
-                new_tags = [RunTag("searchlab.state", state if status != "FAILED" else "failed")]
-                metrics = []
-                if status == "FAILED":
-                    new_tags.append(RunTag("searchlab.error", _short(error, MAX_TAG)))
-                elif trial.get("value") is not None:
-                    metrics.append(Metric("objective", float(trial["value"]), now, 0))
-                self.client.log_batch(info.run_id, metrics=metrics, tags=new_tags)
-                self.client.set_terminated(info.run_id, status)
+            status = self._reconcile_trial(info, trial, linked is not None)
+            if status:
                 changed.append(f"trial {number} run {info.run_id}: {status}")
-            elif info.status == "FINISHED" and state == "failed" and linked is not None:
-                error = trial.get("error") or "interrupted before Optuna recorded the result"
-                self.client.log_batch(
-                    info.run_id,
-                    tags=[
-                        RunTag("searchlab.state", "failed"),
-                        RunTag(
-                            "searchlab.error",
-                            _short(f"{error} (Optuna never recorded this result)", MAX_TAG),
-                        ),
-                    ],
-                )
-                self.client.set_terminated(info.run_id, "FAILED")
-                changed.append(f"trial {number} run {info.run_id}: FINISHED -> FAILED")
         for line in changed:
             log.warning("reconciled MLflow: %s", line)
         return changed
+
+    def _reconcile_trial(self, info: Any, trial: Mapping[str, Any], linked: bool) -> str | None:
+        """End one trial run as ``reconcile``'s rules say; return what changed, if anything."""
+        from mlflow.entities import Metric, RunTag
+
+        state: TrialState = trial["state"]
+        if info.status == "RUNNING":
+            if not state.finished and state is not TrialState.FAILED:  # running or waiting
+                if trial.get("run_id") in (None, info.run_id):
+                    return None
+            status = RUN_STATUS.get(state, "FAILED")
+            now = int(time.time() * 1000)
+            ended = state if status != "FAILED" else TrialState.FAILED
+            new_tags = [RunTag("searchlab.state", ended.value)]
+            metrics = []
+            if status == "FAILED":
+                error = trial.get("error") or "interrupted: the process running it died"
+                new_tags.append(RunTag("searchlab.error", _short(error, MAX_TAG)))
+            elif trial.get("value") is not None:
+                metrics.append(Metric("objective", float(trial["value"]), now, 0))
+            self._mlflow.log_batch(info.run_id, metrics=metrics, tags=new_tags)
+            self._mlflow.set_terminated(info.run_id, status)
+            return status
+        if info.status == "FINISHED" and state is TrialState.FAILED and linked:
+            error = trial.get("error") or "interrupted before Optuna recorded the result"
+            note = _short(f"{error} (Optuna never recorded this result)", MAX_TAG)
+            self._mlflow.log_batch(
+                info.run_id,
+                tags=[RunTag("searchlab.state", "failed"), RunTag("searchlab.error", note)],
+            )
+            self._mlflow.set_terminated(info.run_id, "FAILED")
+            return "FINISHED -> FAILED"
+        return None
 
     def start_trial(
         self,
@@ -414,19 +480,19 @@ class MlflowTracker:
     ) -> str:
         from mlflow.entities import Param, RunTag
 
-        assert self.experiment_id is not None and self.parent_run_id is not None
+        assert self.experiment_id is not None and self._session_id is not None
         all_tags = {
-            "mlflow.parentRunId": self.parent_run_id,
+            "mlflow.parentRunId": self._session_id,
             "searchlab.trial": str(number),
             "searchlab.state": "running",
             **tags,
         }
-        run = self.client.create_run(
+        run = self._mlflow.create_run(
             self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
         )
         run_id = run.info.run_id
         self._open.add(run_id)
-        self.client.log_batch(
+        self._mlflow.log_batch(
             run_id,
             params=[Param(k, _short(v, MAX_PARAM)) for k, v in params.items()],
             tags=[RunTag("searchlab.params", _short(dict(params), MAX_TAG))],
@@ -437,7 +503,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
+        self._mlflow.log_batch(
             run_id,
             metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
             synchronous=True,
@@ -446,7 +512,6 @@ class MlflowTracker:
     def end_trial(self, run_id: str, result: TrialResult) -> None:
         from mlflow.entities import Metric, RunTag
 
-        state = result.state.value
         now = int(time.time() * 1000)
         metrics = [
             Metric("duration_s", result.duration, now, 0),
@@ -457,30 +522,33 @@ class MlflowTracker:
             metrics.append(Metric("objective", float(result.value), now, 0))
         if result.best_epoch is not None:
             metrics.append(Metric("best_epoch", float(result.best_epoch), now, 0))
-        tags = [RunTag("searchlab.state", state)]
+        tags = [RunTag("searchlab.state", result.state.value)]
         tags += [RunTag(k, _short(v, MAX_TAG)) for k, v in result.tags.items()]
         if result.error:
             tags.append(RunTag("searchlab.error", _short(result.error, MAX_TAG)))
         try:
-            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            self._mlflow.log_batch(run_id, metrics=metrics, tags=tags)
             if result.weights_path is not None and result.weights_path.exists():
-                self.client.log_artifact(run_id, str(result.weights_path), "weights")
+                self._mlflow.log_artifact(run_id, str(result.weights_path), "weights")
         finally:
-            self.close_run(run_id, RUN_STATUS[state])
+            self.close_run(run_id, RUN_STATUS[result.state])
 
     def close_run(self, run_id: str, status: str) -> None:
         if run_id in self._open:
             self._open.discard(run_id)
-            self.client.set_terminated(run_id, status)
+            self._mlflow.set_terminated(run_id, status)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        assert self.parent_run_id is not None
-        self.client.log_artifact(self.parent_run_id, str(path), artifact_path)
+        """Log a file on the session's parent run."""
+        assert self._session_id is not None
+        self._mlflow.log_artifact(self._session_id, str(path), artifact_path)
 
-    def end_study(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
+    def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
+        """Log the summary (numbers as metrics, the best params as ``best.*`` params) on the
+        parent run, then close it and every trial run still open."""
         from mlflow.entities import Metric, Param
 
-        if self.parent_run_id is None:
+        if self._session_id is None:
             return
         now = int(time.time() * 1000)
         metrics = [
@@ -493,13 +561,13 @@ class MlflowTracker:
             for k, v in (summary.get("best_params") or {}).items()
         ]
         try:
-            self.client.log_batch(self.parent_run_id, metrics=metrics, params=params)
+            self._mlflow.log_batch(self._session_id, metrics=metrics, params=params)
         finally:
             self.close_all(status)
 
     def close_all(self, status: str = "FAILED") -> None:
         """Close every run this tracker opened (children first): none is left RUNNING."""
-        parent = self.parent_run_id
+        parent = self._session_id
         for run_id in sorted(self._open, key=lambda r: r == parent):
             try:
                 self.close_run(run_id, status if run_id == parent else "FAILED")
@@ -508,16 +576,16 @@ class MlflowTracker:
 
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
         dst = dst or Path(tempfile.mkdtemp(prefix="searchlab-"))
-        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        return Path(self._mlflow.download_artifacts(run_id, path, str(dst)))
 
     def find_experiment(self, name: str) -> str | None:
         """The id of study ``name``'s experiment, or None; marks it as an ML experiment so the
         MLflow UI opens its runs table."""
-        exp = self.client.get_experiment_by_name(name)
+        exp = self._mlflow.get_experiment_by_name(name)
         if exp is None or exp.lifecycle_stage == "deleted":
             return None
         if exp.tags.get(EXPERIMENT_KIND) is None:
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
+            self._mlflow.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
         return exp.experiment_id
 
     def set_compare_view(self, experiment_id: str, params: list[str]) -> str:
@@ -533,7 +601,7 @@ class MlflowTracker:
             *(f"params.`{name}`" for name in params),
             "tags.`searchlab.state`",
         ]
-        self.client.set_experiment_tag(
+        self._mlflow.set_experiment_tag(
             experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps({"selectedColumns": columns})
         )
         return COMPARE_VIEW_KEY
@@ -541,13 +609,177 @@ class MlflowTracker:
     def log_run_files(self, run_id: str, files: list[Path], artifact_path: str) -> None:
         """Log ``files`` on run ``run_id`` under ``artifact_path`` (a finished run is fine)."""
         for path in files:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self._mlflow.log_artifact(run_id, str(path), artifact_path)
 
-    def runs(self, name: str) -> list[Any]:
+    def runs(self, name: str) -> list[RunRecord]:
         """Every run of a study's experiment (parents and trials), oldest first."""
+        return [_record(run) for run in self._runs(name)]
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        """The tags of run ``run_id``."""
+        return dict(self._mlflow.get_run(run_id).data.tags)
+
+    def _runs(self, name: str) -> list[Any]:
         exp_id = self.experiment(name, create=False)
         if exp_id is None:
             return []
         return list(
-            self.client.search_runs([exp_id], max_results=50_000, order_by=["attributes.start_time ASC"])
+            self._mlflow.search_runs(
+                [exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]
+            )
         )
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        name=run.info.run_name or "",
+        status=run.info.status,
+        start_time=run.info.start_time / 1000,
+        tags=dict(run.data.tags),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )
+
+
+class MemoryTracker:
+    """A ``Tracker`` that keeps everything in memory: for tests of the runner and engines,
+    and the reference the tracker contract suite holds ``MlflowTracker`` to."""
+
+    def __init__(self, uri: str = "memory://") -> None:
+        self.uri = uri
+        self.records: dict[str, dict[str, Any]] = {}  # run id -> run
+        self.events: list[tuple[str, ...]] = []  # (method, run id, ...) in call order
+        self.artifacts: dict[str, list[str]] = {}  # run id -> artifact paths
+        self._session_id: str | None = None
+        self._experiment: str | None = None
+        self._open: set[str] = set()
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session_id
+
+    def connect(self) -> None:
+        self.events.append(("connect",))
+
+    def _new(self, name: str, tags: Mapping[str, str], run_name: str) -> str:
+        run_id = f"run{len(self.records):04d}"
+        self.records[run_id] = {
+            "experiment": name, "name": run_name, "status": "RUNNING", "start": time.time(),
+            "tags": dict(tags), "params": {}, "metrics": {},
+        }
+        self._open.add(run_id)
+        return run_id
+
+    def start_session(self, name: str, info: Mapping[str, Any]) -> str:
+        self._experiment = name
+        tags = {"searchlab.study": name, "searchlab.role": "session"}
+        tags.update({f"searchlab.{k}": str(v) for k, v in info.items()
+                     if k not in ("space", "run_params")})
+        self._session_id = self._new(name, tags, f"{name}-session")
+        self.events.append(("start_session", self._session_id))
+        return self._session_id
+
+    def attach(self, session_id: str) -> None:
+        self._experiment = self.records[session_id]["experiment"]
+        self._session_id = session_id
+        self.events.append(("attach", session_id))
+
+    def tag_session(self, tags: Mapping[str, str]) -> None:
+        if self._session_id is not None:
+            self.records[self._session_id]["tags"].update({k: str(v) for k, v in tags.items()})
+
+    def previous_session(self, name: str) -> str | None:
+        earlier = [r.run_id for r in self.runs(name) if r.tags.get("searchlab.role") == "session"
+                   and r.run_id != self._session_id]
+        return earlier[-1] if earlier else None
+
+    def reconcile(
+        self,
+        name: str,
+        trials: Mapping[int, Mapping[str, Any]],
+        *,
+        session_dead: Callable[[RunRecord], bool],
+    ) -> list[str]:
+        changed = []
+        for run in self.runs(name):
+            if run.run_id == self._session_id or run.status != "RUNNING":
+                continue
+            if run.tags.get("searchlab.role") == "session":
+                if session_dead(run):
+                    self.records[run.run_id]["status"] = "FAILED"
+                    changed.append(f"session {run.run_id}: FAILED")
+                continue
+            default = {"state": TrialState.FAILED}
+            trial = trials.get(int(run.tags.get("searchlab.trial", -1))) or default
+            if trial["state"] in (TrialState.RUNNING, TrialState.WAITING):
+                continue
+            status = RUN_STATUS.get(trial["state"], "FAILED")
+            self.records[run.run_id]["status"] = status
+            changed.append(f"trial run {run.run_id}: {status}")
+        return changed
+
+    def start_trial(
+        self,
+        number: int,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        run_name: str | None = None,
+    ) -> str:
+        assert self._session_id is not None and self._experiment is not None
+        all_tags = {"mlflow.parentRunId": self._session_id, "searchlab.trial": str(number),
+                    "searchlab.state": "running", **tags}
+        run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
+        self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
+        self.events.append(("start_trial", run_id, str(number)))
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        assert run_id in self._open, f"log_epoch on closed run {run_id}"
+        for k, v in metrics.items():
+            self.records[run_id]["metrics"].setdefault(k, []).append((epoch, float(v)))
+        self.events.append(("log_epoch", run_id, str(epoch)))
+
+    def end_trial(self, run_id: str, result: TrialResult) -> None:
+        assert run_id in self._open, f"end_trial twice on {run_id}"
+        record = self.records[run_id]
+        record["tags"].update(result.tags)
+        record["tags"]["searchlab.state"] = result.state.value
+        if result.value is not None:
+            record["metrics"]["objective"] = [(0, float(result.value))]
+        if result.weights_path is not None:
+            self.artifacts.setdefault(run_id, []).append(f"weights/{result.weights_path.name}")
+        self._close(run_id, RUN_STATUS[result.state])
+        self.events.append(("end_trial", run_id, result.state.value))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        assert self._session_id is not None
+        name = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        self.artifacts.setdefault(self._session_id, []).append(name)
+
+    def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
+        raise FileNotFoundError(f"MemoryTracker keeps no files: {run_id}/{path}")
+
+    def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
+        if self._session_id is None:
+            return
+        self.records[self._session_id]["summary"] = dict(summary)
+        self.events.append(("end_session", self._session_id, status))
+        self.close_all(status)
+
+    def close_all(self, status: str = "FAILED") -> None:
+        for run_id in sorted(self._open, key=lambda r: r == self._session_id):
+            self._close(run_id, status if run_id == self._session_id else "FAILED")
+
+    def _close(self, run_id: str, status: str) -> None:
+        if run_id in self._open:
+            self._open.discard(run_id)
+            self.records[run_id]["status"] = status
+
+    def runs(self, name: str) -> list[RunRecord]:
+        return [
+            RunRecord(run_id=k, name=r["name"], status=r["status"], start_time=r["start"],
+                      tags=dict(r["tags"]), params=dict(r["params"]),
+                      metrics={m: v[-1][1] for m, v in r["metrics"].items()})
+            for k, r in self.records.items() if r["experiment"] == name
+        ]

@@ -45,8 +45,10 @@ from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
+    from searchlab.outcome import TrialState
+    from searchlab.runner import Session
     from searchlab.study import Study
-    from searchlab.tracking import MlflowTracker
+    from searchlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
@@ -111,7 +113,7 @@ def worker_env(
 def run(
     study: Study,
     options: RunOptions,
-    tracker: MlflowTracker,
+    tracker: Tracker,
     listener: SearchListener,
     *,
     workers: int,
@@ -121,17 +123,15 @@ def run(
     """Run ``study`` with ``workers`` processes; ``worker_command(index, parent_run_id)`` is
     the command line of worker ``index`` (a ``searchlab run`` with ``--parent-run``)."""
     from searchlab import data as data_mod
-    from searchlab.engines import check_pruning
-    from searchlab.engines import optuna as engine
+    from searchlab import runner
 
-    check_pruning(options)  # once here, not in every worker
-    engine.budget(study, options)
-    spec = engine.trial_spec(study, options)  # a missing dataset fails before any store write
-    session = engine.open_session(study, options, tracker, spec.data.source)
+    # once here, not in every worker; a missing dataset fails before any store write
+    engine, target, spec = runner.prepare(study, options)
+    session = runner.open_session(study, options, tracker, engine, target, spec.data.source)
     spec = None  # the workers load the data; this process holds no copy while they train
     data_mod.forget()
     if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
-        tracker.set_session_tags({"searchlab.workers": str(workers),
+        tracker.tag_session({"searchlab.workers": str(workers),
                                   "searchlab.gpus": ",".join(gpus) if gpus else ""})
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
@@ -160,9 +160,9 @@ def run(
     try:
         procs.extend(start(index) for index in range(workers))
         _wait(procs, start, lambda index: _worker_error(relays[index], errors[index]))
-        if options.reeval_top:
-            spec = engine.trial_spec(study, options)
-            _reevaluate(session, spec)
+        if options.reeval_top:  # after the workers' search, here
+            spec = runner.trial_spec(study, options)
+            runner.reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -174,27 +174,10 @@ def run(
             relay.join(timeout=5)
         counts = _session_counts(session)
         if status == "FINISHED" and spec is None:
-            spec = engine.trial_spec(study, options)  # for the best model on the parent run
-        summary = engine.close_session(session, status, counts, spec)
+            spec = runner.trial_spec(study, options)  # for the best model on the parent run
+        summary = runner.close_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
-
-
-def _reevaluate(session: Any, spec: Any) -> None:
-    """``--reeval-top``: after the workers' search, re-train the best configurations here."""
-    import tempfile
-    from pathlib import Path
-
-    from searchlab import reeval
-    from searchlab.engines import optuna as engine
-
-    options = session.options
-    with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
-        reeval.reevaluate(
-            session.ostudy, spec, session.tracker,
-            engine.trial_tags(session.study, options, engine.ENGINE),
-            options.reeval_top, options.reeval_seeds, Path(tmp),
-        )
 
 
 def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | None:
@@ -315,13 +298,12 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             raise
 
 
-def _session_counts(session: Any) -> dict[str, int]:
-    from optuna.trial import TrialState as OptunaState
+def _session_counts(session: Session) -> dict[TrialState, int]:
+    """The trials the session's workers ended, by state."""
+    from searchlab.outcome import TrialState
 
-    names = {OptunaState.COMPLETE: "complete", OptunaState.PRUNED: "pruned",
-             OptunaState.FAIL: "failed"}
-    counts = {"complete": 0, "pruned": 0, "failed": 0}
-    for t in session.ostudy.get_trials(deepcopy=False):
-        if t.user_attrs.get(coordination.SESSION_ATTR) == session.run_id and t.state in names:
-            counts[names[t.state]] += 1
+    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    for t in session.store.trials(*counts):
+        if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
+            counts[t.state] += 1
     return counts

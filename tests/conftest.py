@@ -66,3 +66,16 @@ def cli(project: Path):
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def mlflow_runs(uri: str, experiment: str) -> list:
+    """Every MLflow run (MLflow's own ``Run`` objects) of an experiment, oldest first: tests
+    read MLflow directly, searchlab's code only through ``searchlab.tracking``."""
+    from searchlab.tracking import client
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(c.search_runs([exp.experiment_id], max_results=50_000,
+                              order_by=["attributes.start_time ASC"]))

@@ -226,7 +226,8 @@ def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]
     import optuna
 
     from searchlab import coordination
-    from searchlab.engines.optuna import open_storage
+    from searchlab.engines.optuna import propose_grid
+    from searchlab.store import StudyStore, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url)
@@ -235,12 +236,20 @@ def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]
         storage=storage, storage_url=storage_url, study_name="grid", lock_dir=Path(lock_dir)
     )
     grid = [{"a": i} for i in range(3 * claims)]
+    store = StudyStore(study, storage, storage_url)
+
+    def suggest(trial: optuna.Trial) -> dict[str, int]:
+        time.sleep(0.05)  # hold the lock a moment while the params are suggested
+        return {"a": trial.suggest_int("a", 0, 100)}
+
     got = []
     for _ in range(claims):
-        claimed = coordination.claim_trial(study, lock, target=None, grid=grid, session="w")
+        claimed = coordination.claim_trial(
+            store, lock, target=None, session="w",
+            propose=lambda: propose_grid(store, grid, "w"), suggest=suggest,
+        )
         assert claimed.trial is not None
-        time.sleep(0.05)  # hold the claim a moment before its params are suggested
-        value = claimed.trial.suggest_int("a", 0, 100)
+        value = claimed.params["a"]
         got.append(value)
         study.tell(claimed.trial, float(value))
     return got

@@ -15,7 +15,9 @@ from reliability_helpers import claim_grid_points
 
 from searchlab import coordination
 from searchlab.coordination import Claim, claim_trial, fail_stale_trials
-from searchlab.engines.optuna import open_storage
+from searchlab.engines.optuna import propose_grid
+from searchlab.outcome import Proposal
+from searchlab.store import StudyStore, open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -31,19 +33,30 @@ def store(tmp_path: Path):
     return url, storage, study, lock
 
 
+def claim(study, lock, *, target, grid, session):
+    """One claim as the runner makes it: grid points from the Optuna engine's proposals
+    (or the sampler's pick), the param ``a`` suggested under the lock."""
+    store = StudyStore(study, study._storage, "")
+    return claim_trial(
+        store, lock, target=target, session=session,
+        propose=lambda: propose_grid(store, grid, session) if grid else Proposal(),
+        suggest=lambda trial: {"a": trial.suggest_int("a", 0, 100)},
+    )
+
+
 def test_claims_respect_the_budget_counting_running_trials(store) -> None:
     _, _, study, lock = store
-    first = claim_trial(study, lock, target=2, grid=None, session="s")
-    second = claim_trial(study, lock, target=2, grid=None, session="s")
+    first = claim(study, lock, target=2, grid=None, session="s")
+    second = claim(study, lock, target=2, grid=None, session="s")
     assert first.state is second.state is Claim.TRIAL
-    assert claim_trial(study, lock, target=2, grid=None, session="s").state is Claim.WAIT
+    assert claim(study, lock, target=2, grid=None, session="s").state is Claim.WAIT
     study.tell(first.trial, 0.5)
-    assert claim_trial(study, lock, target=2, grid=None, session="s").state is Claim.WAIT
+    assert claim(study, lock, target=2, grid=None, session="s").state is Claim.WAIT
     study.tell(second.trial, state=TrialState.FAIL)  # a failed trial does not count
-    third = claim_trial(study, lock, target=2, grid=None, session="s")
+    third = claim(study, lock, target=2, grid=None, session="s")
     assert third.state is Claim.TRIAL
     study.tell(third.trial, 0.6)
-    assert claim_trial(study, lock, target=2, grid=None, session="s").state is Claim.DONE
+    assert claim(study, lock, target=2, grid=None, session="s").state is Claim.DONE
     owner = third.trial.study.trials[-1].user_attrs
     assert owner[coordination.PID_ATTR] > 0 and owner[coordination.SESSION_ATTR] == "s"
 
@@ -51,18 +64,18 @@ def test_claims_respect_the_budget_counting_running_trials(store) -> None:
 def test_grid_claims_never_share_a_point_and_failed_points_wait_for_a_new_session(store) -> None:
     _, _, study, lock = store
     grid = [{"a": 1}, {"a": 2}]
-    one = claim_trial(study, lock, target=None, grid=grid, session="s")
-    two = claim_trial(study, lock, target=None, grid=grid, session="s")  # before one suggests
-    assert one.trial.suggest_int("a", 0, 9) == 1
-    assert two.trial.suggest_int("a", 0, 9) == 2
-    assert claim_trial(study, lock, target=None, grid=grid, session="s").state is Claim.WAIT
+    one = claim(study, lock, target=None, grid=grid, session="s")
+    two = claim(study, lock, target=None, grid=grid, session="s")
+    assert one.params == {"a": 1} and one.trial.params == {"a": 1}  # stored inside the claim
+    assert two.params == {"a": 2}
+    assert claim(study, lock, target=None, grid=grid, session="s").state is Claim.WAIT
     study.tell(one.trial, state=TrialState.FAIL)
-    assert claim_trial(study, lock, target=None, grid=grid, session="s").state is Claim.WAIT
-    again = claim_trial(study, lock, target=None, grid=grid, session="next-session")
-    assert again.trial.suggest_int("a", 0, 9) == 1
+    assert claim(study, lock, target=None, grid=grid, session="s").state is Claim.WAIT
+    again = claim(study, lock, target=None, grid=grid, session="next-session")
+    assert again.params == {"a": 1}
     study.tell(again.trial, 1.0)
     study.tell(two.trial, 2.0)
-    assert claim_trial(study, lock, target=None, grid=grid, session="s").state is Claim.DONE
+    assert claim(study, lock, target=None, grid=grid, session="s").state is Claim.DONE
 
 
 def test_three_processes_claim_distinct_grid_points(store, tmp_path: Path) -> None:
@@ -78,7 +91,7 @@ def test_stale_trials_fail_by_dead_pid_or_old_heartbeat(store) -> None:
 
     _, storage, study, lock = store
     dead, elsewhere, alive = (
-        claim_trial(study, lock, target=None, grid=None, session="s").trial for _ in range(3)
+        claim(study, lock, target=None, grid=None, session="s").trial for _ in range(3)
     )
     proc = subprocess.Popen(["true"])  # its pid no longer exists once it is reaped
     proc.wait()
@@ -92,11 +105,11 @@ def test_stale_trials_fail_by_dead_pid_or_old_heartbeat(store) -> None:
         )
     with pytest.warns(UserWarning, match="Heartbeat"):
         ownerless = study.ask()  # a claimer that died inside its claim, before owning it
-    assert fail_stale_trials(study) == [dead.number, elsewhere.number]
-    assert fail_stale_trials(study, locked=True) == [ownerless.number]
+    assert fail_stale_trials(StudyStore(study, storage, '')) == [dead.number, elsewhere.number]
+    assert fail_stale_trials(StudyStore(study, storage, ''), locked=True) == [ownerless.number]
     states = {t.number: t.state for t in study.trials}
     assert states[alive.number] == TrialState.RUNNING
-    errors = {t.number: t.user_attrs.get("error", "") for t in study.trials}
+    errors = {t.number: t.error for t in StudyStore(study, storage, "").trials()}
     assert "is gone" in errors[dead.number]
     assert "sent no heartbeat" in errors[elsewhere.number]
 
@@ -107,7 +120,7 @@ def test_heartbeat_thread_records_beats(store) -> None:
 
     import sqlalchemy
 
-    trial = claim_trial(study, lock, target=None, grid=None, session="s").trial
+    trial = claim(study, lock, target=None, grid=None, session="s").trial
 
     def beat_time():
         with storage.engine.connect() as conn:
@@ -125,27 +138,29 @@ def test_heartbeat_thread_records_beats(store) -> None:
 
 
 def test_reconcile_makes_mlflow_agree_with_optuna(tmp_path: Path) -> None:
+    from searchlab import tracking
+    from searchlab.outcome import TrialState as State
     from searchlab.tracking import MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     crashed = MlflowTracker(uri, tmp_path / "art")
-    crashed.start_study("s", {})
+    crashed.start_session("s", {})
     runs = {n: crashed.start_trial(n, {"a": n}, {}) for n in range(5)}
     crashed.close_run(runs[2], "FINISHED")  # MLflow recorded it; Optuna never did
-    old_session = crashed.parent_run_id
+    old_session = crashed.session_id
 
     now = MlflowTracker(uri, tmp_path / "art")
-    now.start_study("s", {})
+    now.start_session("s", {})
     trials = {
-        0: {"state": "complete", "value": 0.9, "run_id": runs[0]},
-        1: {"state": "failed", "error": "interrupted: its worker is gone", "run_id": runs[1]},
-        2: {"state": "failed", "error": "interrupted: its worker is gone", "run_id": runs[2]},
-        3: {"state": "running", "run_id": runs[3]},  # a live worker's trial
+        0: {"state": State.COMPLETE, "value": 0.9, "run_id": runs[0]},
+        1: {"state": State.FAILED, "error": "interrupted: its worker is gone", "run_id": runs[1]},
+        2: {"state": State.FAILED, "error": "interrupted: its worker is gone", "run_id": runs[2]},
+        3: {"state": State.RUNNING, "run_id": runs[3]},  # a live worker's trial
         # 4: the process died before Optuna linked the run
     }
     changed = now.reconcile("s", trials, session_dead=lambda run: True)
     assert len(changed) == 5, changed
-    client = now.client
+    client = tracking.client(uri)
     got = {n: client.get_run(r) for n, r in runs.items()}
     assert got[0].info.status == "FINISHED" and got[0].data.metrics["objective"] == 0.9
     assert got[1].info.status == "FAILED"
@@ -155,7 +170,7 @@ def test_reconcile_makes_mlflow_agree_with_optuna(tmp_path: Path) -> None:
     assert got[3].info.status == "RUNNING"
     assert got[4].info.status == "FAILED"
     assert client.get_run(old_session).info.status == "FAILED"
-    assert client.get_run(now.parent_run_id).info.status == "RUNNING"  # its own session
+    assert client.get_run(now.session_id).info.status == "RUNNING"  # its own session
     assert now.reconcile("s", trials, session_dead=lambda run: True) == []  # idempotent
     now.close_all()
     crashed.close_all()

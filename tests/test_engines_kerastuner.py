@@ -89,10 +89,11 @@ def test_the_tensorboard_block_breaks_keras_tuners_own_tuner(no_tensorboard):
 
 
 def _structure(name: str, home: Path) -> dict:
-    from searchlab.tracking import MlflowTracker
+    from searchlab.tracking import MlflowTracker, client
+    from tests.conftest import mlflow_runs
 
     tracker = MlflowTracker(f"sqlite:///{home / 'mlflow.db'}")
-    runs = tracker.runs(name)
+    runs = mlflow_runs(tracker.uri, name)
     parents = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
     assert len(parents) == 1
     parent = parents[0]
@@ -101,7 +102,7 @@ def _structure(name: str, home: Path) -> dict:
 
     def arts(run_id: str, path: str | None = None) -> list[str]:
         out = []
-        for a in tracker.client.list_artifacts(run_id, path):
+        for a in client(tracker.uri).list_artifacts(run_id, path):
             out += arts(run_id, a.path) if a.is_dir else [a.path]
         return sorted(out)
 

@@ -154,13 +154,13 @@ def test_pruner_option_maps_to_optuna_pruners_and_none_really_means_none():
 
 
 def test_unknown_pruner_is_one_clear_error(data_dir):
-    from searchlab import engines
+    from searchlab import engines, runner
 
     study = Study(name="p", space={"a": Int(1, 2)}, model=lambda p: None, data="mnist")
     options = engines.RunOptions(strategy="random", trials=1, timeout=None, epochs=1, seed=0,
                                  storage="sqlite://", pruner="sometimes")
     with pytest.raises(StudyDefinitionError, match="Unknown pruner 'sometimes': choose one of none"):
-        engines.run(study, options, tracker=None)
+        runner.run(study, options, tracker=None)
 
 
 def test_pruner_settings_reach_the_optuna_pruners():
@@ -196,7 +196,7 @@ def test_pruner_settings_reach_the_optuna_pruners():
     ],
 )
 def test_pruner_settings_that_cannot_work_are_one_clear_error(settings, message):
-    from searchlab import engines
+    from searchlab import engines, runner
 
     options = engines.RunOptions(strategy="bayesian", trials=1, timeout=None, epochs=4, seed=0,
                                  storage="sqlite://", **settings)
@@ -204,7 +204,7 @@ def test_pruner_settings_that_cannot_work_are_one_clear_error(settings, message)
         engines.check_pruning(options)
     study = Study(name="p", space={"a": Int(1, 2)}, model=lambda p: None, data="mnist")
     with pytest.raises(StudyDefinitionError, match=message):  # before any store is touched
-        engines.run(study, options, tracker=None)
+        runner.run(study, options, tracker=None)
 
 
 def test_prune_settings_on_the_command_line_are_checked_before_training(cli, project):

@@ -44,7 +44,7 @@ def _artifacts(c: Any, run_id: str, path: str | None = None) -> list[str]:
 def structure(study_name: str) -> dict[str, Any]:
     import optuna
 
-    from searchlab.engines.optuna import open_storage
+    from searchlab.store import open_storage
 
     c = client(config.default_tracking_uri())
     exp = c.get_experiment_by_name(study_name)

@@ -41,7 +41,8 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
     import optuna
 
     from searchlab import config
-    from searchlab.tracking import MlflowTracker
+    from searchlab.tracking import client
+    from tests.conftest import mlflow_runs
 
     study_file = project / "half_bad.py"
     study_file.write_text(STUDY)
@@ -54,7 +55,7 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
     assert states == {(False, u): "COMPLETE" for u in (16, 32, 64)} | {
         (True, u): "PRUNED" for u in (16, 32, 64)
     }
-    runs = MlflowTracker(config.default_tracking_uri()).runs("half-bad")
+    runs = mlflow_runs(config.default_tracking_uri(), "half-bad")
     trials = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
     assert len(trials) == 6
     for run in trials:
@@ -64,7 +65,7 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
         assert run.data.metrics["epochs_run"] == (1 if bad else 2)  # stopped early: 1 of 2 epochs
         assert run.data.tags.get("searchlab.pruned_epoch") == ("0" if bad else None)
         assert "epoch_s" in run.data.metrics and run.data.params["units"]  # logged all the same
-        weights = MlflowTracker(config.default_tracking_uri()).client.list_artifacts(
+        weights = client(config.default_tracking_uri()).list_artifacts(
             run.info.run_id, "weights"
         )
         assert len(weights) == (0 if bad else 1)  # a pruned trial's model is not kept

@@ -26,7 +26,8 @@ study = Study(
 @pytest.mark.slow
 def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, project):
     from searchlab import config
-    from searchlab.tracking import MlflowTracker
+    from searchlab.tracking import MlflowTracker, client
+    from tests.conftest import mlflow_runs
 
     study_file = project / "reeval_study.py"
     study_file.write_text(STUDY)
@@ -35,7 +36,7 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
     assert "re-evaluated: #" in result.output
 
     tracker = MlflowTracker(config.default_tracking_uri())
-    runs = tracker.runs("reeval")
+    runs = mlflow_runs(tracker.uri, "reeval")
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
     search = [r for r in runs if r.info.run_name.startswith("trial-")]
     reeval = [r for r in runs if r.data.tags.get("searchlab.role") == "reeval"]
@@ -58,7 +59,7 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
     assert session.data.metrics["selected_trial"] == int(best_mean)
     assert session.data.metrics["reeval_mean"] == pytest.approx(statistics.fmean(by_trial[best_mean]))
     assert session.data.metrics["reeval_std"] == pytest.approx(statistics.stdev(by_trial[best_mean]))
-    names = [a.path for a in tracker.client.list_artifacts(session.info.run_id)]
+    names = [a.path for a in client(tracker.uri).list_artifacts(session.info.run_id)]
     assert "reeval.csv" in names
 
     result = cli("export", study_file, "-o", project / "best.keras")

@@ -204,10 +204,10 @@ def test_plots_are_written_and_logged_on_the_latest_parent_run(env: Finished, tm
 
 @pytest.mark.slow
 def test_learning_curves_show_the_top_trials_per_epoch(env: Finished) -> None:
-    from searchlab.engines.optuna import top_trials
+    from searchlab.store import StudyStore
 
     ostudy = _ostudy(env)
-    top = top_trials(ostudy, 2)
+    top = StudyStore(ostudy, ostudy._storage, "").plot_copy(2)
     with_curves = [t for t in top.get_trials() if t.intermediate_values]
     assert [t.number for t in with_curves] == sorted(_expected_order(env)[:2])
     client = _client(env)

@@ -34,7 +34,7 @@ def artifact_paths(run_id: str, path: str | None = None) -> set[str]:
 def optuna_trials(name: str) -> list:
     import optuna
 
-    from searchlab.engines.optuna import open_storage
+    from searchlab.store import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(config.default_storage())).trials
 

@@ -11,7 +11,8 @@ import pytest
 from searchlab import config, report
 from searchlab.data import Dataset, load
 from searchlab.study import load_study
-from searchlab.tracking import MlflowTracker
+from searchlab.tracking import MlflowTracker, client
+from tests.conftest import mlflow_runs
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "cifar_vgg.py"
 FINETUNE = STUDY.with_name("cifar_vgg_finetune.py")
@@ -43,7 +44,7 @@ def test_cifar_vgg_runs_offline_and_exports_a_model_of_raw_images(offline_vgg, c
                  "--strategy", "random")
     assert result.exit_code == 0, result.output
     tracker = MlflowTracker(config.default_tracking_uri())
-    runs = tracker.runs("cifar-vgg16")
+    runs = mlflow_runs(tracker.uri, "cifar-vgg16")
     trials = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
     assert len(trials) == 2
     for run in trials:
@@ -58,7 +59,7 @@ def test_cifar_vgg_runs_offline_and_exports_a_model_of_raw_images(offline_vgg, c
         # prefix's fingerprint; export below assembles the complete model.
         assert run.data.tags["searchlab.weights_form"] == "suffix"
         assert run.data.tags["searchlab.weights_prefix_fingerprint"]
-        logged = [a.path for a in tracker.client.list_artifacts(run.info.run_id, "weights")]
+        logged = [a.path for a in client(tracker.uri).list_artifacts(run.info.run_id, "weights")]
         assert logged == ["weights/best.suffix.npz"]
 
     best_trial = report.best(STUDY)

@@ -14,11 +14,12 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Choice, Dataset, Float, Study, engines
+from searchlab import Choice, Dataset, Float, Study, engines, runner
 from searchlab.data import info_of, load
 from searchlab.models import Transfer, dense_classifier
 from searchlab.tracking import MlflowTracker
 from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
+from tests.conftest import mlflow_runs
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +86,8 @@ def _search(name: str, space: dict, model, project: Path) -> dict:
         storage=f"sqlite:///{project / 'optuna.db'}",
     )
     tracker = MlflowTracker(f"sqlite:///{project / 'mlflow.db'}", project / "mlartifacts")
-    summary = engines.run(study, options, tracker, _Silent())
-    runs = [r for r in tracker.runs(name) if r.data.tags.get("searchlab.role") != "session"]
+    summary = runner.run(study, options, tracker, _Silent())
+    runs = [r for r in mlflow_runs(tracker.uri, name) if r.data.tags.get("searchlab.role") != "session"]
     assert summary["n_complete"] == len(runs) == study.search_space.grid_size()
     return {"summary": summary, "runs": runs}
 

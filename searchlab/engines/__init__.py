@@ -1,6 +1,10 @@
-"""Search engines: thin adapters that ask a library for params and drive ``trial.run_trial``.
+"""Search engines: thin adapters that ask a library for the next trial's params.
 
-``run(study, options, tracker, listener)`` picks the engine named in ``options.engine``.
+An engine implements ``Engine`` (below): it proposes each trial and learns its result; the
+runner (``searchlab.runner``) does everything else, the same way for every engine: claims a
+trial in the Optuna storage, runs it, records it in MLflow and Optuna.  ``create(study,
+options)`` returns the engine named in ``options.engine``: ``optuna`` (Optuna's samplers and
+pruners) or ``keras-tuner`` (KerasTuner's oracles).  Neither engine imports the other.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from searchlab.errors import StudyDefinitionError
+from searchlab.outcome import Claim, Proposal
 
 if TYPE_CHECKING:
     from searchlab.outcome import TrialResult
+    from searchlab.store import StudyStore
     from searchlab.study import Study
-    from searchlab.tracking import Tracker
 
 ENGINES = ("optuna", "keras-tuner")
 PRUNERS = ("none", "median", "asha", "hyperband")
@@ -131,20 +136,83 @@ def check_pruning(options: RunOptions) -> None:
         )
 
 
-def run(
-    study: Study,
-    options: RunOptions,
-    tracker: Tracker,
-    listener: SearchListener | None = None,
-) -> dict[str, Any]:
-    """Run (or continue) ``study`` until its budget is met; return the session summary."""
+class Engine(Protocol):
+    """Proposes each trial's params and learns its results; the runner does the rest.
+
+    Call order, in one process (``runner``):
+
+    1. ``check()`` once, before any store is touched: refuse settings the engine cannot honour.
+    2. ``sampler(n_trials)`` once: the Optuna sampler the study is opened with (``n_trials``
+       trials are already in the storage); it picks the params a proposal leaves open.
+    3. ``open(store)`` once, after the study is opened and before the session's MLflow run
+       starts: the engine's own state (an oracle's files) fails here, before anything runs.
+    4. Per trial, while the runner holds the study lock: ``propose(store, session)``
+       (``session``: the session's MLflow parent run id) returns a
+       ``Proposal`` (the runner asks the storage for a trial with it), or ``Claim.DONE``
+       (nothing left to propose) / ``Claim.WAIT`` (nothing now; other workers' trials may
+       free a point).
+    5. Per epoch of that trial whose objective is finite, after the storage has it as the
+       trial's intermediate value: ``report(trial, proposal, epoch, logs, last)`` (``last``:
+       the trial's final epoch); True stops the trial (pruned).
+    6. ``tell(proposal, result)`` exactly once per proposal that became a trial, after MLflow
+       and the Optuna storage recorded the result (also when the trial failed or was
+       interrupted).
+
+    ``name`` tags every run (``searchlab.engine``); ``info()`` adds the engine's settings to
+    the session's parent run (``pruner``, ``pruner_args``).
+    """
+
+    name: str
+
+    def check(self) -> None: ...
+    def sampler(self, n_trials: int) -> Any: ...
+    def info(self) -> dict[str, str]: ...
+    def open(self, store: StudyStore) -> None: ...
+    def propose(self, store: StudyStore, session: str) -> Proposal | Claim: ...
+    def report(
+        self, trial: Any, proposal: Proposal, epoch: int, logs: Mapping[str, float], last: bool
+    ) -> bool: ...
+    def tell(self, proposal: Proposal, result: TrialResult) -> None: ...
+
+
+def create(study: Study, options: RunOptions) -> Engine:
+    """The engine ``options.engine`` names, for ``study``."""
     check_pruning(options)
     if options.engine == "optuna":
-        from searchlab.engines import optuna as engine
-    elif options.engine == "keras-tuner":
-        from searchlab.engines import kerastuner as engine
-    else:
+        from searchlab.engines.optuna import OptunaEngine
+
+        return OptunaEngine(study, options)
+    if options.engine == "keras-tuner":
+        from searchlab.engines.kerastuner import KerasTunerEngine
+
+        return KerasTunerEngine(study, options)
+    raise StudyDefinitionError(
+        f"Unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}."
+    )
+
+
+def budget(study: Study, options: RunOptions) -> int | None:
+    """How many finished trials the study needs: None means until the timeout."""
+    if options.strategy == "grid":
+        size = study.search_space.grid_size()
+        return min(options.trials, size) if options.trials else size
+    if options.trials is None and options.timeout is None:
         raise StudyDefinitionError(
-            f"Unknown engine {options.engine!r}: choose one of {', '.join(ENGINES)}."
+            "The study has no budget: set trials= or timeout= in the study, or pass --trials."
         )
-    return engine.run(study, options, tracker, listener or NullListener())
+    return options.trials
+
+
+__all__ = [
+    "ENGINES",
+    "PRUNERS",
+    "Claim",
+    "Engine",
+    "NullListener",
+    "Proposal",
+    "RunOptions",
+    "SearchListener",
+    "budget",
+    "check_pruning",
+    "create",
+]

@@ -1,0 +1,513 @@
+"""The session loop: one place that runs a study, whichever engine proposes the params.
+
+A session (one ``searchlab run``, or one worker of it) goes:
+
+1. ``open_session``: check the engine's settings and the budget, load the data (a missing
+   dataset fails before any store is touched), open the Optuna study (``store``) and the
+   MLflow session run (``tracking``), close what a crashed session left open
+   (``Session.reconcile``), and let the engine open its own state.
+2. ``work``: claim a trial under the study lock (``coordination.claim_trial``: stale trials
+   failed, budget checked, the engine's proposal asked for in the storage), run it
+   (``run_one``: a heartbeat, the MLflow child run, ``trial.run_trial`` with a per-epoch
+   callback that logs, reports and may prune), and record it exactly once: MLflow first,
+   then Optuna (``finish``), then the engine (``Engine.tell``).  Failed trials in a row
+   stop the study at ``--max-failures``; a worker that grew by ``--recycle-mb`` returns so
+   its launcher can start a fresh one.
+3. ``close_session``: reconcile again, write the summary, the trials table and the best
+   model on the parent run, close it.  ``--reeval-top`` re-trains the best configurations
+   before that (``reeval``).
+
+The study itself lives in the stores, so a study survives a SIGKILL at any moment: the next
+session fails what the dead one was running and runs it again.  ``workers`` runs the same
+session with the trials in child processes (``searchlab run`` by default, ``--workers N``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from searchlab import config, coordination, engines
+from searchlab.errors import SearchlabError, TrialPruned
+from searchlab.outcome import Claim, TrialResult, TrialState
+from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
+
+if TYPE_CHECKING:
+    from searchlab.engines import Engine, RunOptions, SearchListener
+    from searchlab.study import Study
+    from searchlab.tracking import RunRecord, Tracker
+    from searchlab.trial import TrialSpec
+
+log = logging.getLogger(__name__)
+#: how a trial is trained: ``trial.run_trial``'s signature (tests hand the runner a stub)
+TrainFn = Callable[..., TrialResult]
+
+
+@dataclass
+class Session:
+    """One session on a study: its engine, its stores, and its parent MLflow run (opened
+    here, or the launcher's when this process is a worker)."""
+
+    study: Study
+    options: RunOptions
+    engine: Engine
+    tracker: Tracker
+    store: StudyStore
+    lock: coordination.StudyLock
+    target: int | None
+    info: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def run_id(self) -> str:
+        run_id = self.tracker.session_id
+        if run_id is None:
+            raise RuntimeError("the session's parent run is not open")
+        return run_id
+
+    def finished_count(self) -> int:
+        return self.store.finished_count()
+
+    def reconcile(self) -> list[str]:
+        """Fail trials whose process died, then make MLflow agree with Optuna."""
+        coordination.fail_stale_trials(self.store)
+        trials = self.store.trials()
+        live_sessions = {
+            t.attrs.get(coordination.SESSION_ATTR) for t in trials if t.state is TrialState.RUNNING
+        }
+        me, grace = coordination.hostname(), coordination.grace_period()
+
+        def session_dead(run: RunRecord) -> bool:
+            pid = run.tags.get("searchlab.pid")
+            if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
+                return not coordination.pid_alive(int(pid))
+            if run.run_id in live_sessions:
+                return False
+            beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
+            return time.time() - beat > grace
+
+        states = {
+            t.number: {"state": t.state, "value": t.value, "error": t.error, "run_id": t.run_id}
+            for t in trials
+        }
+        return self.tracker.reconcile(self.study.name, states, session_dead=session_dead)
+
+
+# ---------------------------------------------------------------------------- the session
+
+
+def prepare(study: Study, options: RunOptions) -> tuple[Engine, int | None, TrialSpec]:
+    """The engine (its settings checked), the budget, and the trials' spec with the data
+    loaded: every mistake in the study or the flags is raised here, before a store is
+    touched."""
+    engine = engines.create(study, options)
+    engine.check()
+    target = engines.budget(study, options)
+    return engine, target, trial_spec(study, options)
+
+
+def open_session(
+    study: Study,
+    options: RunOptions,
+    tracker: Tracker,
+    engine: Engine,
+    target: int | None,
+    data_source: str = "",
+) -> Session:
+    """Open both stores and the Optuna study, then start this session's parent run (or
+    attach to ``options.parent_run_id``).  Every store problem is raised here, before any
+    training; a new session also closes what a crashed one left open."""
+    tracker.connect()
+    described = {**study.search_space.describe(), "_objective": study.objective}
+    store = StudyStore.open(
+        study.name, options.storage, direction=study.direction, described=described,
+        sampler=engine.sampler(0),
+    )
+    store.use(engine.sampler(store.count()))
+    engine.open(store)
+    lock = coordination.StudyLock(
+        storage=store.storage, storage_url=options.storage, study_name=study.name,
+        lock_dir=config.home(),
+    )
+    info = session_info(study, options, target, engine, data_source)
+    session = Session(study, options, engine, tracker, store, lock, target, info)
+    if options.parent_run_id:
+        tracker.attach(options.parent_run_id)
+        return session
+    tracker.start_session(study.name, info)
+    session.reconcile()
+    link_session(session)
+    return session
+
+
+def link_session(session: Session) -> None:
+    """Tag a new parent run with its process, a liveness heartbeat, and the study it continues
+    (Optuna study id, trials finished before it, the previous session's run); record the
+    session on the Optuna study."""
+    tracker, store = session.tracker, session.store
+    previous = tracker.previous_session(session.study.name)
+    tracker.tag_session({
+        "searchlab.host": coordination.hostname(),
+        "searchlab.pid": str(os.getpid()),
+        "searchlab.heartbeat": str(time.time()),
+        "searchlab.optuna_study_id": str(store.study_id),
+        "searchlab.resumed_with": str(session.finished_count()),
+        **({"searchlab.previous_session": previous} if previous else {}),
+    })
+    store.set_attr(
+        f"searchlab.session.{session.run_id}",
+        {"host": coordination.hostname(), "pid": os.getpid(), "started": time.time(),
+         "tracking_uri": tracker.uri},
+    )
+
+
+def session_info(
+    study: Study, options: RunOptions, target: int | None, engine: Engine, data_source: str = ""
+) -> dict[str, Any]:
+    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params)."""
+    from searchlab import backend
+
+    engine_info = engine.info()
+    info: dict[str, Any] = {
+        "strategy": options.strategy,
+        "engine": engine.name,
+        "objective": study.objective,
+        "direction": study.direction,
+        "budget": target if target is not None else "timeout",
+        "epochs": options.epochs,
+        "pruner": engine_info["pruner"],
+        "seed": options.seed,
+        "storage": redact(options.storage),
+        "optuna_study": study.name,
+        "precision": options.precision,
+        "space": study.search_space.describe(),
+        "run_params": {"precision": options.precision},
+    }
+    if data_source:
+        info["data"] = data_source
+    if engine_info.get("pruner_args"):  # the pruner's settings (tag searchlab.pruner_args)
+        info["pruner_args"] = engine_info["pruner_args"]
+    info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
+    return info
+
+
+def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]:
+    """Tags on every trial run of a session (and its re-evaluation runs)."""
+    return {
+        "searchlab.study": study.name,
+        "searchlab.strategy": options.strategy,
+        "searchlab.engine": engine,
+        **({"searchlab.worker": options.worker} if options.one_of_several else {}),
+        **(
+            {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
+            if "CUDA_VISIBLE_DEVICES" in os.environ
+            else {}
+        ),
+        **{str(k): str(v) for k, v in study.tags.items()},
+    }
+
+
+def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
+    """What every trial of the session shares: the builder, the loaded data, the settings."""
+    from searchlab import data as data_mod
+    from searchlab import trial as trial_mod
+
+    return trial_mod.TrialSpec(
+        build=study.model,
+        data=data_mod.load(study.dataset, options.data_dir),
+        epochs=options.epochs,
+        objective=study.objective,
+        direction=study.direction,
+        batch_size=study.batch_size,
+        seed=options.seed,
+        precision=options.precision,
+    )
+
+
+def run(
+    study: Study,
+    options: RunOptions,
+    tracker: Tracker,
+    listener: SearchListener | None = None,
+    *,
+    train: TrainFn | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) ``study`` in this process until its budget is met; return the
+    session summary.  ``train`` replaces ``trial.run_trial`` (tests).
+
+    With ``options.parent_run_id`` this process is one worker of a session another process
+    opened: it runs trials until the budget is met and leaves the parent run to its owner;
+    its summary has ``recycle``: True when it stopped to shed memory (``--recycle-mb``).
+    """
+    listener = listener or engines.NullListener()
+    engine, target, spec = prepare(study, options)
+    session = open_session(study, options, tracker, engine, target, spec.data.source)
+    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    if options.parent_run_id:
+        try:
+            recycle = work(session, spec, listener, counts, train)
+        finally:
+            tracker.close_all("FAILED")  # only this worker's own trial runs are open
+        return {**summarize(session, counts), "recycle": recycle}
+    status = "FAILED"
+    listener.started(study.name, session.finished_count(), session.target, session.info)
+    try:
+        work(session, spec, listener, counts, train)
+        if options.reeval_top:
+            reevaluate(session, spec)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        summary = close_session(session, status, counts, spec)
+        listener.finished(summary)
+    return summary
+
+
+def summarize(session: Session, counts: Mapping[TrialState, int]) -> dict[str, Any]:
+    """The session summary: the study's counts, this session's, the best trial and, after
+    re-evaluation, the configuration it selected."""
+    from searchlab import reeval
+
+    best = session.store.best()
+    return {
+        **session.store.counts(),
+        "session_complete": counts[TrialState.COMPLETE],
+        "session_pruned": counts[TrialState.PRUNED],
+        "session_failed": counts[TrialState.FAILED],
+        "session_seconds": time.monotonic() - session.started,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": dict(best.params) if best else {},
+        "best_run_id": best.run_id if best else None,
+        **reeval.summary(session.store),
+    }
+
+
+def close_session(
+    session: Session, status: str, counts: Mapping[TrialState, int], spec: TrialSpec | None
+) -> dict[str, Any]:
+    """Reconcile, write the summary and artifacts on the parent run, and close it."""
+    summary = summarize(session, counts)
+    try:
+        try:
+            session.reconcile()
+        except Exception as exc:  # the stores may be what failed; closing comes first
+            log.warning("could not reconcile MLflow with Optuna: %s", exc)
+        if status == "FINISHED" and spec is not None:
+            log_study_artifacts(session, spec, summary)
+    finally:
+        session.tracker.end_session(summary, status)
+    return summary
+
+
+def reevaluate(session: Session, spec: TrialSpec) -> None:
+    """``--reeval-top``: re-train the best configurations with other seeds."""
+    from searchlab import reeval
+
+    options = session.options
+    with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
+        reeval.reevaluate(
+            session.store, spec, session.tracker,
+            trial_tags(session.study, options, session.engine.name),
+            options.reeval_top, options.reeval_seeds, Path(tmp),
+        )
+
+
+def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str, Any]) -> None:
+    """The trials table (CSV) and the best model (.keras) go on the session's parent run."""
+    from searchlab import table
+    from searchlab import trial as trial_mod
+    from searchlab.data import info_of
+
+    tracker = session.tracker
+    with tempfile.TemporaryDirectory(prefix="searchlab-study-") as tmp:
+        rows = [t.row() for t in session.store.trials()]
+        frame = table.trials_frame(rows, session.study.direction)
+        tracker.log_artifact(table.write_csv(frame, Path(tmp) / "trials.csv"))
+        run_id = summary.get("selected_run_id") or summary.get("best_run_id")
+        params = summary.get("selected_params") or summary["best_params"]
+        if not run_id:
+            return
+        weights = tracker.download(run_id, "weights", Path(tmp))  # either form: see trial
+        model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        tracker.log_artifact(path, "best_model")
+
+
+# ------------------------------------------------------------------------------ the trials
+
+
+def work(
+    session: Session,
+    spec: TrialSpec,
+    listener: SearchListener,
+    counts: dict[TrialState, int],
+    train: TrainFn | None = None,
+) -> bool:
+    """Claim and run trials until the budget or the time limit is met.
+
+    Returns True when it stopped early because this process grew by more than
+    ``options.recycle_mb`` (a worker then exits and its launcher starts a fresh one)."""
+    options, tracker = session.options, session.tracker
+    base_tags = trial_tags(session.study, options, session.engine.name)
+    streak = 0
+    baseline: float | None = None
+    with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
+        while True:
+            if options.timeout is not None and time.monotonic() - session.started >= options.timeout:
+                log.info("time budget of %ss reached", options.timeout)
+                return False
+            done = session.finished_count()
+            claimed = coordination.claim_trial(
+                session.store, session.lock, target=session.target, session=session.run_id,
+                propose=lambda: session.engine.propose(session.store, session.run_id),
+                suggest=session.study.search_space.suggest,
+            )
+            if claimed.failed_stale:
+                session.reconcile()
+            if claimed.state is Claim.DONE:
+                return False
+            if claimed.state is Claim.WAIT:
+                time.sleep(coordination.wait_seconds())
+                continue
+            tracker.tag_session({"searchlab.heartbeat": str(time.time())})
+            result = run_one(session, claimed, spec, listener, base_tags, Path(tmp), done, train)
+            counts[result.state] += 1
+            streak = failure_streak(streak, result, options.max_failures)
+            if options.recycle_mb is not None:
+                rss = coordination.rss_mb()
+                baseline = rss if baseline is None else baseline
+                if rss - baseline > options.recycle_mb:
+                    log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
+                    return True
+
+
+def failure_streak(streak: int, result: TrialResult, max_failures: int) -> int:
+    """Failed trials in a row after ``result``; stops the study once that reaches
+    ``max_failures`` (``--max-failures``)."""
+    if result.state is not TrialState.FAILED:
+        return 0
+    streak += 1
+    if streak >= max_failures:
+        raise SearchlabError(
+            f"Stopped the study after {streak} failed trials in a row "
+            f"(--max-failures {max_failures}); last error: "
+            f"{(result.error or '').splitlines()[0]}. Fix the study (or raise "
+            "--max-failures); finished trials are kept."
+        )
+    return streak
+
+
+def run_one(
+    session: Session,
+    claimed: coordination.Claimed,
+    spec: TrialSpec,
+    listener: SearchListener,
+    base_tags: Mapping[str, str],
+    tmp: Path,
+    done: int,
+    train: TrainFn | None = None,
+) -> TrialResult:
+    """Run the claimed trial and record it once in MLflow, Optuna and the engine."""
+    import dataclasses
+
+    from searchlab.trial import run_trial
+
+    trial, params, proposal = claimed.trial, claimed.params, claimed.proposal
+    assert trial is not None and proposal is not None
+    if proposal.epochs is not None:
+        spec = dataclasses.replace(spec, epochs=proposal.epochs)
+    number = trial.number
+    heartbeat = coordination.Heartbeat(
+        session.store.storage, trial._trial_id, coordination.heartbeat_interval()
+    ).start()
+    run_id: str | None = None
+    try:
+        listener.trial_started(number, done + 1, session.target, params)
+        tags = {
+            **base_tags,
+            "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
+            "searchlab.num_classes": str(spec.data.num_classes),
+            **proposal.tags,
+        }
+        try:
+            run_id = session.tracker.start_trial(number, params, tags)
+            for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
+                trial.set_user_attr(name, value)
+            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id)
+            result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
+        except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
+            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            result = TrialResult(number, params, TrialState.FAILED, error=error)
+            finish(session, trial, run_id, result)
+            session.engine.tell(proposal, result)
+            raise
+        finish(session, trial, run_id, result)
+        session.engine.tell(proposal, result)
+    finally:
+        heartbeat.stop()
+    best = session.store.best()
+    listener.trial_finished(result, _best_dict(best))
+    return result
+
+
+def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
+    return {"number": best.number, "value": best.value, "params": best.params} if best else None
+
+
+def _epoch_callback(
+    session: Session, trial: Any, proposal: Any, spec: TrialSpec, run_id: str
+) -> Callable[[int, dict[str, float]], None]:
+    """``on_epoch(epoch, logs)`` for ``trial.run_trial``: log the epoch in MLflow, report the
+    objective to Optuna (step = epochs trained, as pruners expect; also Optuna's learning
+    curves) and to the engine, which may prune the trial."""
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        session.tracker.log_epoch(run_id, epoch, logs)
+        value = logs.get(spec.objective)
+        if value is None or not math.isfinite(value):
+            return
+        trial.report(value, epoch + 1)
+        last = epoch + 1 >= spec.epochs
+        if session.engine.report(trial, proposal, epoch, logs, last):
+            raise TrialPruned(epoch)
+
+    return on_epoch
+
+
+def finish(session: Session, trial: Any, run_id: str | None, result: TrialResult) -> None:
+    """MLflow first, then Optuna: a crash in between leaves Optuna RUNNING (it is failed as
+    stale on resume), never a COMPLETE Optuna trial without its MLflow weights."""
+    store = session.store
+    try:
+        store.annotate(trial, result)
+        if run_id is not None:
+            session.tracker.end_trial(run_id, result)
+    except Exception:
+        store.tell(trial, TrialState.FAILED)
+        raise
+    store.tell(trial, result.state, result.value)
+
+
+__all__ = [
+    "Session",
+    "close_session",
+    "failure_streak",
+    "open_session",
+    "prepare",
+    "run",
+    "session_info",
+    "trial_spec",
+    "trial_tags",
+    "work",
+]

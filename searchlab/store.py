@@ -1,0 +1,352 @@
+"""The Optuna storage: where a study's search state lives, whichever engine ran it.
+
+Both engines record every trial here (params, state, objective, per-epoch values, and the
+trial's MLflow run id as user attr ``mlflow_run_id``), so the budget, resume, ``export``,
+``report``, ``doctor`` and re-evaluation read one store.  This module opens storages, creates
+or loads a study (refusing one whose space, objective or direction changed), and answers
+the reads the rest of searchlab needs in searchlab's own terms (``StoredTrial``,
+``TrialState``): nothing outside ``store``, ``engines.optuna``, ``coordination`` and
+``report``'s plots touches an Optuna object.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState as OptunaState
+
+from searchlab import config
+from searchlab.errors import NotRunError, StoreError, StudyDefinitionError
+from searchlab.outcome import TrialState
+
+log = logging.getLogger(__name__)
+#: the trial's MLflow run id, a user attr of each Optuna trial
+RUN_ID_ATTR = "mlflow_run_id"
+#: epochs the trial trained, and its error (failed trials)
+EPOCHS_ATTR = "epochs_run"
+ERROR_ATTR = "error"
+#: the study's declared space and objective, to refuse a changed study file
+SPACE_ATTR = "searchlab.space"
+
+STATES = {
+    OptunaState.COMPLETE: TrialState.COMPLETE,
+    OptunaState.PRUNED: TrialState.PRUNED,
+    OptunaState.FAIL: TrialState.FAILED,
+    OptunaState.RUNNING: TrialState.RUNNING,
+    OptunaState.WAITING: TrialState.WAITING,
+}
+OPTUNA_STATES = {v: k for k, v in STATES.items()}
+FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (SQLAlchemy's own rendering)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL; None for other storages."""
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage URL, or raise ``StoreError`` with one line that says why.
+
+    Trials record heartbeats (``config.heartbeat_interval``; see ``coordination``).
+    """
+    interval = config.heartbeat_interval()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs: dict[str, Any] = {}
+    path = sqlite_path(url)
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kwargs = {"connect_args": {"timeout": 60}}
+        elif url.startswith(("postgresql", "mysql")):
+            kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks heartbeat_interval experimental
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=interval,
+                grace_period=config.grace_period(interval),
+            )
+        if path is not None:
+            # WAL lets worker processes read while one writes; it is a property of the file.
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        return storage
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"Cannot open the Optuna storage {redact(url)}: its database driver "
+            f"{exc.name!r} is not installed. For PostgreSQL: pip install 'searchlab[postgres]'."
+        ) from exc
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(
+            f"Cannot open the Optuna storage {redact(url)}: {first}. "
+            "Check --storage (for PostgreSQL: host, port, user, password, database)."
+        ) from exc
+
+
+def study_names(url: str) -> list[str]:
+    """The names of the studies a storage holds (``doctor``)."""
+    return list(optuna.get_all_study_names(storage=open_storage(url)))
+
+
+@dataclass(frozen=True)
+class StoredTrial:
+    """One trial as the storage holds it, in searchlab's terms."""
+
+    number: int
+    state: TrialState
+    value: float | None
+    params: dict[str, Any]
+    run_id: str | None
+    epochs: int | None
+    duration_s: float | None
+    error: str | None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The trial as a row of the trials table (``searchlab.table``)."""
+        return {
+            "number": self.number,
+            "state": self.state.value,
+            "value": self.value,
+            "epochs": self.epochs,
+            "duration_s": self.duration_s,
+            "run_id": self.run_id,
+            "params": dict(self.params),
+        }
+
+
+def stale_reason() -> str:
+    """Why a trial failed without an ``error`` attr: only Optuna's own stale-trial check
+    (``optuna.storages.fail_stale_trials``) fails a trial without giving one, and it cannot
+    be given afterwards (a finished trial's attrs are frozen)."""
+    return (
+        f"interrupted: its worker sent no heartbeat for {config.grace_period()} s (killed or "
+        "crashed); the trial will be run again"
+    )
+
+
+def stored(t: optuna.trial.FrozenTrial) -> StoredTrial:
+    state = STATES[t.state]
+    error = t.user_attrs.get(ERROR_ATTR)
+    if error is None and state is TrialState.FAILED:
+        error = stale_reason()
+    return StoredTrial(
+        number=t.number,
+        state=state,
+        value=t.value if state is TrialState.COMPLETE else None,
+        params=dict(t.params),
+        run_id=t.user_attrs.get(RUN_ID_ATTR),
+        epochs=t.user_attrs.get(EPOCHS_ATTR),
+        duration_s=t.duration.total_seconds() if t.duration else None,
+        error=error,
+        attrs=dict(t.user_attrs),
+    )
+
+
+class StudyStore:
+    """One study in an Optuna storage: ``StudyStore.open`` for a run (creates the study),
+    ``StudyStore.load`` for reading results (never creates anything)."""
+
+    def __init__(self, ostudy: optuna.Study, storage: Any, url: str) -> None:
+        self.ostudy = ostudy
+        self.storage = storage
+        self.url = url
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        url: str,
+        *,
+        direction: str,
+        described: Mapping[str, Any],
+        sampler: optuna.samplers.BaseSampler,
+    ) -> StudyStore:
+        """Create or load study ``name``; refuse a stored one whose ``described`` space and
+        objective, or whose direction, differ from the study file's."""
+        storage = open_storage(url)
+        ostudy = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            direction=direction,
+            pruner=optuna.pruners.NopPruner(),  # not Optuna's default MedianPruner
+            load_if_exists=True,
+        )
+        described = dict(described)
+        stored_space = ostudy.user_attrs.get(SPACE_ATTR)
+        if stored_space is None:
+            ostudy.set_user_attr(SPACE_ATTR, described)
+        elif stored_space != described:
+            changed = sorted(
+                k
+                for k in set(stored_space) | set(described)
+                if stored_space.get(k) != described.get(k)
+            )
+            raise StudyDefinitionError(
+                f"The storage already holds a study named {name!r} with a different space or "
+                f"objective (differs in: {', '.join(changed)}). Give the study a new name, or use "
+                "another --storage."
+            )
+        if ostudy.direction.name.lower() != direction:
+            raise StudyDefinitionError(
+                f"The storage holds study {name!r} with direction "
+                f"{ostudy.direction.name.lower()}, but the study file says {direction}. "
+                "Give the study a new name."
+            )
+        return cls(ostudy, storage, url)
+
+    @classmethod
+    def load(cls, name: str, url: str) -> StudyStore:
+        """The stored study ``name`` for reading results; never creates a store or a study.
+
+        Raises ``StoreError`` when a local SQLite storage file does not exist, and
+        ``NotRunError`` when the storage holds no study of that name.
+        """
+        path = sqlite_path(url)
+        if path is not None and not path.is_file():
+            raise StoreError(
+                f"No Optuna storage at {path}: the study was never run here. "
+                "Run it first (searchlab run STUDY_FILE), or pass the --storage it ran with."
+            )
+        storage = open_storage(url)
+        try:
+            ostudy = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise NotRunError(
+                f"Study {name!r} was never run: {redact(url)} holds no study of that name. Run "
+                "it first (searchlab run STUDY_FILE), or pass the --storage it ran with."
+            ) from None
+        return cls(ostudy, storage, url)
+
+    # ---------------------------------------------------------------------------- writes
+
+    def annotate(self, trial: Any, result: Any) -> None:
+        """Record on a running trial how many epochs it trained and, if it failed, why."""
+        trial.set_user_attr(EPOCHS_ATTR, result.epochs_run)
+        if result.error:
+            trial.set_user_attr(ERROR_ATTR, result.error[:2000])
+
+    def tell(self, trial: Any, state: TrialState, value: float | None = None) -> None:
+        """End a running trial: complete with its ``value``, pruned or failed.  A trial that
+        another process already failed as stale (its heartbeats did not reach the store) is
+        left as it is: the next reconcile fails its MLflow run too, and it runs again."""
+        try:
+            if state is TrialState.COMPLETE:
+                self.ostudy.tell(trial, value, skip_if_finished=True)
+            else:
+                self.ostudy.tell(trial, state=OPTUNA_STATES[state], skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning("trial %s was failed as stale by another worker", trial.number)
+
+    def use(self, sampler: Any) -> None:
+        """Sample the study's open params with ``sampler`` from now on."""
+        self.ostudy.sampler = sampler
+
+    # ----------------------------------------------------------------------------- reads
+
+    @property
+    def name(self) -> str:
+        return self.ostudy.study_name
+
+    @property
+    def direction(self) -> str:
+        """``maximize`` or ``minimize``."""
+        return self.ostudy.direction.name.lower()
+
+    @property
+    def study_id(self) -> int:
+        return self.ostudy._study_id
+
+    def trials(self, *states: TrialState) -> list[StoredTrial]:
+        """Every trial (or those in ``states``), by number."""
+        wanted = tuple(OPTUNA_STATES[s] for s in states) or None
+        return [stored(t) for t in self.ostudy.get_trials(deepcopy=False, states=wanted)]
+
+    def count(self, *states: TrialState) -> int:
+        wanted = tuple(OPTUNA_STATES[s] for s in states) or None
+        return len(self.ostudy.get_trials(deepcopy=False, states=wanted))
+
+    def finished_count(self) -> int:
+        """Complete and pruned trials: what counts towards the budget."""
+        return len(self.ostudy.get_trials(deepcopy=False, states=FINISHED))
+
+    def best(self) -> StoredTrial | None:
+        """Optuna's best trial (its tie-breaking, which ``searchlab report`` shows too), or
+        None.  One storage query, asked after every trial: no listing of every trial first."""
+        try:
+            return stored(self.ostudy.best_trial)
+        except ValueError:  # no complete trial yet
+            return None
+
+    def top(self, k: int) -> list[StoredTrial]:
+        """The ``k`` best complete trials, best first (ties: the lower number)."""
+        sign = -1.0 if self.direction == "maximize" else 1.0
+        complete = self.trials(TrialState.COMPLETE)
+        return sorted(complete, key=lambda t: (sign * float(t.value or 0.0), t.number))[:k]
+
+    def trial(self, number: int) -> StoredTrial:
+        return stored(self.ostudy.trials[number])
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        """A user attr of the study."""
+        return self.ostudy.user_attrs.get(key, default)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.ostudy.set_user_attr(key, value)
+
+    def counts(self) -> dict[str, int]:
+        """``n_complete``, ``n_pruned``, ``n_failed`` of the whole study."""
+        trials = self.ostudy.get_trials(deepcopy=False)
+        return {
+            "n_complete": sum(t.state == OptunaState.COMPLETE for t in trials),
+            "n_pruned": sum(t.state == OptunaState.PRUNED for t in trials),
+            "n_failed": sum(t.state == OptunaState.FAIL for t in trials),
+        }
+
+    def plot_copy(self, k: int) -> optuna.Study:
+        """An in-memory copy in which only the ``k`` best complete trials keep their
+        per-epoch (intermediate) values; trial numbers are kept, so plots name the real
+        trials (``report``'s plots take an Optuna study)."""
+        keep = {t.number for t in self.top(k)}
+        copy = optuna.create_study(study_name=self.name, direction=self.ostudy.direction)
+        for t in self.ostudy.get_trials(deepcopy=False):
+            if t.number in keep:
+                copy.add_trial(t)
+            else:  # a placeholder keeps the numbering; it has no curve to draw
+                copy.add_trial(optuna.trial.create_trial(state=OptunaState.FAIL))
+        return copy
+
+
+__all__ = [
+    "EPOCHS_ATTR",
+    "ERROR_ATTR",
+    "FINISHED",
+    "RUN_ID_ATTR",
+    "SPACE_ATTR",
+    "StoredTrial",
+    "StudyStore",
+    "open_storage",
+    "redact",
+    "sqlite_path",
+    "study_names",
+]

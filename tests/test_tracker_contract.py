@@ -1,0 +1,121 @@
+"""The tracker contract (``tracking.Tracker``), run against ``MlflowTracker`` on a real SQLite
+store and against ``MemoryTracker``, so the in-memory tracker the engine contract uses
+behaves as the real one: the call order of its docstring, runs that end in the state of
+their trial, nothing left RUNNING, and ``reconcile``'s rules for what a crash left open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from searchlab.outcome import TrialResult, TrialState
+from searchlab.tracking import MemoryTracker, MlflowTracker, Tracker
+
+
+@pytest.fixture(params=["mlflow", "memory"])
+def make(request, tmp_path: Path):
+    """A factory of trackers on one store (two of them are two processes)."""
+    if request.param == "memory":
+        first = MemoryTracker()
+
+        def memory() -> Tracker:
+            other = MemoryTracker()
+            other.records, other.events = first.records, first.events  # one store
+            return other
+
+        return lambda: first if not first.events else memory()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return lambda: MlflowTracker(uri, tmp_path / "artifacts")
+
+
+def result(number: int, state: TrialState, value: float | None = None) -> TrialResult:
+    history = {"loss": [0.5, 0.4]} if state is not TrialState.FAILED else {}
+    return TrialResult(number, {"a": number}, state, value=value, history=history,
+                       error="boom" if state is TrialState.FAILED else None)
+
+
+def by_id(tracker: Tracker, name: str = "s") -> dict:
+    return {r.run_id: r for r in tracker.runs(name)}
+
+
+def test_a_session_ends_each_trial_in_its_state_and_closes_everything(make) -> None:
+    tracker = make()
+    tracker.connect()
+    session = tracker.start_session("s", {"strategy": "grid", "space": {"a": "Int(1, 3)"}})
+    assert tracker.session_id == session
+    ids = {}
+    for number, state in enumerate((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED)):
+        ids[state] = tracker.start_trial(number, {"a": number}, {"searchlab.engine": "x"})
+        tracker.log_epoch(ids[state], 0, {"loss": 0.5})
+        tracker.end_trial(ids[state], result(number, state, 0.9 if state is TrialState.COMPLETE else None))
+    left_open = tracker.start_trial(3, {"a": 3}, {})
+    tracker.end_session({"best_value": 0.9, "best_params": {"a": 0}}, "FINISHED")
+
+    runs = by_id(tracker)
+    assert runs[session].status == "FINISHED"
+    assert runs[session].tags["searchlab.role"] == "session"
+    assert runs[session].tags["searchlab.strategy"] == "grid"
+    assert runs[ids[TrialState.COMPLETE]].status == "FINISHED"
+    assert runs[ids[TrialState.COMPLETE]].metrics["objective"] == 0.9
+    assert runs[ids[TrialState.PRUNED]].status == "KILLED"
+    assert runs[ids[TrialState.FAILED]].status == "FAILED"
+    assert runs[left_open].status == "FAILED"  # a trial still open when the session ends
+    for state, run_id in ids.items():
+        run = runs[run_id]
+        assert run.tags["mlflow.parentRunId"] == session
+        assert run.tags["searchlab.state"] == state.value
+        assert run.tags["searchlab.engine"] == "x"
+        assert dict(run.params) == {"a": str(run.tags["searchlab.trial"])}
+
+
+def test_a_worker_closes_only_its_own_runs(make) -> None:
+    launcher = make()
+    session = launcher.start_session("s", {})
+    worker = make()
+    worker.attach(session)
+    mine = worker.start_trial(0, {"a": 0}, {})
+    worker.close_all("FAILED")
+    runs = by_id(launcher)
+    assert runs[mine].status == "FAILED" and runs[mine].tags["mlflow.parentRunId"] == session
+    assert runs[session].status == "RUNNING"  # the launcher's to close
+    launcher.end_session({}, "KILLED")
+    assert by_id(launcher)[session].status == "KILLED"
+
+
+def test_reconcile_closes_what_a_dead_process_left_running(make) -> None:
+    crashed = make()
+    old = crashed.start_session("s", {})
+    runs = {n: crashed.start_trial(n, {"a": n}, {}) for n in range(4)}
+    now = make()
+    current = now.start_session("s", {})
+    assert now.previous_session("s") == old
+    trials = {
+        0: {"state": TrialState.COMPLETE, "value": 0.9, "run_id": runs[0]},
+        1: {"state": TrialState.FAILED, "error": "interrupted: its worker is gone", "run_id": runs[1]},
+        2: {"state": TrialState.RUNNING, "run_id": runs[2]},  # a live worker's trial
+        3: {"state": TrialState.PRUNED, "run_id": runs[3]},
+    }
+    seen = []
+
+    def dead(run) -> bool:
+        seen.append(run.run_id)
+        return True
+
+    changed = now.reconcile("s", trials, session_dead=dead)
+    got = by_id(now)
+    assert [got[runs[n]].status for n in range(4)] == ["FINISHED", "FAILED", "RUNNING", "KILLED"]
+    assert got[old].status == "FAILED" and got[current].status == "RUNNING"
+    assert seen == [old]  # asked about the other session only, with a RunRecord
+    assert len(changed) == 4
+    assert now.reconcile("s", trials, session_dead=dead) == []  # nothing left to change
+    now.end_session({}, "FINISHED")
+    crashed.close_all()
+
+
+def test_runs_of_an_unknown_study_are_none(make) -> None:
+    tracker = make()
+    tracker.start_session("s", {})
+    assert tracker.runs("never-run") == []
+    assert tracker.previous_session("never-run") is None
+    tracker.end_session({}, "FINISHED")
