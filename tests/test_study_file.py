@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import searchlab
 from searchlab import StudyDefinitionError, load_study
 from tests.conftest import STUDIES
 
@@ -18,15 +17,6 @@ def write(tmp_path: Path, body: str, name: str = "study.py") -> Path:
     path = tmp_path / name
     path.write_text(body)
     return path
-
-
-def test_public_names() -> None:
-    assert set(searchlab.__all__) >= {
-        "Study", "Int", "Float", "Choice", "Bool", "Dataset", "Space", "load_study",
-        "SearchlabError", "StudyDefinitionError",
-    }
-    for name in searchlab.__all__:
-        assert hasattr(searchlab, name), name
 
 
 def test_the_shipped_mnist_study_loads() -> None:
