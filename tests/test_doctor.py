@@ -34,7 +34,9 @@ def test_doctor_reports_backend_devices_data_and_stores(cli, project: Path, data
     assert f"backend         {keras.backend.backend()} " in out
     assert "devices         " in out and ("cpu:0" in out or "gpu:0" in out)
     assert f"data directory  {data_dir.resolve()}: " in out and "mnist (mnist.npz" in out
-    assert f"optuna storage  sqlite:///{project / '.searchlab' / 'optuna.db'} (not created yet" in out
+    assert (
+        f"optuna storage  sqlite:///{project / '.searchlab' / 'optuna.db'} (not created yet" in out
+    )
     assert "mlflow tracking sqlite:///" in out
     assert "study           mnist-dense" in out
     assert "study data      mnist from " in out and "54000 train, 6000 validation, 28x28" in out
@@ -54,7 +56,7 @@ def test_a_study_whose_loader_fails_is_a_problem(cli, project: Path) -> None:
     (project / "broken.py").write_text(
         STUDY_WITH.format(
             extra="def load():\n    raise OSError('no such bucket')\n",
-            data='Dataset(loader=load)',
+            data="Dataset(loader=load)",
         )
     )
     result = cli("doctor", "broken.py")
@@ -101,7 +103,11 @@ def test_unknown_backend_fails_without_importing_keras(project: Path) -> None:
     }
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "searchlab.cli", "doctor"],
-        env=env, cwd=project, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     (line,) = lines_with(proc.stdout, "FAIL")

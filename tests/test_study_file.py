@@ -56,7 +56,9 @@ def test_file_without_a_study(tmp_path: Path) -> None:
 def test_impossible_space_in_a_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        HEADER + BUILD + "study = Study(name='s', space={'u': Int(5, 1)}, model=build, data='mnist')\n",
+        HEADER
+        + BUILD
+        + "study = Study(name='s', space={'u': Int(5, 1)}, model=build, data='mnist')\n",
     )
     assert refusal(path).startswith(f"{path}, line 4: Int 'u': low <= high must hold")
 

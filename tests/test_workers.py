@@ -82,7 +82,13 @@ def test_three_workers_share_one_study(project: Path) -> None:
     barrier.mkdir()
     s = Session(
         searchlab_cmd(
-            write_study_with(project, BARRIER), "--trials", BUDGET, "--workers", 3, "--gpus", "0,1,2"
+            write_study_with(project, BARRIER),
+            "--trials",
+            BUDGET,
+            "--workers",
+            3,
+            "--gpus",
+            "0,1,2",
         ),
         env_for(home, SEARCHLAB_TEST_BARRIER=str(barrier), SEARCHLAB_TEST_WORKERS="3"),
         project,
@@ -123,7 +129,8 @@ def test_stopping_the_launcher_closes_every_worker_trial(project: Path) -> None:
     marker = project / "in-fit"
     s = Session(
         searchlab_cmd(write_study_with(project, HANG_IN_EVERY_PROCESS), "--workers", 2),
-        env_for(home, SEARCHLAB_TEST_HANG=str(marker)), project,
+        env_for(home, SEARCHLAB_TEST_HANG=str(marker)),
+        project,
     )
     wait_for_files(s, project, "in-fit.*", 2)  # both workers in model.fit, each in a trial
     s.kill(signal.SIGTERM)  # like Ctrl-C; the launcher passes it on to each worker
@@ -187,8 +194,11 @@ def test_kill_9_of_searchlab_run_takes_its_worker_down(project: Path) -> None:
     import time
 
     marker = project / "in-fit"
-    s = Session(searchlab_cmd(write_study(project)),
-                env_for(project / ".searchlab", SEARCHLAB_TEST_HANG=str(marker)), project)
+    s = Session(
+        searchlab_cmd(write_study(project)),
+        env_for(project / ".searchlab", SEARCHLAB_TEST_HANG=str(marker)),
+        project,
+    )
     s.wait_for_file(marker)  # written by the worker, inside model.fit
     workers = _children(s.proc.pid)
     assert workers, "the trial runs in a worker process"
