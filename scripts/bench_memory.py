@@ -11,6 +11,11 @@ plain KerasTuner RandomSearch.  All on the same dense MNIST model and space as
 memory after trial 5 and after the last trial: the peak (``ru_maxrss``) and the current RSS.
 The figure to watch is the growth from trial 5 to the end (target for searchlab: <= 100 MB).
 Prints one table; all figures come from this one run.
+
+Set-up on a fresh clone: ``source scripts/_env.sh dev`` (a .venv with the project and its
+``dev`` extra, which includes ``bench``: tensorboard, which KerasTuner's ``RandomSearch``
+imports; and ``SEARCHLAB_DATA_DIR`` set to ``../shared/data`` when that exists), or
+``pip install -e '.[bench]'`` in an environment of your own.
 """
 
 from __future__ import annotations
@@ -200,6 +205,15 @@ def run_kerastuner(args: argparse.Namespace, out: dict) -> None:
 PARTS = {"searchlab run": run_cli, "in-process": run_searchlab, "kerastuner": run_kerastuner}
 
 
+def check_setup() -> None:
+    """Stop at once, not hours in, where KerasTuner's side of the comparison cannot run."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # KerasTuner's RandomSearch imports it
+        sys.exit("KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
+                 "pip install -e '.[bench]' (see this script's docstring).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=50)
@@ -207,6 +221,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--part", choices=list(PARTS))
     args = parser.parse_args()
+    if args.part in (None, "kerastuner"):
+        check_setup()
     if args.part:
         import logging
 

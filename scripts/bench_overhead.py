@@ -9,6 +9,10 @@ best-weights save and upload, Optuna tell, best-so-far lookup), the time inside
 study-end cost (trials table + best model artifact).
 
     scripts/bench_overhead.py [--trials 12] [--subset 2000,500]
+
+Set-up on a fresh clone: ``source scripts/_env.sh dev`` (a .venv with the project and its
+``dev`` extra, and ``SEARCHLAB_DATA_DIR`` set to ``../shared/data`` when that exists), or
+``pip install -e '.[bench]'`` in an environment of your own.
 """
 
 from __future__ import annotations

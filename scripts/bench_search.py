@@ -14,6 +14,10 @@ as a fraction of random search's wall time.  Writes a plot (PNG) when matplotlib
 
 All figures come from one run on one machine; on a busy machine the wall times are noisy,
 which is why the ratios are taken between runs of the same invocation.
+
+Set-up on a fresh clone: ``source scripts/_env.sh dev`` (a .venv with the project and its
+``dev`` extra, and ``SEARCHLAB_DATA_DIR`` set to ``../shared/data`` when that exists), or
+``pip install -e '.[bench]'`` in an environment of your own.
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ Cases: ``frozen`` (all 18 VGG16 layers frozen: only the head trains) and ``block
 
 Prints, per case, trials per hour for each tool, their ratio, and each one's best
 val_accuracy.  Timing claims come only from this script's output.
+
+Set-up on a fresh clone: ``source scripts/_env.sh dev`` (a .venv with the project and its
+``dev`` extra, which includes ``bench``: tensorboard, which KerasTuner's ``RandomSearch``
+imports; and ``SEARCHLAB_DATA_DIR`` set to ``../shared/data`` when that exists), or
+``pip install -e '.[bench]'`` in an environment of your own.
 """
 
 from __future__ import annotations
@@ -226,6 +231,15 @@ def run_kerastuner(
     return seconds, float(best), len(done)
 
 
+def check_setup() -> None:
+    """Stop at once, not hours in, where KerasTuner's side of the comparison cannot run."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # KerasTuner's RandomSearch imports it
+        sys.exit("KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
+                 "pip install -e '.[bench]' (see this script's docstring).")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -238,6 +252,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=os.environ.get("SEARCHLAB_DATA_DIR"))
     args = parser.parse_args()
+    check_setup()
 
     import keras
 

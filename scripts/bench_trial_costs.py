@@ -7,6 +7,10 @@ is left out.
 
     python scripts/bench_trial_costs.py                       # TPE + ASHA, 20 trials
     python scripts/bench_trial_costs.py --strategy random --pruner none
+
+Set-up on a fresh clone: ``source scripts/_env.sh dev`` (a .venv with the project and its
+``dev`` extra, and ``SEARCHLAB_DATA_DIR`` set to ``../shared/data`` when that exists), or
+``pip install -e '.[bench]'`` in an environment of your own.
 """
 
 from __future__ import annotations

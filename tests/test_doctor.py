@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import pytest
 
-from tests.conftest import STUDIES
+from tests.conftest import REPO, STUDIES
 
 MNIST = STUDIES / "mnist_dense.py"
 
@@ -31,7 +34,9 @@ def test_doctor_reports_backend_devices_data_and_stores(cli, project: Path, data
     assert f"backend         {keras.backend.backend()} " in out
     assert "devices         " in out and ("cpu:0" in out or "gpu:0" in out)
     assert f"data directory  {data_dir.resolve()}: " in out and "mnist (mnist.npz" in out
-    assert f"optuna storage  sqlite:///{project / '.searchlab' / 'optuna.db'} (not created yet" in out
+    assert (
+        f"optuna storage  sqlite:///{project / '.searchlab' / 'optuna.db'} (not created yet" in out
+    )
     assert "mlflow tracking sqlite:///" in out
     assert "study           mnist-dense" in out
     assert "study data      mnist from " in out and "54000 train, 6000 validation, 28x28" in out
@@ -51,7 +56,7 @@ def test_a_study_whose_loader_fails_is_a_problem(cli, project: Path) -> None:
     (project / "broken.py").write_text(
         STUDY_WITH.format(
             extra="def load():\n    raise OSError('no such bucket')\n",
-            data='Dataset(loader=load)',
+            data="Dataset(loader=load)",
         )
     )
     result = cli("doctor", "broken.py")
@@ -78,14 +83,38 @@ def test_a_study_file_that_does_not_load_fails(cli, project: Path) -> None:
     assert "Study file nope.py not found" in line
 
 
-def test_unknown_backend_fails_without_importing_it(
-    cli, project: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KERAS_BACKEND", "theano")
-    result = cli("doctor")
-    assert result.exit_code == 1
-    (line,) = lines_with(result.output, "FAIL")
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level packages a ``python -X importtime`` run imported, from its stderr."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_unknown_backend_fails_without_importing_keras(project: Path) -> None:
+    """Keras picks its backend when first imported and refuses a name it does not know, so
+    the doctor must judge $KERAS_BACKEND before anything imports Keras or a backend: a fresh
+    ``searchlab doctor`` process says which modules it imported (``-X importtime``)."""
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "theano",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "searchlab.cli", "doctor"],
+        env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (line,) = lines_with(proc.stdout, "FAIL")
     assert "'theano' (from $KERAS_BACKEND) is not a Keras backend" in line
+    imported = _imported(proc.stderr)
+    assert {"searchlab", "click"} <= imported, "the import log was read"  # the check can see
+    assert not imported & {"keras", "tensorflow", "jax", "torch", "theano"}, imported
 
 
 def test_unreachable_tracking_server_fails(cli, project: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STUDY = '''
+STUDY = """
 import keras
 
 from searchlab import Choice, Dataset, Study
@@ -41,7 +41,7 @@ study = Study(
     epochs=1,
     batch_size=100,
 )
-'''
+"""
 
 
 def _write(folder: Path, modes: list[str]) -> Path:
@@ -68,11 +68,15 @@ def test_nan_builder_error_and_oom_fail_alone(cli, project: Path) -> None:
     trials, runs = _stores(project)
     by_mode = {t.params["mode"]: t for t in trials}
     assert {m: t.state.name for m, t in by_mode.items()} == {
-        "nan": "FAIL", "raise": "FAIL", "oom": "FAIL", "ok": "COMPLETE"
+        "nan": "FAIL",
+        "raise": "FAIL",
+        "oom": "FAIL",
+        "ok": "COMPLETE",
     }
     errors = {
         r.data.params["mode"]: (r.info.status, r.data.tags.get("searchlab.error", ""))
-        for r in runs if "searchlab.trial" in r.data.tags
+        for r in runs
+        if "searchlab.trial" in r.data.tags
     }
     assert errors["nan"][0] == "FAILED" and "NaN/inf loss" in errors["nan"][1]
     assert errors["raise"][0] == "FAILED" and "cannot make mode=raise" in errors["raise"][1]
@@ -84,8 +88,10 @@ def test_max_failures_stops_the_study_with_a_clear_message(cli, project: Path) -
     result = cli("run", _write(project, ["raise", "oom", "nan", "ok"]), "--max-failures", "2")
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: Stopped the study after 2 failed trials in a row "
-                           "(--max-failures 2); last error: MemoryError"), last
+    assert last.startswith(
+        "error: Stopped the study after 2 failed trials in a row "
+        "(--max-failures 2); last error: MemoryError"
+    ), last
     trials, runs = _stores(project)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert all(r.info.status != "RUNNING" for r in runs)

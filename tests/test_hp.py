@@ -23,14 +23,18 @@ def build_model(hp):
         with hp.conditional_scope("dropout", [True]):
             seen["rate"] = hp.Float("rate", 0.1, 0.3, step=0.1)
     seen["opt"] = hp.Choice("opt", ["adam", "sgd"])
-    seen["momentum"] = hp.Float("momentum", 0.0, 0.9, step=0.9, parent_name="opt", parent_values=["sgd"])
+    seen["momentum"] = hp.Float(
+        "momentum", 0.0, 0.9, step=0.9, parent_name="opt", parent_values=["sgd"]
+    )
     return seen
 
 
 def _grid_count() -> int:
     n = 0
     for layers in (1, 2, 3):
-        n += 3**layers * 2 * (1 + 3) * (1 + 2)  # units^layers, activation, dropout(+rate), opt(+momentum)
+        n += (
+            3**layers * 2 * (1 + 3) * (1 + 2)
+        )  # units^layers, activation, dropout(+rate), opt(+momentum)
     return n
 
 
@@ -87,7 +91,9 @@ def test_log_sampling_and_defaults():
 
 
 def test_fixed_hp_replays_params_and_defaults_the_rest():
-    out = build_model(FixedHP({"num_layers": 2, "units_0": 64, "units_1": 96, "dropout": True, "rate": 0.2}))
+    out = build_model(
+        FixedHP({"num_layers": 2, "units_0": 64, "units_1": 96, "dropout": True, "rate": 0.2})
+    )
     assert out["layers"] == [64, 96] and out["rate"] == 0.2
     assert out["activation"] == "relu" and out["opt"] == "adam" and out["momentum"] is None
 
@@ -98,7 +104,13 @@ def test_grid_enumerates_every_path_once():
     assert len(points) == _grid_count() == space.grid_size()
     keys = {tuple(sorted(p.items())) for p in points}
     assert len(keys) == len(points)
-    assert {"num_layers": 1, "units_0": 32, "activation": "relu", "dropout": False, "opt": "adam"} in points
+    assert {
+        "num_layers": 1,
+        "units_0": 32,
+        "activation": "relu",
+        "dropout": False,
+        "opt": "adam",
+    } in points
     assert all(("rate" in p) == p["dropout"] for p in points)
     assert all(len([k for k in p if k.startswith("units_")]) == p["num_layers"] for p in points)
 
@@ -142,8 +154,15 @@ def test_pruner_option_maps_to_optuna_pruners_and_none_really_means_none():
     from searchlab.engines.optuna import make_pruner
 
     def pruner(name, strategy="bayesian"):
-        options = RunOptions(strategy=strategy, trials=1, timeout=None, epochs=4, seed=0,
-                             storage="sqlite://", pruner=name)
+        options = RunOptions(
+            strategy=strategy,
+            trials=1,
+            timeout=None,
+            epochs=4,
+            seed=0,
+            storage="sqlite://",
+            pruner=name,
+        )
         return type(make_pruner(options)).__name__
 
     assert pruner("none") == "NopPruner"
@@ -168,15 +187,27 @@ def test_pruner_settings_reach_the_optuna_pruners():
     from searchlab.engines.optuna import make_pruner, pruner_args
 
     def options(pruner, **kw):
-        return RunOptions(strategy="bayesian", trials=1, timeout=None, epochs=10, seed=0,
-                          storage="sqlite://", pruner=pruner, **kw)
+        return RunOptions(
+            strategy="bayesian",
+            trials=1,
+            timeout=None,
+            epochs=10,
+            seed=0,
+            storage="sqlite://",
+            pruner=pruner,
+            **kw,
+        )
 
     asha = make_pruner(options("asha"))
     assert (asha._min_resource, asha._reduction_factor, asha._bootstrap_count) == (1, 3, 0)
     asha = make_pruner(options("asha", prune_min_epochs=2, prune_factor=2))
     assert (asha._min_resource, asha._reduction_factor) == (2, 2)
     hyperband = make_pruner(options("hyperband", prune_min_epochs=2, prune_factor=4))
-    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (2, 10, 4)
+    assert (hyperband._min_resource, hyperband._max_resource, hyperband._reduction_factor) == (
+        2,
+        10,
+        4,
+    )
     assert make_pruner(options("median", prune_min_epochs=3))._n_warmup_steps == 3
     assert pruner_args(options("asha")) == "min_epochs=1, factor=3"
     assert pruner_args(options("none")) == ""
@@ -185,21 +216,37 @@ def test_pruner_settings_reach_the_optuna_pruners():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"pruner": "none", "prune_factor": 2},
-         "--prune-factor only apply with a pruner, and this run has none: add --pruner asha"),
-        ({"pruner": "median", "prune_factor": 2},
-         "--prune-factor is the reduction factor of --pruner asha and hyperband"),
+        (
+            {"pruner": "none", "prune_factor": 2},
+            "--prune-factor only apply with a pruner, and this run has none: add --pruner asha",
+        ),
+        (
+            {"pruner": "median", "prune_factor": 2},
+            "--prune-factor is the reduction factor of --pruner asha and hyperband",
+        ),
         ({"pruner": "asha", "prune_factor": 1}, r"--prune-factor must be an integer >= 2 .* got 1"),
-        ({"pruner": "asha", "prune_min_epochs": 0}, "--prune-min-epochs must be an integer >= 1, but got 0"),
-        ({"pruner": "asha", "prune_min_epochs": 4},
-         r"--prune-min-epochs must be less than the epochs per trial \(4\), but got 4"),
+        (
+            {"pruner": "asha", "prune_min_epochs": 0},
+            "--prune-min-epochs must be an integer >= 1, but got 0",
+        ),
+        (
+            {"pruner": "asha", "prune_min_epochs": 4},
+            r"--prune-min-epochs must be less than the epochs per trial \(4\), but got 4",
+        ),
     ],
 )
 def test_pruner_settings_that_cannot_work_are_one_clear_error(settings, message):
     from searchlab import engines, runner
 
-    options = engines.RunOptions(strategy="bayesian", trials=1, timeout=None, epochs=4, seed=0,
-                                 storage="sqlite://", **settings)
+    options = engines.RunOptions(
+        strategy="bayesian",
+        trials=1,
+        timeout=None,
+        epochs=4,
+        seed=0,
+        storage="sqlite://",
+        **settings,
+    )
     with pytest.raises(StudyDefinitionError, match=message):
         engines.check_pruning(options)
     study = Study(name="p", space={"a": Int(1, 2)}, model=lambda p: None, data="mnist")
@@ -216,7 +263,9 @@ def test_prune_settings_on_the_command_line_are_checked_before_training(cli, pro
     )
     result = cli("run", study_file, "--pruner", "asha", "--prune-min-epochs", "2")
     assert result.exit_code != 0
-    assert "--prune-min-epochs must be less than the epochs per trial (2), but got 2" in result.output
+    assert (
+        "--prune-min-epochs must be less than the epochs per trial (2), but got 2" in result.output
+    )
 
 
 def test_reeval_choice_is_by_mean_not_by_the_lucky_single():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 # Half the space is terrible: bad=True trains with a learning rate of 0 (chance accuracy).
-STUDY = '''
+STUDY = """
 import keras
 
 from searchlab import Bool, Choice, Dataset, Study
@@ -33,7 +33,7 @@ study = Study(
     epochs=2,
     batch_size=64,
 )
-'''
+"""
 
 
 @pytest.mark.slow

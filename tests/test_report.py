@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 PLOT_NAMES = ("optimization_history", "parallel_coordinate", "param_importances", "learning_curves")
 
-STUDY = '''
+STUDY = """
 from searchlab import Choice, Dataset, Float, Study
 from searchlab.models import dense_classifier
 
@@ -52,7 +52,7 @@ study = Study(
     data=Dataset("mnist", validation=0.1, subset={"train": 600, "val": 200}),
     strategy="random", trials=4, epochs=2, seed=0,
 )
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,9 @@ def test_csv_and_parquet_round_trip(env: Finished, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_plots_are_written_and_logged_on_the_latest_parent_run(env: Finished, tmp_path: Path) -> None:
+def test_plots_are_written_and_logged_on_the_latest_parent_run(
+    env: Finished, tmp_path: Path
+) -> None:
     plots = tmp_path / "plots"
     result = invoke("report", env.study_file, "--plots", plots, "--top", "3", *env.stores())
     assert result.exit_code == 0, result.output
@@ -245,7 +247,10 @@ def test_best_names_the_run_and_the_model(env: Finished, tmp_path: Path) -> None
     top = frame.iloc[0]
     assert (best.number, best.run_id) == (top["number"], top["run_id"])
     assert best.value == pytest.approx(top["value"])
-    assert best.params == _ostudy(env).best_params
+    truth = _ostudy(env).best_trial  # what Optuna says, not only what our table says
+    assert (best.number, best.params) == (truth.number, truth.params)
+    assert best.value == pytest.approx(truth.value)
+    assert best.run_id == truth.user_attrs["mlflow_run_id"]
     import mlflow.artifacts
 
     assert best.tracking_uri == env.tracking_uri
@@ -287,7 +292,10 @@ def _one_line_error(result) -> str:
 def test_a_study_never_run_is_reported_in_one_line(env: Finished, tmp_path: Path) -> None:
     other = tmp_path / "other.py"
     other.write_text(STUDY.replace('name="report-test"', 'name="never-run"'))
-    for command in (["report", other, *env.stores()], ["ui", other, "--tracking-uri", env.tracking_uri, "--port", "0"]):
+    for command in (
+        ["report", other, *env.stores()],
+        ["ui", other, "--tracking-uri", env.tracking_uri, "--port", "0"],
+    ):
         line = _one_line_error(invoke(*command))
         assert "never-run" in line and "never run" in line
 
@@ -299,7 +307,14 @@ def test_missing_stores_are_reported_in_one_line_and_not_created(project: Path) 
     optuna_db, mlflow_db = missing / "optuna.db", missing / "mlflow.db"
     cases = [
         ["report", study_file],  # the default stores of a fresh project
-        ["report", study_file, "--storage", f"sqlite:///{optuna_db}", "--tracking-uri", f"sqlite:///{mlflow_db}"],
+        [
+            "report",
+            study_file,
+            "--storage",
+            f"sqlite:///{optuna_db}",
+            "--tracking-uri",
+            f"sqlite:///{mlflow_db}",
+        ],
         ["ui", study_file, "--tracking-uri", f"sqlite:///{mlflow_db}"],
         ["ui", "--tracking-uri", f"sqlite:///{mlflow_db}"],
     ]
@@ -391,13 +406,24 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
 
     trial_runs = [r for r in _runs(env) if r.data.tags.get("searchlab.role") != "session"]
     names = sorted(r.info.run_name for r in trial_runs)
-    objectives = [repr(r.data.metrics["objective"]) for r in trial_runs if "objective" in r.data.metrics]
+    objectives = [
+        repr(r.data.metrics["objective"]) for r in trial_runs if "objective" in r.data.metrics
+    ]
     assert len(names) == len(_expected_order(env))
     assert len(objectives) == list(_states(env).values()).count("complete")
 
     ui = UiProcess(
-        [sys.executable, "-m", "searchlab.cli", "ui", str(env.study_file),
-         "--tracking-uri", env.tracking_uri, "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "searchlab.cli",
+            "ui",
+            str(env.study_file),
+            "--tracking-uri",
+            env.tracking_uri,
+            "--port",
+            "0",
+        ],
         env.env(),
     )
     browser = None
@@ -414,9 +440,17 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
 
         options = webdriver.ChromeOptions()
         options.binary_location = chromium
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update",
-                     "--disable-sync", "--disable-quic", "--window-size=2200,1100"):
+        for flag in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--window-size=2200,1100",
+        ):
             options.add_argument(flag)
         profile = tempfile.mkdtemp(prefix="searchlab-chromium-")
         options.add_argument(f"--user-data-dir={profile}")
@@ -433,7 +467,9 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
         for i in range(len(browser.find_elements(By.CSS_SELECTOR, unfold))):
             browser.find_elements(By.CSS_SELECTOR, unfold)[i].click()  # as a person would
         wait.until(lambda _: all(name in body() for name in names))
-        columns = {e.get_attribute("col-id") for e in browser.find_elements(By.CSS_SELECTOR, "[col-id]")}
+        columns = {
+            e.get_attribute("col-id") for e in browser.find_elements(By.CSS_SELECTOR, "[col-id]")
+        }
         wanted = {"metrics.`objective`", "params.`units`", "params.`learning_rate`"}
         assert wanted <= columns, columns
         cells = browser.find_elements(By.CSS_SELECTOR, '.ag-cell[col-id="metrics.`objective`"]')

@@ -72,8 +72,7 @@ def test_sigkill_at_several_points_then_resume(project: Path) -> None:
     assert last.data.tags["searchlab.previous_session"] in {r.info.run_id for r in sessions}
     assert int(last.data.tags["searchlab.resumed_with"]) >= 1
     last_trials = [
-        t for t in found["trials"]
-        if t.user_attrs.get("searchlab.session") == last.info.run_id
+        t for t in found["trials"] if t.user_attrs.get("searchlab.session") == last.info.run_id
     ]
     assert len({t.user_attrs["searchlab.pid"] for t in last_trials}) >= 2, "worker recycled"
 

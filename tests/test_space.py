@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import optuna
 import pytest
 
@@ -51,7 +53,9 @@ def test_grid_enumerates_every_combination_once() -> None:
     )
     grid = space.grid()
     assert len(grid) == 3 * 2 * 2 * 2 == space.grid_size()
-    assert len({tuple(sorted(p.items())) for p in grid}) == len(grid)
+    every = itertools.product([1, 2, 3], [64, 128], [1e-4, 1e-3], [False, True])
+    expected = {(("bn", bn), ("layers", n), ("lr", lr), ("units", u)) for n, u, lr, bn in every}
+    assert {tuple(sorted(p.items())) for p in grid} == expected  # each combination, no other
     assert grid[0] == {"layers": 1, "units": 64, "lr": 1e-4, "bn": False}
 
 
@@ -96,12 +100,26 @@ def test_suggest_samples_inside_the_space_through_optuna() -> None:
         }
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    for _ in range(20):
-        params = space.suggest(study.ask())
+    seen: dict[str, set] = {"layers": set(), "act": set(), "extra": set()}
+    for _ in range(40):
+        trial = study.ask()
+        params = space.suggest(trial)
+        assert params == trial.params  # what Optuna recorded is what the trial gets
         assert 1 <= params["layers"] <= 3
         assert 1e-4 <= params["lr"] <= 1e-2
         assert params["act"] in ("relu", "gelu")
         assert ("extra" in params) == (params["layers"] >= 2)
+        for name in seen:
+            if name in params:
+                seen[name].add(params[name])
+        study.tell(trial, 0.0)
+    assert seen["layers"] == {1, 2, 3} and seen["act"] == {"relu", "gelu"}  # it samples
+    assert len(seen["extra"]) > 1
+    dists = next(t for t in study.trials if "extra" in t.params).distributions
+    assert dists["layers"] == optuna.distributions.IntDistribution(1, 3)
+    assert dists["lr"] == optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    assert dists["act"] == optuna.distributions.CategoricalDistribution(["relu", "gelu"])
+    assert dists["extra"] == optuna.distributions.IntDistribution(8, 16)
 
 
 def test_space_is_a_mapping_and_describes_itself() -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import searchlab
 from searchlab import StudyDefinitionError, load_study
 from tests.conftest import STUDIES
 
@@ -20,13 +19,11 @@ def write(tmp_path: Path, body: str, name: str = "study.py") -> Path:
     return path
 
 
-def test_public_names() -> None:
-    assert set(searchlab.__all__) >= {
-        "Study", "Int", "Float", "Choice", "Bool", "Dataset", "Space", "load_study",
-        "SearchlabError", "StudyDefinitionError",
-    }
-    for name in searchlab.__all__:
-        assert hasattr(searchlab, name), name
+def refusal(path: Path) -> str:
+    """The message of the one StudyDefinitionError that loading ``path`` raises."""
+    with pytest.raises(StudyDefinitionError) as info:
+        load_study(path)
+    return str(info.value)
 
 
 def test_the_shipped_mnist_study_loads() -> None:
@@ -38,35 +35,32 @@ def test_the_shipped_mnist_study_loads() -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(StudyDefinitionError, match="not found"):
-        load_study(tmp_path / "nope.py")
+    assert f"Study file {tmp_path / 'nope.py'} not found" in refusal(tmp_path / "nope.py")
 
 
 def test_syntax_error_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, HEADER + "study = Study(\n  name='x',,\n)\n")
-    with pytest.raises(StudyDefinitionError, match=r"line 3: syntax error"):
-        load_study(path)
+    assert refusal(path).startswith(f"{path}, line 3: syntax error")
 
 
 def test_exception_in_the_file_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, HEADER + "x = 1\nraise ValueError('boom')\n")
-    with pytest.raises(StudyDefinitionError, match=r"line 3: ValueError: boom"):
-        load_study(path)
+    assert refusal(path).startswith(f"{path}, line 3: ValueError: boom")
 
 
 def test_file_without_a_study(tmp_path: Path) -> None:
     path = write(tmp_path, HEADER + "x = 1\n")
-    with pytest.raises(StudyDefinitionError, match="defines no Study"):
-        load_study(path)
+    assert refusal(path).startswith(f"{path} defines no Study")
 
 
 def test_impossible_space_in_a_file(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        HEADER + BUILD + "study = Study(name='s', space={'u': Int(5, 1)}, model=build, data='mnist')\n",
+        HEADER
+        + BUILD
+        + "study = Study(name='s', space={'u': Int(5, 1)}, model=build, data='mnist')\n",
     )
-    with pytest.raises(StudyDefinitionError, match=r"line 4: Int 'u': low <= high must hold"):
-        load_study(path)
+    assert refusal(path).startswith(f"{path}, line 4: Int 'u': low <= high must hold")
 
 
 @pytest.mark.parametrize(
@@ -85,5 +79,5 @@ def test_bad_study_fields(tmp_path: Path, kwargs: str, message: str) -> None:
     fields[key] = value
     args = ", ".join(f"{k}={v}" for k, v in fields.items())
     path = write(tmp_path, HEADER + BUILD + f"study = Study({args})\n")
-    with pytest.raises(StudyDefinitionError, match=message):
-        load_study(path)
+    text = refusal(path)
+    assert text.startswith(f"{path}, line 4: ") and message in text, text

@@ -1,8 +1,11 @@
 """``searchlab run --workers 3`` on one machine (SQLite storage): every grid point once, the
-budget respected, every trial a child run of the one session run, GPUs pinned per worker."""
+budget respected, every worker running trials, each a child run of the one session run, GPUs
+pinned per worker."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,17 +14,89 @@ from reliability_helpers import Session, check_consistent, env_for, searchlab_cm
 pytestmark = pytest.mark.slow
 BUDGET = 5  # of the 6 grid points, so the budget (not the grid) stops the workers
 
+#: Appended to the tiny study: a process's first trial waits in the builder until
+#: $SEARCHLAB_TEST_WORKERS processes have entered one (a file per process id in the folder
+#: $SEARCHLAB_TEST_BARRIER).  A worker runs one trial at a time, so none can take a second
+#: before every worker holds one: each worker runs a trial whatever the start-up order, where
+#: otherwise the first worker up could run them all.  Only workers build models (the launcher
+#: opens the stores and waits); a worker that never comes ends the wait after 240 s, and the
+#: test then fails on its assertions, not on a hang.
+BARRIER = """
+
+import dataclasses
+
+_build_without_barrier = build
+
+
+def build(params, info):
+    folder = Path(os.environ["SEARCHLAB_TEST_BARRIER"])
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + 240
+    while len(list(folder.iterdir())) < int(os.environ["SEARCHLAB_TEST_WORKERS"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return _build_without_barrier(params, info)
+
+
+study = dataclasses.replace(study, model=build)
+"""
+
+#: Appended to the tiny study: its builder looks ``Hang`` up when it runs, so this one takes
+#: the place of the study's, whose single marker file lets only the first process hang.  Here
+#: every process writes its own marker ($SEARCHLAB_TEST_HANG.PID) and hangs in its first
+#: training batch.
+HANG_IN_EVERY_PROCESS = """
+
+
+class Hang(keras.layers.Layer):
+    def call(self, x, training=None):
+        marker = Path(f"{os.environ['SEARCHLAB_TEST_HANG']}.{os.getpid()}")
+        if training and not marker.exists():
+            marker.write_text("in fit")
+            for _ in range(6000):
+                time.sleep(0.1)
+        return x
+"""
+
+
+def write_study_with(folder: Path, extra: str) -> Path:
+    path = write_study(folder)
+    path.write_text(path.read_text() + extra)
+    return path
+
+
+def wait_for_files(s: Session, folder: Path, pattern: str, count: int) -> None:
+    """Block until ``count`` files match ``pattern`` in ``folder``, while ``s`` runs."""
+    deadline = time.monotonic() + 240
+    while len(list(folder.glob(pattern))) < count:
+        if s.proc.poll() is not None or time.monotonic() > deadline:
+            s.kill()
+            raise AssertionError(f"never {count} files {pattern}; output:\n{s.finish()}")
+        time.sleep(0.1)
+
 
 def test_three_workers_share_one_study(project: Path) -> None:
     home = project / ".searchlab"
-    study = write_study(project)
+    barrier = project / "barrier"
+    barrier.mkdir()
     s = Session(
-        searchlab_cmd(study, "--trials", BUDGET, "--workers", 3, "--gpus", "0,1,2"),
-        env_for(home), project,
+        searchlab_cmd(
+            write_study_with(project, BARRIER),
+            "--trials",
+            BUDGET,
+            "--workers",
+            3,
+            "--gpus",
+            "0,1,2",
+        ),
+        env_for(home, SEARCHLAB_TEST_BARRIER=str(barrier), SEARCHLAB_TEST_WORKERS="3"),
+        project,
     )
     out = s.finish()
     assert s.proc.returncode == 0, out
     assert "trials: 5 complete" in out, out
+    assert len(list(barrier.iterdir())) >= 3, "three worker processes built models"
 
     found = check_consistent(
         f"sqlite:///{home / 'optuna.db'}", f"sqlite:///{home / 'mlflow.db'}", "tiny", BUDGET
@@ -32,8 +107,12 @@ def test_three_workers_share_one_study(project: Path) -> None:
     assert session.data.tags["searchlab.workers"] == "3"
     runs = found["trial_runs"]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {session.info.run_id}
-    workers = {r.data.tags["searchlab.worker"] for r in runs}
-    assert workers <= {"1/3", "2/3", "3/3"}, workers  # how many got a trial depends on timing
+    per_worker = Counter(r.data.tags["searchlab.worker"] for r in runs)
+    assert set(per_worker) == {"1/3", "2/3", "3/3"}, per_worker  # each ran a trial (BARRIER)
+    assert sum(per_worker.values()) == BUDGET
+    pids = {t.user_attrs["searchlab.pid"] for t in found["trials"]}
+    # three processes, not one under three labels (more if one was recycled: --recycle-mb)
+    assert len(pids) >= 3, pids
     for r in runs:  # worker i sees GPU i only
         assert r.data.tags["searchlab.cuda_visible_devices"] == str(
             int(r.data.tags["searchlab.worker"][0]) - 1
@@ -49,21 +128,26 @@ def test_stopping_the_launcher_closes_every_worker_trial(project: Path) -> None:
     home = project / ".searchlab"
     marker = project / "in-fit"
     s = Session(
-        searchlab_cmd(write_study(project), "--workers", 2),
-        env_for(home, SEARCHLAB_TEST_HANG=str(marker)), project,
+        searchlab_cmd(write_study_with(project, HANG_IN_EVERY_PROCESS), "--workers", 2),
+        env_for(home, SEARCHLAB_TEST_HANG=str(marker)),
+        project,
     )
-    s.wait_for_file(marker)
+    wait_for_files(s, project, "in-fit.*", 2)  # both workers in model.fit, each in a trial
     s.kill(signal.SIGTERM)  # like Ctrl-C; the launcher passes it on to each worker
     out = s.finish()
     assert s.proc.returncode == 130, out
     trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{home / 'optuna.db'}").trials
-    assert trials and all(t.state.name in ("FAIL", "COMPLETE") for t in trials)
-    assert any(t.user_attrs.get("error") == "interrupted (Ctrl-C)" for t in trials)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"], out
+    assert {t.user_attrs.get("error") for t in trials} == {"interrupted (Ctrl-C)"}
+    assert len({t.user_attrs["searchlab.pid"] for t in trials}) == 2  # one trial per worker
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
     (session,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
     assert session.info.status == "KILLED"
+    trial_runs = [r for r in runs if "searchlab.trial" in r.data.tags]
+    assert sorted(r.data.tags["searchlab.worker"] for r in trial_runs) == ["1/2", "2/2"]
+    assert {r.info.status for r in trial_runs} == {"FAILED"}
 
 
 def _children(pid: int) -> list[int]:
@@ -110,8 +194,11 @@ def test_kill_9_of_searchlab_run_takes_its_worker_down(project: Path) -> None:
     import time
 
     marker = project / "in-fit"
-    s = Session(searchlab_cmd(write_study(project)),
-                env_for(project / ".searchlab", SEARCHLAB_TEST_HANG=str(marker)), project)
+    s = Session(
+        searchlab_cmd(write_study(project)),
+        env_for(project / ".searchlab", SEARCHLAB_TEST_HANG=str(marker)),
+        project,
+    )
     s.wait_for_file(marker)  # written by the worker, inside model.fit
     workers = _children(s.proc.pid)
     assert workers, "the trial runs in a worker process"
