@@ -14,9 +14,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
-from searchlab import config
+from searchlab import backend, config, engines
+from searchlab.data import DATA_DIR_ENV
 from searchlab.errors import SearchlabError
+from searchlab.study import STRATEGIES
 
 if TYPE_CHECKING:
     from searchlab.outcome import TrialResult
@@ -156,12 +159,23 @@ def _with_subset(study: Study, subset: str | None) -> Study:
 storage_option = click.option(
     "--storage",
     metavar="URL",
-    help="Optuna storage URL [default: sqlite:///.searchlab/optuna.db, or $SEARCHLAB_STORAGE].",
+    envvar=config.STORAGE_ENV,
+    show_envvar=True,
+    help="Optuna storage URL [default: sqlite:///.searchlab/optuna.db].",
 )
 tracking_option = click.option(
     "--tracking-uri",
     metavar="URI",
-    help="MLflow tracking URI [default: sqlite:///.searchlab/mlflow.db, or $MLFLOW_TRACKING_URI].",
+    envvar=config.TRACKING_ENV,
+    show_envvar=True,
+    help="MLflow tracking URI [default: sqlite:///.searchlab/mlflow.db].",
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar=DATA_DIR_ENV,
+    show_envvar=True,
+    help="Where datasets are [default: Keras's cache, ~/.keras/datasets].",
 )
 
 
@@ -176,22 +190,27 @@ def main(verbose: bool) -> None:
     )
 
 
+def _default(field: str) -> Any:
+    """The default of a ``RunOptions`` field, which is its flag's default too."""
+    return next(f.default for f in dataclasses.fields(engines.RunOptions) if f.name == field)
+
+
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--strategy", help="grid, random, bayesian (TPE), gp or hyperband [default: the study's].")
+@click.option("--strategy", metavar=f"[{'|'.join(STRATEGIES)}]", help="How the params are picked (bayesian: Optuna's TPE) [default: the study's].")
 @click.option("--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's].")
 @click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
 @click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
-@click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default="float32", show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
-@click.option("--engine", type=click.Choice(["optuna", "keras-tuner"]), default="optuna", show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
-@click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none", show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
+@click.option("--max-failures", type=click.IntRange(min=1), default=_default("max_failures"), show_default=True, help="Stop after this many failed trials in a row.")
+@click.option("--precision", type=click.Choice(backend.PRECISIONS), default=_default("precision"), show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
+@click.option("--engine", type=click.Choice(engines.ENGINES), default=_default("engine"), show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
+@click.option("--pruner", type=click.Choice(engines.PRUNERS), default=_default("pruner"), show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
 @click.option("--prune-min-epochs", type=click.IntRange(min=1), help="Epochs a trial trains before the pruner may stop it [default: 1].")
 @click.option("--prune-factor", type=click.IntRange(min=2), help="asha/hyperband: about 1/F of the trials reaching a rung go on; rungs at MIN*F**k epochs [default: 3].")
-@click.option("--reeval-top", type=click.IntRange(min=0), default=0, show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
-@click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
+@click.option("--reeval-top", type=click.IntRange(min=0), default=_default("reeval_top"), show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
+@click.option("--reeval-seeds", type=click.IntRange(min=1), default=_default("reeval_seeds"), show_default=True, help="Seeds per re-evaluated configuration.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
 @click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
 @click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="Restart a worker whose memory grew by this many MB since its first trial.")
@@ -200,7 +219,7 @@ def main(verbose: bool) -> None:
 @click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
 @storage_option
 @tracking_option
-@click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
+@data_dir_option
 @friendly
 def run(
     study_file: str,
@@ -239,7 +258,8 @@ def run(
         workers_mod.bind_to_launcher()
 
     gpu_list = workers_mod.parse_gpus(gpus)
-    workers_given = click.get_current_context().get_parameter_source("workers").name != "DEFAULT"
+    source = click.get_current_context().get_parameter_source
+    workers_given = source("workers") is not ParameterSource.DEFAULT
     if gpu_list and not workers_given:
         workers = len(gpu_list)
 
@@ -309,7 +329,9 @@ def run(
     click.echo(
         f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
         f"compare them with: searchlab ui {study_file}"
-        + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
+        # a URI from the environment is in force in the next command too: not repeated
+        + (f" --tracking-uri {tracking_uri}"
+           if tracking_uri and source("tracking_uri") is ParameterSource.COMMANDLINE else "")
     )
     click.echo(f"export the best model with: searchlab export {study_file} -o best.h5")
 
@@ -508,7 +530,7 @@ def _stop_group(process: Any, timeout: float = 10.0) -> None:
 @click.argument("study_file", required=False, type=click.Path(dir_okay=False))
 @storage_option
 @tracking_option
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are [default: $SEARCHLAB_DATA_DIR].")
+@data_dir_option
 @friendly
 def doctor(
     study_file: str | None, storage: str | None, tracking_uri: str | None, data_dir: str | None

@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from searchlab import backend, cli, engines
+from searchlab import workers as workers_mod
 from searchlab.engines import RunOptions
+from searchlab.study import STRATEGIES
+
+STUDY = """
+from searchlab import Dataset, Int, Study
+
+def arrays():
+    raise AssertionError("these tests load no data")
+
+def build(params, info):
+    raise AssertionError("these tests train nothing")
+
+study = Study(name="wiring", space={"units": Int(1, 4)}, model=build,
+              data=Dataset(loader=arrays), trials=3, epochs=4, seed=1)
+"""
 
 # Every field differs from its default, so a field the JSON drops or mangles shows.
 EVERY_FIELD = RunOptions(
@@ -44,3 +64,89 @@ def test_run_options_round_trip_every_field() -> None:
 def test_run_options_from_json_refuses_anything_else(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RunOptions.from_json(text)
+
+
+@pytest.fixture
+def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A study file, and ``searchlab run`` with the engines, the launcher and MLflow
+    replaced by recorders: what each was handed is in ``calls``."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SEARCHLAB_STORAGE", "MLFLOW_TRACKING_URI", "SEARCHLAB_DATA_DIR",
+                 workers_mod.LAUNCHER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
+    (tmp_path / "study.py").write_text(STUDY)
+    calls: dict[str, Any] = {"summary": {}}
+
+    def workers_run(study, options, tracker, listener, *, workers, gpus, worker_command):
+        calls.update(launcher=options, workers=workers, worker_command=worker_command)
+        return {}
+
+    def engines_run(study, options, tracker, listener=None):
+        calls.update(engine=options, study=study, tracker_uri=tracker.uri, listener=listener)
+        return calls["summary"]
+
+    monkeypatch.setattr(workers_mod, "run", workers_run)
+    monkeypatch.setattr(engines, "run", engines_run)
+    monkeypatch.setattr(cli, "_tracker", lambda uri: SimpleNamespace(uri=uri or "sqlite:///home"))
+
+    def invoke(*args: Any, env: dict[str, str] | None = None):
+        return CliRunner().invoke(cli.main, [str(a) for a in args], env=env,
+                                  catch_exceptions=False)
+
+    return SimpleNamespace(calls=calls, invoke=invoke, path=tmp_path)
+
+
+def test_a_worker_that_grew_exits_to_be_replaced(wiring: SimpleNamespace) -> None:
+    assert wiring.invoke("run", "study.py").exit_code == 0
+    argv = wiring.calls["worker_command"](0, "parent-run-id")
+    wiring.calls["summary"] = {"recycle": True}
+    assert wiring.invoke(*argv[3:]).exit_code == workers_mod.RECYCLE
+    assert wiring.calls["engine"].worker == "1/1"
+    assert wiring.calls["listener"].prefix == "", "a plain run's one worker has no prefix"
+
+
+def test_environment_variables_stand_in_for_the_flags(wiring: SimpleNamespace) -> None:
+    env = {"SEARCHLAB_STORAGE": "sqlite:///from-env.db", "MLFLOW_TRACKING_URI": "sqlite:///t.db",
+           "SEARCHLAB_DATA_DIR": str(wiring.path)}
+    result = wiring.invoke("run", "study.py", "--in-process", env=env)
+    assert result.exit_code == 0, result.output
+    options = wiring.calls["engine"]
+    assert options.storage == "sqlite:///from-env.db"
+    assert options.data_dir == str(wiring.path)
+    assert options.recycle_mb is None and options.parent_run_id is None
+    assert wiring.calls["tracker_uri"] == "sqlite:///t.db"
+    # the study's defaults where no flag says otherwise
+    assert (options.trials, options.epochs, options.seed) == (3, 4, 1)
+    # a URI from the environment is in force in the next command too: not repeated
+    assert "compare them with: searchlab ui study.py\n" in result.output
+
+    result = wiring.invoke("run", "study.py", "--in-process", "--tracking-uri", "sqlite:///t.db")
+    assert "compare them with: searchlab ui study.py --tracking-uri sqlite:///t.db\n" in result.output
+
+
+def test_without_flags_or_environment_the_home_folder_holds_the_storage(
+    wiring: SimpleNamespace,
+) -> None:
+    assert wiring.invoke("run", "study.py", "--in-process").exit_code == 0
+    options = wiring.calls["engine"]
+    assert options.storage == f"sqlite:///{wiring.path / '.searchlab' / 'optuna.db'}"
+    assert options.data_dir is None
+
+
+def test_gpus_set_the_worker_count_unless_workers_is_given(wiring: SimpleNamespace) -> None:
+    assert wiring.invoke("run", "study.py", "--gpus", "0,1,2").exit_code == 0
+    assert wiring.calls["workers"] == 3
+    assert wiring.invoke("run", "study.py", "--gpus", "0,1,2", "--workers", 1).exit_code == 0
+    assert wiring.calls["workers"] == 1
+
+
+def test_choices_are_the_libraries_own() -> None:
+    params = {p.name: p for p in cli.run.params}
+    assert tuple(params["precision"].type.choices) == backend.PRECISIONS
+    assert tuple(params["engine"].type.choices) == engines.ENGINES
+    assert tuple(params["pruner"].type.choices) == engines.PRUNERS
+    assert params["strategy"].metavar == f"[{'|'.join(STRATEGIES)}]"
+    for name in ("precision", "engine", "pruner", "max_failures", "reeval_top", "reeval_seeds"):
+        assert params[name].default == RunOptions.__dataclass_fields__[name].default, name
+
