@@ -97,6 +97,42 @@ def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     return SimpleNamespace(calls=calls, invoke=invoke, path=tmp_path)
 
 
+def test_a_worker_gets_the_launchers_options_and_no_password(wiring: SimpleNamespace) -> None:
+    storage = "postgresql://u:secret@db:5432/optuna"
+    tracking = "http://user:hidden@mlflow:5000"
+    result = wiring.invoke(
+        "run", "study.py", "--workers", 2, "--strategy", "random", "--trials", 5,
+        "--timeout", 30, "--epochs", 3, "--seed", 7, "--subset", "100,50",
+        "--max-failures", 2, "--precision", "mixed_float16", "--pruner", "asha",
+        "--prune-min-epochs", 1, "--prune-factor", 2, "--reeval-top", 2, "--reeval-seeds", 4,
+        "--recycle-mb", 50, "--data-dir", wiring.path,
+        "--storage", storage, "--tracking-uri", tracking,
+    )
+    assert result.exit_code == 0, result.output
+    launcher = wiring.calls["launcher"]
+    assert launcher == RunOptions(
+        strategy="random", trials=5, timeout=30.0, epochs=3, seed=7, storage=storage,
+        data_dir=str(wiring.path), max_failures=2, precision="mixed_float16", pruner="asha",
+        prune_min_epochs=1, prune_factor=2, reeval_top=2, reeval_seeds=4,
+    )
+    assert wiring.calls["workers"] == 2
+
+    argv = wiring.calls["worker_command"](1, "parent-run-id")
+    assert argv[1:3] == ["-m", "searchlab.cli"]
+    assert not any("secret" in a or "hidden" in a for a in argv), argv
+    # the worker's environment carries the stores' URLs (workers.worker_env)
+    result = wiring.invoke(*argv[3:], env={"SEARCHLAB_STORAGE": storage,
+                                          "MLFLOW_TRACKING_URI": tracking})
+    assert result.exit_code == 0, result.output
+    assert wiring.calls["engine"] == dataclasses.replace(
+        launcher, parent_run_id="parent-run-id", worker="2/2", recycle_mb=50.0,
+        reeval_top=0,  # the launcher re-evaluates, after the workers
+    )
+    assert wiring.calls["tracker_uri"] == tracking
+    assert dict(wiring.calls["study"].dataset.subset) == {"train": 100, "val": 50}
+    assert wiring.calls["listener"].prefix == "[worker 2/2] "
+
+
 def test_a_worker_that_grew_exits_to_be_replaced(wiring: SimpleNamespace) -> None:
     assert wiring.invoke("run", "study.py").exit_code == 0
     argv = wiring.calls["worker_command"](0, "parent-run-id")
@@ -104,6 +140,12 @@ def test_a_worker_that_grew_exits_to_be_replaced(wiring: SimpleNamespace) -> Non
     assert wiring.invoke(*argv[3:]).exit_code == workers_mod.RECYCLE
     assert wiring.calls["engine"].worker == "1/1"
     assert wiring.calls["listener"].prefix == "", "a plain run's one worker has no prefix"
+
+
+def test_a_bad_worker_options_json_is_a_usage_error(wiring: SimpleNamespace) -> None:
+    result = wiring.invoke("run", "study.py", "--worker-options", "{}")
+    assert result.exit_code == 2
+    assert "--worker-options" in result.output and "incomplete" in result.output
 
 
 def test_environment_variables_stand_in_for_the_flags(wiring: SimpleNamespace) -> None:
