@@ -11,12 +11,17 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
-from searchlab import config
+from searchlab import backend, config, engines
+from searchlab.data import DATA_DIR_ENV
 from searchlab.errors import SearchlabError
+from searchlab.outcome import TrialState
+from searchlab.study import STRATEGIES
 
 if TYPE_CHECKING:
     from searchlab.outcome import TrialResult
@@ -98,13 +103,12 @@ class ConsoleProgress:
         click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
-        state = result.state.value
-        if state == "complete":
+        if result.state is TrialState.COMPLETE:
             line = (
                 f"  complete: {self.objective}={result.value:.4f} at epoch {result.best_epoch} "
                 f"({result.duration:.1f}s)"
             )
-        elif state == "pruned":
+        elif result.state is TrialState.PRUNED:
             line = f"  pruned after {result.epochs_run} epochs ({result.duration:.1f}s)"
         else:
             line = f"  failed: {(result.error or '').splitlines()[0]}"
@@ -156,12 +160,23 @@ def _with_subset(study: Study, subset: str | None) -> Study:
 storage_option = click.option(
     "--storage",
     metavar="URL",
-    help="Optuna storage URL [default: sqlite:///.searchlab/optuna.db, or $SEARCHLAB_STORAGE].",
+    envvar=config.STORAGE_ENV,
+    show_envvar=True,
+    help="Optuna storage URL [default: sqlite:///.searchlab/optuna.db].",
 )
 tracking_option = click.option(
     "--tracking-uri",
     metavar="URI",
-    help="MLflow tracking URI [default: sqlite:///.searchlab/mlflow.db, or $MLFLOW_TRACKING_URI].",
+    envvar=config.TRACKING_ENV,
+    show_envvar=True,
+    help="MLflow tracking URI [default: sqlite:///.searchlab/mlflow.db].",
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    envvar=DATA_DIR_ENV,
+    show_envvar=True,
+    help="Where datasets are [default: Keras's cache, ~/.keras/datasets].",
 )
 
 
@@ -176,142 +191,207 @@ def main(verbose: bool) -> None:
     )
 
 
+def _default(field: str) -> Any:
+    """The default of a ``RunOptions`` field, which is its flag's default too."""
+    return next(f.default for f in dataclasses.fields(engines.RunOptions) if f.name == field)
+
+
+def _parse_worker_options(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> engines.RunOptions | None:
+    if value is None:
+        return None
+    try:
+        return engines.RunOptions.from_json(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+#: Said in a worker's command line in place of the storage URL, which may hold a password:
+#: the worker reads the URL from this variable, which ``workers.worker_env`` sets.
+STORAGE_FROM_ENV = f"${config.STORAGE_ENV}"
+#: --recycle-mb's default: a worker grows about 5 MB per trial on TensorFlow (workers.py)
+RECYCLE_MB = 100
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """What ``searchlab run`` was given: one field per flag (None where a flag was not given
+    and has no default), and the names of the flags given on the command line."""
+
+    study_file: str
+    strategy: str | None
+    trials: int | None
+    timeout: float | None
+    epochs: int | None
+    seed: int | None
+    subset: str | None
+    max_failures: int
+    precision: str
+    engine: str
+    pruner: str
+    prune_min_epochs: int | None
+    prune_factor: int | None
+    reeval_top: int
+    reeval_seeds: int
+    workers: int
+    gpus: str | None
+    recycle_mb: float
+    in_process: bool
+    worker_options: engines.RunOptions | None
+    storage: str | None
+    tracking_uri: str | None
+    data_dir: str | None
+    from_command_line: frozenset[str] = frozenset()
+
+
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--strategy", help="grid, random, bayesian (TPE), gp or hyperband [default: the study's].")
+@click.option("--strategy", metavar=f"[{'|'.join(STRATEGIES)}]", help="How the params are picked (bayesian: Optuna's TPE) [default: the study's].")
 @click.option("--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's].")
 @click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
 @click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
-@click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop after this many failed trials in a row.")
-@click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]), default="float32", show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
-@click.option("--engine", type=click.Choice(["optuna", "keras-tuner"]), default="optuna", show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
-@click.option("--pruner", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none", show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
+@click.option("--max-failures", type=click.IntRange(min=1), default=_default("max_failures"), show_default=True, help="Stop after this many failed trials in a row.")
+@click.option("--precision", type=click.Choice(backend.PRECISIONS), default=_default("precision"), show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
+@click.option("--engine", type=click.Choice(engines.ENGINES), default=_default("engine"), show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
+@click.option("--pruner", type=click.Choice(engines.PRUNERS), default=_default("pruner"), show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
 @click.option("--prune-min-epochs", type=click.IntRange(min=1), help="Epochs a trial trains before the pruner may stop it [default: 1].")
 @click.option("--prune-factor", type=click.IntRange(min=2), help="asha/hyperband: about 1/F of the trials reaching a rung go on; rungs at MIN*F**k epochs [default: 3].")
-@click.option("--reeval-top", type=click.IntRange(min=0), default=0, show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
-@click.option("--reeval-seeds", type=click.IntRange(min=1), default=3, show_default=True, help="Seeds per re-evaluated configuration.")
+@click.option("--reeval-top", type=click.IntRange(min=0), default=_default("reeval_top"), show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
+@click.option("--reeval-seeds", type=click.IntRange(min=1), default=_default("reeval_seeds"), show_default=True, help="Seeds per re-evaluated configuration.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
 @click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
-@click.option("--recycle-mb", type=click.FloatRange(min=0), default=100, show_default=True, help="Restart a worker whose memory grew by this many MB since its first trial.")
+@click.option("--recycle-mb", type=click.FloatRange(min=0), default=RECYCLE_MB, show_default=True, help="Restart a worker whose memory grew by this many MB since its first trial.")
 @click.option("--in-process", is_flag=True, help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).")
-@click.option("--parent-run", hidden=True, help="(internal) run as a worker under this MLflow parent run.")
-@click.option("--worker-label", hidden=True, help="(internal) this worker's label, e.g. 2/3.")
+@click.option("--worker-options", metavar="JSON", hidden=True, callback=_parse_worker_options, help="(internal) run as a worker of a launcher, with these RunOptions.")
 @storage_option
 @tracking_option
-@click.option("--data-dir", type=click.Path(file_okay=False), help=f"Where datasets are [default: ${{{'SEARCHLAB_DATA_DIR'}}}].")
+@data_dir_option
 @friendly
-def run(
-    study_file: str,
-    strategy: str | None,
-    trials: int | None,
-    timeout: float | None,
-    epochs: int | None,
-    seed: int | None,
-    subset: str | None,
-    max_failures: int,
-    precision: str,
-    engine: str,
-    pruner: str,
-    prune_min_epochs: int | None,
-    prune_factor: int | None,
-    reeval_top: int,
-    reeval_seeds: int,
-    workers: int,
-    gpus: str | None,
-    recycle_mb: float,
-    in_process: bool,
-    parent_run: str | None,
-    worker_label: str | None,
-    storage: str | None,
-    tracking_uri: str | None,
-    data_dir: str | None,
-) -> None:
+def run(**flags: Any) -> None:  # click hands over every flag: RunFlags names and types them
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
     _sigterm_interrupts()
-    from searchlab import engines, runner
+    source = click.get_current_context().get_parameter_source
+    given = frozenset(name for name in flags if source(name) is ParameterSource.COMMANDLINE)
+    run_flags = RunFlags(**flags, from_command_line=given)
+    if run_flags.worker_options is not None:
+        _work(run_flags, run_flags.worker_options)
+    else:
+        _launch(run_flags)
+
+
+def _launch(flags: RunFlags) -> None:
+    """Open the session and run its trials in worker processes (here with ``--in-process``
+    or the keras-tuner engine); then say where the results are."""
     from searchlab import workers as workers_mod
-    from searchlab.study import check_strategy, load_study
+    from searchlab.study import load_study
 
-    if parent_run:  # a worker: it must not outlive the launcher that started it
-        workers_mod.bind_to_launcher()
-
-    gpu_list = workers_mod.parse_gpus(gpus)
-    workers_given = click.get_current_context().get_parameter_source("workers").name != "DEFAULT"
-    if gpu_list and not workers_given:
-        workers = len(gpu_list)
-
-    study = _with_subset(load_study(study_file), subset)
-    options = engines.RunOptions(
-        strategy=check_strategy(strategy or study.strategy),
-        trials=trials if trials is not None else study.trials,
-        timeout=timeout if timeout is not None else study.timeout,
-        epochs=epochs or study.epochs,
-        seed=seed if seed is not None else study.seed,
-        storage=storage or config.default_storage(),
-        data_dir=data_dir,
-        max_failures=max_failures,
-        precision=precision,
-        engine=engine,
-        pruner=pruner,
-        prune_min_epochs=prune_min_epochs,
-        prune_factor=prune_factor,
-        reeval_top=reeval_top,
-        reeval_seeds=reeval_seeds,
-        parent_run_id=parent_run,
-        worker=worker_label,
-        recycle_mb=recycle_mb if parent_run else None,
-    )
-    tracker = _tracker(tracking_uri)
-    prefix = f"[worker {worker_label}] " if options.one_of_several else ""
-    progress = ConsoleProgress(study.objective, prefix=prefix)
-    if parent_run:
-        if runner.run(study, options, tracker, progress).get("recycle"):
-            sys.exit(workers_mod.RECYCLE)
-        return
-    if (workers_given or gpu_list) and (engine != "optuna" or in_process):
+    gpus = workers_mod.parse_gpus(flags.gpus)
+    workers_given = "workers" in flags.from_command_line
+    workers = len(gpus) if gpus and not workers_given else flags.workers
+    study = _with_subset(load_study(flags.study_file), flags.subset)
+    options = _run_options(flags, study)
+    tracker = _tracker(flags.tracking_uri)
+    progress = ConsoleProgress(study.objective)
+    if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
-            + ("--engine keras-tuner" if engine != "optuna" else "--in-process")
+            + ("--engine keras-tuner" if flags.engine != "optuna" else "--in-process")
             + ", or drop --workers/--gpus."
         )
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
-    if engine == "optuna" and not in_process:
-
-        def worker_command(index: int, parent_run_id: str) -> list[str]:
-            cmd = [sys.executable, "-m", "searchlab.cli", "run", os.path.abspath(study_file),
-                   "--strategy", options.strategy, "--epochs", str(options.epochs),
-                   "--seed", str(options.seed), "--max-failures", str(max_failures),
-                   "--recycle-mb", str(recycle_mb), "--precision", precision,
-                   "--pruner", pruner,
-                   "--parent-run", parent_run_id, "--worker-label", f"{index + 1}/{workers}"]
-            if logging.getLogger().isEnabledFor(logging.INFO):  # -v reaches the workers too
-                cmd.insert(3, "-v")
-            if options.trials is not None:
-                cmd += ["--trials", str(options.trials)]
-            if options.timeout is not None:
-                cmd += ["--timeout", str(options.timeout)]
-            for flag, value in (("--subset", subset), ("--data-dir", data_dir),
-                                ("--prune-min-epochs", prune_min_epochs),
-                                ("--prune-factor", prune_factor)):
-                if value:
-                    cmd += [flag, str(value)]
-            return cmd
-
-        workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpu_list,
-                        worker_command=worker_command)
+    if flags.engine == "optuna" and not flags.in_process:
+        workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpus,
+                        worker_command=_worker_command(flags, options, workers))
     else:
+        from searchlab import runner
+
         runner.run(study, options, tracker, progress)
-    click.echo(
-        f"results: MLflow experiment {study.name!r} in {tracker.uri}; "
-        f"compare them with: searchlab ui {study_file}"
-        + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
+    _say_where_results_are(flags, study, tracker.uri)
+
+
+def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
+    """The session's options: each flag given, else the study's own value."""
+    from searchlab.study import check_strategy
+
+    return engines.RunOptions(
+        strategy=check_strategy(flags.strategy or study.strategy),
+        trials=flags.trials if flags.trials is not None else study.trials,
+        timeout=flags.timeout if flags.timeout is not None else study.timeout,
+        epochs=flags.epochs or study.epochs,
+        seed=flags.seed if flags.seed is not None else study.seed,
+        storage=flags.storage or config.default_storage(),
+        data_dir=flags.data_dir,
+        max_failures=flags.max_failures,
+        precision=flags.precision,
+        engine=flags.engine,
+        pruner=flags.pruner,
+        prune_min_epochs=flags.prune_min_epochs,
+        prune_factor=flags.prune_factor,
+        reeval_top=flags.reeval_top,
+        reeval_seeds=flags.reeval_seeds,
     )
-    click.echo(f"export the best model with: searchlab export {study_file} -o best.h5")
+
+
+def _worker_command(
+    flags: RunFlags, options: engines.RunOptions, workers: int
+) -> Callable[[int, str], list[str]]:
+    """``worker_command(index, parent_run_id)`` for ``workers.run``: ``searchlab run`` on the
+    same study file (and ``--subset``) with the session's options as JSON.  The storage URL
+    is not on it (a password would show in the process list): ``workers.worker_env`` hands
+    the worker the stores' URLs in its environment."""
+    study_file = os.path.abspath(flags.study_file)
+    subset = ["--subset", flags.subset] if flags.subset else []
+
+    def command(index: int, parent_run_id: str) -> list[str]:
+        worker = dataclasses.replace(
+            options,
+            storage=STORAGE_FROM_ENV,
+            parent_run_id=parent_run_id,
+            worker=f"{index + 1}/{workers}",
+            recycle_mb=flags.recycle_mb,
+            reeval_top=0,  # re-evaluation is the launcher's, once every worker has ended
+        )
+        verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
+        return [sys.executable, "-m", "searchlab.cli", *verbose, "run", study_file, *subset,
+                "--worker-options", worker.to_json()]
+
+    return command
+
+
+def _work(flags: RunFlags, given: engines.RunOptions) -> None:
+    """Be one worker of a launcher's session (``--worker-options``): run trials under its
+    parent run until the budget is met, or exit ``RECYCLE`` to be replaced by a fresh one."""
+    from searchlab import runner
+    from searchlab import workers as workers_mod
+    from searchlab.study import load_study
+
+    workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
+    options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
+    study = _with_subset(load_study(flags.study_file), flags.subset)
+    tracker = _tracker(flags.tracking_uri)
+    prefix = f"[worker {options.worker}] " if options.one_of_several else ""
+    if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):
+        sys.exit(workers_mod.RECYCLE)
+
+
+def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> None:
+    # A --tracking-uri from the environment is in force in the next command too: not repeated.
+    again = (
+        f" --tracking-uri {flags.tracking_uri}"
+        if flags.tracking_uri and "tracking_uri" in flags.from_command_line
+        else ""
+    )
+    click.echo(
+        f"results: MLflow experiment {study.name!r} in {tracking_uri}; "
+        f"compare them with: searchlab ui {flags.study_file}{again}"
+    )
+    click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.h5")
 
 
 @main.command()
@@ -508,7 +588,7 @@ def _stop_group(process: Any, timeout: float = 10.0) -> None:
 @click.argument("study_file", required=False, type=click.Path(dir_okay=False))
 @storage_option
 @tracking_option
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where datasets are [default: $SEARCHLAB_DATA_DIR].")
+@data_dir_option
 @friendly
 def doctor(
     study_file: str | None, storage: str | None, tracking_uri: str | None, data_dir: str | None

@@ -2,6 +2,10 @@
 
 ``SEARCHLAB_HOME`` moves the folder.  Inside it: ``optuna.db`` (Optuna storage, SQLite),
 ``mlflow.db`` (MLflow tracking store, SQLite) and ``mlartifacts/`` (MLflow artifacts).
+
+``SEARCHLAB_STORAGE`` and ``MLFLOW_TRACKING_URI`` name other stores.  The CLI reads them
+through click (``envvar=`` on ``--storage`` and ``--tracking-uri``, so ``--help`` shows
+them); the ``default_*`` functions here read them too, for library callers that pass no URL.
 """
 
 from __future__ import annotations

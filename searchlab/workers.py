@@ -5,7 +5,7 @@ is replaced when it has grown (see Memory below), so a long search keeps flat me
 
 This process (the launcher) opens the stores, closes what a crashed session left open and
 starts the session's parent MLflow run; then it starts N copies of ``searchlab run`` that
-attach to that parent run (hidden ``--parent-run``), so every worker's trials are child runs
+attach to that parent run (their ``RunOptions`` as JSON in the hidden ``--worker-options``), so every worker's trials are child runs
 of the same parent.  The workers share the study through its Optuna storage: the default
 SQLite file (one machine; claims are serialised by a file lock and SQLite's own locking,
 WAL journal) or PostgreSQL (several machines).  With ``--gpus`` each worker sees one GPU
@@ -121,7 +121,7 @@ def run(
     worker_command: Callable[[int, str], list[str]],
 ) -> dict[str, Any]:
     """Run ``study`` with ``workers`` processes; ``worker_command(index, parent_run_id)`` is
-    the command line of worker ``index`` (a ``searchlab run`` with ``--parent-run``)."""
+    the command line of worker ``index`` (a ``searchlab run`` with ``--worker-options``)."""
     from searchlab import data as data_mod
     from searchlab import runner
 

@@ -9,6 +9,8 @@ pruners) or ``keras-tuner`` (KerasTuner's oracles).  Neither engine imports the 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -63,6 +65,30 @@ class RunOptions:
     def one_of_several(self) -> bool:
         """A worker with siblings (``--workers N``, N > 1): a plain run's one worker is not."""
         return self.worker is not None and not self.worker.endswith("/1")
+
+    def to_json(self) -> str:
+        """Every field as one JSON object: ``RunOptions.from_json(o.to_json()) == o``.
+
+        ``storage`` is in it as given: whoever puts the text on a command line replaces a
+        URL that may hold a password first (``searchlab run`` hands workers theirs through
+        the environment)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunOptions:
+        """The options ``to_json`` wrote; ``ValueError`` for anything else (not JSON, not an
+        object, a field missing or unknown)."""
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"RunOptions JSON must be an object, got {type(values).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"RunOptions has no field {', '.join(unknown)}.")
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a field without a default is missing
+            raise ValueError(f"RunOptions JSON is incomplete: {exc}.") from None
 
 
 class SearchListener(Protocol):
