@@ -548,7 +548,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
             "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
             "it ran with."
         )
-    key = tracker.set_compare_view(exp_id, list(study.search_space.params))
+    key = tracker.set_compare_view(exp_id, study.search_space.names)
     return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
 
 

@@ -95,11 +95,11 @@ class Dataset:
             return {}
         if isinstance(self.subset, int):
             return {"train": self.subset}
-        return dict(self.subset)  # type: ignore[arg-type]
+        return dict(self.subset)
 
     @property
     def label(self) -> str:
-        return self.name or getattr(self.loader, "__name__", "loader")
+        return self.name or str(getattr(self.loader, "__name__", "loader"))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class Check:
 
 
 def _size(path: Path) -> str:
-    n = path.stat().st_size
+    n = float(path.stat().st_size)
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -194,7 +194,7 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
     yield Check(
         "study",
         Status.OK,
-        f"{study.name} from {study_file}: {len(study.search_space)} parameters, "
+        f"{study.name} from {study_file}: {len(study.search_space.names)} parameters, "
         f"{study.strategy} search, objective {study.objective}",
     )
     dataset = study.dataset

@@ -61,7 +61,7 @@ class HP:
         default: int | None = None,
         parent_name: str | None = None,
         parent_values: Any = None,
-    ) -> int | None:
+    ) -> Any:  # the value, or None when inactive
         log = _log(name, sampling)
         param = Int(int(min_value), int(max_value), step=int(step or 1), log=log)
         return self._value(name, param, min_value if default is None else default,
@@ -77,7 +77,7 @@ class HP:
         default: float | None = None,
         parent_name: str | None = None,
         parent_values: Any = None,
-    ) -> float | None:
+    ) -> Any:  # the value, or None when inactive
         log = _log(name, sampling)
         param = Float(float(min_value), float(max_value), log=log,
                       step=float(step) if step is not None and not log else None)
@@ -103,7 +103,7 @@ class HP:
         default: bool = False,
         parent_name: str | None = None,
         parent_values: Any = None,
-    ) -> bool | None:
+    ) -> Any:  # the value, or None when inactive
         return self._value(name, Bool(), bool(default), parent_name, parent_values)
 
     def Fixed(  # noqa: N802
@@ -283,6 +283,11 @@ class HpSpace:
 
     def grid_size(self) -> int:
         return len(self.grid())
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the parameters ``build_model``'s default path declares."""
+        return [k for k in self.describe() if k != "build_model"]
 
     def describe(self) -> dict[str, str]:
         """The function's name and the parameters its default path declares."""

@@ -219,7 +219,7 @@ class Bool:
 Param = Int | Float | Choice | Bool
 
 
-def _check_grid(name: str, grid: Sequence[float] | None, low: float, high: float) -> None:
+def _check_grid(name: str, grid: Any, low: float, high: float) -> None:  # user input
     if grid is None:
         return
     if isinstance(grid, str) or not isinstance(grid, Sequence) or len(grid) == 0:
@@ -335,6 +335,11 @@ class Space(Mapping[str, Param]):
 
     def describe(self) -> dict[str, str]:
         return {name: p.describe() for name, p in self.params.items()}
+
+    @property
+    def names(self) -> list[str]:
+        """The parameters' names, in declaration order."""
+        return list(self.params)
 
 
 def _hp_value(hp: Any, name: str, param: Param, grid: bool = True) -> Value:

@@ -188,7 +188,7 @@ class StudyStore:
             study_name=name,
             storage=storage,
             sampler=sampler,
-            direction=direction,
+            direction=optuna.study.StudyDirection[direction.upper()],
             pruner=optuna.pruners.NopPruner(),  # not Optuna's default MedianPruner
             load_if_exists=True,
         )

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from searchlab.runner import Session
     from searchlab.study import Study
     from searchlab.tracking import Tracker
+    from searchlab.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
@@ -126,9 +127,10 @@ def run(
     from searchlab import runner
 
     # once here, not in every worker; a missing dataset fails before any store write
-    engine, target, spec = runner.prepare(study, options)
-    session = runner.open_session(study, options, tracker, engine, target, spec.data.source)
-    spec = None  # the workers load the data; this process holds no copy while they train
+    engine, target, loaded = runner.prepare(study, options)
+    session = runner.open_session(study, options, tracker, engine, target, loaded.data.source)
+    spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
+    del loaded
     data_mod.forget()
     if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
         tracker.tag_session({"searchlab.workers": str(workers),
