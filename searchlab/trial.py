@@ -219,7 +219,7 @@ def _build_and_fit(
     info = info_of(spec.data)
     build = spec.build
     plan = None
-    if _is_phased(build) and cache_mod.can_plan(build):
+    if _is_phased(build) and build.feature_cache:
         plan = cache_mod.plan_trial(build, params, info, spec.epochs, spec.data,
                                     cache_mod.default_cache())
     # The same seed for the model with and without a plan (planning may build a template).
@@ -307,9 +307,11 @@ def _device_tags(model: Any) -> dict[str, str]:
 
 
 def _is_phased(build: Any) -> bool:
-    """A transfer builder (``searchlab.models.Transfer``): it knows its backbone, its training
-    phases and whether the frozen prefix may be cached."""
-    return all(hasattr(build, a) for a in ("schedule", "freeze", "compile", "feature_cache"))
+    """A transfer builder (``cache.TransferBuilder``, e.g. ``searchlab.models.Transfer``): it
+    knows its backbone, its training phases and whether the frozen prefix may be cached."""
+    from searchlab import cache as cache_mod
+
+    return isinstance(build, cache_mod.TransferBuilder)
 
 
 def _fit_phased(

@@ -32,6 +32,17 @@ def _offline_keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     transfer_mod._ARRAYS.clear()
 
 
+def test_transfer_is_the_builder_that_trials_and_the_cache_ask_for():
+    """``cache.TransferBuilder`` is what makes a trial train in phases (on the cache): a
+    ``Transfer`` that lost one of its members would train as a plain model."""
+    from searchlab.models import dense_classifier
+
+    assert isinstance(Transfer("vgg16", weights=None), cache.TransferBuilder)
+    assert isinstance(Transfer("vgg16", weights=None, cache=False), cache.TransferBuilder)
+    assert not isinstance(dense_classifier, cache.TransferBuilder)
+    assert Transfer.group_by == "frozen_layers"  # grid search groups the points by it
+
+
 def test_frozen_layers_out_of_range_says_the_valid_range():
     build = Transfer("vgg16", weights=None)
     with pytest.raises(SpaceError, match=r"vgg16: it has 18 layers.*\[0, 18\]"):
