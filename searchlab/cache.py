@@ -15,14 +15,19 @@ fingerprint).  They are kept in memory (LRU, bounded) and on disk under the proj
 study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 ``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
 
+Which models: a builder that satisfies ``TransferBuilder`` (below; ``searchlab.models.Transfer``
+does) says how it trains in phases, how to freeze, and how to build the part after a cut; this
+module asks nothing else of it and imports no builder.  Any other model trains as built.
+
 A trial whose every phase can train on features does not build its complete model:
 ``plan_trial`` plans the cuts on a ``Template`` (the builder's complete model, built once per
-process and never trained; it also computes the features and fingerprints the prefix), the
-builder builds only the suffix from the shallowest cut, and ``save_suffix`` writes that
-suffix's weights with the cut and the prefix's fingerprint.  ``load_suffix`` puts them into
-the complete model rebuilt by the builder (for the best model, export, reeval) after checking
-that its prefix has the same fingerprint.  Other trials cut the complete model
-(``suffix_model``: sharing its layers, so training it trains the complete model).
+process and never trained; it also computes the features and fingerprints the prefix) and
+returns a ``Plan``; the builder builds only the suffix from the shallowest cut, and
+``save_suffix`` writes that suffix's weights with the cut and the prefix's fingerprint.
+``load_suffix`` puts them into the complete model rebuilt by the builder (for the best model,
+export, reeval) after checking that its prefix has the same fingerprint.  When ``plan_trial``
+returns None the trial builds the complete model and cuts it per phase (``plan_cut``,
+``suffix_model``), or trains it on raw inputs where it has no cut.
 
 Such a trial trains a compiled suffix that an earlier trial of the same structure left in a
 small per-process pool, when there is one (``training_suffix`` takes it, ``keep_suffix`` gives
@@ -42,10 +47,10 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import keras
 import numpy as np
@@ -89,6 +94,93 @@ class Features:
     @property
     def nbytes(self) -> int:
         return int(self.x_train.nbytes + self.x_val.nbytes)
+
+
+@runtime_checkable
+class TransferBuilder(Protocol):
+    """A model builder that trains in phases over a frozen prefix: all that a trial and this
+    cache ask of one (``searchlab.models.Transfer`` is the one we ship; ``isinstance`` tells).
+
+    Like any study model builder, ``build(params, info)`` returns the complete model, compiled.
+    A builder without the rest trains that model as built, in one phase, without the cache.
+
+    Call order in one trial (``searchlab.trial``), ``frozen`` counting backbone layers:
+
+    1. Only if ``feature_cache``: ``template_key(info)`` names the process's template; a new
+       key builds it once with ``build_uncompiled({}, info)`` (never trained).  On it,
+       ``schedule(params, template, epochs)`` gives the phases, and per phase
+       ``freeze(template, frozen)`` exposes that phase's cut (``plan_trial``).
+    2. The trial seeds the random streams, then builds.  When every phase has a cut whose
+       features fit in memory, only the suffix after the shallowest cut: a pooled suffix of
+       equal ``suffix_key(params, info, template, cut)`` (None: never pooled) is put back by
+       ``reset_suffix(suffix, params, template)``, else ``build_suffix(params, info,
+       template, cut)`` builds one -- the two must draw the same from ``random``.  Otherwise
+       the complete model, ``build(params, info)``, whose phases ``schedule(params, model,
+       epochs)`` gives.
+    3. Per phase, in order: ``freeze(model, frozen)``; the model that trains in it (the one
+       built, or its part after the phase's cut) is compiled by ``compile(part, params,
+       lr_factor)`` -- on a reused suffix its optimizer restarts at ``learning_rate(params,
+       lr_factor)`` instead; the trial seeds again and fits it for the phase's epochs.
+
+    ``group_by`` names the param that moves the cut: grid search runs the points that share
+    its value one after the other, so their features are computed once.
+    """
+
+    feature_cache: bool
+    group_by: str
+
+    def __call__(self, params: Mapping[str, Any], info: Any) -> keras.Model:
+        """The complete model for ``params``, compiled, frozen for its first phase."""
+        ...
+
+    def schedule(
+        self, params: Mapping[str, Any], model: keras.Model, study_epochs: int
+    ) -> list[tuple[int, int, float]]:
+        """The trial's phases as (epochs, frozen, learning-rate factor)."""
+        ...
+
+    def freeze(self, model: keras.Model, frozen: int) -> None:
+        """Freeze the first ``frozen`` backbone layers of ``model`` (a complete model, the
+        template or a suffix) and let the rest train."""
+        ...
+
+    def compile(
+        self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0
+    ) -> None:
+        """Compile ``model`` at ``learning_rate(params, lr_factor)``."""
+        ...
+
+    def learning_rate(self, params: Mapping[str, Any], lr_factor: float = 1.0) -> float:
+        ...
+
+    def template_key(self, info: Any) -> Hashable:
+        """Equal keys: the same layers before the head (one template serves both)."""
+        ...
+
+    def build_uncompiled(
+        self, params: Mapping[str, Any], info: Any
+    ) -> tuple[keras.Model, int]:
+        """The complete model, not compiled, and its backbone's layer count."""
+        ...
+
+    def build_suffix(
+        self, params: Mapping[str, Any], info: Any, template: keras.Model, cut: Cut
+    ) -> keras.Model:
+        """The layers after ``cut`` of the complete model, taking the cut's features: the same
+        layer names, and the same start, as in ``build(params, info)``."""
+        ...
+
+    def suffix_key(
+        self, params: Mapping[str, Any], info: Any, template: keras.Model, cut: Cut
+    ) -> Hashable | None:
+        """Equal keys: ``reset_suffix`` turns one ``build_suffix`` model into the other."""
+        ...
+
+    def reset_suffix(
+        self, model: keras.Model, params: Mapping[str, Any], template: keras.Model
+    ) -> None:
+        """Put a trained ``build_suffix`` model where a new one for ``params`` starts."""
+        ...
 
 
 def is_random(layer: Any) -> bool:
@@ -374,7 +466,7 @@ class Template:
 _TEMPLATES: dict[tuple, Template] = {}
 
 
-def template(build: Any, info: Any) -> Template:
+def template(build: TransferBuilder, info: Any) -> Template:
     """The process-wide template of ``build`` (a ``Transfer``) for data of ``info``'s shape.
 
     It survives ``keras.backend.clear_session()`` between trials (the trials' own models do
@@ -410,18 +502,19 @@ class Plan:
                            name=f"{model.name}_suffix")
 
 
-def can_plan(build: Any) -> bool:
-    """Whether ``build`` can train a trial without its complete model (``Transfer`` can)."""
-    return bool(getattr(build, "feature_cache", False)) and all(
-        hasattr(build, a) for a in ("template_key", "build_uncompiled", "build_suffix")
-    )
-
-
 def plan_trial(
-    build: Any, params: Any, info: Any, epochs: int, data: Data, store: FeatureCache
+    build: TransferBuilder,
+    params: Mapping[str, Any],
+    info: Any,
+    epochs: int,
+    data: Data,
+    store: FeatureCache,
 ) -> Plan | None:
-    """The plan of a trial of ``build`` when every phase can train on cached features that
-    fit in memory; None when one cannot (that trial builds its complete model)."""
+    """The plan of a trial of ``build`` when its feature cache is on and every phase can train
+    on cached features that fit in memory; None when one cannot (that trial builds its
+    complete model)."""
+    if not build.feature_cache:
+        return None
     tpl = template(build, info)
     phases = build.schedule(params, tpl.model, epochs)
     cuts = []
@@ -523,9 +616,9 @@ def _itemsize(dtype: Any) -> int:
         return 2
 
 
-def _suffix_key(build: Any, params: Any, info: Any, plan: Plan) -> tuple | None:
-    if not all(hasattr(build, a) for a in ("suffix_key", "reset_suffix", "learning_rate")):
-        return None
+def _suffix_key(
+    build: TransferBuilder, params: Mapping[str, Any], info: Any, plan: Plan
+) -> tuple | None:
     indices = [cut.index for cut in plan.cuts]
     if len(set(indices)) < len(indices):  # two phases would compile one model, each anew
         return None
@@ -537,7 +630,9 @@ def _suffix_key(build: Any, params: Any, info: Any, plan: Plan) -> tuple | None:
             keras.backend.backend())
 
 
-def training_suffix(build: Any, params: Any, info: Any, plan: Plan) -> Suffix:
+def training_suffix(
+    build: TransferBuilder, params: Mapping[str, Any], info: Any, plan: Plan
+) -> Suffix:
     """The suffix a trial of ``plan`` trains: a pooled one of the same structure, reset to
     where a new one starts (the builder draws the same seeds), else a new one."""
     key = _suffix_key(build, params, info, plan)

@@ -1,4 +1,4 @@
-"""Run one trial: build the model, fit it, watch every epoch, keep the best epoch's weights.
+"""Run one trial: plan it, build its model, fit it phase by phase, keep the best epoch's weights.
 
 This module knows nothing of Optuna or MLflow.  The engine hands it the params and a
 callback ``on_epoch(epoch, logs)``; that callback logs the epoch and may raise
@@ -6,14 +6,40 @@ callback ``on_epoch(epoch, logs)``; that callback logs the epoch and may raise
 ``TrialFailed`` (the study goes on); a study-level mistake (the objective is not a metric the
 model reports, the builder does not return a compiled model) raises ``StudyDefinitionError``.
 
+How a trial runs (``run_trial``, top to bottom):
+
+1. Plan (``_plan``): a ``_Plan`` says what the trial builds, its phases, and what each phase
+   trains on.  ``_PlainPlan``: any study model, as its builder built and compiled it, in one
+   phase on the raw inputs.  ``_CompletePlan``: the complete model of a
+   ``cache.TransferBuilder``; each phase of its ``schedule`` freezes it and trains it on the
+   raw inputs, or -- feature cache on, a frozen prefix found, its features within the memory
+   bound -- its part after that prefix on the prefix's cached features.  ``_SuffixPlan``: a
+   transfer trial whose every phase has such a prefix (``cache.plan_trial``) builds only the
+   layers after the shallowest one (or reuses an earlier trial's compiled ones,
+   ``cache.training_suffix``) and trains every phase on features.
+2. Seed, build the plan's model.
+3. Per phase, in one loop (``_fit_phases``): the plan starts it (freezes, picks the model
+   that trains and its inputs) and readies it (compiles, or restarts a reused suffix); the
+   trial seeds again, builds that model for fit and fits it -- ``backend.fit_arrays`` on
+   features, ``fit`` on raw inputs.  ``_Monitor`` reports each epoch, stops on a NaN/inf loss
+   and copies the plan's model's weights at each better epoch.
+4. The plan saves those best weights.
+
+The random streams are seeded by ``_seed`` from ``trial_seed(spec.seed, number)`` at two
+points: before the model is built (after planning, which may build a template), and right
+before each phase that the trial compiled starts training (plus the phase's index), so that
+the same trial initializes, shuffles and drops out identically with and without the cache.  A
+model its builder compiled trains on from where its build left the streams.
+
 A complete trial leaves its best weights in ``TrialResult.weights_path``: the complete
-model's (``WEIGHTS_FILE``) or, for a transfer trial trained entirely on the feature cache,
-only the layers after the frozen prefix (``SUFFIX_WEIGHTS_FILE``; tag
-``searchlab.weights_form``).  ``load_trained`` rebuilds the complete model from either.
+model's (``WEIGHTS_FILE``) or, for a ``_SuffixPlan`` trial, only the layers after the frozen
+prefix (``SUFFIX_WEIGHTS_FILE``; tag ``searchlab.weights_form``).  ``load_trained`` rebuilds
+the complete model from either.
 """
 
 from __future__ import annotations
 
+import enum
 import gc
 import inspect
 import logging
@@ -30,9 +56,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import backend
+from searchlab import backend, cache
 from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
+from searchlab.models.transfer import MATMUL_CONVS
 from searchlab.outcome import TrialResult, TrialState
 
 log = logging.getLogger(__name__)
@@ -101,6 +128,12 @@ def trial_seed(seed: int, number: int) -> int:
     return (seed * 100_003 + number) % (2**31 - 1)
 
 
+def _seed(spec: TrialSpec, number: int, phase: int = 0) -> None:
+    """Seed Python's, NumPy's and the backend's random streams for ``phase`` of trial
+    ``number``: the one place a trial seeds them (the module doc says when)."""
+    keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
+
+
 class _Monitor(keras.callbacks.Callback):
     """Per-epoch report, NaN guard and in-memory best-weights checkpoint."""
 
@@ -108,7 +141,7 @@ class _Monitor(keras.callbacks.Callback):
         super().__init__()
         self.spec = spec
         self.on_epoch = on_epoch
-        self.target: Any = None  # whose weights to keep: the complete model when fit on a suffix
+        self.target: Any = None  # whose weights to keep: the plan's model, also when a part fits
         self.history: dict[str, list[float]] = {}
         self.best: float | None = None
         self.best_epoch: int | None = None
@@ -156,7 +189,8 @@ class _Monitor(keras.callbacks.Callback):
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
         if improved:  # copied once the pruner let the trial go on: a pruned trial keeps none
-            self.best_weights = (self.target or self.model).get_weights()
+            target = self.model if self.target is None else self.target
+            self.best_weights = target.get_weights()
 
 
 def run_trial(
@@ -175,7 +209,6 @@ def run_trial(
     result.tags.update(backend.run_tags())
     result.tags["searchlab.precision"] = spec.precision
     _release_previous_trial()  # also resets Keras's dtype policy
-    keras.utils.set_random_seed(trial_seed(spec.seed, number))
     monitor = _Monitor(spec, on_epoch)
     try:
         with backend.precision_policy(spec.precision):  # the global policy comes back after
@@ -207,64 +240,22 @@ def _build_and_fit(
     monitor: _Monitor,
     result: TrialResult,
 ) -> None:
-    """The part of a trial that runs under its precision policy; fills ``result`` in.
-
-    A transfer trial whose every phase trains on cached features never builds its complete
-    model: it trains the builder's suffix model (the layers after the frozen prefix) and
-    saves only those weights (``SUFFIX_WEIGHTS_FILE``), which ``load_trained`` puts back
-    into the complete model.  Other trials build, train and save the complete model.
-    """
-    from searchlab import cache as cache_mod
-
-    info = info_of(spec.data)
-    build = spec.build
-    plan = None
-    if _is_phased(build) and cache_mod.can_plan(build):
-        plan = cache_mod.plan_trial(build, params, info, spec.epochs, spec.data,
-                                    cache_mod.default_cache())
-    # The same seed for the model with and without a plan (planning may build a template).
-    keras.utils.set_random_seed(trial_seed(spec.seed, number))
-    suffix = None
-    if plan is not None:
-        suffix = cache_mod.training_suffix(build, params, info, plan)
-        model = suffix.model
-        result.tags["searchlab.suffix_reused"] = "true" if suffix.reused else "false"
-        from searchlab.models.transfer import MATMUL_CONVS
-
-        matmul = getattr(model, MATMUL_CONVS, None)
-        if matmul:  # trained as matrix products (MatmulConv2D): same numbers, other rounding
-            result.tags["searchlab.matmul_convs"] = ",".join(matmul)
-    else:
-        model = build_model(build, params, info)
-    result.tags.update(_device_tags(model))
-    warning = backend.output_dtype_warning(model, spec.precision)
+    """The part of a trial that runs under its precision policy; fills ``result`` in."""
+    plan = _plan(number, params, spec)
+    result.tags.update(plan.tags)
+    result.tags.update(_device_tags(plan.model))
+    warning = backend.output_dtype_warning(plan.model, spec.precision)
     if warning:
         log.warning("trial %s: %s", number, warning)
-    batch_size = int(params.get("batch_size", spec.batch_size))
+    monitor.target = plan.model
     fit_started = time.perf_counter()
     try:
-        if _is_phased(build):
-            monitor.target = model
-            _fit_phased(model, params, spec, monitor, batch_size, number, result.tags, plan,
-                        suffix)
-        else:
-            backend.build_for_fit(model, spec.data.x_train, spec.data.y_train, batch_size)
-            model.fit(
-                spec.data.x_train,
-                spec.data.y_train,
-                validation_data=(spec.data.x_val, spec.data.y_val),
-                epochs=spec.epochs,
-                batch_size=batch_size,
-                callbacks=[monitor],
-                verbose=0,
-            )
+        _fit_phases(plan, number, params, spec, monitor, result.tags)
     except TrialPruned:
-        if suffix is not None:
-            cache_mod.keep_suffix(suffix)
+        plan.finish()
         raise
     else:  # ended, also on a NaN loss: the next trial resets every variable
-        if suffix is not None:
-            cache_mod.keep_suffix(suffix)
+        plan.finish()
     finally:
         result.fit_seconds = time.perf_counter() - fit_started
     result.history = monitor.history
@@ -272,21 +263,94 @@ def _build_and_fit(
         raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
     if monitor.best_weights is None:
         raise TrialFailed(f"the objective {spec.objective!r} was never finite")
-    model.set_weights(monitor.best_weights)
+    plan.model.set_weights(monitor.best_weights)
     workdir.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
-        fingerprint = plan.template.fingerprint(plan.base)
-        result.weights_path = workdir / SUFFIX_WEIGHTS_FILE
-        cache_mod.save_suffix(model, result.weights_path, plan.base, fingerprint)
-        result.tags["searchlab.weights_form"] = "suffix"
-        result.tags["searchlab.weights_prefix_layer"] = plan.base.name
-        result.tags["searchlab.weights_prefix_fingerprint"] = fingerprint
-    else:
-        result.weights_path = workdir / WEIGHTS_FILE
-        model.save_weights(result.weights_path)
-        result.tags["searchlab.weights_form"] = "full"
+    result.weights_path, tags = plan.save(workdir)
+    result.tags.update(tags)
     result.state = TrialState.COMPLETE
     result.value, result.best_epoch = monitor.best, monitor.best_epoch
+
+
+def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec) -> _Plan:
+    """How the trial trains; seeds, then builds the model it trains (module doc, 1-2)."""
+    build, info = spec.build, info_of(spec.data)
+    transfer = build if isinstance(build, cache.TransferBuilder) else None
+    on_features = None
+    if transfer is not None:  # this may build the template, drawing random numbers
+        on_features = cache.plan_trial(transfer, params, info, spec.epochs, spec.data,
+                                       cache.default_cache())
+    _seed(spec, number)  # so after planning: the same streams for a model with and without one
+    if transfer is not None and on_features is not None:
+        return _SuffixPlan(transfer, params, info, on_features)
+    model = build_model(build, params, info)
+    if transfer is None:
+        return _PlainPlan(model, spec.epochs)
+    return _CompletePlan(transfer, params, model, spec.epochs)
+
+
+def _fit_phases(
+    plan: _Plan,
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    monitor: _Monitor,
+    tags: dict[str, str],
+) -> None:
+    """Fit the plan's phases one after the other, each for its epochs (the epoch count goes on
+    across phases); ``tags`` say where each phase's inputs came from before it trains, so a
+    pruned or failed phase says so too."""
+    data = spec.data
+    batch_size = int(params.get("batch_size", spec.batch_size))
+    sources: list[str] = []
+    epoch = 0
+    for phase, (epochs, _, _) in enumerate(plan.phases):
+        step = plan.start(phase, data)
+        if step.source is not None:  # a transfer phase: say where its inputs come from
+            sources.append(step.source)
+            _tag_phase(tags, phase, step, sources)
+        ready = plan.ready(phase, step)
+        if ready is not _Ready.AS_BUILT:
+            # Reseed right before fit: the same trial shuffles and drops out identically with
+            # and without the cache (computing features must not move the random streams).
+            _seed(spec, number, phase)
+        if ready is not _Ready.RESTARTED:
+            backend.build_for_fit(step.model, step.x, data.y_train, batch_size)  # one trace
+            plan.built(phase)
+        # on features the steps are small: fit's input pipeline would cost more than they do
+        fit = _keras_fit if step.cut is None else backend.fit_arrays
+        fit(step.model, step.x, data.y_train, (step.x_val, data.y_val), batch_size=batch_size,
+            initial_epoch=epoch, epochs=epoch + epochs, callbacks=[monitor])
+        epoch += epochs
+        if monitor.bad_loss:
+            break
+
+
+def _keras_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    validation_data: tuple[Any, Any],
+    *,
+    batch_size: int,
+    epochs: int,
+    initial_epoch: int,
+    callbacks: list[Any],
+) -> None:
+    """``model.fit`` with ``backend.fit_arrays``'s signature."""
+    model.fit(x, y, validation_data=validation_data, initial_epoch=initial_epoch, epochs=epochs,
+              batch_size=batch_size, callbacks=callbacks, verbose=0)
+
+
+def _tag_phase(tags: dict[str, str], phase: int, step: _Step, sources: list[str]) -> None:
+    """The trial's cache tags once ``phase`` starts (``sources``: each phase's so far)."""
+    if step.note:
+        tags[f"searchlab.cache_note.{phase}"] = step.note
+    if step.cut is not None:
+        tags["searchlab.cache_layer"] = step.cut.name
+        tags["searchlab.cache_layer_index"] = str(step.cut.index)
+    tags["searchlab.cache"] = "used" if any(s != "off" for s in sources) else "off"
+    tags["searchlab.cache_phases"] = ",".join(sources)
+    tags["searchlab.phases"] = str(len(sources))
 
 
 def _device_tags(model: Any) -> dict[str, str]:
@@ -306,100 +370,157 @@ def _device_tags(model: Any) -> dict[str, str]:
     return tags
 
 
-def _is_phased(build: Any) -> bool:
-    """A transfer builder (``searchlab.models.Transfer``): it knows its backbone, its training
-    phases and whether the frozen prefix may be cached."""
-    return all(hasattr(build, a) for a in ("schedule", "freeze", "compile", "feature_cache"))
+# -- plans: what a trial builds, and what each phase trains on -----------------------------
 
 
-def _fit_phased(
-    model: Any,
-    params: Mapping[str, Any],
-    spec: TrialSpec,
-    monitor: _Monitor,
-    batch_size: int,
-    number: int,
-    tags: dict[str, str],
-    plan: Any = None,
-    suffix: Any = None,
-) -> None:
-    """Fit a transfer model phase by phase (one phase, or head-then-fine-tune), each phase on
-    the frozen-prefix feature cache when it can be used; ``tags`` (the trial's MLflow tags)
-    say so, also when a phase is pruned or fails.  With a ``plan`` (``cache.Plan``) ``model``
-    is ``suffix.model`` (a ``cache.Suffix``), the suffix from the plan's shallowest cut, and
-    every phase trains on features (on the suffix's compiled phase models, when it was reused).
+@dataclass
+class _Step:
+    """What one phase fits: ``model`` on ``x`` / ``x_val``, the raw inputs or the features of
+    the prefix up to ``cut``.  ``source`` names them for the cache tags (``off``, or
+    ``<cut layer>:<memory|disk|computed>``; None: no cache tags), ``note`` why a cut was not
+    used."""
+
+    model: Any
+    x: Any
+    x_val: Any
+    cut: cache.Cut | None = None
+    source: str | None = "off"
+    note: str | None = None
+
+
+class _Ready(enum.Enum):
+    """How a phase's model was readied for fit, which decides what the trial does next."""
+
+    AS_BUILT = "as built"  # compiled by the study's builder: no seed, build for fit
+    COMPILED = "compiled"  # compiled for this phase: seed, build for fit
+    RESTARTED = "restarted"  # a reused suffix's phase model, restarted: seed; built already
+
+
+class _Plan:
+    """How a trial trains: ``model`` (built by ``_plan``; its weights are the trial's),
+    ``phases`` as (epochs, frozen, learning-rate factor) and ``tags`` for the trial.
+
+    For each phase in order the trial calls ``start`` (what the phase trains on), then
+    ``ready`` (compile it), seeds, builds the phase's model for fit unless restarted and then
+    calls ``built``, and fits.  Once the fit ended (also pruned or on a NaN loss) it calls
+    ``finish``; with the best weights put back into ``model``, ``save``.
     """
-    from searchlab import cache as cache_mod
 
-    build = spec.build
-    store = cache_mod.default_cache()
-    data = spec.data
-    used: list[str] = []
-    epoch = 0
-    if plan is not None:
-        phases = plan.phases
-    else:
-        valid = cache_mod.cut_points(model)  # before any sub-model adds nodes to the layers
-        phases = build.schedule(params, model, spec.epochs)
-    for phase, (epochs, frozen, lr_factor) in enumerate(phases):
-        build.freeze(model, frozen)
-        if plan is not None:
-            cut = plan.cuts[phase]
-            source = plan.template
-            feats = store.features(source.model, cut, data, key=source.key(cut, data))
-            train, x, x_val = suffix.phase_model(plan, phase), feats.x_train, feats.x_val
-        else:
-            cut = cache_mod.plan_cut(model, valid) if build.feature_cache else None
-            if cut is not None and not store.fits(cut, data):
-                cut = None
-                tags[f"searchlab.cache_note.{phase}"] = "features larger than the memory bound"
-            if cut is None:
-                train, x, x_val = model, data.x_train, data.x_val
-            else:
-                feats = store.features(model, cut, data)
-                train, x, x_val = cache_mod.suffix_model(model, cut), feats.x_train, feats.x_val
+    model: Any
+    phases: list[tuple[int, int, float]]
+    tags: dict[str, str]
+
+    def start(self, phase: int, data: Data) -> _Step:
+        raise NotImplementedError
+
+    def ready(self, phase: int, step: _Step) -> _Ready:
+        raise NotImplementedError
+
+    def built(self, phase: int) -> None:
+        """The phase's model is built for fit (its optimizer too), not yet trained."""
+
+    def finish(self) -> None:
+        """The fit ended: give back what another trial may reuse."""
+
+    def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
+        """Save ``model``'s weights in ``workdir``: the file and the tags that describe it."""
+        path = workdir / WEIGHTS_FILE
+        self.model.save_weights(path)
+        return path, {"searchlab.weights_form": "full"}
+
+
+class _PlainPlan(_Plan):
+    """Any study model, as its builder built and compiled it: one phase on the raw inputs
+    (its frozen count and rate factor unused)."""
+
+    def __init__(self, model: Any, epochs: int) -> None:
+        self.model, self.phases, self.tags = model, [(epochs, 0, 1.0)], {}
+
+    def start(self, phase: int, data: Data) -> _Step:
+        return _Step(self.model, data.x_train, data.x_val, source=None)
+
+    def ready(self, phase: int, step: _Step) -> _Ready:
+        return _Ready.AS_BUILT
+
+
+class _CompletePlan(_Plan):
+    """A transfer builder's complete model.  Each phase freezes it and trains it on the raw
+    inputs, or, with the feature cache on, its part after the deepest frozen prefix
+    (``cache.suffix_model``: the same layers) on the prefix's features, when they fit."""
+
+    def __init__(self, build: cache.TransferBuilder, params: Mapping[str, Any], model: Any,
+                 epochs: int) -> None:
+        self.build, self.params, self.model = build, params, model
+        self.store = cache.default_cache()
+        self.valid = cache.cut_points(model)  # before any part of it adds nodes to its layers
+        self.phases = build.schedule(params, model, epochs)
+        self.tags = {}
+
+    def start(self, phase: int, data: Data) -> _Step:
+        self.build.freeze(self.model, self.phases[phase][1])
+        cut = cache.plan_cut(self.model, self.valid) if self.build.feature_cache else None
+        if cut is not None and not self.store.fits(cut, data):
+            return _Step(self.model, data.x_train, data.x_val,
+                         note="features larger than the memory bound")
         if cut is None:
-            used.append("off")
-        else:
-            used.append(f"{cut.name}:{feats.source.value}")
-            tags["searchlab.cache_layer"] = cut.name
-            tags["searchlab.cache_layer_index"] = str(cut.index)
-        tags["searchlab.cache"] = "used" if any(u != "off" for u in used) else "off"
-        tags["searchlab.cache_phases"] = ",".join(used)
-        tags["searchlab.phases"] = str(len(used))
-        reused = suffix is not None and suffix.reused
-        if reused:  # compiled by an earlier trial: its traced steps serve this one
-            suffix.restart(phase, build.learning_rate(params, lr_factor))
-        else:
-            build.compile(train, params, lr_factor)
-            if cut is not None:
-                cache_mod.run_steps_together(train)
-        # Reseed right before fit: the same trial shuffles and drops out identically with
-        # and without the cache (computing features must not move the random streams).
-        keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
-        if not reused:
-            backend.build_for_fit(train, x, data.y_train, batch_size)  # one trace, not two
-            if suffix is not None:
-                suffix.record(phase)
-        if cut is None:
-            train.fit(
-                x,
-                data.y_train,
-                validation_data=(x_val, data.y_val),
-                initial_epoch=epoch,
-                epochs=epoch + epochs,
-                batch_size=batch_size,
-                callbacks=[monitor],
-                verbose=0,
-            )
-        else:  # small steps on features: fit's input pipeline would cost more than they do
-            backend.fit_arrays(
-                train, x, data.y_train, (x_val, data.y_val), batch_size=batch_size,
-                initial_epoch=epoch, epochs=epoch + epochs, callbacks=[monitor],
-            )
-        epoch += epochs
-        if monitor.bad_loss:
-            break
+            return _Step(self.model, data.x_train, data.x_val)
+        feats = self.store.features(self.model, cut, data)
+        return _Step(cache.suffix_model(self.model, cut), feats.x_train, feats.x_val, cut,
+                     f"{cut.name}:{feats.source.value}")
+
+    def ready(self, phase: int, step: _Step) -> _Ready:
+        self.build.compile(step.model, self.params, self.phases[phase][2])
+        if step.cut is not None:
+            cache.run_steps_together(step.model)
+        return _Ready.COMPILED
+
+
+class _SuffixPlan(_Plan):
+    """A transfer trial whose every phase trains on cached features (``cache.Plan``): its
+    model is the builder's suffix from the plan's shallowest cut -- new, or a compiled one an
+    earlier trial of the same structure gave back -- and only its weights are saved."""
+
+    def __init__(self, build: cache.TransferBuilder, params: Mapping[str, Any], info: DataInfo,
+                 cached: cache.Plan) -> None:
+        self.build, self.params, self.cached = build, params, cached
+        self.store = cache.default_cache()
+        self.suffix = cache.training_suffix(build, params, info, cached)
+        self.model, self.phases = self.suffix.model, cached.phases
+        self.tags = {"searchlab.suffix_reused": "true" if self.suffix.reused else "false"}
+        matmul = getattr(self.model, MATMUL_CONVS, None)
+        if matmul:  # trained as matrix products (MatmulConv2D): same numbers, other rounding
+            self.tags["searchlab.matmul_convs"] = ",".join(matmul)
+
+    def start(self, phase: int, data: Data) -> _Step:
+        self.build.freeze(self.model, self.phases[phase][1])
+        cut, template = self.cached.cuts[phase], self.cached.template
+        feats = self.store.features(template.model, cut, data, key=template.key(cut, data))
+        return _Step(self.suffix.phase_model(self.cached, phase), feats.x_train, feats.x_val,
+                     cut, f"{cut.name}:{feats.source.value}")
+
+    def ready(self, phase: int, step: _Step) -> _Ready:
+        lr_factor = self.phases[phase][2]
+        if self.suffix.reused:  # compiled by an earlier trial: its traced steps serve this one
+            self.suffix.restart(phase, self.build.learning_rate(self.params, lr_factor))
+            return _Ready.RESTARTED
+        self.build.compile(step.model, self.params, lr_factor)
+        cache.run_steps_together(step.model)
+        return _Ready.COMPILED
+
+    def built(self, phase: int) -> None:
+        self.suffix.record(phase)
+
+    def finish(self) -> None:
+        cache.keep_suffix(self.suffix)
+
+    def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
+        base = self.cached.base
+        fingerprint = self.cached.template.fingerprint(base)
+        path = workdir / SUFFIX_WEIGHTS_FILE
+        cache.save_suffix(self.model, path, base, fingerprint)
+        return path, {"searchlab.weights_form": "suffix",
+                      "searchlab.weights_prefix_layer": base.name,
+                      "searchlab.weights_prefix_fingerprint": fingerprint}
 
 
 def weights_file(path: Path) -> Path:
@@ -426,9 +547,7 @@ def load_trained(
     if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
         model.build((None, *info.input_shape))
     if weights.name.endswith(".npz"):
-        from searchlab import cache as cache_mod
-
-        cache_mod.load_suffix(model, weights)
+        cache.load_suffix(model, weights)
         return model
     with warnings.catch_warnings():
         # The file also holds the trained optimizer's slots; a fresh model's optimizer has

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from searchlab import Study, cache
-from searchlab.data import Data, DataInfo
+from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import SpaceError, StudyDefinitionError
 from searchlab.models import FineTune, Transfer
 from searchlab.models import transfer as transfer_mod
-from searchlab.trial import TrialSpec, TrialState, run_trial
+from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
 
 CIFAR = DataInfo(input_shape=(32, 32, 3), num_classes=10)
 
@@ -30,6 +30,17 @@ def _offline_keras_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(keras.src.utils.file_utils, "get_file", offline)
     transfer_mod._ARRAYS.clear()
+
+
+def test_transfer_is_the_builder_that_trials_and_the_cache_ask_for():
+    """``cache.TransferBuilder`` is what makes a trial train in phases (on the cache): a
+    ``Transfer`` that lost one of its members would train as a plain model."""
+    from searchlab.models import dense_classifier
+
+    assert isinstance(Transfer("vgg16", weights=None), cache.TransferBuilder)
+    assert isinstance(Transfer("vgg16", weights=None, cache=False), cache.TransferBuilder)
+    assert not isinstance(dense_classifier, cache.TransferBuilder)
+    assert Transfer.group_by == "frozen_layers"  # grid search groups the points by it
 
 
 def test_frozen_layers_out_of_range_says_the_valid_range():
@@ -183,6 +194,74 @@ def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch
                       tmp_path / "plain")
     assert again.tags["searchlab.cache_phases"] == "off,off"
     np.testing.assert_allclose(again.history["val_loss"], result.history["val_loss"], rtol=1e-4)
+
+
+def _digits() -> Data:
+    x, y = _images(96, 0)
+    xv, yv = _images(32, 1)
+    return Data(x, y, xv, yv, xv[:0], yv[:0], num_classes=2)
+
+
+@pytest.mark.slow
+def test_a_phase_without_a_frozen_prefix_trains_the_complete_model(tmp_path, monkeypatch):
+    """Fine-tuning the whole backbone (frozen_layers=0) leaves phase two no prefix to cache, so
+    the trial builds the complete model: phase one trains its head on the features (a suffix
+    sharing the complete model's layers), phase two the complete model on raw inputs; the
+    numbers are those of the trial without the cache, and the complete model is saved."""
+    monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
+    monkeypatch.setattr(cache, "_DEFAULT", None)
+    path = _tiny_cnn_file(tmp_path)
+    data = _digits()
+    schedule = FineTune(head_epochs=2, epochs=1, lr_factor=0.1)
+    params = {"frozen_layers": 0, "learning_rate": 1e-2, "head_width": 8}
+    build = Transfer(str(path), fine_tune=schedule)
+    result = run_trial(0, params, TrialSpec(build=build, data=data, epochs=2), tmp_path / "on")
+    assert result.state is TrialState.COMPLETE, result.error
+    assert result.tags["searchlab.cache_phases"] == "head_pool:computed,off"
+    assert (result.tags["searchlab.cache"], result.tags["searchlab.cache_layer"]) == (
+        "used", "head_pool")
+    assert result.tags["searchlab.weights_form"] == "full"
+    assert "searchlab.suffix_reused" not in result.tags
+    assert result.epochs_run == 3  # head_epochs 2 + the schedule's 1
+    plain = Transfer(str(path), cache=False, fine_tune=schedule)
+    off = run_trial(0, params, TrialSpec(build=plain, data=data, epochs=2), tmp_path / "off")
+    assert off.tags["searchlab.cache_phases"] == "off,off"
+    for metric in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(result.history[metric], off.history[metric], rtol=1e-4)
+    full = load_trained(build, params, info_of(data), result.weights_path)
+    accuracy = float(np.mean(full.predict(data.x_val, verbose=0).argmax(1) == data.y_val))
+    assert accuracy == pytest.approx(result.value, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_features_over_the_memory_bound_leave_the_trial_as_without_the_cache(
+    tmp_path, monkeypatch
+):
+    """Every phase has a cut, but its features exceed the memory bound: the trial trains the
+    complete model on raw inputs, says why per phase, and planning it (which builds the
+    template) moves no random stream: the numbers equal the uncached trial's, bit for bit."""
+    monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
+    monkeypatch.setenv(cache.MEMORY_ENV, "0")
+    monkeypatch.setattr(cache, "_DEFAULT", None)
+    path = _tiny_cnn_file(tmp_path)
+    data = _digits()
+    schedule = FineTune(head_epochs=1, epochs=1)
+    params = {"frozen_layers": 2, "head_width": 8, "dropout": 0.3}
+    runs = {}
+    for use_cache in (True, False):
+        build = Transfer(str(path), cache=use_cache, fine_tune=schedule)
+        spec = TrialSpec(build=build, data=data, epochs=1, seed=4)
+        runs[use_cache] = run_trial(2, params, spec, tmp_path / str(use_cache))
+    on, off = runs[True], runs[False]
+    assert on.state is off.state is TrialState.COMPLETE, (on.error, off.error)
+    assert on.tags["searchlab.cache"] == "off" and on.tags["searchlab.cache_phases"] == "off,off"
+    assert on.tags["searchlab.cache_note.0"] == "features larger than the memory bound"
+    assert on.tags["searchlab.cache_note.1"] == "features larger than the memory bound"
+    assert "searchlab.cache_note.0" not in off.tags
+    assert on.tags["searchlab.weights_form"] == "full"
+    assert on.history.keys() == off.history.keys()
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_array_equal(on.history[metric], off.history[metric])
 
 
 def test_grid_search_runs_the_points_of_one_cut_point_together():

@@ -15,8 +15,10 @@ the head with the whole backbone frozen, then unfreezes down to layer ``frozen_l
 trains on at a smaller learning rate (params ``head_epochs``, ``fine_tune_epochs``,
 ``lr_factor`` override the schedule's values).
 
-A trial trained on the feature cache uses ``build_suffix`` instead: only the layers after the
-frozen prefix, copied from a complete model built once per process (``searchlab.cache``).  Its
+``Transfer`` is a ``cache.TransferBuilder``: that protocol's docstring says what a trial and
+the feature cache call, in which order.  A trial trained on the feature cache uses
+``build_suffix`` instead of building the complete model: only the layers after the frozen
+prefix, copied from a complete model built once per process (``searchlab.cache``).  Its
 head's Dropout keeps the rate in a variable (``VariableRateDropout``), so later trials of the
 same structure (``suffix_key``) can train the same compiled suffix once ``reset_suffix`` has put
 it back where ``build_suffix`` would start a new one.
@@ -96,7 +98,8 @@ class FineTune:
 
 
 class Transfer:
-    """A model builder ``build(params, info)`` for backbone + new head (see the module doc).
+    """A model builder ``build(params, info)`` for backbone + new head (see the module doc);
+    it implements ``cache.TransferBuilder``.
 
     Args:
         backbone: ``vgg16``, ``vgg19``, ``resnet50``, ``mobilenet_v2``, or the path of a saved
