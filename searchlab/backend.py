@@ -334,13 +334,14 @@ def predict_arrays(model: Any, x: Any, batch_size: int) -> Any:
         return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
     import tensorflow as tf
 
-    step = getattr(model, "_searchlab_predict_step", None)
+    step: Any = getattr(model, "_searchlab_predict_step", None)
     if step is None:  # kept on the model: its next arrays (validation) reuse the trace
 
         @tf.function(reduce_retracing=True, autograph=False)
-        def step(batch):
+        def traced(batch: Any) -> Any:
             return model(batch, training=False)
 
+        step = traced
         object.__setattr__(model, "_searchlab_predict_step", step)  # not a Keras attribute
     data = _sliceable(x)
     outputs = [step(data[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
@@ -385,8 +386,9 @@ class _TFLoop:
         # train function is: AutoGraph needs this file's source, and a loop it could not
         # convert would fail every trial.
         @tf.function(reduce_retracing=True, autograph=False)
-        def train(x, y, order, begin, end, batch_size):  # steps [begin, end) of one epoch
-            def body(step):
+        def train(x: Any, y: Any, order: Any, begin: Any, end: Any, batch_size: Any) -> None:
+            # steps [begin, end) of one epoch
+            def body(step: Any) -> tuple[Any]:
                 rows = order[step * batch_size:(step + 1) * batch_size]
                 model.train_step((tf.gather(x, rows), tf.gather(y, rows)))
                 return (step + 1,)
@@ -394,8 +396,8 @@ class _TFLoop:
             tf.while_loop(lambda step: step < end, body, (begin,))
 
         @tf.function(reduce_retracing=True, autograph=False)
-        def test(x, y, steps, batch_size):
-            def body(step):
+        def test(x: Any, y: Any, steps: Any, batch_size: Any) -> None:
+            def body(step: Any) -> tuple[Any]:
                 rows = slice(step * batch_size, (step + 1) * batch_size)
                 model.test_step((x[rows], y[rows]))
                 return (step + 1,)
@@ -436,7 +438,8 @@ class _TFLoop:
         size = tf.constant(batch_size, tf.int64)
         order = _keras_order(n)  # traced now: the seed is the one fit's own shuffle gets
         val = [_sliceable(a) for a in validation_data] if validation_data is not None else None
-        val_steps = tf.constant(-(-len(validation_data[0]) // batch_size) if val else 0, tf.int64)
+        val_rows = len(validation_data[0]) if validation_data is not None else 0
+        val_steps = tf.constant(-(-val_rows // batch_size) if val else 0, tf.int64)
         calls = keras.callbacks.CallbackList(
             callbacks, add_history=True, add_progbar=False, verbose=0, epochs=epochs,
             steps=steps, model=model,
@@ -498,7 +501,7 @@ def _keras_order(n: int) -> Any:
     import tensorflow as tf
 
     @tf.autograph.experimental.do_not_convert  # nothing to convert; needs no source
-    def permutation(_):
+    def permutation(_: Any) -> Any:
         indices = tf.range(n, dtype=tf.int64)
         indices = tf.random.shuffle(indices)
         return indices

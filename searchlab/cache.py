@@ -675,7 +675,8 @@ def save_suffix(model: keras.Model, path: Path, cut: Cut, fingerprint: str) -> N
         names.append([layer.name, len(weights)])
     meta = {"format": SUFFIX_FORMAT, "version": 1, "cut": cut.name, "cut_index": cut.index,
             "prefix_fingerprint": fingerprint, "layers": names}
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    # numpy's stubs read **arrays as its allow_pickle keyword
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
 
 
 def load_suffix(model: keras.Model, path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from searchlab import backend, cli, engines
+from searchlab import backend, cli, engines, runner
 from searchlab import workers as workers_mod
 from searchlab.engines import RunOptions
 from searchlab.study import STRATEGIES
@@ -68,7 +68,7 @@ def test_run_options_from_json_refuses_anything_else(text: str, message: str) ->
 
 @pytest.fixture
 def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """A study file, and ``searchlab run`` with the engines, the launcher and MLflow
+    """A study file, and ``searchlab run`` with the runner, the launcher and MLflow
     replaced by recorders: what each was handed is in ``calls``."""
     monkeypatch.chdir(tmp_path)
     for name in ("SEARCHLAB_STORAGE", "MLFLOW_TRACKING_URI", "SEARCHLAB_DATA_DIR",
@@ -82,12 +82,12 @@ def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         calls.update(launcher=options, workers=workers, worker_command=worker_command)
         return {}
 
-    def engines_run(study, options, tracker, listener=None):
+    def runner_run(study, options, tracker, listener=None):
         calls.update(engine=options, study=study, tracker_uri=tracker.uri, listener=listener)
         return calls["summary"]
 
     monkeypatch.setattr(workers_mod, "run", workers_run)
-    monkeypatch.setattr(engines, "run", engines_run)
+    monkeypatch.setattr(runner, "run", runner_run)
     monkeypatch.setattr(cli, "_tracker", lambda uri: SimpleNamespace(uri=uri or "sqlite:///home"))
 
     def invoke(*args: Any, env: dict[str, str] | None = None):

@@ -110,9 +110,11 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     """The study's grid in the order it runs.  With a transfer builder's ``group_by`` (its
     cut-point parameter, e.g. ``frozen_layers``), points sharing that value run one after the
     other, so the feature cache of a cut point is computed once and reused."""
+    from searchlab.cache import TransferBuilder
+
     points = study.search_space.grid()
-    group = getattr(study.model, "group_by", None)
-    if group is not None:
+    if isinstance(study.model, TransferBuilder):
+        group = study.model.group_by
         points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
     return points
 
