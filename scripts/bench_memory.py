@@ -84,7 +84,11 @@ def run_searchlab(args: argparse.Namespace, out: dict) -> None:
             rec.trial_done()
 
     options = engines.RunOptions(
-        strategy="random", trials=args.trials, timeout=None, epochs=1, seed=0,
+        strategy="random",
+        trials=args.trials,
+        timeout=None,
+        epochs=1,
+        seed=0,
         storage=f"sqlite:///{home / 'optuna.db'}",
     )
     tracker = MlflowTracker(f"sqlite:///{home / 'mlflow.db'}", home / "mlartifacts")
@@ -129,13 +133,19 @@ def run_cli(args: argparse.Namespace, out: dict) -> None:
     grew by more than --recycle-mb; the figure is the worker's peak RSS."""
     home = Path(tempfile.mkdtemp(prefix="bench-memory-w-"))
     study = home / "study.py"
-    study.write_text(STUDY_FILE.replace("TRAIN", str(args.train)).replace("VAL", str(args.val))
-                     .replace("TRIALS", str(args.trials)))
+    study.write_text(
+        STUDY_FILE.replace("TRAIN", str(args.train))
+        .replace("VAL", str(args.val))
+        .replace("TRIALS", str(args.trials))
+    )
     env = dict(os.environ, SEARCHLAB_HOME=str(home), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "searchlab.cli", "run", str(study)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     peak, done, marks, workers = 0.0, 0, {}, set()
     stop = threading.Event()
@@ -194,11 +204,17 @@ def run_kerastuner(args: argparse.Namespace, out: dict) -> None:
             rec.trial_done()
 
     tuner = Tuner(
-        build, objective="val_accuracy", max_trials=args.trials, seed=0, overwrite=True,
-        directory=tempfile.mkdtemp(prefix="bench-memory-kt-"), project_name="bench",
+        build,
+        objective="val_accuracy",
+        max_trials=args.trials,
+        seed=0,
+        overwrite=True,
+        directory=tempfile.mkdtemp(prefix="bench-memory-kt-"),
+        project_name="bench",
     )
-    tuner.search(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                 epochs=1, verbose=0)
+    tuner.search(
+        data.x_train, data.y_train, validation_data=(data.x_val, data.y_val), epochs=1, verbose=0
+    )
     out.update(marks=rec.marks, seconds=time.perf_counter() - rec.started)
 
 
@@ -210,8 +226,10 @@ def check_setup() -> None:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:  # KerasTuner's RandomSearch imports it
-        sys.exit("KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
-                 "pip install -e '.[bench]' (see this script's docstring).")
+        sys.exit(
+            "KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
+            "pip install -e '.[bench]' (see this script's docstring)."
+        )
 
 
 def main() -> None:
@@ -235,27 +253,45 @@ def main() -> None:
 
     results = {}
     for part in PARTS:
-        cmd = [sys.executable, __file__, "--part", part, "--trials", str(args.trials),
-               "--train", str(args.train), "--val", str(args.val)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--part",
+            part,
+            "--trials",
+            str(args.trials),
+            "--train",
+            str(args.train),
+            "--val",
+            str(args.val),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"{part} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        results[part] = json.loads(line[len("RESULT "):])
+        results[part] = json.loads(line[len("RESULT ") :])
 
     last = str(args.trials)
-    print(f"{args.trials} trials, 1 epoch each, MNIST subset {args.train}/{args.val}, "
-          "dense net (layers, units, dropout, learning_rate, batch_size)")
-    print(f"{'':17} {'peak@5':>9} {'peak@' + last:>9} {'growth':>8} "
-          f"{'rss@5':>8} {'rss@' + last:>8} {'growth':>8} {'wall s':>7}")
+    print(
+        f"{args.trials} trials, 1 epoch each, MNIST subset {args.train}/{args.val}, "
+        "dense net (layers, units, dropout, learning_rate, batch_size)"
+    )
+    print(
+        f"{'':17} {'peak@5':>9} {'peak@' + last:>9} {'growth':>8} "
+        f"{'rss@5':>8} {'rss@' + last:>8} {'growth':>8} {'wall s':>7}"
+    )
     for part, res in results.items():
         p5, r5 = res["marks"][str(CHECKPOINT)]
         pn, rn = res["marks"][last]
-        print(f"{part:17} {p5:8.0f}M {pn:8.0f}M {pn - p5:+7.0f}M "
-              f"{r5:7.0f}M {rn:7.0f}M {rn - r5:+7.0f}M {res['seconds']:7.0f}")
+        print(
+            f"{part:17} {p5:8.0f}M {pn:8.0f}M {pn - p5:+7.0f}M "
+            f"{r5:7.0f}M {rn:7.0f}M {rn - r5:+7.0f}M {res['seconds']:7.0f}"
+        )
     if "processes" in results["searchlab run"]:
-        print(f"searchlab run used {results['searchlab run']['processes']} worker processes "
-              "(one replaced each time it grew by --recycle-mb, 100 MB)")
+        print(
+            f"searchlab run used {results['searchlab run']['processes']} worker processes "
+            "(one replaced each time it grew by --recycle-mb, 100 MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,12 @@ def main() -> int:
             study, data=dataclasses.replace(study.dataset, subset={"train": train, "val": val})
         )
         options = engines.RunOptions(
-            strategy="random", trials=args.trials, timeout=None, epochs=args.epochs,
-            seed=0, storage=config.default_storage(),
+            strategy="random",
+            trials=args.trials,
+            timeout=None,
+            epochs=args.epochs,
+            seed=0,
+            storage=config.default_storage(),
         )
         timing = Timing()
         tracker = MlflowTracker(config.default_tracking_uri(), config.default_artifact_root())
@@ -93,8 +97,10 @@ def main() -> int:
     print(f"trials: {len(walls)} (first one excluded from the medians: {walls[0]:.2f}s wall)")
     print(f"median wall per trial   : {statistics.median(w for w, _ in steady):.3f} s")
     print(f"median model.fit time   : {statistics.median(f for _, f in steady):.3f} s")
-    print(f"median overhead / trial : {statistics.median(overhead):.3f} s "
-          f"(min {min(overhead):.3f}, max {max(overhead):.3f}) target <= 0.300 s")
+    print(
+        f"median overhead / trial : {statistics.median(overhead):.3f} s "
+        f"(min {min(overhead):.3f}, max {max(overhead):.3f}) target <= 0.300 s"
+    )
     print(f"study end (table + best model artifact): {timing.end - timing.marks[-1]:.3f} s")
     return 0
 

@@ -59,7 +59,9 @@ class Recorder:
 
     def trial_finished(self, result, best):
         value = result.value if result.state.value == "complete" else None
-        self.points.append((time.monotonic() - self.t0, value, result.state.value, result.epochs_run))
+        self.points.append(
+            (time.monotonic() - self.t0, value, result.state.value, result.epochs_run)
+        )
 
     def finished(self, summary):
         pass
@@ -127,8 +129,14 @@ def run_one(study, strategy: str, pruner: str, seed: int, args) -> Recorder:
     with tempfile.TemporaryDirectory(prefix="bench-search-") as home:
         os.environ["SEARCHLAB_HOME"] = home
         options = engines.RunOptions(
-            strategy=strategy, trials=args.trials, timeout=None, epochs=args.epochs, seed=seed,
-            storage=f"sqlite:///{home}/optuna.db", data_dir=args.data_dir, pruner=pruner,
+            strategy=strategy,
+            trials=args.trials,
+            timeout=None,
+            epochs=args.epochs,
+            seed=seed,
+            storage=f"sqlite:///{home}/optuna.db",
+            data_dir=args.data_dir,
+            pruner=pruner,
             max_failures=args.trials,
             prune_min_epochs=args.prune_min_epochs if pruner != "none" else None,
             prune_factor=args.prune_factor if pruner != "none" else None,
@@ -156,11 +164,21 @@ def main() -> None:
     parser.add_argument("--seed-list", help="comma-separated seeds to run [default: 0..seeds-1]")
     parser.add_argument("--dump", help="write every run's trial points to this JSON file")
     parser.add_argument("--merge", nargs="+", help="analyse these --dump files instead of running")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="which of random,tpe,tpe+asha to run")
-    parser.add_argument("--prune-min-epochs", type=int, help="tpe+asha: --prune-min-epochs [default: searchlab's]")
-    parser.add_argument("--prune-factor", type=int, help="tpe+asha: --prune-factor [default: searchlab's]")
-    parser.add_argument("--tracker", choices=["mlflow", "local"], default="mlflow",
-                        help="local: no MLflow (where it is not installed); weights kept in a folder")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="which of random,tpe,tpe+asha to run"
+    )
+    parser.add_argument(
+        "--prune-min-epochs", type=int, help="tpe+asha: --prune-min-epochs [default: searchlab's]"
+    )
+    parser.add_argument(
+        "--prune-factor", type=int, help="tpe+asha: --prune-factor [default: searchlab's]"
+    )
+    parser.add_argument(
+        "--tracker",
+        choices=["mlflow", "local"],
+        default="mlflow",
+        help="local: no MLflow (where it is not installed); weights kept in a folder",
+    )
     args = parser.parse_args()
     if args.merge:
         by_seed: dict[str, dict[int, list]] = {label: {} for label in CONFIGS}
@@ -184,11 +202,14 @@ def main() -> None:
 
     study = load_study(REPO / "studies" / "mnist_dense.py")
     study = dataclasses.replace(
-        study, data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val})
+        study,
+        data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val}),
     )
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
-    print(f"MNIST dense study, {args.train} train / {args.val} val, {args.epochs} epochs, "
-          f"{args.trials} trials x seeds {list(seeds)}; objective val_accuracy")
+    print(
+        f"MNIST dense study, {args.train} train / {args.val} val, {args.epochs} epochs, "
+        f"{args.trials} trials x seeds {list(seeds)}; objective val_accuracy"
+    )
     labels = args.configs.split(",")
     # The first trial of a process pays one-off costs (TensorFlow's first graph, kernel and
     # store set-up: a second or two); untimed here, or they land on the first timed run
@@ -208,8 +229,11 @@ def main() -> None:
             values = [v for _, v, _, _ in rec.points if v is not None]
             pruned = sum(s == "pruned" for _, _, s, _ in rec.points)
             epochs = sum(e for *_, e in rec.points)
-            print(f"  seed {seed} {label:9s}: best {max(values):.4f}, {rec.points[-1][0]:6.1f}s, "
-                  f"{pruned} pruned, {epochs} epochs trained", flush=True)
+            print(
+                f"  seed {seed} {label:9s}: best {max(values):.4f}, {rec.points[-1][0]:6.1f}s, "
+                f"{pruned} pruned, {epochs} epochs trained",
+                flush=True,
+            )
     if set(labels) == set(CONFIGS):
         report(runs, args, list(seeds))
 
@@ -224,12 +248,16 @@ def report(runs: dict[str, list[list]], args, seeds: list[int]) -> None:
     for label, recs in runs.items():
         cells = []
         for n in checkpoints:
-            cells.append(statistics.fmean(best_so_far([v for _, v, _, _ in r])[n - 1] or 0 for r in recs))
+            cells.append(
+                statistics.fmean(best_so_far([v for _, v, _, _ in r])[n - 1] or 0 for r in recs)
+            )
         wall = statistics.fmean(r[-1][0] for r in recs)
         epochs = statistics.fmean(sum(e for *_, e in r) for r in recs)
         print(f"{label:10s}" + "".join(f"{c:9.4f}" for c in cells) + f"{wall:9.1f}{epochs:8.0f}")
 
-    print(f"\ntime to reach random search's {args.trials}-trial best, as a fraction of random's wall time")
+    print(
+        f"\ntime to reach random search's {args.trials}-trial best, as a fraction of random's wall time"
+    )
     for label in ("tpe", "tpe+asha"):
         fractions = []
         for seed, rnd, other in zip(seeds, runs["random"], runs[label], strict=True):
@@ -244,8 +272,10 @@ def report(runs: dict[str, list[list]], args, seeds: list[int]) -> None:
         # to be left out of the median, which made the median look better than the seeds)
         median = statistics.median([math.inf if f is None else f for f in fractions])
         shown = f"{median:.2f}" if math.isfinite(median) else "not reached"
-        print(f"  {label}: median fraction {shown} over {len(fractions)} seeds "
-              f"({len(got)}/{len(fractions)} reached the target)")
+        print(
+            f"  {label}: median fraction {shown} over {len(fractions)} seeds "
+            f"({len(got)}/{len(fractions)} reached the target)"
+        )
 
     try:
         import matplotlib

@@ -236,15 +236,21 @@ def check_setup() -> None:
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:  # KerasTuner's RandomSearch imports it
-        sys.exit("KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
-                 "pip install -e '.[bench]' (see this script's docstring).")
+        sys.exit(
+            "KerasTuner's RandomSearch needs tensorboard: source scripts/_env.sh dev, or "
+            "pip install -e '.[bench]' (see this script's docstring)."
+        )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--kt-trials", type=int, default=None,
-                        help="KerasTuner trials, if fewer (its trials all cost the same)")
+    parser.add_argument(
+        "--kt-trials",
+        type=int,
+        default=None,
+        help="KerasTuner trials, if fewer (its trials all cost the same)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cases", default="frozen,block5")
     parser.add_argument("--train", type=int, default=None, help="at most this many train images")
@@ -261,34 +267,49 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-transfer-") as tmp_:
         tmp = Path(tmp_)
         weights = make_weights(tmp)
-        print(f"backbone weights: {weights}; backend {keras.backend.backend()}; "
-              f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"backbone weights: {weights}; backend {keras.backend.backend()}; "
+            f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         for case in args.cases.split(","):
             print(f"== case {case} (frozen_layers={CASES[case]})", flush=True)
             # KerasTuner's trials bracket searchlab's run (half before, half after, as two
             # searches with their own seeds), so a machine that speeds up or slows down
             # during the case weighs on both tools alike.
             kt_trials = args.kt_trials or args.trials
-            before = run_kerastuner(case, args, weights, tmp, (kt_trials + 1) // 2, args.seed,
-                                    f"{case}-before")
+            before = run_kerastuner(
+                case, args, weights, tmp, (kt_trials + 1) // 2, args.seed, f"{case}-before"
+            )
             s_sec, s_best, s_n = run_searchlab(case, args, weights, tmp)
             print(f"  searchlab: {s_n} trials in {s_sec:.0f}s", flush=True)
-            after = (run_kerastuner(case, args, weights, tmp, kt_trials // 2, args.seed + 1,
-                                    f"{case}-after")
-                     if kt_trials > 1 else (0.0, float("nan"), 0))
+            after = (
+                run_kerastuner(
+                    case, args, weights, tmp, kt_trials // 2, args.seed + 1, f"{case}-after"
+                )
+                if kt_trials > 1
+                else (0.0, float("nan"), 0)
+            )
             k_sec, k_n = before[0] + after[0], before[2] + after[2]
             k_best = max(before[1], after[1]) if after[2] else before[1]
-            print(f"  keras-tuner: {k_n} trials in {k_sec:.0f}s "
-                  f"({before[0]:.0f}s before searchlab, {after[0]:.0f}s after)", flush=True)
+            print(
+                f"  keras-tuner: {k_n} trials in {k_sec:.0f}s "
+                f"({before[0]:.0f}s before searchlab, {after[0]:.0f}s after)",
+                flush=True,
+            )
             rows.append((case, s_n, s_sec, s_best, k_n, k_sec, k_best))
     print()
-    print(f"{'case':8} {'tool':12} {'trials':>6} {'seconds':>8} {'trials/h':>9} {'best val_acc':>12}")
+    print(
+        f"{'case':8} {'tool':12} {'trials':>6} {'seconds':>8} {'trials/h':>9} {'best val_acc':>12}"
+    )
     for case, s_n, s_sec, s_best, k_n, k_sec, k_best in rows:
         s_rate, k_rate = s_n / s_sec * 3600, k_n / k_sec * 3600
         print(f"{case:8} {'searchlab':12} {s_n:6d} {s_sec:8.0f} {s_rate:9.1f} {s_best:12.4f}")
         print(f"{case:8} {'keras-tuner':12} {k_n:6d} {k_sec:8.0f} {k_rate:9.1f} {k_best:12.4f}")
-        print(f"{case:8} ratio (searchlab / keras-tuner trials per hour): {s_rate / k_rate:.1f}x; "
-              f"best val_accuracy difference: {100 * (s_best - k_best):+.1f} points")
+        print(
+            f"{case:8} ratio (searchlab / keras-tuner trials per hour): {s_rate / k_rate:.1f}x; "
+            f"best val_accuracy difference: {100 * (s_best - k_best):+.1f} points"
+        )
     print(f"epochs per trial: {args.epochs}; load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -99,7 +99,9 @@ def main() -> None:
             self.t = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            spent["epoch 1 (traces)" if epoch == 0 else "later epochs"] += time.perf_counter() - self.t
+            spent["epoch 1 (traces)" if epoch == 0 else "later epochs"] += (
+                time.perf_counter() - self.t
+            )
 
     fit = keras.Model.fit
 
@@ -131,14 +133,21 @@ def main() -> None:
 
     study = load_study(REPO / "studies" / "mnist_dense.py")
     study = dataclasses.replace(
-        study, data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val})
+        study,
+        data=dataclasses.replace(study.dataset, subset={"train": args.train, "val": args.val}),
     )
     with tempfile.TemporaryDirectory(prefix="trial-costs-") as home:
         os.environ["SEARCHLAB_HOME"] = home
         options = engines.RunOptions(
-            strategy=args.strategy, trials=args.trials, timeout=None, epochs=args.epochs,
-            seed=args.seed, storage=f"sqlite:///{home}/optuna.db", data_dir=args.data_dir,
-            pruner=args.pruner, max_failures=args.trials,
+            strategy=args.strategy,
+            trials=args.trials,
+            timeout=None,
+            epochs=args.epochs,
+            seed=args.seed,
+            storage=f"sqlite:///{home}/optuna.db",
+            data_dir=args.data_dir,
+            pruner=args.pruner,
+            max_failures=args.trials,
         )
         tracker = MlflowTracker(f"sqlite:///{home}/mlflow.db", Path(home) / "mlartifacts")
         runner.run(study, options, tracker, Listener())
@@ -150,7 +159,9 @@ def main() -> None:
             continue
         print(f"{state}: {len(group)} trials, median ms per trial")
         for label in labels:
-            print(f"  {label:24s} {statistics.median(r.get(label, 0.0) for r in group) * 1000:8.1f}")
+            print(
+                f"  {label:24s} {statistics.median(r.get(label, 0.0) for r in group) * 1000:8.1f}"
+            )
         stores = [sum(r.get(k, 0.0) for k in STORE_STEPS) for r in group]
         print(f"  {'all store calls':24s} {statistics.median(stores) * 1000:8.1f}")
 

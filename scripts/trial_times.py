@@ -50,13 +50,17 @@ def main() -> None:
     rows.sort(key=lambda r: r["trial"])
     if not rows:
         raise SystemExit(f"no trial runs of {args.study!r} in {tracker.uri}")
-    print(f"{'label':<22} {'trial':>5} {'backend':<10} {'precision':<15} {'fit_s':>7} "
-          f"{'epoch1_s':>8} {'later_s':>7} {'objective':>9}  device")
+    print(
+        f"{'label':<22} {'trial':>5} {'backend':<10} {'precision':<15} {'fit_s':>7} "
+        f"{'epoch1_s':>8} {'later_s':>7} {'objective':>9}  device"
+    )
     for r in rows:
         later = statistics.median(r["later_epoch_s"]) if r["later_epoch_s"] else float("nan")
-        print(f"{args.label:<22} {r['trial']:>5} {r['backend']:<10} {r['precision']:<15} "
-              f"{r['fit_s']:>7.2f} {r['first_epoch_s']:>8.2f} {later:>7.2f} "
-              f"{r['objective']:>9.4f}  {r['device']}")
+        print(
+            f"{args.label:<22} {r['trial']:>5} {r['backend']:<10} {r['precision']:<15} "
+            f"{r['fit_s']:>7.2f} {r['first_epoch_s']:>8.2f} {later:>7.2f} "
+            f"{r['objective']:>9.4f}  {r['device']}"
+        )
     later_all = [v for r in rows for v in r["later_epoch_s"]]
     later_text = f"{statistics.median(later_all):.2f}s" if later_all else "n/a"
     print(

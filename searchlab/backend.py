@@ -309,13 +309,24 @@ def fit_arrays(
     """
     if not _tf_loop_applies(model, x, y, validation_data):
         model.fit(
-            x, y, validation_data=validation_data, batch_size=batch_size, epochs=epochs,
-            initial_epoch=initial_epoch, callbacks=callbacks, verbose=0,
+            x,
+            y,
+            validation_data=validation_data,
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=0,
         )
         return
     _TFLoop.of(model).fit(
-        x, y, validation_data, batch_size=batch_size, epochs=epochs,
-        initial_epoch=initial_epoch, callbacks=callbacks,
+        x,
+        y,
+        validation_data,
+        batch_size=batch_size,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
     )
 
 
@@ -344,7 +355,7 @@ def predict_arrays(model: Any, x: Any, batch_size: int) -> Any:
         step = traced
         object.__setattr__(model, "_searchlab_predict_step", step)  # not a Keras attribute
     data = _sliceable(x)
-    outputs = [step(data[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    outputs = [step(data[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(outputs) if outputs else np.asarray(model.predict(x, verbose=0))
 
 
@@ -379,8 +390,11 @@ class _TFLoop:
         import tensorflow as tf
 
         self.model = model
-        self.owner = (model.optimizer, getattr(model, "_compile_loss", None),
-                      getattr(model, "_compile_metrics", None))
+        self.owner = (
+            model.optimizer,
+            getattr(model, "_compile_loss", None),
+            getattr(model, "_compile_metrics", None),
+        )
 
         # Written as explicit while loops and traced without AutoGraph, as Keras's own
         # train function is: AutoGraph needs this file's source, and a loop it could not
@@ -389,7 +403,7 @@ class _TFLoop:
         def train(x: Any, y: Any, order: Any, begin: Any, end: Any, batch_size: Any) -> None:
             # steps [begin, end) of one epoch
             def body(step: Any) -> tuple[Any]:
-                rows = order[step * batch_size:(step + 1) * batch_size]
+                rows = order[step * batch_size : (step + 1) * batch_size]
                 model.train_step((tf.gather(x, rows), tf.gather(y, rows)))
                 return (step + 1,)
 
@@ -409,8 +423,11 @@ class _TFLoop:
     @classmethod
     def of(cls, model: Any) -> _TFLoop:
         loop = getattr(model, cls.ATTR, None)
-        owner = (model.optimizer, getattr(model, "_compile_loss", None),
-                 getattr(model, "_compile_metrics", None))
+        owner = (
+            model.optimizer,
+            getattr(model, "_compile_loss", None),
+            getattr(model, "_compile_metrics", None),
+        )
         if loop is None or any(a is not b for a, b in zip(loop.owner, owner, strict=True)):
             loop = cls(model)  # new, or compiled again since: its steps are other functions
             object.__setattr__(model, cls.ATTR, loop)  # not a tracked Keras attribute
@@ -441,8 +458,13 @@ class _TFLoop:
         val_rows = len(validation_data[0]) if validation_data is not None else 0
         val_steps = tf.constant(-(-val_rows // batch_size) if val else 0, tf.int64)
         calls = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=False, verbose=0, epochs=epochs,
-            steps=steps, model=model,
+            callbacks,
+            add_history=True,
+            add_progbar=False,
+            verbose=0,
+            epochs=epochs,
+            steps=steps,
+            model=model,
         )
         model.stop_training = False
         calls.on_train_begin()
@@ -454,8 +476,13 @@ class _TFLoop:
             for begin in range(0, steps, chunk):
                 end = min(begin + chunk, steps)
                 calls.on_train_batch_begin(begin)
-                self.train(*tensors, permutation, tf.constant(begin, tf.int64),
-                           tf.constant(end, tf.int64), size)
+                self.train(
+                    *tensors,
+                    permutation,
+                    tf.constant(begin, tf.int64),
+                    tf.constant(end, tf.int64),
+                    size,
+                )
                 # fit's iterator says every chunk ends chunk steps on, the last one too
                 calls.on_train_batch_end(begin + chunk - 1, model.get_metrics_result())
                 if model.stop_training:

@@ -150,16 +150,13 @@ class TransferBuilder(Protocol):
         """Compile ``model`` at ``learning_rate(params, lr_factor)``."""
         ...
 
-    def learning_rate(self, params: Mapping[str, Any], lr_factor: float = 1.0) -> float:
-        ...
+    def learning_rate(self, params: Mapping[str, Any], lr_factor: float = 1.0) -> float: ...
 
     def template_key(self, info: Any) -> Hashable:
         """Equal keys: the same layers before the head (one template serves both)."""
         ...
 
-    def build_uncompiled(
-        self, params: Mapping[str, Any], info: Any
-    ) -> tuple[keras.Model, int]:
+    def build_uncompiled(self, params: Mapping[str, Any], info: Any) -> tuple[keras.Model, int]:
         """The complete model, not compiled, and its backbone's layer count."""
         ...
 
@@ -275,14 +272,19 @@ def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
     return h.hexdigest()[:24]
 
 
-def _prefix_key(
-    model: keras.Model, cut: Cut, data: Data, fingerprint: str | None = None
-) -> str:
+def _prefix_key(model: keras.Model, cut: Cut, data: Data, fingerprint: str | None = None) -> str:
     policies = [getattr(layer.dtype_policy, "name", "") for layer in model.layers[: cut.index + 1]]
     h = hashlib.sha1(
         json.dumps(
-            [fingerprint or prefix_fingerprint(model, cut), policies, model.name, cut.name,
-             cut.index, data.fingerprint, keras.backend.backend()]
+            [
+                fingerprint or prefix_fingerprint(model, cut),
+                policies,
+                model.name,
+                cut.name,
+                cut.index,
+                data.fingerprint,
+                keras.backend.backend(),
+            ]
         ).encode()
     )
     return h.hexdigest()[:24]
@@ -312,7 +314,9 @@ class FeatureCache:
         disk_mb: int | None = None,
     ) -> None:
         self._root = root
-        self.memory_bytes = (memory_mb if memory_mb is not None else _mb_env(MEMORY_ENV, 2048)) << 20
+        self.memory_bytes = (
+            memory_mb if memory_mb is not None else _mb_env(MEMORY_ENV, 2048)
+        ) << 20
         self.disk_bytes = (disk_mb if disk_mb is not None else _mb_env(DISK_ENV, 4096)) << 20
         self._memory: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
@@ -498,8 +502,9 @@ class Plan:
         """The part of ``model`` (the suffix from ``base``) that trains on ``cut``'s features."""
         if cut.index == self.base.index:
             return model
-        return keras.Model(model.get_layer(cut.name).output, model.outputs,
-                           name=f"{model.name}_suffix")
+        return keras.Model(
+            model.get_layer(cut.name).output, model.outputs, name=f"{model.name}_suffix"
+        )
 
 
 def plan_trial(
@@ -595,8 +600,9 @@ class Suffix:
         train = self.phases[phase]
         optimizer = train.optimizer
         for variable, start in zip(optimizer.variables, self.starts[phase], strict=True):
-            variable.assign(keras.ops.zeros(variable.shape, variable.dtype)
-                            if start is None else start)
+            variable.assign(
+                keras.ops.zeros(variable.shape, variable.dtype) if start is None else start
+            )
         optimizer.learning_rate = learning_rate
         train.reset_metrics()
 
@@ -626,8 +632,7 @@ def _suffix_key(
     if own is None:
         return None
     frozen = tuple(f for _, f, _ in plan.phases)
-    return (own, tuple(indices), frozen, keras.config.dtype_policy().name,
-            keras.backend.backend())
+    return (own, tuple(indices), frozen, keras.config.dtype_policy().name, keras.backend.backend())
 
 
 def training_suffix(
@@ -673,8 +678,14 @@ def save_suffix(model: keras.Model, path: Path, cut: Cut, fingerprint: str) -> N
         for i, w in enumerate(weights):
             arrays[f"w{len(names)}_{i}"] = w
         names.append([layer.name, len(weights)])
-    meta = {"format": SUFFIX_FORMAT, "version": 1, "cut": cut.name, "cut_index": cut.index,
-            "prefix_fingerprint": fingerprint, "layers": names}
+    meta = {
+        "format": SUFFIX_FORMAT,
+        "version": 1,
+        "cut": cut.name,
+        "cut_index": cut.index,
+        "prefix_fingerprint": fingerprint,
+        "layers": names,
+    }
     # numpy's stubs read **arrays as its allow_pickle keyword
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)  # type: ignore[arg-type]
 
@@ -702,8 +713,11 @@ def load_suffix(model: keras.Model, path: Path) -> None:
                 "changed since the trial ran. Restore them, or run the study again."
             )
         stored = {name for name, _ in meta["layers"]}
-        missing = [layer.name for layer in model.layers[cut.index + 1:]
-                   if layer.weights and layer.name not in stored]
+        missing = [
+            layer.name
+            for layer in model.layers[cut.index + 1 :]
+            if layer.weights and layer.name not in stored
+        ]
         if missing:
             raise StudyDefinitionError(
                 f"The trial's weights lack layers {', '.join(missing)} of the study's model: "

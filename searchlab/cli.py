@@ -73,7 +73,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fmt(params: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
 
 
 class ConsoleProgress:
@@ -247,25 +249,113 @@ class RunFlags:
 
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--strategy", metavar=f"[{'|'.join(STRATEGIES)}]", help="How the params are picked (bayesian: Optuna's TPE) [default: the study's].")
-@click.option("--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's].")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after this many seconds.")
-@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's].")
-@click.option("--seed", type=int, help="Seed for the sampler and the trials [default: the study's].")
-@click.option("--subset", metavar="TRAIN[,VAL]", help="Use at most this many training (and validation) examples.")
-@click.option("--max-failures", type=click.IntRange(min=1), default=_default("max_failures"), show_default=True, help="Stop after this many failed trials in a row.")
-@click.option("--precision", type=click.Choice(backend.PRECISIONS), default=_default("precision"), show_default=True, help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).")
-@click.option("--engine", type=click.Choice(engines.ENGINES), default=_default("engine"), show_default=True, help="Who picks the params: Optuna's samplers or KerasTuner's oracles.")
-@click.option("--pruner", type=click.Choice(engines.PRUNERS), default=_default("pruner"), show_default=True, help="Stop bad trials early after an epoch (Optuna engine).")
-@click.option("--prune-min-epochs", type=click.IntRange(min=1), help="Epochs a trial trains before the pruner may stop it [default: 1].")
-@click.option("--prune-factor", type=click.IntRange(min=2), help="asha/hyperband: about 1/F of the trials reaching a rung go on; rungs at MIN*F**k epochs [default: 3].")
-@click.option("--reeval-top", type=click.IntRange(min=0), default=_default("reeval_top"), show_default=True, help="After the search, re-train the K best configurations and export by mean objective.")
-@click.option("--reeval-seeds", type=click.IntRange(min=1), default=_default("reeval_seeds"), show_default=True, help="Seeds per re-evaluated configuration.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes sharing the study on this machine.")
-@click.option("--gpus", metavar="auto|0,1,...", help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.")
-@click.option("--recycle-mb", type=click.FloatRange(min=0), default=RECYCLE_MB, show_default=True, help="Restart a worker whose memory grew by this many MB since its first trial.")
-@click.option("--in-process", is_flag=True, help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).")
-@click.option("--worker-options", metavar="JSON", hidden=True, callback=_parse_worker_options, help="(internal) run as a worker of a launcher, with these RunOptions.")
+@click.option(
+    "--strategy",
+    metavar=f"[{'|'.join(STRATEGIES)}]",
+    help="How the params are picked (bayesian: Optuna's TPE) [default: the study's].",
+)
+@click.option(
+    "--trials", type=click.IntRange(min=1), help="Trials to complete [default: the study's]."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop starting trials after this many seconds.",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), help="Epochs per trial [default: the study's]."
+)
+@click.option(
+    "--seed", type=int, help="Seed for the sampler and the trials [default: the study's]."
+)
+@click.option(
+    "--subset",
+    metavar="TRAIN[,VAL]",
+    help="Use at most this many training (and validation) examples.",
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=1),
+    default=_default("max_failures"),
+    show_default=True,
+    help="Stop after this many failed trials in a row.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(backend.PRECISIONS),
+    default=_default("precision"),
+    show_default=True,
+    help="Keras dtype policy for the trials (mixed: 16-bit compute, float32 weights and output).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(engines.ENGINES),
+    default=_default("engine"),
+    show_default=True,
+    help="Who picks the params: Optuna's samplers or KerasTuner's oracles.",
+)
+@click.option(
+    "--pruner",
+    type=click.Choice(engines.PRUNERS),
+    default=_default("pruner"),
+    show_default=True,
+    help="Stop bad trials early after an epoch (Optuna engine).",
+)
+@click.option(
+    "--prune-min-epochs",
+    type=click.IntRange(min=1),
+    help="Epochs a trial trains before the pruner may stop it [default: 1].",
+)
+@click.option(
+    "--prune-factor",
+    type=click.IntRange(min=2),
+    help="asha/hyperband: about 1/F of the trials reaching a rung go on; rungs at MIN*F**k epochs [default: 3].",
+)
+@click.option(
+    "--reeval-top",
+    type=click.IntRange(min=0),
+    default=_default("reeval_top"),
+    show_default=True,
+    help="After the search, re-train the K best configurations and export by mean objective.",
+)
+@click.option(
+    "--reeval-seeds",
+    type=click.IntRange(min=1),
+    default=_default("reeval_seeds"),
+    show_default=True,
+    help="Seeds per re-evaluated configuration.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the study on this machine.",
+)
+@click.option(
+    "--gpus",
+    metavar="auto|0,1,...",
+    help="Pin one worker per GPU (CUDA_VISIBLE_DEVICES); sets --workers to the GPU count unless given.",
+)
+@click.option(
+    "--recycle-mb",
+    type=click.FloatRange(min=0),
+    default=RECYCLE_MB,
+    show_default=True,
+    help="Restart a worker whose memory grew by this many MB since its first trial.",
+)
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).",
+)
+@click.option(
+    "--worker-options",
+    metavar="JSON",
+    hidden=True,
+    callback=_parse_worker_options,
+    help="(internal) run as a worker of a launcher, with these RunOptions.",
+)
 @storage_option
 @tracking_option
 @data_dir_option
@@ -306,8 +396,15 @@ def _launch(flags: RunFlags) -> None:
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
     if flags.engine == "optuna" and not flags.in_process:
-        workers_mod.run(study, options, tracker, progress, workers=workers, gpus=gpus,
-                        worker_command=_worker_command(flags, options, workers))
+        workers_mod.run(
+            study,
+            options,
+            tracker,
+            progress,
+            workers=workers,
+            gpus=gpus,
+            worker_command=_worker_command(flags, options, workers),
+        )
     else:
         from searchlab import runner
 
@@ -358,8 +455,17 @@ def _worker_command(
             reeval_top=0,  # re-evaluation is the launcher's, once every worker has ended
         )
         verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
-        return [sys.executable, "-m", "searchlab.cli", *verbose, "run", study_file, *subset,
-                "--worker-options", worker.to_json()]
+        return [
+            sys.executable,
+            "-m",
+            "searchlab.cli",
+            *verbose,
+            "run",
+            study_file,
+            *subset,
+            "--worker-options",
+            worker.to_json(),
+        ]
 
     return command
 
@@ -396,7 +502,13 @@ def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> 
 
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model: a .h5 or .keras file.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the model: a .h5 or .keras file.",
+)
 @click.option("--trial", "number", type=int, help="Export this trial number instead of the best.")
 @storage_option
 @tracking_option
@@ -428,10 +540,28 @@ def export(
 
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV.")
-@click.option("--parquet", "parquet_path", type=click.Path(dir_okay=False), help="Also write the table as Parquet.")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), help="Write plots (PNG and HTML) into this folder and log them on the latest parent run.")
-@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True, help="Learning curves of this many best trials.")
+@click.option(
+    "--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV."
+)
+@click.option(
+    "--parquet",
+    "parquet_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the table as Parquet.",
+)
+@click.option(
+    "--plots",
+    "plots_dir",
+    type=click.Path(file_okay=False),
+    help="Write plots (PNG and HTML) into this folder and log them on the latest parent run.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Learning curves of this many best trials.",
+)
 @storage_option
 @tracking_option
 @friendly
@@ -477,7 +607,13 @@ def report(
 @main.command()
 @click.argument("study_file", required=False, type=click.Path(dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface the UI listens on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True, help="Port of the UI (0: any free port).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=5000,
+    show_default=True,
+    help="Port of the UI (0: any free port).",
+)
 @tracking_option
 @friendly
 def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -> None:

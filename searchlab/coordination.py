@@ -94,14 +94,15 @@ class StudyLock:
         self.study_name = study_name
         self.dialect = storage_url.split(":", 1)[0].split("+", 1)[0]
         if storage_url.startswith("sqlite:///"):
-            db = Path(storage_url[len("sqlite:///"):])
+            db = Path(storage_url[len("sqlite:///") :])
             self.path = db.with_name(f"{db.name}.{_digest(study_name)}.lock")
         else:
             self.path = lock_dir / f"study-{_digest(study_name)}.lock"
         if self.dialect not in ("sqlite", "postgresql"):
             log.warning(
                 "%s storage: claims are locked on this machine only; run workers on several "
-                "machines with a PostgreSQL storage", self.dialect,
+                "machines with a PostgreSQL storage",
+                self.dialect,
             )
 
     @contextlib.contextmanager
@@ -127,7 +128,9 @@ class StudyLock:
     def _pg_lock(self) -> Iterator[None]:
         import sqlalchemy
 
-        key = int.from_bytes(hashlib.sha256(self.study_name.encode()).digest()[:8], "big", signed=True)
+        key = int.from_bytes(
+            hashlib.sha256(self.study_name.encode()).digest()[:8], "big", signed=True
+        )
         with self.storage.engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
             conn.commit()
@@ -153,7 +156,9 @@ class Heartbeat:
         self.trial_id = trial_id
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"heartbeat-{trial_id}", daemon=True
+        )
 
     def start(self) -> Heartbeat:
         self._thread.start()
@@ -214,8 +219,10 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
         if PID_ATTR not in attrs:
             if locked:
                 reason = "interrupted: its worker died while claiming it"
-        elif attrs.get(HOST_ATTR) == me and attrs[PID_ATTR] != os.getpid() and not pid_alive(
-            int(attrs[PID_ATTR])
+        elif (
+            attrs.get(HOST_ATTR) == me
+            and attrs[PID_ATTR] != os.getpid()
+            and not pid_alive(int(attrs[PID_ATTR]))
         ):
             reason = f"interrupted: its worker ({_owner(trial)}) is gone (killed or crashed)"
         if reason and _fail(store.storage, trial_id, reason):

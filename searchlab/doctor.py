@@ -139,7 +139,7 @@ def check_stores(storage: str | None, tracking_uri: str | None) -> Iterator[Chec
 
 
 def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 def _check_optuna(url: str) -> Check:
@@ -154,11 +154,15 @@ def _check_optuna(url: str) -> Check:
         return Check("optuna storage", Status.FAIL, str(exc))
     except Exception as exc:
         return Check(
-            "optuna storage", Status.FAIL, f"{redact(url)} cannot be read: {type(exc).__name__}: {exc}"
+            "optuna storage",
+            Status.FAIL,
+            f"{redact(url)} cannot be read: {type(exc).__name__}: {exc}",
         )
     listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return Check(
-        "optuna storage", Status.OK, f"{redact(url)} ({len(names)} studies{': ' + listed if names else ''})"
+        "optuna storage",
+        Status.OK,
+        f"{redact(url)} ({len(names)} studies{': ' + listed if names else ''})",
     )
 
 

@@ -110,5 +110,10 @@ def export_model(
                 model.save(out)
         finally:
             absl.setLevel(level)
-    return {"path": str(out), "trial": trial.number, "value": trial.value, "run_id": run_id,
-            "params": dict(trial.params)}
+    return {
+        "path": str(out),
+        "trial": trial.number,
+        "value": trial.value,
+        "run_id": run_id,
+        "params": dict(trial.params),
+    }

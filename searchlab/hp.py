@@ -64,8 +64,9 @@ class HP:
     ) -> Any:  # the value, or None when inactive
         log = _log(name, sampling)
         param = Int(int(min_value), int(max_value), step=int(step or 1), log=log)
-        return self._value(name, param, min_value if default is None else default,
-                           parent_name, parent_values)
+        return self._value(
+            name, param, min_value if default is None else default, parent_name, parent_values
+        )
 
     def Float(  # noqa: N802
         self,
@@ -79,10 +80,15 @@ class HP:
         parent_values: Any = None,
     ) -> Any:  # the value, or None when inactive
         log = _log(name, sampling)
-        param = Float(float(min_value), float(max_value), log=log,
-                      step=float(step) if step is not None and not log else None)
-        return self._value(name, param, min_value if default is None else default,
-                           parent_name, parent_values)
+        param = Float(
+            float(min_value),
+            float(max_value),
+            log=log,
+            step=float(step) if step is not None and not log else None,
+        )
+        return self._value(
+            name, param, min_value if default is None else default, parent_name, parent_values
+        )
 
     def Choice(  # noqa: N802
         self,
@@ -94,8 +100,9 @@ class HP:
         parent_values: Any = None,
     ) -> Value:
         param = Choice(list(values))
-        return self._value(name, param, values[0] if default is None else default,
-                           parent_name, parent_values)
+        return self._value(
+            name, param, values[0] if default is None else default, parent_name, parent_values
+        )
 
     def Boolean(  # noqa: N802
         self,

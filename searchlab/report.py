@@ -110,7 +110,7 @@ def rows(results: Results) -> list[dict[str, Any]]:
         if run is not None:
             for key, value in sorted(run.tags.items()):
                 if key.startswith("searchlab.cache"):  # the feature cache, where a trial used it
-                    row[key[len("searchlab."):]] = value
+                    row[key[len("searchlab.") :]] = value
         out.append(row)
     return out
 

@@ -127,13 +127,18 @@ def open_session(
     tracker.connect()
     described = {**study.search_space.describe(), "_objective": study.objective}
     store = StudyStore.open(
-        study.name, options.storage, direction=study.direction, described=described,
+        study.name,
+        options.storage,
+        direction=study.direction,
+        described=described,
         sampler=engine.sampler(0),
     )
     store.use(engine.sampler(store.count()))
     engine.open(store)
     lock = coordination.StudyLock(
-        storage=store.storage, storage_url=options.storage, study_name=study.name,
+        storage=store.storage,
+        storage_url=options.storage,
+        study_name=study.name,
         lock_dir=config.home(),
     )
     info = session_info(study, options, target, engine, data_source)
@@ -153,18 +158,24 @@ def link_session(session: Session) -> None:
     session on the Optuna study."""
     tracker, store = session.tracker, session.store
     previous = tracker.previous_session(session.study.name)
-    tracker.tag_session({
-        "searchlab.host": coordination.hostname(),
-        "searchlab.pid": str(os.getpid()),
-        "searchlab.heartbeat": str(time.time()),
-        "searchlab.optuna_study_id": str(store.study_id),
-        "searchlab.resumed_with": str(session.finished_count()),
-        **({"searchlab.previous_session": previous} if previous else {}),
-    })
+    tracker.tag_session(
+        {
+            "searchlab.host": coordination.hostname(),
+            "searchlab.pid": str(os.getpid()),
+            "searchlab.heartbeat": str(time.time()),
+            "searchlab.optuna_study_id": str(store.study_id),
+            "searchlab.resumed_with": str(session.finished_count()),
+            **({"searchlab.previous_session": previous} if previous else {}),
+        }
+    )
     store.set_attr(
         f"searchlab.session.{session.run_id}",
-        {"host": coordination.hostname(), "pid": os.getpid(), "started": time.time(),
-         "tracking_uri": tracker.uri},
+        {
+            "host": coordination.hostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "tracking_uri": tracker.uri,
+        },
     )
 
 
@@ -316,9 +327,13 @@ def reevaluate(session: Session, spec: TrialSpec) -> None:
     options = session.options
     with tempfile.TemporaryDirectory(prefix="searchlab-reeval-") as tmp:
         reeval.reevaluate(
-            session.store, spec, session.tracker,
+            session.store,
+            spec,
+            session.tracker,
             trial_tags(session.study, options, session.engine.name),
-            options.reeval_top, options.reeval_seeds, Path(tmp),
+            options.reeval_top,
+            options.reeval_seeds,
+            Path(tmp),
         )
 
 
@@ -364,12 +379,18 @@ def work(
     baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
         while True:
-            if options.timeout is not None and time.monotonic() - session.started >= options.timeout:
+            if (
+                options.timeout is not None
+                and time.monotonic() - session.started >= options.timeout
+            ):
                 log.info("time budget of %ss reached", options.timeout)
                 return False
             done = session.finished_count()
             claimed = coordination.claim_trial(
-                session.store, session.lock, target=session.target, session=session.run_id,
+                session.store,
+                session.lock,
+                target=session.target,
+                session=session.run_id,
                 propose=lambda: session.engine.propose(session.store, session.run_id),
                 suggest=session.study.search_space.suggest,
             )

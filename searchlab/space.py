@@ -91,8 +91,10 @@ class Int:
         return isinstance(value, int) and self.low <= value <= self.high
 
     def describe(self) -> str:
-        return f"int [{self.low}, {self.high}]" + (" log" if self.log else "") + (
-            f" step {self.step}" if self.step != 1 else ""
+        return (
+            f"int [{self.low}, {self.high}]"
+            + (" log" if self.log else "")
+            + (f" step {self.step}" if self.step != 1 else "")
         )
 
 

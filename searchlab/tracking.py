@@ -148,7 +148,7 @@ def client(uri: str) -> Any:
 
     try:
         if uri.startswith("sqlite:///"):
-            path = Path(uri[len("sqlite:///"):])
+            path = Path(uri[len("sqlite:///") :])
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 _copy_empty_store(path)
@@ -231,7 +231,7 @@ def local_path(uri: str) -> Path | None:
     """The file or folder a local tracking URI names (``sqlite:///f.db``, ``file:///d``, ``d``)."""
     parsed = urllib.parse.urlparse(uri)
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
+        return Path(uri[len("sqlite:///") :])
     if parsed.scheme == "file":
         return Path(urllib.parse.unquote(parsed.path))
     if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive)
@@ -256,8 +256,20 @@ def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> li
     """The ``mlflow ui`` command line that serves the tracking store ``uri``."""
     import sys
 
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port), "--workers", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if artifact_root is not None:
         argv += ["--default-artifact-root", artifact_root.resolve().as_uri()]
     return argv
@@ -351,7 +363,9 @@ class MlflowTracker:
         run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self._session_id = run.info.run_id
         self._open.add(self._session_id)
-        params = [Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()]
+        params = [
+            Param(f"space.{k}", _short(v, MAX_PARAM)) for k, v in info.get("space", {}).items()
+        ]
         # session settings that are not searched (e.g. precision) are params of the parent run
         params += [Param(k, _short(v, MAX_PARAM)) for k, v in info.get("run_params", {}).items()]
         if params:
@@ -665,8 +679,13 @@ class MemoryTracker:
     def _new(self, name: str, tags: Mapping[str, str], run_name: str) -> str:
         run_id = f"run{len(self.records):04d}"
         self.records[run_id] = {
-            "experiment": name, "name": run_name, "status": "RUNNING", "start": time.time(),
-            "tags": dict(tags), "params": {}, "metrics": {},
+            "experiment": name,
+            "name": run_name,
+            "status": "RUNNING",
+            "start": time.time(),
+            "tags": dict(tags),
+            "params": {},
+            "metrics": {},
         }
         self._open.add(run_id)
         return run_id
@@ -674,8 +693,9 @@ class MemoryTracker:
     def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         self._experiment = name
         tags = {"searchlab.study": name, "searchlab.role": "session"}
-        tags.update({f"searchlab.{k}": str(v) for k, v in info.items()
-                     if k not in ("space", "run_params")})
+        tags.update(
+            {f"searchlab.{k}": str(v) for k, v in info.items() if k not in ("space", "run_params")}
+        )
         self._session_id = self._new(name, tags, f"{name}-session")
         self.events.append(("start_session", self._session_id))
         return self._session_id
@@ -690,8 +710,11 @@ class MemoryTracker:
             self.records[self._session_id]["tags"].update({k: str(v) for k, v in tags.items()})
 
     def previous_session(self, name: str) -> str | None:
-        earlier = [r.run_id for r in self.runs(name) if r.tags.get("searchlab.role") == "session"
-                   and r.run_id != self._session_id]
+        earlier = [
+            r.run_id
+            for r in self.runs(name)
+            if r.tags.get("searchlab.role") == "session" and r.run_id != self._session_id
+        ]
         return earlier[-1] if earlier else None
 
     def reconcile(
@@ -727,8 +750,12 @@ class MemoryTracker:
         run_name: str | None = None,
     ) -> str:
         assert self._session_id is not None and self._experiment is not None
-        all_tags = {"mlflow.parentRunId": self._session_id, "searchlab.trial": str(number),
-                    "searchlab.state": "running", **tags}
+        all_tags = {
+            "mlflow.parentRunId": self._session_id,
+            "searchlab.trial": str(number),
+            "searchlab.state": "running",
+            **tags,
+        }
         run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
         self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
         self.events.append(("start_trial", run_id, str(number)))
@@ -778,8 +805,15 @@ class MemoryTracker:
 
     def runs(self, name: str) -> list[RunRecord]:
         return [
-            RunRecord(run_id=k, name=r["name"], status=r["status"], start_time=r["start"],
-                      tags=dict(r["tags"]), params=dict(r["params"]),
-                      metrics={m: v[-1][1] for m, v in r["metrics"].items()})
-            for k, r in self.records.items() if r["experiment"] == name
+            RunRecord(
+                run_id=k,
+                name=r["name"],
+                status=r["status"],
+                start_time=r["start"],
+                tags=dict(r["tags"]),
+                params=dict(r["params"]),
+                metrics={m: v[-1][1] for m, v in r["metrics"].items()},
+            )
+            for k, r in self.records.items()
+            if r["experiment"] == name
         ]

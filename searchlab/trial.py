@@ -277,8 +277,9 @@ def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec) -> _Plan:
     transfer = build if isinstance(build, cache.TransferBuilder) else None
     on_features = None
     if transfer is not None:  # this may build the template, drawing random numbers
-        on_features = cache.plan_trial(transfer, params, info, spec.epochs, spec.data,
-                                       cache.default_cache())
+        on_features = cache.plan_trial(
+            transfer, params, info, spec.epochs, spec.data, cache.default_cache()
+        )
     _seed(spec, number)  # so after planning: the same streams for a model with and without one
     if transfer is not None and on_features is not None:
         return _SuffixPlan(transfer, params, info, on_features)
@@ -318,8 +319,16 @@ def _fit_phases(
             plan.built(phase)
         # on features the steps are small: fit's input pipeline would cost more than they do
         fit = _keras_fit if step.cut is None else backend.fit_arrays
-        fit(step.model, step.x, data.y_train, (step.x_val, data.y_val), batch_size=batch_size,
-            initial_epoch=epoch, epochs=epoch + epochs, callbacks=[monitor])
+        fit(
+            step.model,
+            step.x,
+            data.y_train,
+            (step.x_val, data.y_val),
+            batch_size=batch_size,
+            initial_epoch=epoch,
+            epochs=epoch + epochs,
+            callbacks=[monitor],
+        )
         epoch += epochs
         if monitor.bad_loss:
             break
@@ -337,8 +346,16 @@ def _keras_fit(
     callbacks: list[Any],
 ) -> None:
     """``model.fit`` with ``backend.fit_arrays``'s signature."""
-    model.fit(x, y, validation_data=validation_data, initial_epoch=initial_epoch, epochs=epochs,
-              batch_size=batch_size, callbacks=callbacks, verbose=0)
+    model.fit(
+        x,
+        y,
+        validation_data=validation_data,
+        initial_epoch=initial_epoch,
+        epochs=epochs,
+        batch_size=batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
 
 
 def _tag_phase(tags: dict[str, str], phase: int, step: _Step, sources: list[str]) -> None:
@@ -448,8 +465,9 @@ class _CompletePlan(_Plan):
     inputs, or, with the feature cache on, its part after the deepest frozen prefix
     (``cache.suffix_model``: the same layers) on the prefix's features, when they fit."""
 
-    def __init__(self, build: cache.TransferBuilder, params: Mapping[str, Any], model: Any,
-                 epochs: int) -> None:
+    def __init__(
+        self, build: cache.TransferBuilder, params: Mapping[str, Any], model: Any, epochs: int
+    ) -> None:
         self.build, self.params, self.model = build, params, model
         self.store = cache.default_cache()
         self.valid = cache.cut_points(model)  # before any part of it adds nodes to its layers
@@ -460,13 +478,19 @@ class _CompletePlan(_Plan):
         self.build.freeze(self.model, self.phases[phase][1])
         cut = cache.plan_cut(self.model, self.valid) if self.build.feature_cache else None
         if cut is not None and not self.store.fits(cut, data):
-            return _Step(self.model, data.x_train, data.x_val,
-                         note="features larger than the memory bound")
+            return _Step(
+                self.model, data.x_train, data.x_val, note="features larger than the memory bound"
+            )
         if cut is None:
             return _Step(self.model, data.x_train, data.x_val)
         feats = self.store.features(self.model, cut, data)
-        return _Step(cache.suffix_model(self.model, cut), feats.x_train, feats.x_val, cut,
-                     f"{cut.name}:{feats.source.value}")
+        return _Step(
+            cache.suffix_model(self.model, cut),
+            feats.x_train,
+            feats.x_val,
+            cut,
+            f"{cut.name}:{feats.source.value}",
+        )
 
     def ready(self, phase: int, step: _Step) -> _Ready:
         self.build.compile(step.model, self.params, self.phases[phase][2])
@@ -480,8 +504,13 @@ class _SuffixPlan(_Plan):
     model is the builder's suffix from the plan's shallowest cut -- new, or a compiled one an
     earlier trial of the same structure gave back -- and only its weights are saved."""
 
-    def __init__(self, build: cache.TransferBuilder, params: Mapping[str, Any], info: DataInfo,
-                 cached: cache.Plan) -> None:
+    def __init__(
+        self,
+        build: cache.TransferBuilder,
+        params: Mapping[str, Any],
+        info: DataInfo,
+        cached: cache.Plan,
+    ) -> None:
         self.build, self.params, self.cached = build, params, cached
         self.store = cache.default_cache()
         self.suffix = cache.training_suffix(build, params, info, cached)
@@ -495,8 +524,13 @@ class _SuffixPlan(_Plan):
         self.build.freeze(self.model, self.phases[phase][1])
         cut, template = self.cached.cuts[phase], self.cached.template
         feats = self.store.features(template.model, cut, data, key=template.key(cut, data))
-        return _Step(self.suffix.phase_model(self.cached, phase), feats.x_train, feats.x_val,
-                     cut, f"{cut.name}:{feats.source.value}")
+        return _Step(
+            self.suffix.phase_model(self.cached, phase),
+            feats.x_train,
+            feats.x_val,
+            cut,
+            f"{cut.name}:{feats.source.value}",
+        )
 
     def ready(self, phase: int, step: _Step) -> _Ready:
         lr_factor = self.phases[phase][2]
@@ -518,9 +552,11 @@ class _SuffixPlan(_Plan):
         fingerprint = self.cached.template.fingerprint(base)
         path = workdir / SUFFIX_WEIGHTS_FILE
         cache.save_suffix(self.model, path, base, fingerprint)
-        return path, {"searchlab.weights_form": "suffix",
-                      "searchlab.weights_prefix_layer": base.name,
-                      "searchlab.weights_prefix_fingerprint": fingerprint}
+        return path, {
+            "searchlab.weights_form": "suffix",
+            "searchlab.weights_prefix_layer": base.name,
+            "searchlab.weights_prefix_fingerprint": fingerprint,
+        }
 
 
 def weights_file(path: Path) -> Path:

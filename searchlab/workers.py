@@ -87,7 +87,10 @@ def detect_gpus() -> list[str]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -133,8 +136,9 @@ def run(
     del loaded
     data_mod.forget()
     if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
-        tracker.tag_session({"searchlab.workers": str(workers),
-                                  "searchlab.gpus": ",".join(gpus) if gpus else ""})
+        tracker.tag_session(
+            {"searchlab.workers": str(workers), "searchlab.gpus": ",".join(gpus) if gpus else ""}
+        )
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     procs: list[subprocess.Popen[bytes]] = []
@@ -190,9 +194,7 @@ def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | Non
     return lines[-1] if lines else None
 
 
-def _relay(
-    source: IO[bytes], target: IO[str], errors: list[str] | None = None
-) -> threading.Thread:
+def _relay(source: IO[bytes], target: IO[str], errors: list[str] | None = None) -> threading.Thread:
     """Copy a worker's output to this process's ``target`` stream, line by line.  With
     ``errors``, the worker's ``error: ...`` lines are kept there instead of printed: the
     launcher says them once, as its own error."""
@@ -202,7 +204,7 @@ def _relay(
             for raw in iter(source.readline, b""):
                 line = raw.decode("utf-8", errors="replace")
                 if errors is not None and line.startswith("error: "):
-                    errors.append(line[len("error: "):].strip())
+                    errors.append(line[len("error: ") :].strip())
                     continue
                 try:
                     target.write(line)
@@ -252,7 +254,9 @@ def _wait(
     while True:
         for index, p in enumerate(procs):
             if p.poll() == RECYCLE:
-                log.info("worker %s recycled itself to free memory; starting a fresh one", index + 1)
+                log.info(
+                    "worker %s recycled itself to free memory; starting a fresh one", index + 1
+                )
                 procs[index] = start(index)
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, RECYCLE)]

@@ -77,5 +77,8 @@ def mlflow_runs(uri: str, experiment: str) -> list:
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return list(c.search_runs([exp.experiment_id], max_results=50_000,
-                              order_by=["attributes.start_time ASC"]))
+    return list(
+        c.search_runs(
+            [exp.experiment_id], max_results=50_000, order_by=["attributes.start_time ASC"]
+        )
+    )

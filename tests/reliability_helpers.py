@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 #: A grid of 6 points on 300 MNIST examples, 1 epoch.  With $SEARCHLAB_TEST_HANG set to a
 #: path, the first training batch writes that file and then sleeps: the test knows the
 #: process is inside ``model.fit`` and kills or interrupts it there.
-STUDY = '''
+STUDY = """
 import os
 import time
 from pathlib import Path
@@ -69,7 +69,7 @@ study = Study(
     epochs=1,
     batch_size=100,
 )
-'''
+"""
 GRID_SIZE = 6
 
 
@@ -109,8 +109,13 @@ class Session:
     def __init__(self, cmd: list[str], env: Mapping[str, str], cwd: Path) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            cmd, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, preexec_fn=_default_sigint,  # noqa: PLW1509 - only resets a signal
+            cmd,
+            env=dict(env),
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_default_sigint,  # noqa: PLW1509 - only resets a signal
         )
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -200,7 +205,8 @@ def check_consistent(
     sessions = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
     for t in complete:
         mine = [
-            r for r in trial_runs
+            r
+            for r in trial_runs
             if r.data.tags["searchlab.trial"] == str(t.number) and r.info.status == "FINISHED"
         ]
         assert len(mine) == 1, f"trial {t.number}: {len(mine)} FINISHED runs"
@@ -245,8 +251,12 @@ def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]
     got = []
     for _ in range(claims):
         claimed = coordination.claim_trial(
-            store, lock, target=None, session="w",
-            propose=lambda: propose_grid(store, grid, "w"), suggest=suggest,
+            store,
+            lock,
+            target=None,
+            session="w",
+            propose=lambda: propose_grid(store, grid, "w"),
+            suggest=suggest,
         )
         assert claimed.trial is not None
         value = claimed.params["a"]

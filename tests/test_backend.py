@@ -168,8 +168,15 @@ def _fit_counting_traces(build_first: bool) -> tuple[keras.Model, list[float], i
         assert model.optimizer.built and model.optimizer.variables
         assert (random.getstate(), np.random.get_state()[1].tolist()) == streams
         assert traces == []  # nothing traced yet: the build is symbolic
-    history = model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                        epochs=2, batch_size=16, verbose=0, shuffle=True)
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        validation_data=(data.x_val, data.y_val),
+        epochs=2,
+        batch_size=16,
+        verbose=0,
+        shuffle=True,
+    )
     return model, history.history["val_loss"] + history.history["loss"], len(traces)
 
 
@@ -179,9 +186,11 @@ def test_build_for_fit_builds_before_fit_without_drawing_random_numbers() -> Non
     assert traces >= 1 and int(model.optimizer.iterations) == 8  # and fit trains it after
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="on JAX and torch fit's own build draws one more shuffle than a "
-                    "built model's fit does, so the numbers differ by design (build_for_fit)")
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="on JAX and torch fit's own build draws one more shuffle than a "
+    "built model's fit does, so the numbers differ by design (build_for_fit)",
+)
 def test_build_for_fit_traces_once_and_changes_no_result() -> None:
     model, built_first, traces = _fit_counting_traces(build_first=True)
     _, plain, plain_traces = _fit_counting_traces(build_first=False)
@@ -196,7 +205,9 @@ def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch)
 
     copies = []
     get_weights = keras.Model.get_weights
-    monkeypatch.setattr(keras.Model, "get_weights", lambda self: (copies.append(1), get_weights(self))[1])
+    monkeypatch.setattr(
+        keras.Model, "get_weights", lambda self: (copies.append(1), get_weights(self))[1]
+    )
     spec = TrialSpec(build=dense_classifier, data=_tiny_data(), epochs=3)
     params = {"units": 8, "batch_size": 16}
 
@@ -252,18 +263,34 @@ def _fit_with(fit_arrays: bool, initial_epoch: int, stop_after: int | None):
     # as a trial does: fit_arrays runs its own loop only once the optimizer is built
     backend.build_for_fit(model, data.x_train, data.y_train, 12)
     if fit_arrays:
-        backend.fit_arrays(model, data.x_train, data.y_train, (data.x_val, data.y_val),
-                           batch_size=12, initial_epoch=initial_epoch, epochs=3,
-                           callbacks=[calls])
+        backend.fit_arrays(
+            model,
+            data.x_train,
+            data.y_train,
+            (data.x_val, data.y_val),
+            batch_size=12,
+            initial_epoch=initial_epoch,
+            epochs=3,
+            callbacks=[calls],
+        )
     else:
-        model.fit(data.x_train, data.y_train, validation_data=(data.x_val, data.y_val),
-                  batch_size=12, initial_epoch=initial_epoch, epochs=3, callbacks=[calls],
-                  verbose=0)
+        model.fit(
+            data.x_train,
+            data.y_train,
+            validation_data=(data.x_val, data.y_val),
+            batch_size=12,
+            initial_epoch=initial_epoch,
+            epochs=3,
+            callbacks=[calls],
+            verbose=0,
+        )
     return model, calls.calls
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="fit_arrays is model.fit on this backend: nothing to compare")
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="fit_arrays is model.fit on this backend: nothing to compare",
+)
 @pytest.mark.parametrize(("initial_epoch", "stop_after"), [(0, None), (1, None), (0, 5)])
 def test_fit_arrays_ends_where_fit_ends(initial_epoch: int, stop_after: int | None) -> None:
     """Same seed, same shuffled batches, steps, metrics and callback calls as ``fit`` (it runs
@@ -279,19 +306,23 @@ def test_fit_arrays_ends_where_fit_ends(initial_epoch: int, stop_after: int | No
     assert int(ours.optimizer.iterations) == int(keras_model.optimizer.iterations) > 0
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                    reason="predict_arrays is model.predict on this backend: nothing to compare")
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="predict_arrays is model.predict on this backend: nothing to compare",
+)
 @pytest.mark.parametrize("dtype", ["uint8", "float64"])
 def test_predict_arrays_returns_what_predict_returns(dtype: str) -> None:
     """Same graph, same numbers, whatever the batch split (a partial last batch here) and
     the input dtype (predict casts floats to Keras's float type, not integers)."""
     keras.utils.set_random_seed(2)
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Rescaling(1 / 255),
-        keras.layers.Conv2D(4, 3, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    )
     x = (np.random.default_rng(0).random((37, 8, 8, 3)) * 255).astype(dtype)
     ours = backend.predict_arrays(model, x, 16)
     assert hasattr(model, "_searchlab_predict_step")  # its own traced step ran, not predict

@@ -98,8 +98,11 @@ def test_features_larger_than_the_memory_bound_are_not_cached():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer, matmul", [("sgd", True), ("adam", False)],
-                         ids=["sgd-matmul-convs", "adam-backend-convs"])
+@pytest.mark.parametrize(
+    "optimizer, matmul",
+    [("sgd", True), ("adam", False)],
+    ids=["sgd-matmul-convs", "adam-backend-convs"],
+)
 def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
     project: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str, matmul: bool
 ):
@@ -116,8 +119,13 @@ def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
     if not matmul:
         monkeypatch.setattr(transfer_mod, "MATMUL_CONV_MAX_POSITIONS", 0)
     data = load(Dataset("cifar10", subset={"train": 64, "val": 32}, scale=False), data_dir)
-    params = {"frozen_layers": 14, "head_width": 32, "dropout": 0.3, "learning_rate": 1e-3,
-              "batch_size": 16}
+    params = {
+        "frozen_layers": 14,
+        "head_width": 32,
+        "dropout": 0.3,
+        "learning_rate": 1e-3,
+        "batch_size": 16,
+    }
     results = {}
     for use_cache in (True, False):
         build = Transfer("vgg16", weights=None, cache=use_cache, optimizer=optimizer)
@@ -125,7 +133,9 @@ def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
         results[use_cache] = run_trial(3, params, spec, project / f"t{use_cache}")
     on, off = results[True], results[False]
     assert on.state is off.state is TrialState.COMPLETE, (on.error, off.error)
-    assert on.tags["searchlab.cache"] == "used" and on.tags["searchlab.cache_layer"] == "block4_pool"
+    assert (
+        on.tags["searchlab.cache"] == "used" and on.tags["searchlab.cache_layer"] == "block4_pool"
+    )
     assert off.tags["searchlab.cache"] == "off"
     # On a CPU block5's 2x2 convolutions train as matrix products (MatmulConv2D).
     if matmul:
@@ -148,7 +158,9 @@ def test_a_trial_on_the_cache_ends_like_the_same_trial_without_it(
     reloaded = keras.models.load_model(path)  # plain Keras, no custom objects
     np.testing.assert_allclose(reloaded.predict(data.x_val, verbose=0), probs, rtol=1e-4, atol=1e-6)
     reference = load_trained(build, params, info_of(data), off.weights_path)
-    np.testing.assert_allclose(reference.predict(data.x_val, verbose=0), probs, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        reference.predict(data.x_val, verbose=0), probs, rtol=1e-3, atol=1e-5
+    )
 
 
 def _images(n_train: int = 24, n_val: int = 12, seed: int = 0) -> Data:
@@ -184,8 +196,9 @@ def test_a_cached_trial_saves_only_the_suffix_and_loads_as_the_complete_model(
     assert first.state is TrialState.COMPLETE, first.error
     built = []
     original = Transfer.build_uncompiled
-    monkeypatch.setattr(Transfer, "build_uncompiled",
-                        lambda self, *a: built.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        Transfer, "build_uncompiled", lambda self, *a: built.append(1) or original(self, *a)
+    )
     result = run_trial(1, params, spec, project / "t1")
     assert result.state is TrialState.COMPLETE, result.error
     assert built == []  # the template of the first trial served the second
@@ -204,13 +217,18 @@ def test_a_cached_trial_saves_only_the_suffix_and_loads_as_the_complete_model(
     assert _accuracy(full, data) == pytest.approx(result.value, abs=1e-6)
     path = project / "best.keras"
     full.save(path)
-    np.testing.assert_allclose(keras.models.load_model(path, compile=False).predict(data.x_val, verbose=0),
-                               full.predict(data.x_val, verbose=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.models.load_model(path, compile=False).predict(data.x_val, verbose=0),
+        full.predict(data.x_val, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     # Another backbone (another seed): the fingerprint no longer matches, and it says so.
     with pytest.raises(StudyDefinitionError, match="fingerprint"):
-        load_trained(Transfer("vgg16", weights=None, seed=1), params, info_of(data),
-                     result.weights_path)
+        load_trained(
+            Transfer("vgg16", weights=None, seed=1), params, info_of(data), result.weights_path
+        )
 
 
 def test_an_uncached_trial_saves_the_complete_model(project: Path):
@@ -273,12 +291,18 @@ def test_a_reset_suffix_starts_where_a_new_one_starts():
     assert random.random() == after_reset  # the head's seed is the one draw that matters
     assert len(used.variables) == len(new.variables)
     for a, b in zip(used.variables, new.variables, strict=True):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
-                                      keras.ops.convert_to_numpy(b), err_msg=a.path)
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b), err_msg=a.path
+        )
     dropout = new.get_layer("head_dropout")
     assert dropout.get_weights() == [] and dropout.rate == 0.4
     assert [layer.name for layer in used.layers if layer.weights] == [
-        "block5_conv1", "block5_conv2", "block5_conv3", "head_dense", "classes"]
+        "block5_conv1",
+        "block5_conv2",
+        "block5_conv3",
+        "head_dense",
+        "classes",
+    ]
 
 
 def test_the_pool_keeps_the_most_recently_used_suffixes():
@@ -300,8 +324,9 @@ class _PruneAtOnce:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fine_tune", [None, FineTune(head_epochs=1, epochs=1)],
-                         ids=["one-phase", "two-phase"])
+@pytest.mark.parametrize(
+    "fine_tune", [None, FineTune(head_epochs=1, epochs=1)], ids=["one-phase", "two-phase"]
+)
 def test_cached_trials_reuse_one_compiled_suffix_and_end_as_on_a_new_one(
     project: Path, fine_tune: FineTune | None
 ):
@@ -310,18 +335,29 @@ def test_cached_trials_reuse_one_compiled_suffix_and_end_as_on_a_new_one(
     suffix (block5 and the head); the last ends exactly where it ends on a new suffix."""
     data = _images()
     build = Transfer("vgg16", weights=None, fine_tune=fine_tune)
-    first = {"frozen_layers": 14, "head_width": 8, "dropout": 0.0, "learning_rate": 1e-3,
-             "batch_size": 8}
+    first = {
+        "frozen_layers": 14,
+        "head_width": 8,
+        "dropout": 0.0,
+        "learning_rate": 1e-3,
+        "batch_size": 8,
+    }
     last = {**first, "dropout": 0.5, "learning_rate": 3e-3, "batch_size": 6}
     spec = TrialSpec(build=build, data=data, epochs=2, seed=5)
     cache._SUFFIXES.clear()
 
-    runs = [run_trial(0, first, spec, project / "t0"),
-            run_trial(1, {**first, "learning_rate": float("nan")}, spec, project / "t1"),
-            run_trial(2, first, spec, project / "t2", on_epoch=_PruneAtOnce()),
-            run_trial(3, last, spec, project / "t3")]
-    assert [r.state for r in runs] == [TrialState.COMPLETE, TrialState.FAILED,
-                                       TrialState.PRUNED, TrialState.COMPLETE], runs[1].error
+    runs = [
+        run_trial(0, first, spec, project / "t0"),
+        run_trial(1, {**first, "learning_rate": float("nan")}, spec, project / "t1"),
+        run_trial(2, first, spec, project / "t2", on_epoch=_PruneAtOnce()),
+        run_trial(3, last, spec, project / "t3"),
+    ]
+    assert [r.state for r in runs] == [
+        TrialState.COMPLETE,
+        TrialState.FAILED,
+        TrialState.PRUNED,
+        TrialState.COMPLETE,
+    ], runs[1].error
     assert "NaN" in runs[1].error
     assert [r.tags["searchlab.suffix_reused"] for r in runs] == ["false", "true", "true", "true"]
 

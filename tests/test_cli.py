@@ -32,17 +32,31 @@ study = Study(name="wiring", space={"units": Int(1, 4)}, model=build,
 
 # Every field differs from its default, so a field the JSON drops or mangles shows.
 EVERY_FIELD = RunOptions(
-    strategy="gp", trials=7, timeout=12.5, epochs=9, seed=42,
-    storage="postgresql://u:secret@db/s", data_dir="/data", engine="keras-tuner",
-    max_failures=2, precision="mixed_bfloat16", pruner="asha", prune_min_epochs=2,
-    prune_factor=4, reeval_top=3, reeval_seeds=5, parent_run_id="abc123", worker="2/3",
+    strategy="gp",
+    trials=7,
+    timeout=12.5,
+    epochs=9,
+    seed=42,
+    storage="postgresql://u:secret@db/s",
+    data_dir="/data",
+    engine="keras-tuner",
+    max_failures=2,
+    precision="mixed_bfloat16",
+    pruner="asha",
+    prune_min_epochs=2,
+    prune_factor=4,
+    reeval_top=3,
+    reeval_seeds=5,
+    parent_run_id="abc123",
+    worker="2/3",
     recycle_mb=64.0,
 )
 
 
 def test_run_options_round_trip_every_field() -> None:
-    defaults = RunOptions(strategy="random", trials=None, timeout=None, epochs=1, seed=0,
-                          storage="sqlite:///x.db")
+    defaults = RunOptions(
+        strategy="random", trials=None, timeout=None, epochs=1, seed=0, storage="sqlite:///x.db"
+    )
     for field in dataclasses.fields(RunOptions):  # a new field must be added above too
         assert getattr(EVERY_FIELD, field.name) != getattr(defaults, field.name), field.name
     back = RunOptions.from_json(EVERY_FIELD.to_json())
@@ -71,8 +85,12 @@ def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     """A study file, and ``searchlab run`` with the runner, the launcher and MLflow
     replaced by recorders: what each was handed is in ``calls``."""
     monkeypatch.chdir(tmp_path)
-    for name in ("SEARCHLAB_STORAGE", "MLFLOW_TRACKING_URI", "SEARCHLAB_DATA_DIR",
-                 workers_mod.LAUNCHER_ENV):
+    for name in (
+        "SEARCHLAB_STORAGE",
+        "MLFLOW_TRACKING_URI",
+        "SEARCHLAB_DATA_DIR",
+        workers_mod.LAUNCHER_ENV,
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
     (tmp_path / "study.py").write_text(STUDY)
@@ -91,8 +109,7 @@ def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     monkeypatch.setattr(cli, "_tracker", lambda uri: SimpleNamespace(uri=uri or "sqlite:///home"))
 
     def invoke(*args: Any, env: dict[str, str] | None = None):
-        return CliRunner().invoke(cli.main, [str(a) for a in args], env=env,
-                                  catch_exceptions=False)
+        return CliRunner().invoke(cli.main, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return SimpleNamespace(calls=calls, invoke=invoke, path=tmp_path)
 
@@ -101,19 +118,62 @@ def test_a_worker_gets_the_launchers_options_and_no_password(wiring: SimpleNames
     storage = "postgresql://u:secret@db:5432/optuna"
     tracking = "http://user:hidden@mlflow:5000"
     result = wiring.invoke(
-        "run", "study.py", "--workers", 2, "--strategy", "random", "--trials", 5,
-        "--timeout", 30, "--epochs", 3, "--seed", 7, "--subset", "100,50",
-        "--max-failures", 2, "--precision", "mixed_float16", "--pruner", "asha",
-        "--prune-min-epochs", 1, "--prune-factor", 2, "--reeval-top", 2, "--reeval-seeds", 4,
-        "--recycle-mb", 50, "--data-dir", wiring.path,
-        "--storage", storage, "--tracking-uri", tracking,
+        "run",
+        "study.py",
+        "--workers",
+        2,
+        "--strategy",
+        "random",
+        "--trials",
+        5,
+        "--timeout",
+        30,
+        "--epochs",
+        3,
+        "--seed",
+        7,
+        "--subset",
+        "100,50",
+        "--max-failures",
+        2,
+        "--precision",
+        "mixed_float16",
+        "--pruner",
+        "asha",
+        "--prune-min-epochs",
+        1,
+        "--prune-factor",
+        2,
+        "--reeval-top",
+        2,
+        "--reeval-seeds",
+        4,
+        "--recycle-mb",
+        50,
+        "--data-dir",
+        wiring.path,
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking,
     )
     assert result.exit_code == 0, result.output
     launcher = wiring.calls["launcher"]
     assert launcher == RunOptions(
-        strategy="random", trials=5, timeout=30.0, epochs=3, seed=7, storage=storage,
-        data_dir=str(wiring.path), max_failures=2, precision="mixed_float16", pruner="asha",
-        prune_min_epochs=1, prune_factor=2, reeval_top=2, reeval_seeds=4,
+        strategy="random",
+        trials=5,
+        timeout=30.0,
+        epochs=3,
+        seed=7,
+        storage=storage,
+        data_dir=str(wiring.path),
+        max_failures=2,
+        precision="mixed_float16",
+        pruner="asha",
+        prune_min_epochs=1,
+        prune_factor=2,
+        reeval_top=2,
+        reeval_seeds=4,
     )
     assert wiring.calls["workers"] == 2
 
@@ -121,11 +181,15 @@ def test_a_worker_gets_the_launchers_options_and_no_password(wiring: SimpleNames
     assert argv[1:3] == ["-m", "searchlab.cli"]
     assert not any("secret" in a or "hidden" in a for a in argv), argv
     # the worker's environment carries the stores' URLs (workers.worker_env)
-    result = wiring.invoke(*argv[3:], env={"SEARCHLAB_STORAGE": storage,
-                                          "MLFLOW_TRACKING_URI": tracking})
+    result = wiring.invoke(
+        *argv[3:], env={"SEARCHLAB_STORAGE": storage, "MLFLOW_TRACKING_URI": tracking}
+    )
     assert result.exit_code == 0, result.output
     assert wiring.calls["engine"] == dataclasses.replace(
-        launcher, parent_run_id="parent-run-id", worker="2/2", recycle_mb=50.0,
+        launcher,
+        parent_run_id="parent-run-id",
+        worker="2/2",
+        recycle_mb=50.0,
         reeval_top=0,  # the launcher re-evaluates, after the workers
     )
     assert wiring.calls["tracker_uri"] == tracking
@@ -149,8 +213,11 @@ def test_a_bad_worker_options_json_is_a_usage_error(wiring: SimpleNamespace) -> 
 
 
 def test_environment_variables_stand_in_for_the_flags(wiring: SimpleNamespace) -> None:
-    env = {"SEARCHLAB_STORAGE": "sqlite:///from-env.db", "MLFLOW_TRACKING_URI": "sqlite:///t.db",
-           "SEARCHLAB_DATA_DIR": str(wiring.path)}
+    env = {
+        "SEARCHLAB_STORAGE": "sqlite:///from-env.db",
+        "MLFLOW_TRACKING_URI": "sqlite:///t.db",
+        "SEARCHLAB_DATA_DIR": str(wiring.path),
+    }
     result = wiring.invoke("run", "study.py", "--in-process", env=env)
     assert result.exit_code == 0, result.output
     options = wiring.calls["engine"]
@@ -164,7 +231,9 @@ def test_environment_variables_stand_in_for_the_flags(wiring: SimpleNamespace) -
     assert "compare them with: searchlab ui study.py\n" in result.output
 
     result = wiring.invoke("run", "study.py", "--in-process", "--tracking-uri", "sqlite:///t.db")
-    assert "compare them with: searchlab ui study.py --tracking-uri sqlite:///t.db\n" in result.output
+    assert (
+        "compare them with: searchlab ui study.py --tracking-uri sqlite:///t.db\n" in result.output
+    )
 
 
 def test_without_flags_or_environment_the_home_folder_holds_the_storage(
@@ -191,4 +260,3 @@ def test_choices_are_the_libraries_own() -> None:
     assert params["strategy"].metavar == f"[{'|'.join(STRATEGIES)}]"
     for name in ("precision", "engine", "pruner", "max_failures", "reeval_top", "reeval_seeds"):
         assert params[name].default == RunOptions.__dataclass_fields__[name].default, name
-

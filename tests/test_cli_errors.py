@@ -111,7 +111,9 @@ def test_missing_data(cli, project: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty-data"
     empty.mkdir()
     line = one_error_line(cli("run", MNIST, "--data-dir", empty, "--trials", "1"))
-    assert "'mnist' not found locally" in line and "Put mnist.npz (with" in line and str(empty) in line
+    assert (
+        "'mnist' not found locally" in line and "Put mnist.npz (with" in line and str(empty) in line
+    )
     assert not (project / ".searchlab").exists()
 
 
@@ -172,7 +174,9 @@ def test_help_on_every_command() -> None:
 
     out = subprocess.run(  # the module entry point, as `searchlab --help` runs it
         [sys.executable, "-m", "searchlab.cli", "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert out.startswith("Usage: ")
     assert len(main.commands) >= 5

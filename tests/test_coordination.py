@@ -38,7 +38,10 @@ def claim(study, lock, *, target, grid, session):
     (or the sampler's pick), the param ``a`` suggested under the lock."""
     store = StudyStore(study, study._storage, "")
     return claim_trial(
-        store, lock, target=target, session=session,
+        store,
+        lock,
+        target=target,
+        session=session,
         propose=lambda: propose_grid(store, grid, session) if grid else Proposal(),
         suggest=lambda trial: {"a": trial.suggest_int("a", 0, 100)},
     )
@@ -105,8 +108,8 @@ def test_stale_trials_fail_by_dead_pid_or_old_heartbeat(store) -> None:
         )
     with pytest.warns(UserWarning, match="Heartbeat"):
         ownerless = study.ask()  # a claimer that died inside its claim, before owning it
-    assert fail_stale_trials(StudyStore(study, storage, '')) == [dead.number, elsewhere.number]
-    assert fail_stale_trials(StudyStore(study, storage, ''), locked=True) == [ownerless.number]
+    assert fail_stale_trials(StudyStore(study, storage, "")) == [dead.number, elsewhere.number]
+    assert fail_stale_trials(StudyStore(study, storage, ""), locked=True) == [ownerless.number]
     states = {t.number: t.state for t in study.trials}
     assert states[alive.number] == TrialState.RUNNING
     errors = {t.number: t.error for t in StudyStore(study, storage, "").trials()}

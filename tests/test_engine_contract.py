@@ -30,7 +30,10 @@ GRID_SIZE = 6  # a in 1..3, b in x|y
 
 def tiny_data() -> tuple:
     rng = np.random.default_rng(0)
-    return (rng.random((20, 4)), rng.integers(0, 2, 20)), (rng.random((10, 4)), rng.integers(0, 2, 10))
+    return (rng.random((20, 4)), rng.integers(0, 2, 20)), (
+        rng.random((10, 4)),
+        rng.integers(0, 2, 10),
+    )
 
 
 def make_study(strategy: str = "random", trials: int | None = 4) -> Study:
@@ -52,8 +55,12 @@ def make_study(strategy: str = "random", trials: int | None = 4) -> Study:
 
 def options(tmp_path: Path, engine: str, study: Study, **kw: Any) -> engines.RunOptions:
     values: dict[str, Any] = {
-        "strategy": study.strategy, "trials": study.trials, "timeout": None,
-        "epochs": study.epochs, "seed": 0, "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "strategy": study.strategy,
+        "trials": study.trials,
+        "timeout": None,
+        "epochs": study.epochs,
+        "seed": 0,
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
         "engine": engine,
     }
     values.update(kw)
@@ -81,16 +88,26 @@ class FakeTrainer:
             return TrialResult(number, dict(params), TrialState.FAILED, error="boom: bad config")
         history: dict[str, list[float]] = {}
         for epoch in range(spec.epochs):
-            logs = {"loss": 1.0 - score(params), "val_accuracy": score(params) * (epoch + 1) / spec.epochs}
+            logs = {
+                "loss": 1.0 - score(params),
+                "val_accuracy": score(params) * (epoch + 1) / spec.epochs,
+            }
             for k, v in logs.items():
                 history.setdefault(k, []).append(v)
             try:
                 on_epoch(epoch, logs)
             except TrialPruned as exc:
-                return TrialResult(number, dict(params), TrialState.PRUNED, history=history,
-                                   error=str(exc))
-        return TrialResult(number, dict(params), TrialState.COMPLETE, value=history["val_accuracy"][-1],
-                           best_epoch=spec.epochs - 1, history=history)
+                return TrialResult(
+                    number, dict(params), TrialState.PRUNED, history=history, error=str(exc)
+                )
+        return TrialResult(
+            number,
+            dict(params),
+            TrialState.COMPLETE,
+            value=history["val_accuracy"][-1],
+            best_epoch=spec.epochs - 1,
+            history=history,
+        )
 
 
 class Recorder:
@@ -144,8 +161,11 @@ def study_artifacts(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Fake trials save no weights, so the best model is not rebuilt at the end (the
     end-to-end tests do that); the summary it would use is recorded instead."""
     summaries: list[dict[str, Any]] = []
-    monkeypatch.setattr(runner, "log_study_artifacts",
-                        lambda session, spec, summary: summaries.append(dict(summary)))
+    monkeypatch.setattr(
+        runner,
+        "log_study_artifacts",
+        lambda session, spec, summary: summaries.append(dict(summary)),
+    )
     return summaries
 
 
@@ -177,10 +197,20 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
         assert run.status == "FINISHED" and run.tags["searchlab.trial"] == str(t.number)
         assert run.tags["searchlab.engine"] == engine
         events = [e for e in tracker.events if len(e) > 1 and e[1] == t.run_id]
-        assert [e[0] for e in events] == ["start_trial", "log_epoch", "log_epoch", "log_epoch", "end_trial"]
+        assert [e[0] for e in events] == [
+            "start_trial",
+            "log_epoch",
+            "log_epoch",
+            "log_epoch",
+            "end_trial",
+        ]
     session = [r for r in runs.values() if r.tags.get("searchlab.role") == "session"]
     assert [s.status for s in session] == ["FINISHED"]
-    assert listener.calls == ["started", *["trial_started", "trial_finished:complete"] * 4, "finished"]
+    assert listener.calls == [
+        "started",
+        *["trial_started", "trial_finished:complete"] * 4,
+        "finished",
+    ]
     if strategy == "grid":
         points = [tuple(sorted(t.params.items())) for t in trials]
         assert len(set(points)) == 4
@@ -206,8 +236,12 @@ KT_GRID_RESUME = pytest.mark.xfail(
 
 @pytest.mark.parametrize(
     ("engine", "strategy"),
-    [("optuna", "grid"), ("optuna", "random"), ("keras-tuner", "random"),
-     pytest.param("keras-tuner", "grid", marks=KT_GRID_RESUME)],
+    [
+        ("optuna", "grid"),
+        ("optuna", "random"),
+        ("keras-tuner", "random"),
+        pytest.param("keras-tuner", "grid", marks=KT_GRID_RESUME),
+    ],
 )
 def test_a_second_session_continues_the_study(tmp_path, tells, engine, strategy):
     study = make_study(strategy, trials=2)
@@ -249,8 +283,11 @@ def test_ctrl_c_fails_the_running_trial_and_kills_the_session(tmp_path, tells, e
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAILED]
     assert trials[1].error == "interrupted (Ctrl-C)"
     assert [r.state for _, r in tells] == [TrialState.COMPLETE, TrialState.FAILED]
-    statuses = {r.tags.get("searchlab.role", "trial"): r.status for r in tracker.runs("contract")
-                if r.run_id in (tracker.session_id, trials[1].run_id)}
+    statuses = {
+        r.tags.get("searchlab.role", "trial"): r.status
+        for r in tracker.runs("contract")
+        if r.run_id in (tracker.session_id, trials[1].run_id)
+    }
     assert statuses == {"session": "KILLED", "trial": "FAILED"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = '''
+TINY = """
 from searchlab import Choice, Dataset, Float, Study
 from searchlab.models import dense_classifier
 
@@ -25,10 +25,10 @@ study = Study(
     epochs=1,
     batch_size=64,
 )
-'''
+"""
 
 # Written like KerasTuner's getting-started guide: nothing searchlab-specific in build_model.
-GETTING_STARTED = '''
+GETTING_STARTED = """
 import keras
 from keras import layers
 
@@ -68,7 +68,7 @@ study = Study(
     epochs=1,
     batch_size=64,
 )
-'''
+"""
 
 
 @pytest.fixture
@@ -107,7 +107,11 @@ def _structure(name: str, home: Path) -> dict:
         return sorted(out)
 
     def tag_keys(tags):  # engine-specific extras live under searchlab.kt.*
-        return tuple(sorted(k for k in tags if k.startswith("searchlab.") and not k.startswith("searchlab.kt.")))
+        return tuple(
+            sorted(
+                k for k in tags if k.startswith("searchlab.") and not k.startswith("searchlab.kt.")
+            )
+        )
 
     return {
         "parent": (
@@ -159,11 +163,15 @@ def both_engines(tmp_path_factory, data_dir):
                 name = f"tiny-{strategy}-{engine}"
                 study_file = project / f"{name}.py"
                 study_file.write_text(TINY.replace('name="tiny"', f"name={name!r}"))
-                run = runner.invoke(main, ["run", str(study_file), "--strategy", strategy,
-                                           "--engine", engine], catch_exceptions=False)
+                run = runner.invoke(
+                    main,
+                    ["run", str(study_file), "--strategy", strategy, "--engine", engine],
+                    catch_exceptions=False,
+                )
                 out = project / f"{name}.h5"
-                export = runner.invoke(main, ["export", str(study_file), "-o", str(out)],
-                                       catch_exceptions=False)
+                export = runner.invoke(
+                    main, ["export", str(study_file), "-o", str(out)], catch_exceptions=False
+                )
                 outputs[name] = (run, export, out)
     return project, outputs
 
@@ -187,7 +195,9 @@ def test_both_engines_give_the_same_mlflow_structure(strategy, both_engines):
     assert optuna_s["parent"] == kt_s["parent"]
     assert optuna_s["children"] == kt_s["children"]
     assert [c[0] for c in kt_s["children"]] == ["trial-0000", "trial-0001"]
-    assert all(c[1] == "FINISHED" and c[-1] == ("weights/best.weights.h5",) for c in kt_s["children"])
+    assert all(
+        c[1] == "FINISHED" and c[-1] == ("weights/best.weights.h5",) for c in kt_s["children"]
+    )
     assert "best_model/model.keras" in kt_s["parent"][-1] and "trials.csv" in kt_s["parent"][-1]
 
 
@@ -248,7 +258,15 @@ def test_an_optuna_pruner_on_the_keras_tuner_engine_is_one_clear_error(cli, proj
 def test_optuna_pruner_settings_on_the_keras_tuner_engine_are_one_clear_error(cli, project):
     study_file = project / "tiny.py"
     study_file.write_text(TINY)
-    result = cli("run", study_file, "--engine", "keras-tuner", "--strategy", "hyperband",
-                 "--prune-factor", "2")
+    result = cli(
+        "run",
+        study_file,
+        "--engine",
+        "keras-tuner",
+        "--strategy",
+        "hyperband",
+        "--prune-factor",
+        "2",
+    )
     assert result.exit_code == 1
     assert "error: --prune-min-epochs and --prune-factor set Optuna's pruners" in result.output

@@ -176,9 +176,18 @@ def test_unknown_pruner_is_one_clear_error(data_dir):
     from searchlab import engines, runner
 
     study = Study(name="p", space={"a": Int(1, 2)}, model=lambda p: None, data="mnist")
-    options = engines.RunOptions(strategy="random", trials=1, timeout=None, epochs=1, seed=0,
-                                 storage="sqlite://", pruner="sometimes")
-    with pytest.raises(StudyDefinitionError, match="Unknown pruner 'sometimes': choose one of none"):
+    options = engines.RunOptions(
+        strategy="random",
+        trials=1,
+        timeout=None,
+        epochs=1,
+        seed=0,
+        storage="sqlite://",
+        pruner="sometimes",
+    )
+    with pytest.raises(
+        StudyDefinitionError, match="Unknown pruner 'sometimes': choose one of none"
+    ):
         runner.run(study, options, tracker=None)
 
 

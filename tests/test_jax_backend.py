@@ -49,8 +49,18 @@ def searchlab(env: dict[str, str], cwd: Path, *args: str) -> subprocess.Complete
 
 def test_mnist_study_under_jax_with_mixed_precision(jax_env, project: Path) -> None:
     run = searchlab(
-        jax_env, project, "run", MNIST, "--trials", "2", "--epochs", "1",
-        "--subset", "512,128", "--precision", "mixed_bfloat16",  # whole batches: one compile
+        jax_env,
+        project,
+        "run",
+        MNIST,
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--subset",
+        "512,128",
+        "--precision",
+        "mixed_bfloat16",  # whole batches: one compile
     )
     assert "backend jax " in run.stdout and "precision mixed_bfloat16" in run.stdout
     assert "trials: 2 complete, 0 pruned, 0 failed" in run.stdout

@@ -68,23 +68,27 @@ def structure(study_name: str) -> dict[str, Any]:
             "run_name": re.sub(r"\d", "9", run.info.run_name or ""),
         }
 
-    ostudy = optuna.load_study(study_name=study_name, storage=open_storage(config.default_storage()))
+    ostudy = optuna.load_study(
+        study_name=study_name, storage=open_storage(config.default_storage())
+    )
     return {
         "experiment_tags": _names(exp.tags),
         "sessions": [run_shape(r) for r in parents],
-        "trials": [
-            {**run_shape(r), "state": r.data.tags["searchlab.state"]} for r in children
-        ],
+        "trials": [{**run_shape(r), "state": r.data.tags["searchlab.state"]} for r in children],
         "optuna_study_attrs": _names(ostudy.user_attrs),
         "optuna_trials": [
-            {"state": t.state.name, "attrs": _names(t.user_attrs), "params": sorted(t.params),
-             "steps": sorted(t.intermediate_values)}
+            {
+                "state": t.state.name,
+                "attrs": _names(t.user_attrs),
+                "params": sorted(t.params),
+                "steps": sorted(t.intermediate_values),
+            }
             for t in ostudy.trials
         ],
     }
 
 
-FAILING_STUDY = '''
+FAILING_STUDY = """
 import keras
 from searchlab import Choice, Dataset, Study
 
@@ -106,7 +110,7 @@ study = Study(
     data=Dataset("mnist", validation=0.1, subset={{"train": 300, "val": 100}}),
     objective="val_accuracy", direction="maximize", strategy="grid", epochs=2, seed=0,
 )
-'''
+"""
 
 CASES = {
     # the recycling worker path (the default), pruning on: pruned, complete and failed trials
@@ -127,8 +131,21 @@ def _shapes(cli, project: Path, engine: str, extra: tuple[str, ...]) -> dict[str
     result = cli("run", study, "--engine", engine, *extra)
     assert result.exit_code == 0, result.output
     shapes = {"failing-grid": structure(f"shape-{engine}")}
-    result = cli("run", STUDIES / "mnist_dense.py", "--engine", engine, "--strategy", "random",
-                 "--trials", "2", "--epochs", "2", "--subset", "300,100", *extra)
+    result = cli(
+        "run",
+        STUDIES / "mnist_dense.py",
+        "--engine",
+        engine,
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--epochs",
+        "2",
+        "--subset",
+        "300,100",
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     shapes["mnist-random"] = structure("mnist-dense")
     return shapes
@@ -155,8 +172,19 @@ def test_transfer_structure_is_unchanged(
 
     monkeypatch.setenv("CIFAR_VGG_WEIGHTS", "none")
     path = STUDIES / TRANSFER[case]
-    result = cli("run", path, "--strategy", "random", "--trials", "2", "--epochs", "1",
-                 "--subset", "64,32", "--in-process")
+    result = cli(
+        "run",
+        path,
+        "--strategy",
+        "random",
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--subset",
+        "64,32",
+        "--in-process",
+    )
     assert result.exit_code == 0, result.output
     got = {"random": structure(load_study(path).name)}
     if os.environ.get("SEARCHLAB_WRITE_GOLDEN"):

@@ -188,10 +188,12 @@ def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch
     assert result.tags["searchlab.cache_phases"] == "head_pool:computed,pool_a:computed"
     assert result.tags["searchlab.phases"] == "2"
     # Without the cache, the same schedule gives the same numbers.
-    plain = Transfer(str(path), cache=False,
-                     fine_tune=FineTune(head_epochs=2, epochs=1, lr_factor=0.1))
-    again = run_trial(0, params, TrialSpec(build=plain, data=data, epochs=5, seed=0),
-                      tmp_path / "plain")
+    plain = Transfer(
+        str(path), cache=False, fine_tune=FineTune(head_epochs=2, epochs=1, lr_factor=0.1)
+    )
+    again = run_trial(
+        0, params, TrialSpec(build=plain, data=data, epochs=5, seed=0), tmp_path / "plain"
+    )
     assert again.tags["searchlab.cache_phases"] == "off,off"
     np.testing.assert_allclose(again.history["val_loss"], result.history["val_loss"], rtol=1e-4)
 
@@ -219,7 +221,9 @@ def test_a_phase_without_a_frozen_prefix_trains_the_complete_model(tmp_path, mon
     assert result.state is TrialState.COMPLETE, result.error
     assert result.tags["searchlab.cache_phases"] == "head_pool:computed,off"
     assert (result.tags["searchlab.cache"], result.tags["searchlab.cache_layer"]) == (
-        "used", "head_pool")
+        "used",
+        "head_pool",
+    )
     assert result.tags["searchlab.weights_form"] == "full"
     assert "searchlab.suffix_reused" not in result.tags
     assert result.epochs_run == 3  # head_epochs 2 + the schedule's 1
@@ -234,9 +238,7 @@ def test_a_phase_without_a_frozen_prefix_trains_the_complete_model(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_features_over_the_memory_bound_leave_the_trial_as_without_the_cache(
-    tmp_path, monkeypatch
-):
+def test_features_over_the_memory_bound_leave_the_trial_as_without_the_cache(tmp_path, monkeypatch):
     """Every phase has a cut, but its features exceed the memory bound: the trial trains the
     complete model on raw inputs, says why per phase, and planning it (which builds the
     template) moves no random stream: the numbers equal the uncached trial's, bit for bit."""
@@ -271,10 +273,16 @@ def test_grid_search_runs_the_points_of_one_cut_point_together():
     def build(params):
         raise AssertionError("not called")
 
-    for model, expected in ((Transfer("vgg16", weights=None), [10, 10, 18, 18]),
-                            (build, [18, 10, 18, 10])):
-        study = Study(name="g", space={"head_width": C([8, 16]), "frozen_layers": C([18, 10])},
-                      model=model, data="cifar10")
+    for model, expected in (
+        (Transfer("vgg16", weights=None), [10, 10, 18, 18]),
+        (build, [18, 10, 18, 10]),
+    ):
+        study = Study(
+            name="g",
+            space={"head_width": C([8, 16]), "frozen_layers": C([18, 10])},
+            model=model,
+            data="cifar10",
+        )
         points = grid_points(study)
         assert [p["frozen_layers"] for p in points] == expected
         assert len({tuple(sorted(p.items())) for p in points}) == 4
@@ -282,7 +290,12 @@ def test_grid_search_runs_the_points_of_one_cut_point_together():
 
 @pytest.mark.parametrize(
     "shape, kernel, padding",
-    [((2, 2, 16), 3, "same"), ((5, 3, 8), 3, "valid"), ((3, 4, 8), 2, "same"), ((2, 2, 8), 1, "same")],
+    [
+        ((2, 2, 16), 3, "same"),
+        ((5, 3, 8), 3, "valid"),
+        ((3, 4, 8), 2, "same"),
+        ((2, 2, 8), 1, "same"),
+    ],
 )
 def test_a_matmul_convolution_computes_and_trains_like_conv2d(shape, kernel, padding):
     """MatmulConv2D (small maps, training on a CPU) gives Conv2D's outputs, and one step of
@@ -300,8 +313,9 @@ def test_a_matmul_convolution_computes_and_trains_like_conv2d(shape, kernel, pad
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
         models.append(model)
     models[1].set_weights(models[0].get_weights())
-    np.testing.assert_allclose(models[1].predict(x, verbose=0), models[0].predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        models[1].predict(x, verbose=0), models[0].predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
     for model in models:
         model.train_on_batch(x, y)
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
@@ -322,6 +336,9 @@ def test_a_cached_suffix_trains_small_convolutions_as_matrix_products():
     assert getattr(suffix, transfer_mod.MATMUL_CONVS) == matmul
     assert not any(isinstance(layer, transfer_mod.MatmulConv2D) for layer in template.layers)
     for name in matmul:
-        for a, b in zip(template.get_layer(name).get_weights(), suffix.get_layer(name).get_weights(),
-                        strict=True):
+        for a, b in zip(
+            template.get_layer(name).get_weights(),
+            suffix.get_layer(name).get_weights(),
+            strict=True,
+        ):
             np.testing.assert_array_equal(a, b)

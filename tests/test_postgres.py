@@ -70,9 +70,20 @@ def _free_port() -> int:
 def mlflow_server(postgres: dict[str, str], tmp_path: Path) -> Iterator[str]:
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--host", "127.0.0.1",
-           "--port", str(port), "--backend-store-uri", postgres["mlflow"],
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    cmd = [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        postgres["mlflow"],
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+        "--workers",
+        "1",
+    ]
     log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -107,9 +118,19 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     study = write_study(project)
     budget = 5
     s = Session(
-        searchlab_cmd(study, "--trials", budget, "--workers", 3,
-                      "--storage", postgres["optuna"], "--tracking-uri", mlflow_server),
-        env_for(project / ".searchlab"), project,
+        searchlab_cmd(
+            study,
+            "--trials",
+            budget,
+            "--workers",
+            3,
+            "--storage",
+            postgres["optuna"],
+            "--tracking-uri",
+            mlflow_server,
+        ),
+        env_for(project / ".searchlab"),
+        project,
     )
     out = s.finish()
     assert s.proc.returncode == 0, out
@@ -118,9 +139,7 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     assert len(found["trials"]) == budget
     (session,) = found["sessions"]
     assert session.info.status == "FINISHED"
-    assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {
-        session.info.run_id
-    }
+    assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {session.info.run_id}
     # (how many workers got a trial depends on how fast each started: not asserted)
     assert {r.data.tags["searchlab.worker"] for r in found["trial_runs"]} <= {"1/3", "2/3", "3/3"}
     # artifacts went through the server: the best model is on the session run

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-STUDY = '''
+STUDY = """
 from searchlab import Choice, Dataset, Float, Study
 from searchlab.models import dense_classifier
 
@@ -20,7 +20,7 @@ study = Study(
     epochs=1,
     batch_size=64,
 )
-'''
+"""
 
 
 @pytest.mark.slow
@@ -31,7 +31,9 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
 
     study_file = project / "reeval_study.py"
     study_file.write_text(STUDY)
-    result = cli("run", study_file, "--engine", "keras-tuner", "--reeval-top", "2", "--reeval-seeds", "2")
+    result = cli(
+        "run", study_file, "--engine", "keras-tuner", "--reeval-top", "2", "--reeval-seeds", "2"
+    )
     assert result.exit_code == 0, result.output
     assert "re-evaluated: #" in result.output
 
@@ -51,14 +53,20 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
     for r in reeval:
         assert r.info.status == "FINISHED"
         assert r.data.params == params_of[r.data.tags["searchlab.reeval_of"]]  # same config
-        by_trial.setdefault(r.data.tags["searchlab.reeval_of"], []).append(r.data.metrics["objective"])
+        by_trial.setdefault(r.data.tags["searchlab.reeval_of"], []).append(
+            r.data.metrics["objective"]
+        )
     assert all(len(v) == 2 for v in by_trial.values())
     seeds = {r.data.tags["searchlab.reeval_seed"] for r in reeval}
     assert len(seeds) == 2  # the same two new seeds for each configuration
     best_mean = max(by_trial, key=lambda k: (statistics.fmean(by_trial[k]), -int(k)))
     assert session.data.metrics["selected_trial"] == int(best_mean)
-    assert session.data.metrics["reeval_mean"] == pytest.approx(statistics.fmean(by_trial[best_mean]))
-    assert session.data.metrics["reeval_std"] == pytest.approx(statistics.stdev(by_trial[best_mean]))
+    assert session.data.metrics["reeval_mean"] == pytest.approx(
+        statistics.fmean(by_trial[best_mean])
+    )
+    assert session.data.metrics["reeval_std"] == pytest.approx(
+        statistics.stdev(by_trial[best_mean])
+    )
     names = [a.path for a in client(tracker.uri).list_artifacts(session.info.run_id)]
     assert "reeval.csv" in names
 

@@ -59,7 +59,13 @@ def test_each_strategy_lands_in_mlflow(cli, project: Path, strategy: str) -> Non
         assert tags["searchlab.strategy"] == strategy
         assert tags["searchlab.engine"] == "optuna"
         assert tags["searchlab.study"] == "mnist-dense"
-        assert set(child.data.params) == {"layers", "units", "dropout", "learning_rate", "batch_size"}
+        assert set(child.data.params) == {
+            "layers",
+            "units",
+            "dropout",
+            "learning_rate",
+            "batch_size",
+        }
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
             steps = [m.step for m in c.get_metric_history(child.info.run_id, key)]
             assert sorted(steps) == [0, 1], key

@@ -25,9 +25,7 @@ def test_unreachable_postgres_storage(cli, project: Path) -> None:
 
 
 def test_unreachable_tracking_server(cli, project: Path) -> None:
-    line = _one_error_line(
-        cli("run", write_study(project), "--tracking-uri", "http://127.0.0.1:1")
-    )
+    line = _one_error_line(cli("run", write_study(project), "--tracking-uri", "http://127.0.0.1:1"))
     assert "Cannot reach the MLflow tracking server http://127.0.0.1:1" in line
     assert not (project / ".searchlab" / "optuna.db").exists(), "nothing written"
 
@@ -71,9 +69,7 @@ def _schema(db: Path) -> list[tuple]:
     return [*lines, *version]
 
 
-def test_a_new_tracking_store_is_a_copy_of_one_mlflow_migrated(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_a_new_tracking_store_is_a_copy_of_one_mlflow_migrated(tmp_path: Path, monkeypatch) -> None:
     """The first new SQLite store of an MLflow version is migrated (once) into the template
     folder; later ones copy it, run no migration, and are what MLflow itself creates."""
     import mlflow.store.db.utils as db_utils
@@ -88,8 +84,9 @@ def test_a_new_tracking_store_is_a_copy_of_one_mlflow_migrated(
 
     migrations = []
     initialize = db_utils._initialize_tables
-    monkeypatch.setattr(db_utils, "_initialize_tables",
-                        lambda engine: (migrations.append(1), initialize(engine))[1])
+    monkeypatch.setattr(
+        db_utils, "_initialize_tables", lambda engine: (migrations.append(1), initialize(engine))[1]
+    )
     copied = tmp_path / "second" / "mlflow.db"
     client = tracking.client(f"sqlite:///{copied}")
     assert migrations == []

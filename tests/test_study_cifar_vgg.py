@@ -29,7 +29,11 @@ def offline_vgg(project: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_the_study_files_load_and_declare_the_vgg_space(offline_vgg):
     study = load_study(STUDY)
     assert set(study.search_space) == {
-        "frozen_layers", "head_width", "dropout", "learning_rate", "batch_size"
+        "frozen_layers",
+        "head_width",
+        "dropout",
+        "learning_rate",
+        "batch_size",
     }
     assert study.dataset.scale is False and study.model.backbone == "vgg16"
     assert study.model.weights is None  # the override
@@ -40,8 +44,9 @@ def test_the_study_files_load_and_declare_the_vgg_space(offline_vgg):
 
 @pytest.mark.slow
 def test_cifar_vgg_runs_offline_and_exports_a_model_of_raw_images(offline_vgg, cli, data_dir):
-    result = cli("run", STUDY, "--trials", "2", "--epochs", "1", "--subset", "64,32",
-                 "--strategy", "random")
+    result = cli(
+        "run", STUDY, "--trials", "2", "--epochs", "1", "--subset", "64,32", "--strategy", "random"
+    )
     assert result.exit_code == 0, result.output
     tracker = MlflowTracker(config.default_tracking_uri())
     runs = mlflow_runs(tracker.uri, "cifar-vgg16")
@@ -52,8 +57,9 @@ def test_cifar_vgg_runs_offline_and_exports_a_model_of_raw_images(offline_vgg, c
         assert run.data.tags["searchlab.cache"] == "used"
         frozen = int(run.data.params["frozen_layers"])
         assert run.data.tags["searchlab.cache_layer"] == (
-            "head_pool" if frozen == 18 else keras.applications.VGG16(
-                include_top=False, weights=None).layers[frozen].name
+            "head_pool"
+            if frozen == 18
+            else keras.applications.VGG16(include_top=False, weights=None).layers[frozen].name
         )
         # Trained on the cache: only the layers after the prefix are logged, with the
         # prefix's fingerprint; export below assembles the complete model.

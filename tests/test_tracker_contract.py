@@ -31,8 +31,14 @@ def make(request, tmp_path: Path):
 
 def result(number: int, state: TrialState, value: float | None = None) -> TrialResult:
     history = {"loss": [0.5, 0.4]} if state is not TrialState.FAILED else {}
-    return TrialResult(number, {"a": number}, state, value=value, history=history,
-                       error="boom" if state is TrialState.FAILED else None)
+    return TrialResult(
+        number,
+        {"a": number},
+        state,
+        value=value,
+        history=history,
+        error="boom" if state is TrialState.FAILED else None,
+    )
 
 
 def by_id(tracker: Tracker, name: str = "s") -> dict:
@@ -48,7 +54,9 @@ def test_a_session_ends_each_trial_in_its_state_and_closes_everything(make) -> N
     for number, state in enumerate((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAILED)):
         ids[state] = tracker.start_trial(number, {"a": number}, {"searchlab.engine": "x"})
         tracker.log_epoch(ids[state], 0, {"loss": 0.5})
-        tracker.end_trial(ids[state], result(number, state, 0.9 if state is TrialState.COMPLETE else None))
+        tracker.end_trial(
+            ids[state], result(number, state, 0.9 if state is TrialState.COMPLETE else None)
+        )
     left_open = tracker.start_trial(3, {"a": 3}, {})
     tracker.end_session({"best_value": 0.9, "best_params": {"a": 0}}, "FINISHED")
 
@@ -92,7 +100,11 @@ def test_reconcile_closes_what_a_dead_process_left_running(make) -> None:
     assert now.previous_session("s") == old
     trials = {
         0: {"state": TrialState.COMPLETE, "value": 0.9, "run_id": runs[0]},
-        1: {"state": TrialState.FAILED, "error": "interrupted: its worker is gone", "run_id": runs[1]},
+        1: {
+            "state": TrialState.FAILED,
+            "error": "interrupted: its worker is gone",
+            "run_id": runs[1],
+        },
         2: {"state": TrialState.RUNNING, "run_id": runs[2]},  # a live worker's trial
         3: {"state": TrialState.PRUNED, "run_id": runs[3]},
     }

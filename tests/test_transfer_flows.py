@@ -82,12 +82,18 @@ def _search(name: str, space: dict, model, project: Path) -> dict:
         seed=0,
     )
     options = engines.RunOptions(
-        strategy="grid", trials=None, timeout=None, epochs=10, seed=0,
+        strategy="grid",
+        trials=None,
+        timeout=None,
+        epochs=10,
+        seed=0,
         storage=f"sqlite:///{project / 'optuna.db'}",
     )
     tracker = MlflowTracker(f"sqlite:///{project / 'mlflow.db'}", project / "mlartifacts")
     summary = runner.run(study, options, tracker, _Silent())
-    runs = [r for r in mlflow_runs(tracker.uri, name) if r.data.tags.get("searchlab.role") != "session"]
+    runs = [
+        r for r in mlflow_runs(tracker.uri, name) if r.data.tags.get("searchlab.role") != "session"
+    ]
     assert summary["n_complete"] == len(runs) == study.search_space.grid_size()
     return {"summary": summary, "runs": runs}
 
@@ -97,8 +103,11 @@ def test_a_model_trained_on_digits_0_to_4_transfers_to_digits_5_to_9(project, sa
     # Frozen up to conv2 (4) or pool2 (5): both cut after `flat`, so they share the cache.
     transfer = _search(
         "transfer-low-high",
-        {"frozen_layers": Choice([4, 5]), "head_width": Choice([64]),
-         "learning_rate": Choice([3e-3])},
+        {
+            "frozen_layers": Choice([4, 5]),
+            "head_width": Choice([64]),
+            "learning_rate": Choice([3e-3]),
+        },
         Transfer(str(saved_models["low"])),
         project,
     )
@@ -126,16 +135,21 @@ def test_fine_tune_a_saved_model_freeze_all_but_the_last_layers_save_and_reload(
     # Keep the last 2 backbone layers (flat, features) trainable: freeze the first 5 of 7.
     build = Transfer(str(saved_models["low"]))
     params = {"frozen_layers": 5, "head_width": 16, "learning_rate": 3e-3}
-    result = run_trial(0, params, TrialSpec(build=build, data=new, epochs=2, seed=0),
-                       project / "trial")
+    result = run_trial(
+        0, params, TrialSpec(build=build, data=new, epochs=2, seed=0), project / "trial"
+    )
     assert result.state is TrialState.COMPLETE, result.error
     assert result.tags["searchlab.cache_layer"] == "flat"  # flat has no weights: still frozen
     tuned = load_trained(build, params, info_of(new), result.weights_path)
     for name in ("conv1", "conv2"):  # frozen: exactly the saved weights
-        for a, b in zip(tuned.get_layer(name).get_weights(),
-                        original.get_layer(name).get_weights(), strict=True):
+        for a, b in zip(
+            tuned.get_layer(name).get_weights(), original.get_layer(name).get_weights(), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
-    changed = tuned.get_layer("features").get_weights()[0] - original.get_layer("features").get_weights()[0]
+    changed = (
+        tuned.get_layer("features").get_weights()[0]
+        - original.get_layer("features").get_weights()[0]
+    )
     assert np.abs(changed).max() > 0  # fine-tuned on the new digits
     accuracy = float(np.mean(tuned.predict(new.x_val, verbose=0).argmax(1) == new.y_val))
     assert accuracy == pytest.approx(result.value, abs=1e-6)
@@ -144,7 +158,9 @@ def test_fine_tune_a_saved_model_freeze_all_but_the_last_layers_save_and_reload(
     tuned.save(path)
     reloaded = keras.models.load_model(path)
     np.testing.assert_allclose(
-        reloaded.predict(new.x_val, verbose=0), tuned.predict(new.x_val, verbose=0), rtol=1e-5,
+        reloaded.predict(new.x_val, verbose=0),
+        tuned.predict(new.x_val, verbose=0),
+        rtol=1e-5,
         atol=1e-6,
     )
     again = Transfer(str(path), cut="head_dense")

@@ -96,7 +96,9 @@ class SearchListener(Protocol):
     ``trial_started`` and ``trial_finished``, then ``finished`` once."""
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None: ...
-    def trial_started(self, number: int, index: int, total: int | None, params: Mapping[str, Any]) -> None: ...
+    def trial_started(
+        self, number: int, index: int, total: int | None, params: Mapping[str, Any]
+    ) -> None: ...
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None: ...
     def finished(self, summary: Mapping[str, Any]) -> None: ...
 
@@ -105,7 +107,9 @@ class NullListener:
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         pass
 
-    def trial_started(self, number: int, index: int, total: int | None, params: Mapping[str, Any]) -> None:
+    def trial_started(
+        self, number: int, index: int, total: int | None, params: Mapping[str, Any]
+    ) -> None:
         pass
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
@@ -121,11 +125,17 @@ def check_pruning(options: RunOptions) -> None:
         raise StudyDefinitionError(
             f"Unknown pruner {options.pruner!r}: choose one of {', '.join(PRUNERS)}."
         )
-    pruner = "hyperband" if options.pruner == "none" and options.strategy == "hyperband" else options.pruner
+    pruner = (
+        "hyperband"
+        if options.pruner == "none" and options.strategy == "hyperband"
+        else options.pruner
+    )
     given = [
         flag
-        for flag, value in (("--prune-min-epochs", options.prune_min_epochs),
-                            ("--prune-factor", options.prune_factor))
+        for flag, value in (
+            ("--prune-min-epochs", options.prune_min_epochs),
+            ("--prune-factor", options.prune_factor),
+        )
         if value is not None
     ]
     if given and pruner == "none":

@@ -72,8 +72,10 @@ def make_oracle(study: Study, options: RunOptions) -> Any:
         oracle = kt.oracles.BayesianOptimizationOracle(max_trials=None, **common)
     elif strategy == "hyperband":
         oracle = kt.oracles.HyperbandOracle(
-            max_epochs=options.epochs, factor=KT_HYPERBAND_FACTOR, hyperband_iterations=None,
-            **common
+            max_epochs=options.epochs,
+            factor=KT_HYPERBAND_FACTOR,
+            hyperband_iterations=None,
+            **common,
         )
     else:
         raise StudyDefinitionError(f"Unknown strategy {strategy!r} for the keras-tuner engine.")

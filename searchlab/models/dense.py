@@ -38,7 +38,5 @@ def dense_classifier(params: Mapping[str, Any], info: DataInfo) -> keras.Model:
         if params.get("optimizer") == "sgd"
         else keras.optimizers.Adam(learning_rate=lr)
     )
-    model.compile(
-        optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model

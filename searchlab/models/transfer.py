@@ -153,7 +153,9 @@ class Transfer:
                 f"preprocess must be 'auto' or one of {', '.join(PREPROCESS)}, got {preprocess!r}."
             )
         if input_size is not None and (not isinstance(input_size, int) or input_size < 8):
-            raise StudyDefinitionError(f"input_size must be an int >= 8 or None, got {input_size!r}.")
+            raise StudyDefinitionError(
+                f"input_size must be an int >= 8 or None, got {input_size!r}."
+            )
         if optimizer not in ("adam", "sgd"):
             raise StudyDefinitionError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
         if self.is_file and weights not in ("imagenet", None):
@@ -216,8 +218,18 @@ class Transfer:
             mtime = path.stat().st_mtime if path.is_file() else None
         elif self.weights not in (None, "imagenet") and Path(self.weights).expanduser().is_file():
             mtime = Path(self.weights).expanduser().stat().st_mtime
-        return (self.backbone, self.weights, mtime, self.cut, self.input_size, self.pooling,
-                self.preprocess, self.seed, tuple(info.input_shape), info.num_classes)
+        return (
+            self.backbone,
+            self.weights,
+            mtime,
+            self.cut,
+            self.input_size,
+            self.pooling,
+            self.preprocess,
+            self.seed,
+            tuple(info.input_shape),
+            info.num_classes,
+        )
 
     def build_suffix(
         self, params: Mapping[str, Any], info: DataInfo, template: keras.Model, cut: Any
@@ -245,7 +257,8 @@ class Transfer:
             # the head's seed only, as `reset_suffix` does.
             state = random.getstate()
             copy = keras.models.clone_model(
-                part, input_tensors=inputs,
+                part,
+                input_tensors=inputs,
                 clone_function=lambda layer: _clone_for_training(layer, matmul),
             )
             random.setstate(state)
@@ -259,14 +272,17 @@ class Transfer:
                     setattr(new, BACKBONE_PREFIX, True)
                     setattr(new, BACKBONE_INDEX, getattr(layer, BACKBONE_INDEX))
             x = copy.outputs[0]
-        dropout = (VariableRateDropout if VariableRateDropout.matches_backend()
-                   else keras.layers.Dropout)
+        dropout = (
+            VariableRateDropout if VariableRateDropout.matches_backend() else keras.layers.Dropout
+        )
         outputs = self._head(x, params, info, tag, head_seed, dropout=dropout)
         model = keras.Model(inputs, outputs, name=self.__name__)
         setattr(model, BACKBONE_SIZE, n_backbone)
-        setattr(model, MATMUL_CONVS, [
-            layer.name for layer in model.layers if isinstance(layer, MatmulConv2D)
-        ])
+        setattr(
+            model,
+            MATMUL_CONVS,
+            [layer.name for layer in model.layers if isinstance(layer, MatmulConv2D)],
+        )
         return model
 
     def suffix_key(
@@ -280,13 +296,19 @@ class Transfer:
         building it again would draw the same way."""
         if not VariableRateDropout.matches_backend():  # the rate is a constant of the trace
             return None
-        after = template.layers[cut.index + 1:]
-        if any(is_random(layer) for layer in after
-               if getattr(layer, BACKBONE_PREFIX, False)):
+        after = template.layers[cut.index + 1 :]
+        if any(is_random(layer) for layer in after if getattr(layer, BACKBONE_PREFIX, False)):
             return None
         matmul = MATMUL_CONV_MAX_POSITIONS if _small_maps_by_matmul() else 0
-        return (type(self).__qualname__, self.template_key(info), cut.index, cut.name,
-                int(params.get("head_width", 256)), self.optimizer, matmul)
+        return (
+            type(self).__qualname__,
+            self.template_key(info),
+            cut.index,
+            cut.name,
+            int(params.get("head_width", 256)),
+            self.optimizer,
+            matmul,
+        )
 
     def reset_suffix(
         self, model: keras.Model, params: Mapping[str, Any], template: keras.Model
@@ -321,7 +343,7 @@ class Transfer:
     def _template_tag(model: keras.Model) -> str:
         """The head's name suffix in a complete model built here: its last layer's."""
         name = model.layers[-1].name
-        return name[len("classes"):]
+        return name[len("classes") :]
 
     def _pool(self, features: Any, tag: str) -> Any:
         if len(features.shape) == 4:
@@ -345,13 +367,19 @@ class Transfer:
         """Dense -> Dropout -> Dense(classes), seeded from ``seed`` alone."""
         dense_seed, dropout_seed, classes_seed = _head_seeds(seed)
         x = keras.layers.Dense(
-            int(params.get("head_width", 256)), activation="relu", name=f"head_dense{tag}",
+            int(params.get("head_width", 256)),
+            activation="relu",
+            name=f"head_dense{tag}",
             kernel_initializer=_kernel_initializer(dense_seed),
         )(x)
-        x = dropout(float(params.get("dropout", 0.0)), seed=dropout_seed,
-                    name=f"head_dropout{tag}")(x)
+        x = dropout(
+            float(params.get("dropout", 0.0)), seed=dropout_seed, name=f"head_dropout{tag}"
+        )(x)
         return keras.layers.Dense(  # float32 also under a mixed precision policy
-            info.num_classes, activation="softmax", dtype="float32", name=f"classes{tag}",
+            info.num_classes,
+            activation="softmax",
+            dtype="float32",
+            name=f"classes{tag}",
             kernel_initializer=_kernel_initializer(classes_seed),
         )(x)
 
@@ -390,7 +418,9 @@ class Transfer:
     def learning_rate(params: Mapping[str, Any], lr_factor: float = 1.0) -> float:
         return float(params.get("learning_rate", 1e-3)) * lr_factor
 
-    def compile(self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0) -> None:
+    def compile(
+        self, model: keras.Model, params: Mapping[str, Any], lr_factor: float = 1.0
+    ) -> None:
         lr = self.learning_rate(params, lr_factor)
         optimizer = (
             keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
@@ -431,7 +461,8 @@ class Transfer:
         if mode == "torch":
             x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess_torch_scale")(x)
             return keras.layers.Normalization(
-                mean=list(_TORCH_MEAN), variance=[s * s for s in _TORCH_STD],
+                mean=list(_TORCH_MEAN),
+                variance=[s * s for s in _TORCH_STD],
                 name="preprocess_torch",
             )(x)
         return x
@@ -485,7 +516,9 @@ class Transfer:
                 f"Cannot load backbone model file {path} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''})."
             ) from exc
-        layers = [layer for layer in loaded.layers if not isinstance(layer, keras.layers.InputLayer)]
+        layers = [
+            layer for layer in loaded.layers if not isinstance(layer, keras.layers.InputLayer)
+        ]
         names = [layer.name for layer in layers]
         if self.cut is None:
             if len(layers) < 2:
@@ -540,7 +573,8 @@ class MatmulConv2D(keras.layers.Conv2D):
             inputs = ops.pad(inputs, [[0, 0], [top, kh - 1 - top], [left, kw - 1 - left], [0, 0]])
         rows, cols = inputs.shape[1] - kh + 1, inputs.shape[2] - kw + 1
         patches = ops.concatenate(
-            [inputs[:, i:i + rows, j:j + cols, :] for i in range(kh) for j in range(kw)], axis=-1
+            [inputs[:, i : i + rows, j : j + cols, :] for i in range(kh) for j in range(kw)],
+            axis=-1,
         )
         flat = ops.reshape(patches, (-1, kh * kw * c_in))
         out = ops.matmul(flat, ops.reshape(kernel, (kh * kw * c_in, c_out)))
@@ -630,9 +664,11 @@ class VariableRateDropout(keras.layers.Dropout):
 
     def __init__(self, rate: float, *, seed: int, name: str) -> None:
         super().__init__(rate, seed=seed, name=name)
-        self._rate = _Untracked(keras.Variable(
-            [0.0, 1.0, 1.0, 1.0], dtype=self.compute_dtype, trainable=False, name="rate"
-        ))
+        self._rate = _Untracked(
+            keras.Variable(
+                [0.0, 1.0, 1.0, 1.0], dtype=self.compute_dtype, trainable=False, name="rate"
+            )
+        )
         self._set_rate(rate)
 
     def build(self, input_shape: Any) -> None:
@@ -665,10 +701,10 @@ class VariableRateDropout(keras.layers.Dropout):
             keras.ops.shape(inputs), dtype=inputs.dtype, seed=self.seed_generator
         )
         if keras.backend.backend() == "jax":  # jax.random.bernoulli(key, 1 - rate)
-            return keras.ops.where(noise < values[2], inputs / values[3],
-                                   keras.ops.zeros_like(inputs))
-        return keras.ops.where(noise >= values[0], inputs * values[1],
-                               keras.ops.zeros_like(inputs))
+            return keras.ops.where(
+                noise < values[2], inputs / values[3], keras.ops.zeros_like(inputs)
+            )
+        return keras.ops.where(noise >= values[0], inputs * values[1], keras.ops.zeros_like(inputs))
 
 
 def _layers_up_to(inputs: Any, tensor: Any) -> list[Any]:
@@ -696,8 +732,9 @@ def _backbone_arrays(
     if key not in _ARRAYS:
         ctor = getattr(keras.applications, BACKBONES[spec.backbone][0])
         try:
-            source = ctor(include_top=False, weights=str(path) if path else "imagenet",
-                          input_shape=shape)
+            source = ctor(
+                include_top=False, weights=str(path) if path else "imagenet", input_shape=shape
+            )
         except Exception as exc:
             if path is None:
                 raise _missing_weights(spec.backbone, shape, exc) from exc
@@ -764,9 +801,7 @@ def resolve_weights(
     return None
 
 
-def _missing_weights(
-    backbone: str, shape: tuple[int, ...], exc: Exception
-) -> StudyDefinitionError:
+def _missing_weights(backbone: str, shape: tuple[int, ...], exc: Exception) -> StudyDefinitionError:
     fname = weights_file_name(backbone, shape)
     where = data_mod.data_dir() or f"the data directory (--data-dir or ${data_mod.DATA_DIR_ENV})"
     return StudyDefinitionError(
