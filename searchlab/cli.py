@@ -1,6 +1,8 @@
 """The ``searchlab`` command: parses flags, wires the layers, and owns what the user sees.
 
-Every ``SearchlabError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130.
+Every mistake a user can make -- a ``SearchlabError``, a flag click refuses, a file the
+system will not read or write -- becomes one ``error: ...`` line on stderr and exit code 1,
+never a traceback (``-v`` logs it).  Ctrl-C and SIGTERM exit 130 (``interrupts``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from searchlab import backend, config, engines
+from searchlab import backend, config, engines, interrupts
 from searchlab.data import DATA_DIR_ENV
 from searchlab.errors import SearchlabError
 from searchlab.outcome import TrialState
@@ -37,24 +39,15 @@ def _quiet_backends() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM stops a run like Ctrl-C: the running trial is closed, every run ends."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
-
-
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
+    try:
+        click.echo(f"error: {message}", err=True)
+    except (OSError, ValueError):  # stderr is gone: the exit code still says it
+        pass
     sys.exit(code)
+
+
+INTERRUPTED = "interrupted; finished trials are kept, run the same command to continue."
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,9 +60,69 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SearchlabError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except KeyboardInterrupt:
-            _fail("interrupted; finished trials are kept, run the same command to continue.", 130)
+            interrupts.acknowledge()
+            _fail(INTERRUPTED, interrupts.EXIT_CODE)
+        except OSError as exc:  # a file the system would not read or write: the user's to fix
+            logging.getLogger(__name__).info("%s", exc, exc_info=True)
+            _fail(os_error_line(exc))
 
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an ``OSError``: what failed, on which file, and what to do about it."""
+    import errno
+
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = (
+            "Free some space (or move $SEARCHLAB_HOME, $TMPDIR to a larger disk), then run the "
+            "same command again; finished trials are kept."
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "Choose a file or folder you may write to (or fix its permissions)."
+    elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        fix = "Check the path: create the folder first, or pass another one."
+    else:
+        fix = "Check the path and try again (searchlab -v ... shows where it happened)."
+    return f"{what}{where}. {fix}"
+
+
+class SearchlabGroup(click.Group):
+    """The ``searchlab`` group: Ctrl-C and SIGTERM handled from the first moment on
+    (``interrupts``), and click's own refusals (a bad flag value, an unknown option, a
+    missing argument) said as every other mistake is: one ``error:`` line, exit code 1."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        restore = interrupts.install()
+        try:
+            try:
+                value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.NoArgsIsHelpError as exc:  # bare `searchlab`: its help
+                exc.show()
+                value = 0
+            except click.ClickException as exc:
+                ctx = getattr(exc, "ctx", None)  # a UsageError knows its command
+                command = ctx.command_path if ctx is not None else "searchlab"
+                _fail(f"{exc.format_message()} See '{command} --help'.")
+            except click.exceptions.Abort as exc:  # Ctrl-C before a command started
+                interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+                _fail(INTERRUPTED if interrupted else "aborted.", interrupts.EXIT_CODE)
+            except KeyboardInterrupt:
+                _fail(INTERRUPTED, interrupts.EXIT_CODE)
+        finally:
+            restore()
+        if not standalone_mode:
+            return value
+        sys.exit(value if isinstance(value, int) else 0)
 
 
 def _fmt(params: Mapping[str, Any]) -> str:
@@ -144,18 +197,35 @@ def _tracker(uri: str | None) -> Any:
     return MlflowTracker(uri or config.default_tracking_uri(), config.default_artifact_root())
 
 
-def _with_subset(study: Study, subset: str | None) -> Study:
+def _subset(subset: str | None) -> dict[str, int] | None:
+    """``--subset TRAIN[,VAL]`` as the sizes ``Dataset(subset=...)`` takes (checked before the
+    study file is even loaded)."""
+    from searchlab.errors import StudyDefinitionError
+
     if not subset:
-        return study
+        return None
     try:
         parts = [int(p) for p in subset.split(",")]
     except ValueError:
-        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)") from None
+        parts = []
     if not parts or len(parts) > 2 or min(parts) <= 0:
-        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)")
+        raise StudyDefinitionError(
+            f"--subset must be TRAIN or TRAIN,VAL (positive ints, e.g. 2000,500), got {subset!r}."
+        )
     sizes = {"train": parts[0]}
     if len(parts) == 2:
         sizes["val"] = parts[1]
+    return sizes
+
+
+def _load(study_file: str, subset: str | None) -> Study:
+    """The study of ``study_file``, with ``--subset`` applied."""
+    from searchlab.study import load_study
+
+    sizes = _subset(subset)
+    study = load_study(study_file)
+    if sizes is None:
+        return study
     return dataclasses.replace(study, data=dataclasses.replace(study.dataset, subset=sizes))
 
 
@@ -182,7 +252,7 @@ data_dir_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SearchlabGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="searchlab")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens inside, to stderr.")
 def main(verbose: bool) -> None:
@@ -363,7 +433,6 @@ class RunFlags:
 def run(**flags: Any) -> None:  # click hands over every flag: RunFlags names and types them
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
-    _sigterm_interrupts()
     source = click.get_current_context().get_parameter_source
     given = frozenset(name for name in flags if source(name) is ParameterSource.COMMANDLINE)
     run_flags = RunFlags(**flags, from_command_line=given)
@@ -377,21 +446,20 @@ def _launch(flags: RunFlags) -> None:
     """Open the session and run its trials in worker processes (here with ``--in-process``
     or the keras-tuner engine); then say where the results are."""
     from searchlab import workers as workers_mod
-    from searchlab.study import load_study
 
     gpus = workers_mod.parse_gpus(flags.gpus)
     workers_given = "workers" in flags.from_command_line
     workers = len(gpus) if gpus and not workers_given else flags.workers
-    study = _with_subset(load_study(flags.study_file), flags.subset)
-    options = _run_options(flags, study)
-    tracker = _tracker(flags.tracking_uri)
-    progress = ConsoleProgress(study.objective)
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
             + ("--engine keras-tuner" if flags.engine != "optuna" else "--in-process")
             + ", or drop --workers/--gpus."
         )
+    study = _load(flags.study_file, flags.subset)
+    options = _run_options(flags, study)
+    tracker = _tracker(flags.tracking_uri)
+    progress = ConsoleProgress(study.objective)
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
@@ -475,11 +543,10 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     parent run until the budget is met, or exit ``RECYCLE`` to be replaced by a fresh one."""
     from searchlab import runner
     from searchlab import workers as workers_mod
-    from searchlab.study import load_study
 
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
-    study = _with_subset(load_study(flags.study_file), flags.subset)
+    study = _load(flags.study_file, flags.subset)
     tracker = _tracker(flags.tracking_uri)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
     if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):

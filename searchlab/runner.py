@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab import config, coordination, engines
+from searchlab import config, coordination, engines, interrupts
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -146,9 +146,14 @@ def open_session(
     if options.parent_run_id:
         tracker.attach(options.parent_run_id)
         return session
-    tracker.start_session(study.name, info)
-    session.reconcile()
-    link_session(session)
+    with interrupts.deferred():  # a parent run is never left open without its links
+        tracker.start_session(study.name, info)
+        try:
+            session.reconcile()
+            link_session(session)
+        except BaseException:
+            tracker.end_session({}, "FAILED")
+            raise
     return session
 
 
@@ -268,13 +273,14 @@ def run(
             tracker.close_all("FAILED")  # only this worker's own trial runs are open
         return {**summarize(session, counts), "recycle": recycle}
     status = "FAILED"
-    listener.started(study.name, session.finished_count(), session.target, session.info)
     try:
+        listener.started(study.name, session.finished_count(), session.target, session.info)
         work(session, spec, listener, counts, train)
         if options.reeval_top:
             reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
+        interrupts.acknowledge()  # closing the session below is not cut short by it
         status = "KILLED"
         raise
     finally:
@@ -306,17 +312,22 @@ def summarize(session: Session, counts: Mapping[TrialState, int]) -> dict[str, A
 def close_session(
     session: Session, status: str, counts: Mapping[TrialState, int], spec: TrialSpec | None
 ) -> dict[str, Any]:
-    """Reconcile, write the summary and artifacts on the parent run, and close it."""
-    summary = summarize(session, counts)
-    try:
+    """Reconcile, write the summary and artifacts on the parent run, and close it.
+
+    A signal does not cut this short (``interrupts.deferred``): an interrupt that arrives
+    meanwhile is raised once the parent run is closed."""
+    with interrupts.deferred():
+        summary: dict[str, Any] = {}
         try:
-            session.reconcile()
-        except Exception as exc:  # the stores may be what failed; closing comes first
-            log.warning("could not reconcile MLflow with Optuna: %s", exc)
-        if status == "FINISHED" and spec is not None:
-            log_study_artifacts(session, spec, summary)
-    finally:
-        session.tracker.end_session(summary, status)
+            summary = summarize(session, counts)
+            try:
+                session.reconcile()
+            except Exception as exc:  # the stores may be what failed; closing comes first
+                log.warning("could not reconcile MLflow with Optuna: %s", exc)
+            if status == "FINISHED" and spec is not None:
+                log_study_artifacts(session, spec, summary)
+        finally:
+            session.tracker.end_session(summary, status)
     return summary
 
 
@@ -379,6 +390,7 @@ def work(
     baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
         while True:
+            interrupts.check()  # a Ctrl-C that was lost on its way stops the study here
             if (
                 options.timeout is not None
                 and time.monotonic() - session.started >= options.timeout
@@ -386,14 +398,15 @@ def work(
                 log.info("time budget of %ss reached", options.timeout)
                 return False
             done = session.finished_count()
-            claimed = coordination.claim_trial(
-                session.store,
-                session.lock,
-                target=session.target,
-                session=session.run_id,
-                propose=lambda: session.engine.propose(session.store, session.run_id),
-                suggest=session.study.search_space.suggest,
-            )
+            with interrupts.deferred():  # a claim is whole or not at all
+                claimed = coordination.claim_trial(
+                    session.store,
+                    session.lock,
+                    target=session.target,
+                    session=session.run_id,
+                    propose=lambda: session.engine.propose(session.store, session.run_id),
+                    suggest=session.study.search_space.suggest,
+                )
             if claimed.failed_stale:
                 session.reconcile()
             if claimed.state is Claim.DONE:
@@ -462,19 +475,29 @@ def run_one(
             **proposal.tags,
         }
         try:
-            run_id = session.tracker.start_trial(number, params, tags)
-            for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
-                trial.set_user_attr(name, value)
+            with interrupts.deferred():  # the run and the trial are linked, or neither exists
+                run_id = session.tracker.start_trial(number, params, tags)
+                for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
+                    trial.set_user_attr(name, value)
             on_epoch = _epoch_callback(session, trial, proposal, spec, run_id)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
-            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                interrupts.acknowledge()
+                error = "interrupted (Ctrl-C)"
+            else:
+                error = str(exc) or type(exc).__name__
             result = TrialResult(number, params, TrialState.FAILED, error=error)
+            with interrupts.deferred():
+                try:
+                    finish(session, trial, run_id, result)
+                    session.engine.tell(proposal, result)
+                except Exception as inner:  # the stores may be what failed: say the first error
+                    log.warning("trial %s: could not record its failure: %s", number, inner)
+            raise
+        with interrupts.deferred():  # MLflow, Optuna and the engine all learn the result
             finish(session, trial, run_id, result)
             session.engine.tell(proposal, result)
-            raise
-        finish(session, trial, run_id, result)
-        session.engine.tell(proposal, result)
     finally:
         heartbeat.stop()
     best = session.store.best()

@@ -56,7 +56,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import backend, cache
+from searchlab import backend, cache, interrupts
 from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.models.transfer import MATMUL_CONVS
@@ -153,12 +153,17 @@ class _Monitor(keras.callbacks.Callback):
         self.epoch_started = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()  # a Ctrl-C that Python dropped (in a gc callback) stops it here
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.bad_loss = f"loss became {float(loss)} at batch {batch}"
             self.model.stop_training = True
 
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        interrupts.check()
         logs = {k: float(v) for k, v in (logs or {}).items()}
         # wall time of the epoch, validation included (the first one includes compiling)
         logs["epoch_s"] = time.perf_counter() - self.epoch_started
@@ -209,6 +214,7 @@ def run_trial(
     result.tags.update(backend.run_tags())
     result.tags["searchlab.precision"] = spec.precision
     _release_previous_trial()  # also resets Keras's dtype policy
+    interrupts.check()  # the collection above runs callbacks that may drop a Ctrl-C
     monitor = _Monitor(spec, on_epoch)
     try:
         with backend.precision_policy(spec.precision):  # the global policy comes back after

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab import coordination
+from searchlab import coordination, interrupts
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
@@ -135,11 +135,6 @@ def run(
     spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
     del loaded
     data_mod.forget()
-    if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
-        tracker.tag_session(
-            {"searchlab.workers": str(workers), "searchlab.gpus": ",".join(gpus) if gpus else ""}
-        )
-    listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     procs: list[subprocess.Popen[bytes]] = []
     relays: dict[int, list[threading.Thread]] = {}  # worker index -> its output's relays
@@ -164,6 +159,14 @@ def run(
         return proc
 
     try:
+        if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
+            tracker.tag_session(
+                {
+                    "searchlab.workers": str(workers),
+                    "searchlab.gpus": ",".join(gpus) if gpus else "",
+                }
+            )
+        listener.started(study.name, session.finished_count(), session.target, session.info)
         procs.extend(start(index) for index in range(workers))
         _wait(procs, start, lambda index: _worker_error(relays[index], errors[index]))
         if options.reeval_top:  # after the workers' search, here
@@ -171,17 +174,21 @@ def run(
             runner.reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
+        interrupts.acknowledge()  # stopping the workers and closing the session comes first
         status = "KILLED"
-        _stop(procs)
         raise
     finally:
-        _stop(procs)
-        for relay in (r for rs in relays.values() for r in rs):
-            relay.join(timeout=5)
-        counts = _session_counts(session)
-        if status == "FINISHED" and spec is None:
-            spec = runner.trial_spec(study, options)  # for the best model on the parent run
-        summary = runner.close_session(session, status, counts, spec)
+        with interrupts.deferred():  # the workers stop and the parent run closes, whole
+            _stop(procs)
+            for relay in (r for rs in relays.values() for r in rs):
+                relay.join(timeout=5)
+            counts = _no_counts()
+            try:
+                counts = _session_counts(session)
+                if status == "FINISHED" and spec is None:
+                    spec = runner.trial_spec(study, options)  # for the best model on the parent run
+            finally:
+                summary = runner.close_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
 
@@ -252,6 +259,7 @@ def _wait(
     """Wait for every worker, restarting the ones that recycled themselves; the first that
     fails stops the others and the session, with its error as the session's."""
     while True:
+        interrupts.check()  # a Ctrl-C that was lost on its way stops the workers here
         for index, p in enumerate(procs):
             if p.poll() == RECYCLE:
                 log.info(
@@ -283,7 +291,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Interrupt the workers still running (each closes its trial), then wait; kill the
     ones that do not stop within ``STOP_GRACE_S`` (the next session fails their trials).
     SIGTERM, which a worker treats like Ctrl-C: SIGINT may be ignored by processes a
-    non-interactive shell started in the background."""
+    non-interactive shell started in the background.  A Ctrl-C while waiting is the
+    second one, which ``interrupts`` ignores (a third ends this process, and the kernel then
+    ends the workers: ``bind_to_launcher``)."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         try:
@@ -297,19 +307,18 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now
-            for q in alive:
-                if q.poll() is None:
-                    q.kill()
-            raise
 
 
 def _session_counts(session: Session) -> dict[TrialState, int]:
     """The trials the session's workers ended, by state."""
-    from searchlab.outcome import TrialState
-
-    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    counts = _no_counts()
     for t in session.store.trials(*counts):
         if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
             counts[t.state] += 1
     return counts
+
+
+def _no_counts() -> dict[TrialState, int]:
+    from searchlab.outcome import TrialState
+
+    return {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
