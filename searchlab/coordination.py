@@ -11,7 +11,9 @@ Three pieces, used by the runner whichever engine proposes the params:
 - ``fail_stale_trials``: marks FAILED every RUNNING trial whose process is gone: its heartbeat
   is older than the grace period (any machine), its process id no longer exists (this
   machine: no need to wait for the grace period), or, seen while holding the lock, it never
-  got its owner recorded (its claimer died inside the claim).
+  got its owner recorded (its claimer died inside the claim).  Seen while holding the lock,
+  a WAITING trial is one a claimer enqueued and died before asking for (every claim does
+  both under the lock): it is failed too, and its point is free again.
 
 A claim (``claim_trial``) happens under the lock: fail stale trials, count finished and
 running trials against the budget, take the engine's proposal (the next free grid point, an
@@ -194,14 +196,21 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
     period (any machine); then a trial whose process id no longer exists on this machine is
     failed without waiting for the grace period, and, with ``locked`` (the caller holds the
     study lock), a RUNNING trial without an owner, left by a claimer that died inside its
-    claim.  The last two carry their reason in the trial's ``error`` attr; the first cannot
-    (``store.stale_reason``).
+    claim, and every WAITING trial (see the module doc).  The last ones carry their reason in
+    the trial's ``error`` attr; the first cannot (``store.stale_reason``).
     """
     ostudy = store.ostudy
+    orphans: list[int] = []
+    if locked:  # enqueued by a claimer that died before it asked for the trial
+        for trial in ostudy.get_trials(deepcopy=False, states=(OptunaState.WAITING,)):
+            why = "interrupted: its claimer stopped between enqueueing and starting it"
+            if _fail(store.storage, trial._trial_id, why):
+                log.warning("trial %s: %s", trial.number, why)
+                orphans.append(trial.number)
     running = (OptunaState.RUNNING,)
     before = {t._trial_id: t for t in ostudy.get_trials(deepcopy=False, states=running)}
     if not before:
-        return []
+        return orphans
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
         optuna.storages.fail_stale_trials(ostudy)
@@ -228,7 +237,7 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
         if reason and _fail(store.storage, trial_id, reason):
             log.warning("trial %s: %s", trial.number, reason)
             failed.append(trial.number)
-    return sorted(failed)
+    return sorted(failed + orphans)
 
 
 def _owner(trial: optuna.trial.FrozenTrial) -> str:

@@ -135,25 +135,29 @@ def open_session(
     )
     store.use(engine.sampler(store.count()))
     engine.open(store)
-    lock = coordination.StudyLock(
-        storage=store.storage,
-        storage_url=options.storage,
-        study_name=study.name,
-        lock_dir=config.home(),
-    )
-    info = session_info(study, options, target, engine, data_source)
-    session = Session(study, options, engine, tracker, store, lock, target, info)
-    if options.parent_run_id:
-        tracker.attach(options.parent_run_id)
-        return session
-    with interrupts.deferred():  # a parent run is never left open without its links
-        tracker.start_session(study.name, info)
-        try:
-            session.reconcile()
-            link_session(session)
-        except BaseException:
-            tracker.end_session({}, "FAILED")
-            raise
+    try:
+        lock = coordination.StudyLock(
+            storage=store.storage,
+            storage_url=options.storage,
+            study_name=study.name,
+            lock_dir=config.home(),
+        )
+        info = session_info(study, options, target, engine, data_source)
+        session = Session(study, options, engine, tracker, store, lock, target, info)
+        if options.parent_run_id:
+            tracker.attach(options.parent_run_id)
+            return session
+        with interrupts.deferred():  # a parent run is never left open without its links
+            tracker.start_session(study.name, info)
+            try:
+                session.reconcile()
+                link_session(session)
+            except BaseException:
+                tracker.end_session({}, "FAILED")
+                raise
+    except BaseException:
+        engine.close()
+        raise
     return session
 
 
@@ -265,12 +269,27 @@ def run(
     listener = listener or engines.NullListener()
     engine, target, spec = prepare(study, options)
     session = open_session(study, options, tracker, engine, target, spec.data.source)
+    try:
+        return _run_session(session, spec, listener, train)
+    finally:
+        engine.close()
+
+
+def _run_session(
+    session: Session, spec: TrialSpec, listener: SearchListener, train: TrainFn | None
+) -> dict[str, Any]:
+    """``run`` once the session is open: its trials, then its close."""
+    study, options, tracker = session.study, session.options, session.tracker
     counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
     if options.parent_run_id:
         try:
             recycle = work(session, spec, listener, counts, train)
+        except KeyboardInterrupt:
+            interrupts.acknowledge()
+            raise
         finally:
-            tracker.close_all("FAILED")  # only this worker's own trial runs are open
+            with interrupts.deferred():
+                tracker.close_all("FAILED")  # only this worker's own trial runs are open
         return {**summarize(session, counts), "recycle": recycle}
     status = "FAILED"
     try:

@@ -188,7 +188,10 @@ def run(
                 if status == "FINISHED" and spec is None:
                     spec = runner.trial_spec(study, options)  # for the best model on the parent run
             finally:
-                summary = runner.close_session(session, status, counts, spec)
+                try:
+                    summary = runner.close_session(session, status, counts, spec)
+                finally:
+                    engine.close()
         listener.finished(summary)
     return summary
 

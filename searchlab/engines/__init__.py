@@ -193,6 +193,8 @@ class Engine(Protocol):
     6. ``tell(proposal, result)`` exactly once per proposal that became a trial, after MLflow
        and the Optuna storage recorded the result (also when the trial failed or was
        interrupted).
+    7. ``close()`` once after a successful ``open``, when the session ends however it ends:
+       release what ``open`` holds (the keras-tuner engine's lock on its oracle).
 
     ``name`` tags every run (``searchlab.engine``); ``info()`` adds the engine's settings to
     the session's parent run (``pruner``, ``pruner_args``).
@@ -204,6 +206,7 @@ class Engine(Protocol):
     def sampler(self, n_trials: int) -> Any: ...
     def info(self) -> dict[str, str]: ...
     def open(self, store: StudyStore) -> None: ...
+    def close(self) -> None: ...
     def propose(self, store: StudyStore, session: str) -> Proposal | Claim: ...
     def report(
         self, trial: Any, proposal: Proposal, epoch: int, logs: Mapping[str, float], last: bool
