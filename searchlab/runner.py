@@ -87,7 +87,11 @@ class Session:
         def session_dead(run: RunRecord) -> bool:
             pid = run.tags.get("searchlab.pid")
             if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
-                return not coordination.pid_alive(int(pid))
+                # this process runs one session at a time: any other one it recorded is over
+                started = run.tags.get(coordination.START_ATTR)
+                if coordination.is_me(int(pid), started):
+                    return True
+                return not coordination.process_alive(int(pid), started)
             if run.run_id in live_sessions:
                 return False
             beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
@@ -167,10 +171,12 @@ def link_session(session: Session) -> None:
     session on the Optuna study."""
     tracker, store = session.tracker, session.store
     previous = tracker.previous_session(session.study.name)
+    started = coordination.process_start()
     tracker.tag_session(
         {
             "searchlab.host": coordination.hostname(),
             "searchlab.pid": str(os.getpid()),
+            **({coordination.START_ATTR: started} if started else {}),
             "searchlab.heartbeat": str(time.time()),
             "searchlab.optuna_study_id": str(store.study_id),
             "searchlab.resumed_with": str(session.finished_count()),
