@@ -8,6 +8,7 @@ never a traceback (``-v`` logs it).  Ctrl-C and SIGTERM exit 130 (``interrupts``
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -56,6 +57,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_home()
             return fn(*args, **kwargs)
         except SearchlabError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -65,17 +67,26 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:  # a file the system would not read or write: the user's to fix
             logging.getLogger(__name__).info("%s", exc, exc_info=True)
             _fail(os_error_line(exc))
+        except Exception as exc:
+            if "database or disk is full" not in str(exc):  # SQLite's words for ENOSPC
+                raise
+            logging.getLogger(__name__).info("%s", exc, exc_info=True)
+            _fail(os_error_line(OSError(errno.ENOSPC, "No space left on device")))
 
     return wrapper
 
 
 def os_error_line(exc: OSError) -> str:
     """One line for an ``OSError``: what failed, on which file, and what to do about it."""
-    import errno
+    import re
 
-    what = exc.strerror or str(exc) or type(exc).__name__
+    what = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
     where = f": {exc.filename}" if exc.filename else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+    if full:
+        what = "No space left on device"
+        named = re.search(r"filename = '([^']+)'", str(exc))  # HDF5 says it in its message
+        where = where or (f": {named.group(1)}" if named else "")
         fix = (
             "Free some space (or move $SEARCHLAB_HOME, $TMPDIR to a larger disk), then run the "
             "same command again; finished trials are kept."
@@ -191,10 +202,40 @@ class ConsoleProgress:
             )
 
 
-def _tracker(uri: str | None) -> Any:
+def _tracker(uri: str | None, *, create: bool = True) -> Any:
+    """The MLflow tracker of ``--tracking-uri``; ``create=False`` for the commands that only
+    read results, which must not create a store where there is none."""
     from searchlab.tracking import MlflowTracker
 
-    return MlflowTracker(uri or config.default_tracking_uri(), config.default_artifact_root())
+    return MlflowTracker(
+        uri or config.default_tracking_uri(), config.default_artifact_root(), create=create
+    )
+
+
+def _check_home() -> None:
+    """``$SEARCHLAB_HOME`` (or ``./.searchlab``) must be a folder, or not exist yet."""
+    home = config.home()
+    if home.exists() and not home.is_dir():
+        given = os.environ.get(config.HOME_ENV)
+        where = f"{config.HOME_ENV}={given}" if given else str(home)
+        raise SearchlabError(
+            f"{where} is a file, not a folder: searchlab keeps its stores in that folder. "
+            f"Point {config.HOME_ENV} at a folder (it is created if missing), or move the file."
+        )
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """An output file's folder must exist before anything is read or written."""
+    if not path:
+        return
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise SearchlabError(
+            f"Cannot write {path} ({flag}): folder {folder} does not exist. Create it first, "
+            f"or pass another {flag}."
+        )
 
 
 def _subset(subset: str | None) -> dict[str, int] | None:
@@ -554,14 +595,16 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
 
 
 def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> None:
+    from searchlab.store import redact
+
     # A --tracking-uri from the environment is in force in the next command too: not repeated.
     again = (
-        f" --tracking-uri {flags.tracking_uri}"
+        f" --tracking-uri {redact(flags.tracking_uri)}"
         if flags.tracking_uri and "tracking_uri" in flags.from_command_line
         else ""
     )
     click.echo(
-        f"results: MLflow experiment {study.name!r} in {tracking_uri}; "
+        f"results: MLflow experiment {study.name!r} in {redact(tracking_uri)}; "
         f"compare them with: searchlab ui {flags.study_file}{again}"
     )
     click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.h5")
@@ -596,7 +639,11 @@ def export(
 
     study = load_study(study_file)
     done = export_model(
-        study, storage or config.default_storage(), _tracker(tracking_uri), Path(output), number
+        study,
+        storage or config.default_storage(),
+        _tracker(tracking_uri, create=False),
+        Path(output),
+        number,
     )
     value = f"{done['value']:.4f}" if done["value"] is not None else "?"
     click.echo(
@@ -642,6 +689,8 @@ def report(
     tracking_uri: str | None,
 ) -> None:
     """Print the trials of STUDY_FILE best first (from the stores); write tables and plots."""
+    _check_output(csv_path, "--csv")
+    _check_output(parquet_path, "--parquet")
     _quiet_backends()
     os.environ.setdefault("MPLBACKEND", "Agg")
     from pathlib import Path
@@ -651,7 +700,9 @@ def report(
     from searchlab.study import load_study
 
     results = report_mod.open_results(
-        load_study(study_file), storage or config.default_storage(), _tracker(tracking_uri)
+        load_study(study_file),
+        storage or config.default_storage(),
+        _tracker(tracking_uri, create=False),
     )
     frame = report_mod.frame(results)
     click.echo(report_mod.summary_line(results))
@@ -690,12 +741,13 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     """
     _quiet_backends()
     from searchlab import tracking
+    from searchlab.store import redact
 
-    tracker = _tracker(tracking_uri)
+    tracker = _tracker(tracking_uri, create=False)
     if tracking.is_remote(tracker.uri):
         tracker.connect()
         page = _compare_page(tracker, study_file)
-        click.echo(f"MLflow server: {tracker.uri.rstrip('/')}{page}")
+        click.echo(f"MLflow server: {tracking.page_url(tracker.uri)}{page}")
         return
     tracking.check_exists(tracker.uri)
     if study_file:
@@ -708,10 +760,11 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     port = _free_port(host, port)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    argv = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
+    argv, env = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)
     process = subprocess.Popen(  # started first: it boots while the study file loads
         argv,
+        env=env,
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
         start_new_session=True,  # its workers are in its process group, stopped together
@@ -724,7 +777,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     try:
         page = _compare_page(tracker, study_file)
         tracking.wait_for_ui(process, url)
-        click.echo(f"MLflow UI: {url}{page}, serving {tracker.uri}")
+        click.echo(f"MLflow UI: {url}{page}, serving {redact(tracker.uri)}")
         click.echo("Ctrl-C stops it.")
         code = process.wait()
         if code != 0:
@@ -741,13 +794,14 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
     if not study_file:
         return ""
     from searchlab.errors import NotRunError
+    from searchlab.store import redact
     from searchlab.study import load_study
 
     study = load_study(study_file)
     exp_id = tracker.find_experiment(study.name)
     if exp_id is None:
         raise NotRunError(
-            f"Study {study.name!r} was never run: {tracker.uri} has no MLflow experiment of "
+            f"Study {study.name!r} was never run: {redact(tracker.uri)} has no MLflow experiment of "
             "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
             "it ran with."
         )

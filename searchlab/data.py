@@ -224,13 +224,28 @@ def _as_float(x: np.ndarray) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The four arrays of a dataset file, or one ``DataError`` that says what is wrong with
+    it: empty, cut short, not an .npz, a key missing, or images that are not numbers."""
+    fix = "Replace it with a complete copy (download it again), or remove it."
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty: it is not a dataset .npz. {fix}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
-    except (OSError, ValueError, KeyError) as exc:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except Exception as exc:  # a cut-short zip, a .npy, a pickle, a missing key, bad bytes
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{path} is not a dataset .npz with x_train, y_train, x_test, y_test ({exc})."
+            f"{path} is not a readable dataset .npz with x_train, y_train, x_test, y_test "
+            f"({type(exc).__name__}: {why}). {fix}"
         ) from exc
+    for name in ("x_train", "x_test"):
+        dtype = arrays[name].dtype
+        if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+            raise DataError(
+                f"{path}: {name} holds {dtype} values, not numbers. Save the images as a "
+                "numeric array (uint8 pixels or floats)."
+            )
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
 def _keras_cache() -> Path:

@@ -176,14 +176,15 @@ def _check_mlflow(uri: str) -> Check:
             f"{uri} (not created yet: a run creates it); artifacts in {artifacts}",
         )
     from searchlab import tracking
+    from searchlab.store import redact
 
     try:
-        client = tracking.client(uri)
+        client = tracking.client(uri, create=False)
         n = len(client.search_experiments(max_results=1000))
     except SearchlabError as exc:
         return Check("mlflow tracking", Status.FAIL, str(exc))
     where = f"; artifacts in {artifacts}" if path is not None else ""
-    return Check("mlflow tracking", Status.OK, f"{uri} ({n} experiments{where})")
+    return Check("mlflow tracking", Status.OK, f"{redact(uri)} ({n} experiments{where})")
 
 
 def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Check]:

@@ -10,6 +10,7 @@ rebuilt model brings the prefix, checked against the fingerprint the trial recor
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,14 +72,24 @@ def export_model(
     out = Path(out)
     if out.suffix not in FORMATS:
         raise ExportError(f"Cannot export to {out}: the file name must end in .h5 or .keras.")
-    if not out.parent.exists():
-        raise ExportError(f"Cannot export to {out}: folder {out.parent} does not exist.")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} does not exist. Create it first, or "
+            "pass another -o."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} cannot be written (read-only or not "
+            "yours). Pass an -o in a folder you may write to."
+        )
     trial = find_trial(study, storage_url, number)
     run_id = trial.run_id
     if not run_id:
         raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
     from searchlab import trial as trial_mod
     from searchlab.data import DataInfo
+    from searchlab.store import redact
 
     try:
         tags = tracker.run_tags(run_id)
@@ -86,7 +97,7 @@ def export_model(
         raise
     except Exception as exc:
         raise ExportError(
-            f"Trial {trial.number}'s MLflow run {run_id} is not in {tracker.uri}: pass the "
+            f"Trial {trial.number}'s MLflow run {run_id} is not in {redact(tracker.uri)}: pass the "
             f"--tracking-uri the study ran with. ({type(exc).__name__})"
         ) from exc
     info = DataInfo(
@@ -104,12 +115,22 @@ def export_model(
         absl = logging.getLogger("absl")
         level = absl.level
         absl.setLevel(logging.ERROR)  # Keras calls HDF5 "legacy"; the user asked for it
+        # whole or not at all: saved beside ``out`` (same suffix: it picks the format), renamed
+        partial = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
         try:
+            trial_mod.ensure_space(partial, model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model.save(out)
+                model.save(partial)
+            os.replace(partial, out)
+        except OSError as exc:
+            raise ExportError(
+                f"Cannot write {out}: {exc.strerror or exc}. Free some space, or pass an -o "
+                "on another disk."
+            ) from exc
         finally:
             absl.setLevel(level)
+            partial.unlink(missing_ok=True)
     return {
         "path": str(out),
         "trial": trial.number,

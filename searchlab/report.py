@@ -85,7 +85,7 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
     when the study was never run against these stores.
     """
     from searchlab import tracking
-    from searchlab.store import StudyStore
+    from searchlab.store import StudyStore, redact
 
     tracking.check_exists(tracker.uri)
     store = StudyStore.load(study.name, storage_url)
@@ -95,7 +95,7 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
         )
     if tracker.find_experiment(study.name) is None:
         raise NotRunError(
-            f"Study {study.name!r} has no MLflow experiment in {tracker.uri}: pass the "
+            f"Study {study.name!r} has no MLflow experiment in {redact(tracker.uri)}: pass the "
             "--tracking-uri it ran with."
         )
     return Results(study=study, store=store, tracker=tracker, runs=tracker.runs(study.name))

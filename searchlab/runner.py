@@ -127,8 +127,10 @@ def open_session(
 ) -> Session:
     """Open both stores and the Optuna study, then start this session's parent run (or
     attach to ``options.parent_run_id``).  Every store problem is raised here, before any
-    training; a new session also closes what a crashed one left open."""
-    tracker.connect()
+    training, and a run that fails here writes nothing: the Optuna storage is opened first
+    (a bad ``--storage`` fails before MLflow is touched), and what it created is discarded
+    when the MLflow store then fails.  A new session also closes what a crashed one left
+    open."""
     described = {**study.search_space.describe(), "_objective": study.objective}
     store = StudyStore.open(
         study.name,
@@ -137,6 +139,11 @@ def open_session(
         described=described,
         sampler=engine.sampler(0),
     )
+    try:
+        tracker.connect()
+    except BaseException:
+        store.discard()
+        raise
     store.use(engine.sampler(store.count()))
     engine.open(store)
     try:
@@ -189,7 +196,7 @@ def link_session(session: Session) -> None:
             "host": coordination.hostname(),
             "pid": os.getpid(),
             "started": time.time(),
-            "tracking_uri": tracker.uri,
+            "tracking_uri": redact(tracker.uri),
         },
     )
 

@@ -143,7 +143,14 @@ def load_study(path: str | Path) -> Study:
             f"Study file {path} not found. Pass the path of a .py file that defines "
             "`study = Study(...)`, e.g. studies/mnist_dense.py."
         )
-    source = path.read_text(encoding="utf-8")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise StudyDefinitionError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}). Save the study file as UTF-8."
+        ) from None
     try:
         code = compile(source, str(path), "exec")
     except SyntaxError as exc:
@@ -162,6 +169,11 @@ def load_study(path: str | Path) -> Study:
         exec(code, module.__dict__)  # noqa: S102 - a study file is the user's own code
     except SearchlabError as exc:
         raise type(exc)(f"{path}, line {_line_in(exc, path)}: {exc}") from None
+    except SystemExit as exc:  # exit() at import time would end searchlab without a word
+        raise StudyDefinitionError(
+            f"{path}, line {_line_in(exc, path)}: the study file calls sys.exit({exc.code!r}) "
+            'when it is imported. Put script code under `if __name__ == "__main__":`.'
+        ) from None
     except Exception as exc:
         raise StudyDefinitionError(
             f"{path}, line {_line_in(exc, path)}: {type(exc).__name__}: {exc}. Fix the study file."

@@ -7,7 +7,8 @@ writes it as CSV or Parquet; ``searchlab.results()`` returns it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,23 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    frame.to_csv(path, index=False)
-    return path
+    return _whole(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    frame.to_parquet(path, index=False)
+    return _whole(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _whole(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: a
+    failure (a full disk, a kill) leaves the previous file or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -120,34 +120,55 @@ def _quiet_mlflow() -> None:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with one line when an http(s) tracking server does not answer."""
-    parsed = urllib.parse.urlparse(uri)
+    """Fail fast with one line when the tracking store's server does not answer: an
+    http(s) MLflow server (its ``/health``, with the URI's user and password as basic
+    auth), or a database server (connect and disconnect; MLflow itself would retry for
+    about two minutes).  The password is never shown."""
+    from searchlab.store import check_db_server, is_db_server, redact
+
+    if is_db_server(uri):
+        check_db_server(uri, "the MLflow tracking store", "--tracking-uri")
+        return
+    parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in ("http", "https"):
         return
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    url = urllib.parse.urlunsplit(parsed._replace(netloc=host)).rstrip("/") + "/health"
+    request = urllib.request.Request(url)
+    if parsed.username is not None:
+        import base64
 
-    url = uri.rstrip("/") + "/health"
+        pair = (
+            f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        )
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's server
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - user's
             if resp.status >= 500:
-                raise StoreError(f"MLflow server {uri} answered {resp.status} on /health.")
+                raise StoreError(f"MLflow server {redact(uri)} answered {resp.status} on /health.")
     except StoreError:
         raise
     except Exception as exc:
         raise StoreError(
-            f"Cannot reach the MLflow tracking server {uri} ({exc.__class__.__name__}: {exc}). "
-            "Start it (mlflow server --host ...) or pass another --tracking-uri."
-        ) from exc
+            f"Cannot reach the MLflow tracking server {redact(uri)} "
+            f"({exc.__class__.__name__}: {exc}). Start it (mlflow server --host ...) or pass "
+            "another --tracking-uri."
+        ) from None
 
 
-def client(uri: str) -> Any:
+def client(uri: str, *, create: bool = True) -> Any:
     """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created.  For
-    ``MlflowTracker`` and ``doctor``, and for tests and scripts that read MLflow directly."""
+    ``MlflowTracker`` and ``doctor``, and for tests and scripts that read MLflow directly.
+    With ``create=False`` (reading results) a local store that does not exist is one
+    ``StoreError`` and nothing is created."""
     _quiet_mlflow()
+    if not create:
+        check_exists(uri)
     check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
     try:
-        if uri.startswith("sqlite:///"):
+        if uri.startswith("sqlite:///") and create:
             path = Path(uri[len("sqlite:///") :])
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -155,11 +176,22 @@ def client(uri: str) -> Any:
         c = MlflowClient(tracking_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
+        from searchlab.store import redact
+
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise StoreError(
-            f"Cannot open the MLflow tracking store {uri} ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Check --tracking-uri."
-        ) from exc
+            f"Cannot open the MLflow tracking store {redact(uri)} ({exc.__class__.__name__}: "
+            f"{_hide_secret(first, uri)}). Check --tracking-uri."
+        ) from None
     return c
+
+
+def _hide_secret(text: str, uri: str) -> str:
+    """``text`` without the password ``uri`` holds, if it quotes it."""
+    password = urllib.parse.urlsplit(uri).password if "@" in uri else None
+    if password:
+        text = text.replace(password, "***").replace(urllib.parse.unquote(password), "***")
+    return text
 
 
 def store_template_dir() -> Path:
@@ -227,6 +259,14 @@ def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
+def page_url(uri: str) -> str:
+    """The address of an MLflow server's pages, for a browser: ``uri`` without a user and
+    password (the browser asks for them), and without a trailing slash."""
+    parsed = urllib.parse.urlsplit(uri)
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=host)).rstrip("/")
+
+
 def local_path(uri: str) -> Path | None:
     """The file or folder a local tracking URI names (``sqlite:///f.db``, ``file:///d``, ``d``)."""
     parsed = urllib.parse.urlparse(uri)
@@ -252,17 +292,24 @@ def check_exists(uri: str) -> None:
         )
 
 
-def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> list[str]:
-    """The ``mlflow ui`` command line that serves the tracking store ``uri``."""
+#: how ``mlflow ui`` is told its store: in its environment, not on its command line, where
+#: every user of the machine reads it (``ps``) with the password it may hold
+BACKEND_STORE_ENV = "MLFLOW_BACKEND_STORE_URI"
+
+
+def ui_command(
+    uri: str, host: str, port: int, artifact_root: Path | None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow ui`` command line that serves the tracking store ``uri``, and the
+    environment to start it in (the store's URI is there: ``BACKEND_STORE_ENV``)."""
     import sys
 
+    env = {**os.environ, BACKEND_STORE_ENV: uri}
     argv = [
         sys.executable,
         "-m",
         "mlflow",
         "ui",
-        "--backend-store-uri",
-        uri,
         "--host",
         host,
         "--port",
@@ -272,7 +319,7 @@ def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> li
     ]
     if artifact_root is not None:
         argv += ["--default-artifact-root", artifact_root.resolve().as_uri()]
-    return argv
+    return argv, env
 
 
 def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
@@ -305,11 +352,14 @@ class MlflowTracker:
     Args:
         uri: the tracking URI (``sqlite:///...``, ``http://host:5000``, a folder, ...).
         artifact_root: where a new experiment keeps artifacts when the store is local.
+        create: False for a reader (``export``, ``report``, ``ui``): a local store that
+            does not exist is a ``StoreError``, never created.
     """
 
-    def __init__(self, uri: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, uri: str, artifact_root: Path | None = None, *, create: bool = True) -> None:
         self.uri = uri
         self.artifact_root = artifact_root
+        self.create = create
         self._client: Any = None
         self.experiment_id: str | None = None
         self._session_id: str | None = None
@@ -324,7 +374,7 @@ class MlflowTracker:
     def _mlflow(self) -> Any:
         """The ``MlflowClient``, opened on first use (it never leaves this module)."""
         if self._client is None:
-            self._client = client(self.uri)
+            self._client = client(self.uri, create=self.create)
         return self._client
 
     def connect(self) -> None:

@@ -207,7 +207,8 @@ def run_trial(
 ) -> TrialResult:
     """Train one configuration and return its result; never raises for a failed trial.
 
-    Raises only ``StudyDefinitionError`` (the study itself is wrong) and ``KeyboardInterrupt``.
+    Raises only ``StudyDefinitionError`` (the study itself is wrong), ``KeyboardInterrupt``
+    and an ``OSError`` that says the disk is full (``disk_full``: every trial would fail).
     """
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
@@ -230,12 +231,44 @@ def run_trial(
         result.error = str(exc)
     except (StudyDefinitionError, KeyboardInterrupt):
         raise
+    except OSError as exc:
+        if disk_full(exc):  # every later trial would fail alike: the study stops here
+            raise
+        result.history = monitor.history
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     except Exception as exc:  # builder errors, OOM, backend errors: this trial only
         result.history = monitor.history
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     finally:
         result.duration = time.perf_counter() - started
     return result
+
+
+def ensure_space(path: Path, model: Any) -> None:
+    """Raise ``OSError(ENOSPC)`` before HDF5 writes ``model`` to ``path`` on a disk without
+    room for it.  HDF5 cannot recover from a write the disk refused: the file it leaves
+    open makes the process crash when it exits (measured: a segfault after the error)."""
+    import errno
+    import shutil
+
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    variables += list(getattr(optimizer, "variables", []) or [])
+    need = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    need = int(need * 1.1) + 2**20  # HDF5's own structure, and room to spare
+    if shutil.disk_usage(path.parent).free < need:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk (or a quota) is full: ``ENOSPC``/``EDQUOT``, also where
+    HDF5 only names the errno in its message."""
+    import errno
+
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def _build_and_fit(
@@ -448,6 +481,7 @@ class _Plan:
     def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
         """Save ``model``'s weights in ``workdir``: the file and the tags that describe it."""
         path = workdir / WEIGHTS_FILE
+        ensure_space(path, self.model)
         self.model.save_weights(path)
         return path, {"searchlab.weights_form": "full"}
 

@@ -172,6 +172,24 @@ class Session:
         return "".join(self.lines)
 
 
+def unshare(*flags: str, probe: str = "true") -> list[str]:
+    """The ``unshare`` command prefix that gives a command new namespaces (``--pid --fork
+    --mount-proc``, ``--mount``, ...), as root or through a user namespace; the test skips
+    where neither works, and fails in CI ($SEARCHLAB_CI), which must run it."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("unshare"):
+        for prefix in (["unshare", *flags], ["unshare", "--user", "--map-root-user", *flags]):
+            found = subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, text=True)
+            if found.returncode == 0:
+                return prefix
+    if os.environ.get("SEARCHLAB_CI"):
+        pytest.fail(f"unshare {' '.join(flags)} must work in CI (root or user namespaces)")
+    pytest.skip(f"no usable unshare {' '.join(flags)} here")
+
+
 def check_consistent(
     storage: str, tracking_uri: str, name: str, budget: int, *, grid: bool = True
 ) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from reliability_helpers import (
     check_consistent,
     env_for,
     searchlab_cmd,
+    unshare,
     write_study,
 )
 
@@ -101,26 +102,6 @@ def test_ctrl_c_marks_the_running_trial_failed_and_closes_every_run(project: Pat
     assert status == {"session": "KILLED", "trial": "FAILED"}
 
 
-def _unshare_pid() -> list[str]:
-    """The ``unshare`` prefix that runs a command as PID 1 of a new PID namespace here (as
-    root, or through a user namespace); skip where neither works, fail in CI."""
-    import os
-    import shutil
-    import subprocess
-
-    if shutil.which("unshare"):
-        for prefix in (
-            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
-            ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"],
-        ):
-            probe = subprocess.run([*prefix, "sh", "-c", "echo $$"], capture_output=True, text=True)
-            if probe.returncode == 0 and probe.stdout.strip() == "1":
-                return prefix
-    if os.environ.get("SEARCHLAB_CI"):
-        pytest.fail("unshare --pid must work in CI (root, or unprivileged user namespaces)")
-    pytest.skip("cannot run a process as PID 1 here: no usable unshare")
-
-
 def test_a_launcher_that_ran_as_pid_1_is_closed_by_the_next_run(project: Path) -> None:
     """A container's entrypoint is PID 1 in its own PID namespace, on a host where PID 1 is
     alive for ever: killed, its parent run must not look alive to the next run."""
@@ -129,7 +110,7 @@ def test_a_launcher_that_ran_as_pid_1_is_closed_by_the_next_run(project: Path) -
 
     from mlflow.tracking import MlflowClient
 
-    prefix = _unshare_pid()
+    prefix = unshare("--pid", "--fork", "--mount-proc", "--kill-child", probe='test "$$" = 1')
     home = project / ".searchlab"
     study = write_study(project)
     marker = project / "in-fit"
