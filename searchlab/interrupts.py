@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -73,8 +74,18 @@ def install() -> Callable[[], None]:
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+    hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:
+        # an interrupt raised inside a gc callback or __del__ is dropped there, and Python
+        # prints a traceback for it; the next check raises it again: nothing to print
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
 
     def restore() -> None:
+        sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if _received else handler)
 
@@ -102,9 +113,11 @@ def acknowledge() -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
+def deferred(*, then_raise: bool = True) -> Iterator[None]:
     """A block that a signal does not cut short: an interrupt that arrives inside it is
-    raised when it ends (unless it ends with an exception of its own)."""
+    raised when it ends (unless it ends with an exception of its own), or with
+    ``then_raise=False`` at the next ``check`` (when what follows must own it first: a
+    claimed trial is failed by the trial's own first check)."""
     global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -114,7 +127,8 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-    check()
+    if then_raise:
+        check()
 
 
 __all__ = ["EXIT_CODE", "acknowledge", "check", "deferred", "install", "received"]

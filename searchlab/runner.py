@@ -430,7 +430,9 @@ def work(
                 log.info("time budget of %ss reached", options.timeout)
                 return False
             done = session.finished_count()
-            with interrupts.deferred():  # a claim is whole or not at all
+            # A claim is whole or not at all; an interrupt meanwhile is raised by the trial's
+            # first check, where its trial is failed as interrupted (not left running).
+            with interrupts.deferred(then_raise=False):
                 claimed = coordination.claim_trial(
                     session.store,
                     session.lock,
@@ -499,7 +501,6 @@ def run_one(
     ).start()
     run_id: str | None = None
     try:
-        listener.trial_started(number, done + 1, session.target, params)
         tags = {
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
@@ -507,6 +508,8 @@ def run_one(
             **proposal.tags,
         }
         try:
+            listener.trial_started(number, done + 1, session.target, params)
+            interrupts.check()  # one that arrived during the claim: this trial owns it
             with interrupts.deferred():  # the run and the trial are linked, or neither exists
                 run_id = session.tracker.start_trial(number, params, tags)
                 for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
