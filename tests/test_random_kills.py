@@ -4,8 +4,8 @@ twice, and every complete trial's weights must load into its model.
 
 Each engine is a lane of its own (its own project folder), and the two lanes run side by side
 to keep the test's time down.  A lane alternates a grid study and a random one; the Optuna
-lane also alternates one worker and two (``--workers 2``), and now and then kills a worker
-instead of the launcher.  The keras-tuner engine runs one process per study (its oracle lives
+lane also takes turns with one worker, none (``--in-process``) and two (``--workers 2``), and
+now and then kills a worker instead of the launcher.  The keras-tuner engine runs one process per study (its oracle lives
 in it; a second is refused, see ``test_engine_contract``), so its lane runs ``searchlab run``
 alone.  A kill lands a random time after the session opened (its "study ..." line): in a
 worker's start-up, a claim, a fit, an upload, between trials, or while the session closes.
@@ -29,7 +29,13 @@ pytestmark = pytest.mark.slow
 KILLS = 10  # per engine
 #: 12 grid points (units x learning_rate); both studies stop at their budget
 SPACE = '{"units": Choice([8, 16, 32, 64]), "learning_rate": Choice([0.001, 0.003, 0.01])}'
-BUDGET = {"grid": 5, "random": 6}
+BUDGET = {
+    "optuna": {"grid": 10, "random": 10},
+    # in one process, trials follow each other sooner: more of them finish between kills
+    "keras-tuner": {"grid": 12, "random": 10},
+}
+#: the Optuna lane's modes, in turn: a worker, the launcher itself, two workers
+OPTUNA_MODES = (["--workers", "1"], ["--in-process"], ["--workers", "2"])
 
 
 def _study(folder: Path, strategy: str) -> Path:
@@ -65,39 +71,48 @@ def _lane(engine: str, folder: Path, rng: random.Random) -> dict[str, Any]:
     round_ = 0
     while kills < KILLS:
         strategy = ("grid", "random")[round_ % 2]
-        args = ["--trials", BUDGET[strategy], "--engine", engine]
-        workers = 1
-        if engine == "optuna" and (round_ // 2) % 2:
-            workers = 2
-            args += ["--workers", "2"]
-        if engine == "keras-tuner":
-            args.append("--in-process")  # what the keras-tuner engine does anyway
+        args = ["--trials", BUDGET[engine][strategy], "--engine", engine]
+        mode = ["--in-process"]  # what the keras-tuner engine does anyway
+        if engine == "optuna":
+            mode = OPTUNA_MODES[(round_ // 2) % len(OPTUNA_MODES)]
+        args += mode
+        workers = int(mode[1]) if mode[0] == "--workers" else 0
         round_ += 1
         s = Session(searchlab_cmd(studies[strategy], *args), env_for(home), folder)
-        # mostly somewhere in the trials (a fit, an upload, a claim, the close), now and then
-        # in the start-up (a worker's, the stores' reconcile)
-        first = "study " if rng.random() < 0.25 else "trial "
+        # after the session opened (its reconcile done): in a worker's start-up, or, from
+        # its first trial on, in a fit, an upload, a claim, between trials, in the close
+        first = "trial " if workers and rng.random() < 0.6 else "study "
         try:
             s.wait_for(lambda line, first=first: line.lstrip().startswith(first), timeout=120)
-        except AssertionError:  # it ended before that line (its budget was met): go on
+        except AssertionError:  # it ended first: nothing left to do in that study
             s.finish()
             continue
-        time.sleep(rng.uniform(0.0, 3.0))
+        time.sleep(rng.uniform(0.0, 5.0 if first == "study " and workers else 4.0))
         target, who = s.proc.pid, "launcher"
-        if workers > 1 and rng.random() < 0.3 and (kids := _children(s.proc.pid)):
+        if workers and rng.random() < 0.3 and (kids := _children(s.proc.pid)):
             target, who = rng.choice(kids), "worker"  # as the kernel's OOM killer would
+        killed = False
         if s.proc.poll() is None:
             try:
                 os.kill(target, signal.SIGKILL)
-                kills += 1
-                last = next((ln.strip() for ln in reversed(s.lines) if "trial" in ln), "start-up")
-                log.append(f"{strategy} x{workers}: SIGKILL {who} at [{last}]")
+                killed = True
             except ProcessLookupError:
                 pass
-        s.finish(timeout=120)
+        out = s.finish(timeout=120)
+        if killed:
+            kills += 1
+            said = [
+                ln.strip()
+                for ln in out.splitlines()
+                if ln.lstrip().startswith(("trial", "complete:"))
+            ]
+            log.append(
+                f"{strategy} {' '.join(mode)}: {who} killed after "
+                f"[{said[-1] if said else 'start-up'}]"
+            )
     finals = {}
     for strategy, path in studies.items():
-        args = ["--trials", BUDGET[strategy], "--engine", engine]
+        args = ["--trials", BUDGET[engine][strategy], "--engine", engine]
         s = Session(searchlab_cmd(path, *args), env_for(home), folder)
         out = s.finish(timeout=300)
         finals[strategy] = (s.proc.returncode, out)
@@ -138,12 +153,13 @@ def test_random_sigkills_on_both_engines_lose_nothing(tmp_path: Path, data_dir: 
         for strategy, (code, out) in found["finals"].items():
             name = f"kill-{strategy}"
             assert code == 0, f"{engine} {strategy} (seed {seed}):\n{out}"
-            assert f"trials: {BUDGET[strategy]} complete" in out, out
+            budget = BUDGET[engine][strategy]
+            assert f"trials: {budget} complete" in out, out
             stores = check_consistent(
                 f"sqlite:///{home / 'optuna.db'}",
                 f"sqlite:///{home / 'mlflow.db'}",
                 name,
-                BUDGET[strategy],
+                budget,
                 grid=strategy == "grid",
             )
             complete = [t for t in stores["trials"] if t.state.name == "COMPLETE"]

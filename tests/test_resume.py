@@ -114,12 +114,12 @@ def test_a_launcher_that_ran_as_pid_1_is_closed_by_the_next_run(project: Path) -
     home = project / ".searchlab"
     study = write_study(project)
     marker = project / "in-fit"
-    s = Session(
-        [*prefix, *searchlab_cmd(study, "--trials", 2)],
+    s = Session(  # in-process: PID 1 opens the session and trains
+        [*prefix, *searchlab_cmd(study, "--trials", 2, "--in-process")],
         env_for(home, SEARCHLAB_TEST_HANG=str(marker)),
         project,
     )
-    s.wait_for_file(marker)  # the worker is inside model.fit
+    s.wait_for_file(marker)  # inside model.fit
     pid_one = next(  # the launcher: PID 1 of the namespace, unshare's child here
         int(p.name)
         for p in Path("/proc").iterdir()
@@ -137,7 +137,7 @@ def test_a_launcher_that_ran_as_pid_1_is_closed_by_the_next_run(project: Path) -
     assert dead.data.tags["searchlab.pid"] == "1" and dead.info.status == "RUNNING"
 
     started = time.monotonic()
-    again = Session(searchlab_cmd(study, "--trials", 2), env_for(home), project)
+    again = Session(searchlab_cmd(study, "--trials", 2, "--in-process"), env_for(home), project)
     out = again.finish()
     assert again.proc.returncode == 0, out
     assert "trials: 2 complete" in out, out

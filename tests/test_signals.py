@@ -124,7 +124,6 @@ CASES = {
     "in-process session close": ("in-process", "close", "SIGTERM", "launcher"),
     "in-process twice in fit": ("in-process", "fit", "SIGINT SIGTERM", "launcher"),
     "worker gc callback": ("worker", "gc", "SIGTERM", "worker"),
-    "worker first trial": ("worker", "first-trial", "SIGTERM", "worker"),
     "launcher first trial": ("worker", "first-trial", "SIGINT", "launcher"),
     "launcher session close": ("worker", "close", "SIGINT", "launcher"),
     "launcher twice in fit": ("worker", "fit", "SIGTERM SIGTERM", "launcher"),
