@@ -90,9 +90,15 @@ def export_model(
     from searchlab import trial as trial_mod
     from searchlab.data import DataInfo
     from searchlab.store import redact
+    from searchlab.tracking import MissingRun
 
     try:
         tags = tracker.run_tags(run_id)
+    except MissingRun as exc:
+        raise ExportError(
+            f"Trial {trial.number}'s MLflow run {run_id} is not in {redact(tracker.uri)}: pass the "
+            f"--tracking-uri the study ran with. ({type(exc).__name__})"
+        ) from exc
     except StoreError:
         raise
     except Exception as exc:

@@ -113,6 +113,9 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints each closed run's page, with the tracking URI's password in it: the CLI
+    # says where the results are itself
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401 - configures its loggers on import; quiet them after
 
     for name in ("mlflow", "alembic"):
@@ -372,9 +375,10 @@ class MlflowTracker:
 
     @property
     def _mlflow(self) -> Any:
-        """The ``MlflowClient``, opened on first use (it never leaves this module)."""
+        """The ``MlflowClient``, opened on first use (it never leaves this module), behind
+        ``_Guarded``: what MLflow raises leaves as a ``StoreError``."""
         if self._client is None:
-            self._client = client(self.uri, create=self.create)
+            self._client = _Guarded(client(self.uri, create=self.create), self.uri)
         return self._client
 
     def connect(self) -> None:
@@ -692,6 +696,45 @@ class MlflowTracker:
                 [exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]
             )
         )
+
+
+class MissingRun(StoreError, LookupError):
+    """The tracking store has no such run (or experiment): another store, or deleted."""
+
+
+class _Guarded:
+    """An ``MlflowClient`` whose methods raise ``StoreError`` (one line, no password) for
+    what MLflow raises: no MLflow exception leaves this module, so the CLI says it in one
+    line (the store went away, refused a write, holds an experiment it cannot serve)."""
+
+    def __init__(self, inner: Any, uri: str) -> None:
+        self._inner = inner
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+        from mlflow.exceptions import MlflowException
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as exc:
+                from searchlab.store import redact
+
+                text = str(exc.message if hasattr(exc, "message") else exc).strip()
+                first = _hide_secret(
+                    text.splitlines()[0] if text else type(exc).__name__, self._uri
+                )
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise MissingRun(f"{first} (in {redact(self._uri)})") from None
+                raise StoreError(
+                    f"The MLflow tracking store {redact(self._uri)} refused {name}: {first} "
+                    "Check --tracking-uri; finished trials are kept."
+                ) from None
+
+        return call
 
 
 def _record(run: Any) -> RunRecord:
