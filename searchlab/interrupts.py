@@ -92,11 +92,6 @@ def install() -> Callable[[], None]:
     return restore
 
 
-def received() -> bool:
-    """Whether this process was asked to stop since ``install``."""
-    return _received > 0
-
-
 def check() -> None:
     """Raise ``KeyboardInterrupt`` if a signal arrived and its interrupt was lost on the way
     (see the module doc); a safe point in the main thread calls this."""
@@ -131,4 +126,4 @@ def deferred(*, then_raise: bool = True) -> Iterator[None]:
         check()
 
 
-__all__ = ["EXIT_CODE", "acknowledge", "check", "deferred", "install", "received"]
+__all__ = ["EXIT_CODE", "acknowledge", "check", "deferred", "install"]
