@@ -174,7 +174,8 @@ def _reload(oracle: Any, folder: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StoreError(
             f"keras-tuner's state in {folder} cannot be read ({type(exc).__name__}: {exc}): "
-            "it is damaged (a searchlab before 0.2 wrote it in place). Delete that folder to "
+            "it is damaged (an older searchlab wrote it in place and was killed meanwhile). "
+            "Delete that folder to "
             "start the oracle afresh; finished trials stay in the Optuna storage."
         ) from exc
     try:
