@@ -81,16 +81,18 @@ def _fmt(params: Mapping[str, Any]) -> str:
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far."""
 
-    def __init__(self, objective: str, prefix: str = "") -> None:
+    def __init__(self, objective: str, prefix: str = "", direction_note: str = "") -> None:
         self.objective = objective
         self.prefix = prefix
+        self.direction_note = direction_note  # e.g. "inferred from its name"
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
         resumed = f", {done} already finished" if done else ""
+        note = f", {self.direction_note}" if self.direction_note else ""
         click.echo(
             f"study {name}: {info['strategy']} search, {budget}{resumed}; "
-            f"objective {info['objective']} ({info['direction']}); data {info['data']}"
+            f"objective {info['objective']} ({info['direction']}{note}); data {info['data']}"
         )
         if "backend" in info:
             click.echo(
@@ -385,7 +387,7 @@ def _launch(flags: RunFlags) -> None:
     study = _with_subset(load_study(flags.study_file), flags.subset)
     options = _run_options(flags, study)
     tracker = _tracker(flags.tracking_uri)
-    progress = ConsoleProgress(study.objective)
+    progress = ConsoleProgress(study.objective, direction_note=_direction_note(study))
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
@@ -410,6 +412,10 @@ def _launch(flags: RunFlags) -> None:
 
         runner.run(study, options, tracker, progress)
     _say_where_results_are(flags, study, tracker.uri)
+
+
+def _direction_note(study: Study) -> str:
+    return "" if study.direction_source == "given" else study.direction_source
 
 
 def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab import config, coordination, engines
+from searchlab.data import classes_tag
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -129,7 +130,7 @@ def open_session(
     store = StudyStore.open(
         study.name,
         options.storage,
-        direction=study.direction,
+        direction=study.goal,
         described=described,
         sampler=engine.sampler(0),
     )
@@ -190,7 +191,7 @@ def session_info(
         "strategy": options.strategy,
         "engine": engine.name,
         "objective": study.objective,
-        "direction": study.direction,
+        "direction": study.goal,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
         "pruner": engine_info["pruner"],
@@ -235,7 +236,7 @@ def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
         data=data_mod.load(study.dataset, options.data_dir),
         epochs=options.epochs,
         objective=study.objective,
-        direction=study.direction,
+        direction=study.goal,
         batch_size=study.batch_size,
         seed=options.seed,
         precision=options.precision,
@@ -346,7 +347,7 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str,
     tracker = session.tracker
     with tempfile.TemporaryDirectory(prefix="searchlab-study-") as tmp:
         rows = [t.row() for t in session.store.trials()]
-        frame = table.trials_frame(rows, session.study.direction)
+        frame = table.trials_frame(rows, session.study.goal)
         tracker.log_artifact(table.write_csv(frame, Path(tmp) / "trials.csv"))
         run_id = summary.get("selected_run_id") or summary.get("best_run_id")
         params = summary.get("selected_params") or summary["best_params"]
@@ -458,7 +459,7 @@ def run_one(
         tags = {
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-            "searchlab.num_classes": str(spec.data.num_classes),
+            "searchlab.num_classes": classes_tag(spec.data.num_classes),
             **proposal.tags,
         }
         try:

@@ -18,6 +18,8 @@ Example study file::
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -30,8 +32,89 @@ from searchlab.errors import DataError, SearchlabError, StudyDefinitionError
 from searchlab.hp import HpSpace
 from searchlab.space import Param, Space, as_space
 
+log = logging.getLogger(__name__)
 STRATEGIES = ("grid", "random", "bayesian", "gp", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
+#: what a direction may be written as (KerasTuner's ``Objective`` says "max" / "min")
+_DIRECTION_NAMES = {
+    "maximize": "maximize",
+    "max": "maximize",
+    "minimize": "minimize",
+    "min": "minimize",
+}
+#: How a metric's name tells its direction, as KerasTuner infers it: the name, without
+#: ``val_`` / ``weighted_`` and Keras's ``_1`` suffix, is one of these or ends in ``_`` + one
+#: (``out_loss``, ``sparse_categorical_accuracy``, ``mean_absolute_error``).
+_MAXIMIZE = (
+    "accuracy", "acc", "auc", "precision", "recall", "f1_score", "fbeta_score", "r2_score",
+    "iou", "true_positives", "true_negatives", "sensitivity_at_specificity",
+    "specificity_at_sensitivity", "precision_at_recall", "recall_at_precision",
+)  # fmt: skip
+_MINIMIZE = (
+    "loss", "error", "mse", "mae", "mape", "msle", "rmse", "crossentropy", "hinge",
+    "logcosh", "log_cosh", "kl_divergence", "kld", "kullback_leibler_divergence", "poisson",
+    "huber", "false_positives", "false_negatives", "ctc", "dice", "tversky",
+)  # fmt: skip
+
+
+def infer_direction(objective: str) -> str | None:
+    """``maximize`` or ``minimize`` as the metric's name tells (None: it does not), the way
+    KerasTuner infers an objective's direction: losses and errors are minimised, accuracy,
+    AUC, precision, recall and the like maximised."""
+    name = objective.removeprefix("val_").removeprefix("weighted_")
+    name = re.sub(r"_\d+$", "", name)
+    best: tuple[int, str] | None = None
+    for direction, tokens in (("maximize", _MAXIMIZE), ("minimize", _MINIMIZE)):
+        for token in tokens:
+            if (name == token or name.endswith("_" + token)) and (
+                best is None or len(token) > best[0]
+            ):
+                best = (len(token), direction)
+    return best[1] if best else None
+
+
+def resolve_objective(objective: Any, direction: Any) -> tuple[str, str, str]:
+    """The study's objective name and direction from what the study file gave: a metric name
+    or a KerasTuner ``Objective(name, direction)``, and ``direction=`` (``maximize`` /
+    ``minimize``, or ``max`` / ``min``) or None.  Returns (name, direction, how the direction
+    was chosen); a list of objectives or an unknown direction is refused in one line."""
+    if isinstance(objective, list | tuple):
+        names = [getattr(o, "name", o) for o in objective]
+        raise StudyDefinitionError(
+            f"objective= lists {len(names)} objectives ({', '.join(map(str, names))}); searchlab "
+            "optimises one. Pick one, e.g. objective='val_loss', or compile the model with a "
+            "metric that combines them."
+        )
+    given = direction
+    if not isinstance(objective, str):  # KerasTuner's Objective("name", direction="min")
+        name, kt_direction = getattr(objective, "name", None), getattr(objective, "direction", None)
+        if not isinstance(name, str) or kt_direction not in _DIRECTION_NAMES:
+            raise StudyDefinitionError(
+                f"objective must be a metric name such as 'val_accuracy' or a "
+                f"keras_tuner.Objective, got {objective!r}."
+            )
+        kt_direction = _DIRECTION_NAMES[kt_direction]
+        if given is not None and _DIRECTION_NAMES.get(given) != kt_direction:
+            raise StudyDefinitionError(
+                f"objective=Objective({name!r}, direction={objective.direction!r}) and "
+                f"direction={given!r} disagree: give the direction once."
+            )
+        objective, given = name, kt_direction
+    if not objective.strip():
+        raise StudyDefinitionError("objective must name a metric, e.g. 'val_accuracy'.")
+    if given is not None:
+        if given not in _DIRECTION_NAMES:
+            raise StudyDefinitionError(
+                f"direction must be 'maximize' or 'minimize' (or 'max' / 'min'), got {given!r}."
+            )
+        return objective, _DIRECTION_NAMES[given], "given"
+    inferred = infer_direction(objective)
+    if inferred is None:
+        raise StudyDefinitionError(
+            f"Cannot tell from its name whether objective {objective!r} is to be maximised or "
+            "minimised: add direction='maximize' or direction='minimize' to the Study."
+        )
+    return objective, inferred, "inferred from its name"
 
 
 def check_strategy(strategy: str) -> str:
@@ -56,8 +139,11 @@ class Study:
             ``keras.Model``; ``info`` has ``input_shape`` and ``num_classes``.  With
             ``space=None``: ``build_model(hp)``.
         data: a dataset name (``"mnist"``) or a ``Dataset``.
-        objective: the metric to optimise, as Keras reports it per epoch.
-        direction: ``"maximize"`` or ``"minimize"``.
+        objective: the metric to optimise, as Keras reports it per epoch (``val_loss``,
+            ``val_accuracy``, ...), or a ``keras_tuner.Objective(name, direction)``.
+        direction: ``"maximize"`` or ``"minimize"`` (``"max"`` / ``"min"``); None: inferred
+            from the objective's name as KerasTuner does (losses and errors are minimised,
+            accuracy, AUC, precision, recall ... maximised).
         strategy: default strategy: ``grid``, ``random``, ``bayesian`` (TPE) or ``gp``.
         trials: how many trials to complete (None: the whole grid, or until ``timeout``).
         timeout: stop starting new trials after this many seconds (None: no limit).
@@ -72,7 +158,7 @@ class Study:
     model: Callable[..., Any]
     data: str | Dataset
     objective: str = "val_accuracy"
-    direction: str = "maximize"
+    direction: str | None = None
     strategy: str = "bayesian"
     trials: int | None = 20
     timeout: float | None = None
@@ -106,10 +192,11 @@ class Study:
         except DataError as exc:
             raise StudyDefinitionError(str(exc)) from exc
         object.__setattr__(self, "data", data)
-        if self.direction not in DIRECTIONS:
-            raise StudyDefinitionError(
-                f"direction must be 'maximize' or 'minimize', got {self.direction!r}."
-            )
+        objective, direction, how = resolve_objective(self.objective, self.direction)
+        object.__setattr__(self, "objective", objective)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "_direction_source", how)
+        log.info("study %s: objective %s, %s (%s)", self.name, objective, direction, how)
         check_strategy(self.strategy)
         for label in ("trials", "epochs"):
             value = getattr(self, label)
@@ -119,6 +206,17 @@ class Study:
             raise StudyDefinitionError("epochs must be a positive int, got None.")
         if self.timeout is not None and self.timeout <= 0:
             raise StudyDefinitionError(f"timeout must be > 0 seconds, got {self.timeout!r}.")
+
+    @property
+    def goal(self) -> str:
+        """The direction used (``maximize`` / ``minimize``) once the study is checked."""
+        assert self.direction in DIRECTIONS
+        return self.direction
+
+    @property
+    def direction_source(self) -> str:
+        """How the direction was chosen: ``given``, or ``inferred from its name``."""
+        return str(getattr(self, "_direction_source", "given"))
 
     @property
     def dataset(self) -> Dataset:

@@ -56,7 +56,7 @@ def state_dir(study_name: str) -> Path:
 
 
 def make_oracle(study: Study, options: RunOptions) -> Any:
-    objective = kt.Objective(study.objective, "max" if study.direction == "maximize" else "min")
+    objective = kt.Objective(study.objective, "max" if study.goal == "maximize" else "min")
     common = {
         "objective": objective,
         "seed": options.seed + 1,  # keras-tuner treats seed 0 as "pick one at random"
