@@ -238,6 +238,7 @@ class RunFlags:
     prune_factor: int | None
     reeval_top: int
     reeval_seeds: int
+    executions_per_trial: int | None
     workers: int
     gpus: str | None
     recycle_mb: float
@@ -326,6 +327,11 @@ class RunFlags:
     default=_default("reeval_seeds"),
     show_default=True,
     help="Seeds per re-evaluated configuration.",
+)
+@click.option(
+    "--executions-per-trial",
+    type=click.IntRange(min=1),
+    help="Fit each configuration N times; its value is the mean (KerasTuner's option) [default: the study's].",
 )
 @click.option(
     "--workers",
@@ -438,6 +444,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         prune_factor=flags.prune_factor,
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
+        executions_per_trial=flags.executions_per_trial,
     )
 
 
