@@ -724,24 +724,28 @@ class HpSpace:
 
     def _probe_fit(self, hp: Any, purpose: str) -> None:
         """Read the parameters ``HyperModel.fit`` declares: run it dry with stand-ins for the
-        model and the data, up to its first use of them that decides something."""
+        model and the data, up to its first use of them that decides something (or anything
+        it raises there: a probe reads what it can, the trial runs ``fit`` for real).
+        Parameters declared after that point are not searched (a trial warns of them)."""
         fit = self._dry_fit or self.fit
         assert fit is not None
         calls = self._dry.calls
         model, x, y = _Stub("model", calls), _Stub("x", calls), _Stub("y", calls)
-        kwargs = {
+        kwargs = {  # what a trial passes (``trial._user_fit``)
             "validation_data": (_Stub("x_val", calls), _Stub("y_val", calls)),
             "epochs": 1,
+            "batch_size": 32,
             "callbacks": [],
+            "verbose": 0,
         }
         try:
             fit(hp, model, x, y, **kwargs)
-        except (_Unsure, TypeError, AttributeError, ValueError) as exc:
-            log.debug("probing %s.fit stopped at %s", self.label, exc)
         except SearchlabError:
             raise
-        except Exception as exc:
-            raise self._outside_error(fit, exc, purpose) from None
+        except Exception as exc:  # (_Unsure too) as far as it got: in a trial it runs for real
+            log.debug("probing %s's fit stopped at %r", self.label, exc)
+        finally:
+            del calls[:]
 
     def _check_result(self, result: Any, purpose: str) -> None:
         if isinstance(result, int | float) and not isinstance(result, bool):

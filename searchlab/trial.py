@@ -323,7 +323,8 @@ def preflight(spec: TrialSpec, params: Mapping[str, Any]) -> None:
         return
     info = info_of(spec.data)
     try:
-        with backend.precision_policy(spec.precision):
+        # on the CPU: the launcher of worker processes must not hold accelerator memory
+        with backend.precision_policy(spec.precision), keras.device("cpu:0"):
             model = build_model(spec.build, params, info, compiled=spec.fit is None)
             if spec.fit is not None:
                 return  # a HyperModel's own fit decides what it reports
