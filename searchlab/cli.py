@@ -390,10 +390,11 @@ def _launch(flags: RunFlags) -> None:
     gpus = workers_mod.parse_gpus(flags.gpus)
     workers_given = "workers" in flags.from_command_line
     workers = len(gpus) if gpus and not workers_given else flags.workers
-    study = _with_subset(load_study(flags.study_file), flags.subset)
+    loaded = load_study(flags.study_file)
+    study = _with_subset(loaded, flags.subset)
     options = _run_options(flags, study)
     tracker = _tracker(flags.tracking_uri)
-    progress = ConsoleProgress(study.objective, direction_note=_direction_note(study))
+    progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
@@ -421,6 +422,8 @@ def _launch(flags: RunFlags) -> None:
 
 
 def _direction_note(study: Study) -> str:
+    """How the direction was chosen when the study file did not say (from the file's own
+    study: a copy made with ``--subset`` has the direction as given)."""
     return "" if study.direction_source == "given" else study.direction_source
 
 

@@ -410,6 +410,11 @@ def load_study(path: str | Path) -> Study:
         raise type(exc)(f"{path}, line {_line_in(exc, path)}: {exc}") from None
     except Exception as exc:
         instead = _unexpected_argument(exc) if isinstance(exc, TypeError) else None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "tf_keras":
+            instead = (
+                "it imports tf_keras (Keras 2, TF_USE_LEGACY_KERAS=1), which is not installed; "
+                "searchlab needs Keras 3: `import keras` and unset TF_USE_LEGACY_KERAS"
+            )
         if instead:
             raise StudyDefinitionError(f"{path}, line {_line_in(exc, path)}: {instead}.") from None
         raise StudyDefinitionError(

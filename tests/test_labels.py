@@ -249,7 +249,7 @@ def test_regression_minimises_and_the_best_trial_has_the_lowest_loss(
     cli, project, objective
 ) -> None:
     (project / "diabetes.py").write_text(REGRESSION_STUDY.replace("{objective}", objective))
-    result = cli("run", "diabetes.py", "--in-process")
+    result = cli("run", "diabetes.py", "--in-process", "--subset", "300")
     assert result.exit_code == 0, result.output
     assert f"objective {objective} (minimize, inferred from its name)" in result.output
     from searchlab import config

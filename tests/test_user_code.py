@@ -572,3 +572,16 @@ def test_every_command_works_on_every_kind_of_study(cli, project, kind) -> None:
 
     model = keras.models.load_model(project / "best.keras")
     assert model.predict(np.zeros((2, 28, 28), dtype="float32"), verbose=0).shape == (2, 10)
+
+
+def test_a_study_file_importing_tf_keras_is_told_keras_3_is_needed(tmp_path) -> None:
+    path = write(tmp_path, "import tf_keras\n" + BUILD_MODEL)
+    try:
+        import tf_keras  # noqa: F401
+    except ImportError:
+        with pytest.raises(
+            StudyDefinitionError, match="line 1: it imports tf_keras .*needs Keras 3"
+        ):
+            load_study(path)
+    else:  # installed: its models are refused when built (test_a_keras_2_model_is_refused...)
+        pytest.skip("tf_keras is installed")
