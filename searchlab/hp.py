@@ -43,7 +43,6 @@ import logging
 import traceback
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from searchlab.errors import SearchlabError, SpaceError, StudyDefinitionError
@@ -857,9 +856,3 @@ def _restore(hp: Any, snapshot: Any) -> None:
     hp._scopes = []
     if isinstance(hp, _PathHP):
         hp.sizes, hp.names = sizes, names
-
-
-def source_of(fn: Callable[..., Any]) -> str:
-    """``file:line`` of a function (for messages)."""
-    path, line = _where(fn)
-    return f"{Path(path).name}:{line}" if path != "?" else "?"
