@@ -81,16 +81,18 @@ def _fmt(params: Mapping[str, Any]) -> str:
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far."""
 
-    def __init__(self, objective: str, prefix: str = "") -> None:
+    def __init__(self, objective: str, prefix: str = "", direction_note: str = "") -> None:
         self.objective = objective
         self.prefix = prefix
+        self.direction_note = direction_note  # e.g. "inferred from its name"
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
         resumed = f", {done} already finished" if done else ""
+        note = f", {self.direction_note}" if self.direction_note else ""
         click.echo(
             f"study {name}: {info['strategy']} search, {budget}{resumed}; "
-            f"objective {info['objective']} ({info['direction']}); data {info['data']}"
+            f"objective {info['objective']} ({info['direction']}{note}); data {info['data']}"
         )
         if "backend" in info:
             click.echo(
@@ -236,6 +238,7 @@ class RunFlags:
     prune_factor: int | None
     reeval_top: int
     reeval_seeds: int
+    executions_per_trial: int | None
     workers: int
     gpus: str | None
     recycle_mb: float
@@ -326,6 +329,11 @@ class RunFlags:
     help="Seeds per re-evaluated configuration.",
 )
 @click.option(
+    "--executions-per-trial",
+    type=click.IntRange(min=1),
+    help="Fit each configuration N times; its value is the mean (KerasTuner's option) [default: the study's].",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -382,10 +390,11 @@ def _launch(flags: RunFlags) -> None:
     gpus = workers_mod.parse_gpus(flags.gpus)
     workers_given = "workers" in flags.from_command_line
     workers = len(gpus) if gpus and not workers_given else flags.workers
-    study = _with_subset(load_study(flags.study_file), flags.subset)
+    loaded = load_study(flags.study_file)
+    study = _with_subset(loaded, flags.subset)
     options = _run_options(flags, study)
     tracker = _tracker(flags.tracking_uri)
-    progress = ConsoleProgress(study.objective)
+    progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
@@ -412,6 +421,12 @@ def _launch(flags: RunFlags) -> None:
     _say_where_results_are(flags, study, tracker.uri)
 
 
+def _direction_note(study: Study) -> str:
+    """How the direction was chosen when the study file did not say (from the file's own
+    study: a copy made with ``--subset`` has the direction as given)."""
+    return "" if study.direction_source == "given" else study.direction_source
+
+
 def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
     """The session's options: each flag given, else the study's own value."""
     from searchlab.study import check_strategy
@@ -432,6 +447,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         prune_factor=flags.prune_factor,
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
+        executions_per_trial=flags.executions_per_trial,
     )
 
 

@@ -36,6 +36,7 @@ import keras_tuner as kt
 from searchlab import config
 from searchlab.errors import StudyDefinitionError
 from searchlab.outcome import Claim, Proposal, TrialState
+from searchlab.space import Bool, Choice, Float, Int, hp_value
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions
@@ -55,12 +56,32 @@ def state_dir(study_name: str) -> Path:
     return config.home() / "kerastuner" / re.sub(r"[^\w.-]", "_", study_name)
 
 
+def _overrides(study: Study) -> dict[str, Any]:
+    """The study's ``hyperparameters=`` / ``tune_new_entries=`` / ``allow_new_entries=`` as
+    the oracle's own arguments (KerasTuner applies them itself)."""
+    rules = getattr(study.search_space, "overrides", None)
+    if rules is None or not rules.active:
+        return {}
+    hp = kt.HyperParameters()
+    for name, value in rules.params.items():
+        if isinstance(value, Int | Float | Choice | Bool):
+            hp_value(hp, name, value, grid=False)
+        else:
+            hp.Fixed(name, value)
+    return {
+        "hyperparameters": hp,
+        "tune_new_entries": rules.tune_new_entries,
+        "allow_new_entries": rules.allow_new_entries,
+    }
+
+
 def make_oracle(study: Study, options: RunOptions) -> Any:
-    objective = kt.Objective(study.objective, "max" if study.direction == "maximize" else "min")
+    objective = kt.Objective(study.objective, "max" if study.goal == "maximize" else "min")
     common = {
         "objective": objective,
         "seed": options.seed + 1,  # keras-tuner treats seed 0 as "pick one at random"
         "max_consecutive_failed_trials": 10**9,  # --max-failures decides, not the oracle
+        **_overrides(study),
     }
     strategy = options.strategy
     # max_trials=None: our budget (finished trials in the Optuna storage) decides when to stop
