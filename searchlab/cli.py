@@ -145,16 +145,18 @@ def _fmt(params: Mapping[str, Any]) -> str:
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far."""
 
-    def __init__(self, objective: str, prefix: str = "") -> None:
+    def __init__(self, objective: str, prefix: str = "", direction_note: str = "") -> None:
         self.objective = objective
         self.prefix = prefix
+        self.direction_note = direction_note  # e.g. "inferred from its name"
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
         resumed = f", {done} already finished" if done else ""
+        note = f", {self.direction_note}" if self.direction_note else ""
         click.echo(
             f"study {name}: {info['strategy']} search, {budget}{resumed}; "
-            f"objective {info['objective']} ({info['direction']}); data {info['data']}"
+            f"objective {info['objective']} ({info['direction']}{note}); data {info['data']}"
         )
         if "backend" in info:
             click.echo(
@@ -259,15 +261,16 @@ def _subset(subset: str | None) -> dict[str, int] | None:
     return sizes
 
 
-def _load(study_file: str, subset: str | None) -> Study:
-    """The study of ``study_file``, with ``--subset`` applied."""
+def _load(study_file: str, subset: str | None) -> tuple[Study, Study]:
+    """The study of ``study_file`` as the file defines it, and with ``--subset`` applied."""
     from searchlab.study import load_study
 
     sizes = _subset(subset)
-    study = load_study(study_file)
+    loaded = load_study(study_file)
     if sizes is None:
-        return study
-    return dataclasses.replace(study, data=dataclasses.replace(study.dataset, subset=sizes))
+        return loaded, loaded
+    data = dataclasses.replace(loaded.dataset, subset=sizes)
+    return loaded, dataclasses.replace(loaded, data=data)
 
 
 storage_option = click.option(
@@ -347,6 +350,7 @@ class RunFlags:
     prune_factor: int | None
     reeval_top: int
     reeval_seeds: int
+    executions_per_trial: int | None
     workers: int
     gpus: str | None
     recycle_mb: float
@@ -437,6 +441,11 @@ class RunFlags:
     help="Seeds per re-evaluated configuration.",
 )
 @click.option(
+    "--executions-per-trial",
+    type=click.IntRange(min=1),
+    help="Fit each configuration N times; its value is the mean (KerasTuner's option) [default: the study's].",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -497,10 +506,10 @@ def _launch(flags: RunFlags) -> None:
             + ("--engine keras-tuner" if flags.engine != "optuna" else "--in-process")
             + ", or drop --workers/--gpus."
         )
-    study = _load(flags.study_file, flags.subset)
+    loaded, study = _load(flags.study_file, flags.subset)
     options = _run_options(flags, study)
     tracker = _tracker(flags.tracking_uri)
-    progress = ConsoleProgress(study.objective)
+    progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
@@ -519,6 +528,12 @@ def _launch(flags: RunFlags) -> None:
 
         runner.run(study, options, tracker, progress)
     _say_where_results_are(flags, study, tracker.uri)
+
+
+def _direction_note(study: Study) -> str:
+    """How the direction was chosen when the study file did not say (from the file's own
+    study: a copy made with ``--subset`` has the direction as given)."""
+    return "" if study.direction_source == "given" else study.direction_source
 
 
 def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
@@ -541,6 +556,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         prune_factor=flags.prune_factor,
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
+        executions_per_trial=flags.executions_per_trial,
     )
 
 
@@ -587,7 +603,7 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
 
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
-    study = _load(flags.study_file, flags.subset)
+    _, study = _load(flags.study_file, flags.subset)
     tracker = _tracker(flags.tracking_uri)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
     if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):

@@ -224,7 +224,12 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
                 "study data",
                 Status.OK,
                 f"{dataset.label} from {loaded.source}: {len(loaded.x_train)} train, "
-                f"{len(loaded.x_val)} validation, {shape}, {loaded.num_classes} classes",
+                f"{len(loaded.x_val)} validation, {shape}, "
+                + (
+                    f"{loaded.num_classes} classes"
+                    if loaded.num_classes is not None
+                    else "labels that are not classes (targets or several outputs)"
+                ),
             )
     if study.strategy == "gp" and importlib.util.find_spec("torch") is None:
         yield Check(

@@ -88,7 +88,7 @@ def export_model(
     if not run_id:
         raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
     from searchlab import trial as trial_mod
-    from searchlab.data import DataInfo
+    from searchlab.data import DataInfo, classes_from_tag
     from searchlab.store import redact
     from searchlab.tracking import MissingRun
 
@@ -108,7 +108,7 @@ def export_model(
         ) from exc
     info = DataInfo(
         input_shape=tuple(int(v) for v in tags["searchlab.input_shape"].split(",")),
-        num_classes=int(tags["searchlab.num_classes"]),
+        num_classes=classes_from_tag(tags.get("searchlab.num_classes")),
     )
     with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
         try:

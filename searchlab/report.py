@@ -119,7 +119,7 @@ def frame(results: Results) -> pd.DataFrame:
     """The trials table, best first (see ``searchlab.table.trials_frame``)."""
     from searchlab import table
 
-    return table.trials_frame(rows(results), results.study.direction)
+    return table.trials_frame(rows(results), results.study.goal)
 
 
 def best_trial(results: Results) -> BestTrial:
@@ -252,7 +252,7 @@ def summary_line(results: Results) -> str:
     study = results.study
     return (
         f"study {study.name}: {sum(counts.values())} trials ({parts}); objective "
-        f"{study.objective} ({study.direction}), best first"
+        f"{study.objective} ({study.goal}), best first"
     )
 
 

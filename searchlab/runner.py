@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab import config, coordination, engines, interrupts
+from searchlab.data import classes_tag
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -107,14 +108,22 @@ class Session:
 # ---------------------------------------------------------------------------- the session
 
 
-def prepare(study: Study, options: RunOptions) -> tuple[Engine, int | None, TrialSpec]:
+def prepare(
+    study: Study, options: RunOptions, *, check: bool = True
+) -> tuple[Engine, int | None, TrialSpec]:
     """The engine (its settings checked), the budget, and the trials' spec with the data
     loaded: every mistake in the study or the flags is raised here, before a store is
-    touched."""
+    touched.  ``check``: also build one model and check it against the data and the
+    objective (``trial.preflight``; once per session, not in each worker)."""
     engine = engines.create(study, options)
     engine.check()
     target = engines.budget(study, options)
-    return engine, target, trial_spec(study, options)
+    spec = trial_spec(study, options)
+    if check:
+        from searchlab import trial as trial_mod
+
+        trial_mod.preflight(spec, study.search_space.defaults())
+    return engine, target, spec
 
 
 def open_session(
@@ -135,7 +144,7 @@ def open_session(
     store = StudyStore.open(
         study.name,
         options.storage,
-        direction=study.direction,
+        direction=study.goal,
         described=described,
         sampler=engine.sampler(0),
     )
@@ -212,7 +221,7 @@ def session_info(
         "strategy": options.strategy,
         "engine": engine.name,
         "objective": study.objective,
-        "direction": study.direction,
+        "direction": study.goal,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
         "pruner": engine_info["pruner"],
@@ -257,10 +266,13 @@ def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
         data=data_mod.load(study.dataset, options.data_dir),
         epochs=options.epochs,
         objective=study.objective,
-        direction=study.direction,
+        direction=study.goal,
         batch_size=study.batch_size,
         seed=options.seed,
         precision=options.precision,
+        fit=study.fit,
+        executions=options.executions_per_trial or study.executions_per_trial,
+        max_model_size=study.max_model_size,
     )
 
 
@@ -280,7 +292,10 @@ def run(
     its summary has ``recycle``: True when it stopped to shed memory (``--recycle-mb``).
     """
     listener = listener or engines.NullListener()
-    engine, target, spec = prepare(study, options)
+    # the stand-in trainers of tests train nothing: nothing to check before the search
+    check = train is None and not options.parent_run_id
+    engine, target, spec = prepare(study, options, check=check)
+    interrupts.check()  # one dropped while the data loaded: stop before a store is touched
     session = open_session(study, options, tracker, engine, target, spec.data.source)
     try:
         return _run_session(session, spec, listener, train)
@@ -389,7 +404,7 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str,
     tracker = session.tracker
     with tempfile.TemporaryDirectory(prefix="searchlab-study-") as tmp:
         rows = [t.row() for t in session.store.trials()]
-        frame = table.trials_frame(rows, session.study.direction)
+        frame = table.trials_frame(rows, session.study.goal)
         tracker.log_artifact(table.write_csv(frame, Path(tmp) / "trials.csv"))
         run_id = summary.get("selected_run_id") or summary.get("best_run_id")
         params = summary.get("selected_params") or summary["best_params"]
@@ -419,6 +434,7 @@ def work(
     options, tracker = session.options, session.tracker
     base_tags = trial_tags(session.study, options, session.engine.name)
     streak = 0
+    early: TrialResult | None = None  # the last trial that failed before its first epoch
     baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
         while True:
@@ -451,6 +467,8 @@ def work(
             tracker.tag_session({"searchlab.heartbeat": str(time.time())})
             result = run_one(session, claimed, spec, listener, base_tags, Path(tmp), done, train)
             counts[result.state] += 1
+            settled = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] > 0
+            early = fail_fast(early, result, settled)
             streak = failure_streak(streak, result, options.max_failures)
             if options.recycle_mb is not None:
                 rss = coordination.rss_mb()
@@ -458,6 +476,36 @@ def work(
                 if rss - baseline > options.recycle_mb:
                     log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
                     return True
+
+
+def _first_line(error: str | None) -> str:
+    return (error or "").strip().splitlines()[0] if (error or "").strip() else ""
+
+
+def fail_fast(
+    previous: TrialResult | None, result: TrialResult, settled: bool
+) -> TrialResult | None:
+    """Stop a session whose first trials fail alike before their first epoch (at build or
+    on the first step: same exception, same message) at the second one, with the likely
+    fix, instead of spending ``--max-failures`` trials on a mistake in the study.  Returns
+    the failure the next trial is compared with; ``settled``: a trial of this session
+    finished, so failures are the configurations', not the study's."""
+    if settled or result.state is not TrialState.FAILED or not result.early:
+        return None
+    if previous is None or _first_line(previous.error) != _first_line(result.error):
+        return result
+    fix = result.hint or previous.hint
+    raise SearchlabError(
+        f"Stopped: trials {previous.number} and {result.number} failed the same way before "
+        f"their first epoch ({_first_line(result.error)[:300]}); "
+        + (
+            f"likely fix: {fix}."
+            if fix
+            else "it is the study, not the parameters: fix it (the error is on their MLflow "
+            "runs, tag searchlab.error)."
+        )
+        + " Finished trials are kept."
+    )
 
 
 def failure_streak(streak: int, result: TrialResult, max_failures: int) -> int:
@@ -504,7 +552,7 @@ def run_one(
         tags = {
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-            "searchlab.num_classes": str(spec.data.num_classes),
+            "searchlab.num_classes": classes_tag(spec.data.num_classes),
             **proposal.tags,
         }
         try:
@@ -581,6 +629,7 @@ def finish(session: Session, trial: Any, run_id: str | None, result: TrialResult
 __all__ = [
     "Session",
     "close_session",
+    "fail_fast",
     "failure_streak",
     "open_session",
     "prepare",

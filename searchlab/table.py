@@ -33,7 +33,8 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
         return pd.DataFrame(columns=FIRST_COLUMNS)
     order = {"complete": 0, "pruned": 1, "running": 2, "failed": 3}
     frame["_state_order"] = frame["state"].map(order).fillna(4)
-    frame["_value"] = frame["value"] if direction == "minimize" else -frame["value"]
+    values = pd.to_numeric(frame["value"], errors="coerce")  # all None: failed trials only
+    frame["_value"] = values if direction == "minimize" else -values
     frame = frame.sort_values(["_state_order", "_value", "number"], na_position="last")
     frame = frame.drop(columns=["_state_order", "_value"]).reset_index(drop=True)
     first = [c for c in FIRST_COLUMNS if c in frame.columns]

@@ -344,6 +344,30 @@ def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
     raise StoreError(f"The MLflow UI did not answer on {url} within {timeout:.0f}s.")
 
 
+def session_tags(name: str, info: Mapping[str, Any]) -> dict[str, str]:
+    """The tags of a session's parent run: its study, its role, and ``info`` (but the space
+    and the run params, which are params) as ``searchlab.*``."""
+    return {
+        "searchlab.study": name,
+        "searchlab.role": "session",
+        **{
+            f"searchlab.{k}": _short(v, MAX_TAG)
+            for k, v in info.items()
+            if k not in ("space", "run_params")
+        },
+    }
+
+
+def trial_tags(session_id: str, number: int, tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags a trial's run starts with: its parent session, its number, RUNNING."""
+    return {
+        "mlflow.parentRunId": session_id,
+        "searchlab.trial": str(number),
+        "searchlab.state": "running",
+        **tags,
+    }
+
+
 def _short(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -405,15 +429,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         self.experiment_id = self.experiment(name)
-        tags = {
-            "searchlab.study": name,
-            "searchlab.role": "session",
-            **{
-                f"searchlab.{k}": _short(v, MAX_TAG)
-                for k, v in info.items()
-                if k not in ("space", "run_params")
-            },
-        }
+        tags = session_tags(name, info)
         run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self._session_id = run.info.run_id
         self._open.add(self._session_id)
@@ -549,12 +565,7 @@ class MlflowTracker:
         from mlflow.entities import Param, RunTag
 
         assert self.experiment_id is not None and self._session_id is not None
-        all_tags = {
-            "mlflow.parentRunId": self._session_id,
-            "searchlab.trial": str(number),
-            "searchlab.state": "running",
-            **tags,
-        }
+        all_tags = trial_tags(self._session_id, number, tags)
         run = self._mlflow.create_run(
             self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
         )
@@ -785,11 +796,7 @@ class MemoryTracker:
 
     def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         self._experiment = name
-        tags = {"searchlab.study": name, "searchlab.role": "session"}
-        tags.update(
-            {f"searchlab.{k}": str(v) for k, v in info.items() if k not in ("space", "run_params")}
-        )
-        self._session_id = self._new(name, tags, f"{name}-session")
+        self._session_id = self._new(name, session_tags(name, info), f"{name}-session")
         self.events.append(("start_session", self._session_id))
         return self._session_id
 
@@ -843,12 +850,7 @@ class MemoryTracker:
         run_name: str | None = None,
     ) -> str:
         assert self._session_id is not None and self._experiment is not None
-        all_tags = {
-            "mlflow.parentRunId": self._session_id,
-            "searchlab.trial": str(number),
-            "searchlab.state": "running",
-            **tags,
-        }
+        all_tags = trial_tags(self._session_id, number, tags)
         run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
         self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
         self.events.append(("start_trial", run_id, str(number)))

@@ -131,6 +131,7 @@ def run(
 
     # once here, not in every worker; a missing dataset fails before any store write
     engine, target, loaded = runner.prepare(study, options)
+    interrupts.check()  # one dropped while the data loaded: stop before a store is touched
     session = runner.open_session(study, options, tracker, engine, target, loaded.data.source)
     spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
     del loaded

@@ -47,6 +47,7 @@ EVERY_FIELD = RunOptions(
     prune_factor=4,
     reeval_top=3,
     reeval_seeds=5,
+    executions_per_trial=2,
     parent_run_id="abc123",
     worker="2/3",
     recycle_mb=64.0,

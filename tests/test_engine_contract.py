@@ -75,10 +75,17 @@ class FakeTrainer:
     """``trial.run_trial``'s stand-in: every epoch reports ``val_accuracy`` rising to
     ``score(params)``; ``fail`` and ``interrupt`` pick trial numbers that go wrong."""
 
-    def __init__(self, fail: set[int] | None = None, interrupt: int | None = None) -> None:
+    def __init__(
+        self,
+        fail: set[int] | None = None,
+        interrupt: int | None = None,
+        early: dict[int, str] | None = None,
+    ) -> None:
         self.calls: list[tuple[int, dict[str, Any], int]] = []
         self.fail = fail or set()
         self.interrupt = interrupt
+        #: trial number -> the error of a failure before the first epoch (at build)
+        self.early = early or {}
 
     def __call__(self, number, params, spec, workdir, on_epoch) -> TrialResult:
         self.calls.append((number, dict(params), spec.epochs))
@@ -86,6 +93,15 @@ class FakeTrainer:
             raise KeyboardInterrupt
         if number in self.fail:
             return TrialResult(number, dict(params), TrialState.FAILED, error="boom: bad config")
+        if number in self.early:
+            return TrialResult(
+                number,
+                dict(params),
+                TrialState.FAILED,
+                error=f"{self.early[number]}\nTraceback ...",
+                early=True,
+                hint="use the right loss" if "rank" in self.early[number] else None,
+            )
         history: dict[str, list[float]] = {}
         for epoch in range(spec.epochs):
             logs = {
@@ -261,6 +277,45 @@ def test_failures_in_a_row_stop_the_study_and_close_everything(tmp_path, tells, 
     assert stored(tmp_path).trial(1).error == "boom: bad config"
 
 
+RANK = "ValueError: `target` and `output` must have the same rank"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_first_trials_failing_alike_before_an_epoch_stop_at_the_second(tmp_path, tells, engine):
+    study = make_study("random", trials=6)
+    tracker = MemoryTracker()
+    trainer = FakeTrainer(early={0: RANK, 1: RANK, 2: RANK})
+    opts = options(tmp_path, engine, study, max_failures=5)
+    with pytest.raises(SearchlabError) as info:
+        runner.run(study, opts, tracker, train=trainer)
+    assert str(info.value) == (
+        f"Stopped: trials 0 and 1 failed the same way before their first epoch ({RANK}); "
+        "likely fix: use the right loss. Finished trials are kept."
+    )
+    assert len(trainer.calls) == 2 and len(tells) == 2
+    assert tracker.records[tracker.session_id]["status"] == "FAILED"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_early_failures_that_differ_or_follow_a_success_go_to_max_failures(
+    tmp_path, tells, engine, monkeypatch
+):
+    study = make_study("random", trials=6)
+    opts = options(tmp_path, engine, study, max_failures=3)
+    differ = FakeTrainer(early={0: RANK, 1: "MemoryError: OOM", 2: RANK})
+    with pytest.raises(SearchlabError, match="after 3 failed trials in a row"):
+        runner.run(study, opts, MemoryTracker(), train=differ)
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("SEARCHLAB_HOME", str(other / "home"))  # a new keras-tuner oracle too
+    after = FakeTrainer(early={1: RANK, 2: RANK, 3: RANK})  # trial 0 completes first
+    with pytest.raises(SearchlabError, match="after 3 failed trials in a row"):
+        runner.run(
+            study, options(other, engine, study, max_failures=3), MemoryTracker(), train=after
+        )
+    assert len(after.calls) == 4
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_ctrl_c_fails_the_running_trial_and_kills_the_session(tmp_path, tells, engine):
     study = make_study("random", trials=4)
@@ -305,10 +360,9 @@ def test_keras_tuner_hyperband_sets_each_trials_epochs(tmp_path, tells):
     assert stored(tmp_path).finished_count() == 6
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_a_worker_leaves_the_session_run_to_its_launcher(tmp_path, tells, engine):
-    if engine == "keras-tuner":
-        pytest.skip("keras-tuner runs in one process: its oracle is not shared")
+def test_a_worker_leaves_the_session_run_to_its_launcher(tmp_path, tells):
+    # optuna only: --workers is refused for keras-tuner, whose oracle lives in one process
+    engine = "optuna"
     study = make_study("random", trials=2)
     launcher = MemoryTracker()
     session_id = launcher.start_session("contract", {})

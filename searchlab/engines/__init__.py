@@ -52,6 +52,9 @@ class RunOptions:
     #: after the search, re-train the best ``reeval_top`` configurations ``reeval_seeds`` times
     reeval_top: int = 0
     reeval_seeds: int = 3
+    #: fresh models fit per trial, the mean is its value (KerasTuner's executions_per_trial);
+    #: None: the study's
+    executions_per_trial: int | None = None
     #: set in a worker process of ``searchlab run``: log trials under this parent run
     parent_run_id: str | None = None
     #: the worker's label, e.g. "2/3" (tag ``searchlab.worker`` on its trial runs when the
@@ -217,6 +220,14 @@ class Engine(Protocol):
 def create(study: Study, options: RunOptions) -> Engine:
     """The engine ``options.engine`` names, for ``study``."""
     check_pruning(options)
+    executions = options.executions_per_trial or study.executions_per_trial
+    pruned = options.pruner != "none" or options.strategy == "hyperband"
+    if executions > 1 and pruned and options.engine == "optuna":
+        raise StudyDefinitionError(
+            f"{executions} executions per trial are fit to the end and their mean is reported "
+            "afterwards, so a pruner cannot stop them early: drop --pruner (and --strategy "
+            "hyperband on the Optuna engine), or use one execution per trial."
+        )
     if options.engine == "optuna":
         from searchlab.engines.optuna import OptunaEngine
 

@@ -52,6 +52,7 @@ from searchlab.coordination import key
 from searchlab.engines.grid import grid_points, propose_grid
 from searchlab.errors import StoreError, StudyDefinitionError
 from searchlab.outcome import Claim, Proposal, TrialResult, TrialState
+from searchlab.space import Bool, Choice, Float, Int, hp_value
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions
@@ -107,6 +108,25 @@ def _atomic(oracle_class: type, folder: Path) -> type:
     return AtomicOracle
 
 
+def _overrides(study: Study) -> dict[str, Any]:
+    """The study's ``hyperparameters=`` / ``tune_new_entries=`` / ``allow_new_entries=`` as
+    the oracle's own arguments (KerasTuner applies them itself)."""
+    rules = getattr(study.search_space, "overrides", None)
+    if rules is None or not rules.active:
+        return {}
+    hp = kt.HyperParameters()
+    for name, value in rules.params.items():
+        if isinstance(value, Int | Float | Choice | Bool):
+            hp_value(hp, name, value, grid=False)
+        else:
+            hp.Fixed(name, value)
+    return {
+        "hyperparameters": hp,
+        "tune_new_entries": rules.tune_new_entries,
+        "allow_new_entries": rules.allow_new_entries,
+    }
+
+
 ORACLES = {
     "random": kt.oracles.RandomSearchOracle,
     "bayesian": kt.oracles.BayesianOptimizationOracle,
@@ -124,11 +144,12 @@ def make_oracle(study: Study, options: RunOptions, folder: Path | None = None) -
             f"Unknown strategy {strategy!r} for the keras-tuner engine: choose one of "
             f"grid, {', '.join(ORACLES)}."
         )
-    objective = kt.Objective(study.objective, "max" if study.direction == "maximize" else "min")
+    objective = kt.Objective(study.objective, "max" if study.goal == "maximize" else "min")
     common: dict[str, Any] = {
         "objective": objective,
         "seed": options.seed + 1,  # keras-tuner treats seed 0 as "pick one at random"
         "max_consecutive_failed_trials": 10**9,  # --max-failures decides, not the oracle
+        **_overrides(study),
         # our budget (finished trials in the Optuna storage) decides when to stop
         "max_trials": None,
     }
