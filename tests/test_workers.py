@@ -18,9 +18,9 @@ BUDGET = 5  # of the 6 grid points, so the budget (not the grid) stops the worke
 #: $SEARCHLAB_TEST_WORKERS processes have entered one (a file per process id in the folder
 #: $SEARCHLAB_TEST_BARRIER).  A worker runs one trial at a time, so none can take a second
 #: before every worker holds one: each worker runs a trial whatever the start-up order, where
-#: otherwise the first worker up could run them all.  Only workers build models (the launcher
-#: opens the stores and waits); a worker that never comes ends the wait after 240 s, and the
-#: test then fails on its assertions, not on a hang.
+#: otherwise the first worker up could run them all.  Only workers wait (the launcher builds
+#: one model before the search, its preflight, and must not count); a worker that never comes
+#: ends the wait after 240 s, and the test then fails on its assertions, not on a hang.
 BARRIER = """
 
 import dataclasses
@@ -29,6 +29,10 @@ _build_without_barrier = build
 
 
 def build(params, info):
+    import sys
+
+    if "--worker-options" not in sys.argv:  # the launcher's check of one model: no barrier
+        return _build_without_barrier(params, info)
     folder = Path(os.environ["SEARCHLAB_TEST_BARRIER"])
     (folder / str(os.getpid())).touch()
     deadline = time.monotonic() + 240
