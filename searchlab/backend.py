@@ -107,6 +107,20 @@ def keras_version() -> str | None:
         return None
 
 
+def model_requirements() -> list[str]:
+    """What a saved model needs to load and predict, pinned to what this process runs: Keras,
+    the package of the backend in force and NumPy (an MLflow Model's pip requirements)."""
+    pins = []
+    for choices in (("keras",), _DISTRIBUTIONS.get(name(), ()), ("numpy",)):
+        for dist in choices:  # the first one installed (tensorflow or tensorflow-cpu, ...)
+            try:
+                pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return pins
+
+
 def devices() -> list[Device]:
     """The devices the current backend trains on by default: its GPUs (or TPUs) if it sees
     any, else its CPU.  The first one is where a trial runs unless the model says otherwise."""

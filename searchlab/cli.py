@@ -79,7 +79,8 @@ def _fmt(params: Mapping[str, Any]) -> str:
 
 
 class ConsoleProgress:
-    """Prints trial N of M, its params, its result and the best so far."""
+    """Prints trial N of M, its params, its result and the best so far; at the end the best
+    model's MLflow URI and what ``--register`` did."""
 
     def __init__(self, objective: str, prefix: str = "") -> None:
         self.objective = objective
@@ -130,12 +131,38 @@ class ConsoleProgress:
             f"trials: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
             f"{summary['n_failed']} failed"
         )
+        self.model_lines(summary)
         if summary.get("selected_trial") is not None:
             click.echo(
                 f"re-evaluated: #{summary['selected_trial']} has the best mean "
                 f"{self.objective}={summary['reeval_mean']:.4f} ± {summary['reeval_std']:.4f} "
                 f"over {summary['reeval_n']} seeds; export uses it"
             )
+
+    def model_lines(self, summary: Mapping[str, Any]) -> None:
+        if summary.get("model_uri"):
+            click.echo(f"best model: {summary['model_uri']} (an MLflow Model on the parent run)")
+        reg = summary.get("registered")
+        if reg is None:
+            return
+        if reg.champion and reg.previous_version == reg.version:
+            click.echo(
+                f"registered model {reg.name}: version {reg.version} stays '{CHAMPION}' ({reg.reason})"
+            )
+        elif reg.champion:
+            click.echo(
+                f"registered model {reg.name} version {reg.version}: now '{CHAMPION}' ({reg.reason})"
+            )
+        else:
+            click.echo(
+                f"registered model {reg.name} version {reg.version}; '{CHAMPION}' stays on "
+                f"version {reg.previous_version} ({reg.reason})"
+            )
+
+
+#: the alias ``--register`` moves (``tracking.CHAMPION``; said here so the CLI need not
+#: import tracking to print it)
+CHAMPION = "champion"
 
 
 def _tracker(uri: str | None) -> Any:
@@ -240,6 +267,7 @@ class RunFlags:
     gpus: str | None
     recycle_mb: float
     in_process: bool
+    register: str | None
     worker_options: engines.RunOptions | None
     storage: str | None
     tracking_uri: str | None
@@ -350,6 +378,11 @@ class RunFlags:
     help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).",
 )
 @click.option(
+    "--register",
+    metavar="NAME",
+    help="Register the best model as NAME in MLflow's model registry; alias 'champion' moves to it only when it is better [default: the study's register=].",
+)
+@click.option(
     "--worker-options",
     metavar="JSON",
     hidden=True,
@@ -432,6 +465,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         prune_factor=flags.prune_factor,
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
+        register=flags.register or study.register,
     )
 
 
@@ -497,7 +531,7 @@ def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> 
         f"results: MLflow experiment {study.name!r} in {tracking_uri}; "
         f"compare them with: searchlab ui {flags.study_file}{again}"
     )
-    click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.h5")
+    click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.keras")
 
 
 @main.command()
@@ -520,15 +554,25 @@ def export(
     storage: str | None,
     tracking_uri: str | None,
 ) -> None:
-    """Export the best trial of STUDY_FILE (from the stores) as a complete Keras model."""
+    """Export the best trial of STUDY_FILE (from the stores) as a complete Keras model.
+
+    STUDY_FILE may also be an MLflow model URI: models:/NAME@champion (a registered model,
+    see run --register), models:/NAME/VERSION, or a session's models:/<model id>.
+    """
     _quiet_backends()
     from pathlib import Path
 
-    from searchlab.export import export_model
+    from searchlab import export as export_mod
     from searchlab.study import load_study
 
+    if study_file.startswith(export_mod.MODEL_URI_PREFIXES):
+        if number is not None:
+            raise click.UsageError("--trial applies to a study file, not to a model URI.")
+        written = export_mod.export_logged(study_file, _tracker(tracking_uri), Path(output))
+        click.echo(f"wrote {written['path']}: {study_file}")
+        return
     study = load_study(study_file)
-    done = export_model(
+    done = export_mod.export_model(
         study, storage or config.default_storage(), _tracker(tracking_uri), Path(output), number
     )
     value = f"{done['value']:.4f}" if done["value"] is not None else "?"

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances", "learning_curves")
 SESSION_ROLE = "session"
+#: where sessions of searchlab before the MLflow Model logged the best model's .keras file
 BEST_MODEL_PATH = "best_model/model.keras"
+#: the session run's tag with its best model's URI (``tracking.MODEL_URI_TAG``)
+MODEL_URI_TAG = "searchlab.model_uri"
 PLOTS_ARTIFACT_PATH = "plots"
 
 
@@ -41,8 +44,10 @@ PLOTS_ARTIFACT_PATH = "plots"
 class BestTrial:
     """The best complete trial of a study, with where its model lives in MLflow.
 
-    ``model_uri`` is the complete best model logged on the session run that ended with this
-    trial as its best (``runs:/<session run>/best_model/model.keras``; None if no session
+    ``model_uri`` is the complete best model, the MLflow Model logged on the session run that
+    ended with this trial as its best (``models:/<model id>``: ``mlflow.keras.load_model``
+    or ``mlflow.pyfunc.load_model`` load it; a session of an older searchlab logged the
+    ``.keras`` file ``runs:/<session run>/best_model/model.keras``; None if no session
     finished since); ``weights_uri`` is the trial's own best-epoch weights (the complete
     model's ``best.weights.h5``, or for a trial trained on the feature cache
     ``best.suffix.npz``: the layers after the frozen prefix, see ``searchlab.cache``);
@@ -130,7 +135,9 @@ def best_trial(results: Results) -> BestTrial:
     model_uri = None
     for session in reversed(results.sessions):
         if session.status == "FINISHED" and session.metrics.get("best_trial") == best.number:
-            model_uri = f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
+            model_uri = (
+                session.tags.get(MODEL_URI_TAG) or f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
+            )
             break
     from searchlab.trial import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
 
@@ -305,7 +312,7 @@ def best(
     Example::
 
         b = searchlab.best("studies/mnist_dense.py")
-        path = mlflow.artifacts.download_artifacts(b.model_uri, tracking_uri=b.tracking_uri)
-        model = keras.models.load_model(path)
+        mlflow.set_tracking_uri(b.tracking_uri)
+        model = mlflow.keras.load_model(b.model_uri)
     """
     return best_trial(resolve(study_or_path, storage, tracking_uri))

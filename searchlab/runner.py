@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: how a trial is trained: ``trial.run_trial``'s signature (tests hand the runner a stub)
 TrainFn = Callable[..., TrialResult]
+#: raw inputs the best model's MLflow signature is inferred from
+MODEL_SAMPLE = 2
 
 
 @dataclass
@@ -337,8 +339,11 @@ def reevaluate(session: Session, spec: TrialSpec) -> None:
         )
 
 
-def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str, Any]) -> None:
-    """The trials table (CSV) and the best model (.keras) go on the session's parent run."""
+def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, Any]) -> None:
+    """The trials table (CSV) and the best model go on the session's parent run: the
+    complete Keras model (also for a trial trained on cached features), rebuilt from the
+    trial's weights and logged as an MLflow Model (``Tracker.log_model``); registered too
+    with ``options.register``.  Adds ``model_uri`` (and ``registered``) to ``summary``."""
     from searchlab import table
     from searchlab import trial as trial_mod
     from searchlab.data import info_of
@@ -354,9 +359,37 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str,
             return
         weights = tracker.download(run_id, "weights", Path(tmp))  # either form: see trial
         model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
-        path = Path(tmp) / "model.keras"
-        model.save(path)
-        tracker.log_artifact(path, "best_model")
+        log_best_model(session, spec, summary, model, run_id)
+
+
+def log_best_model(
+    session: Session, spec: TrialSpec, summary: dict[str, Any], model: Any, run_id: str
+) -> None:
+    """Log ``model``, trial run ``run_id``'s complete model, as the session's MLflow Model
+    and register it when the session was asked to (``--register``)."""
+    from searchlab import backend
+    from searchlab.tracking import TRIAL_RUN_TAG, ModelScore
+
+    study, tracker = session.study, session.tracker
+    number = summary.get("selected_trial")
+    number = summary["best_trial"] if number is None else number
+    value = session.store.trial(int(number)).value
+    tags = {
+        "searchlab.study": study.name,
+        "searchlab.trial": str(number),
+        TRIAL_RUN_TAG: run_id,
+        "searchlab.objective": study.objective,
+    }
+    x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
+    uri = tracker.log_model(
+        model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags
+    )
+    summary["model_uri"] = uri
+    if session.options.register and value is not None:
+        score = ModelScore(study.objective, study.direction, float(value))
+        summary["registered"] = tracker.register_model(
+            uri, session.options.register, score, tags=tags
+        )
 
 
 # ------------------------------------------------------------------------------ the trials

@@ -65,6 +65,9 @@ class Study:
         seed: seeds the sampler and every trial.
         batch_size: used when the space has no ``batch_size`` parameter.
         tags: extra tags for every MLflow run of the study.
+        register: register each session's best model under this name in MLflow's model
+            registry; its ``champion`` alias moves to a new version only when that one is
+            better (``searchlab run --register NAME`` does the same).
     """
 
     name: str
@@ -80,6 +83,7 @@ class Study:
     seed: int = 0
     batch_size: int = 32
     tags: Mapping[str, str] = field(default_factory=dict)
+    register: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -119,6 +123,13 @@ class Study:
             raise StudyDefinitionError("epochs must be a positive int, got None.")
         if self.timeout is not None and self.timeout <= 0:
             raise StudyDefinitionError(f"timeout must be > 0 seconds, got {self.timeout!r}.")
+        if self.register is not None and (
+            not isinstance(self.register, str) or not self.register.strip()
+        ):
+            raise StudyDefinitionError(
+                f"register must be a registered model name (a non-empty string), got "
+                f"{self.register!r}."
+            )
 
     @property
     def dataset(self) -> Dataset:

@@ -14,7 +14,8 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +44,14 @@ MAX_PARAM = 6000
 #: the folder of empty SQLite stores that new ones are copied from (``store_template_dir``)
 STORE_TEMPLATES_ENV = "SEARCHLAB_STORE_TEMPLATES"
 MAX_TAG = 8000
+#: MLflow's own variable, which ``mlflow.set_tracking_uri`` sets (``_fluent_uri``)
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: the name of the study's best model, an MLflow Model (``mlflow.keras`` flavor) logged on
+#: the session's parent run; tag ``searchlab.model_uri`` on that run holds its ``models:/`` URI
+MODEL_NAME = "best_model"
+MODEL_URI_TAG = "searchlab.model_uri"
+#: the registered model's alias that follows the best version (``searchlab run --register``)
+CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,60 @@ class RunRecord:
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModelScore:
+    """How a logged model scored: the study's objective, its direction and the value."""
+
+    objective: str
+    direction: str  # maximize or minimize
+    value: float
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``Tracker.register_model`` did: the new version of registered model ``name``,
+    whether the ``champion`` alias now points at it, and the version it pointed at before
+    (with that version's score, when it had one)."""
+
+    name: str
+    version: str
+    champion: bool
+    previous_version: str | None = None
+    previous_value: float | None = None
+    reason: str = ""  # why the alias moved or stayed, in words
+
+
+def champion_move(
+    score: ModelScore, trial_run: str | None, champion: Mapping[str, str] | None
+) -> tuple[str, str]:
+    """What ``register_model`` does, given the tags of the version the ``champion`` alias
+    points to (None: no alias yet), and why, in words:
+
+    - ``same``: that version holds this trial's model already; nothing is registered.
+    - ``move``: a new version, which takes the alias: there was none, or this one is better
+      on the same objective in the study's direction (a tie keeps the older one).
+    - ``keep``: a new version; the alias stays where it is (not better, or the champion was
+      scored on another objective or by someone else: moving it is then the user's call).
+    """
+    if champion is None:
+        return "move", "no champion yet"
+    if trial_run and champion.get(TRIAL_RUN_TAG) == trial_run:
+        return "same", "the champion holds this trial's model already"
+    old = score_of(champion)
+    if old is None:
+        return "keep", "the champion has no searchlab score; move the alias by hand if you want"
+    if (old.objective, old.direction) != (score.objective, score.direction):
+        return "keep", (
+            f"the champion was scored on {old.objective} ({old.direction}), this model on "
+            f"{score.objective} ({score.direction}); move the alias by hand if you want"
+        )
+    better = score.value > old.value if score.direction == "maximize" else score.value < old.value
+    verb = "beats" if better else "does not beat"
+    return ("move" if better else "keep"), (
+        f"{score.objective}={score.value:.4f} {verb} the champion's {old.value:.4f}"
+    )
+
+
 class Tracker(Protocol):
     """Where a session's results go: one parent run per session, one child run per trial.
 
@@ -71,9 +134,11 @@ class Tracker(Protocol):
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
        ``log_epoch(run_id, epoch, metrics)`` once per epoch; ``end_trial(run_id, result)``
        exactly once, which logs the outcome and the weights and closes the run.
-    4. The session's owner: ``log_artifact(path)`` (trials table, best model), then
-       ``end_session(summary, status)`` once, which closes the parent run and any trial run
-       still open.  A worker ends with ``close_all("FAILED")``: it closes only its own runs.
+    4. The session's owner: ``log_artifact(path)`` (trials table), ``log_model(model, ...)``
+       (the best model, an MLflow Model on the parent run) and, when asked to, then
+       ``register_model(uri, name, score)``; then ``end_session(summary, status)`` once,
+       which closes the parent run and any trial run still open.  A worker ends with
+       ``close_all("FAILED")``: it closes only its own runs.
 
     Every run that was opened is closed, also when the session ends by an exception.
     """
@@ -104,6 +169,12 @@ class Tracker(Protocol):
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str: ...
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration: ...
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path: ...
     def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None: ...
     def close_all(self, status: str = "FAILED") -> None: ...
@@ -152,7 +223,7 @@ def client(uri: str) -> Any:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 _copy_empty_store(path)
-        c = MlflowClient(tracking_uri=uri)
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
         raise StoreError(
@@ -321,6 +392,58 @@ def trial_tags(session_id: str, number: int, tags: Mapping[str, str]) -> dict[st
 def _short(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def score_tags(score: ModelScore) -> dict[str, str]:
+    """A registered version's score, as its tags (what ``champion_move`` compares next time)."""
+    return {
+        "searchlab.objective": score.objective,
+        "searchlab.direction": score.direction,
+        "searchlab.value": repr(float(score.value)),
+    }
+
+
+def score_of(tags: Mapping[str, str]) -> ModelScore | None:
+    """The score ``score_tags`` wrote, or None (a version registered by someone else)."""
+    try:
+        return ModelScore(
+            tags["searchlab.objective"], tags["searchlab.direction"], float(tags["searchlab.value"])
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+#: a version's tag naming the trial run whose weights it holds: the same trial is not
+#: registered twice (a resumed study whose best did not change)
+TRIAL_RUN_TAG = "searchlab.trial_run"
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The LoggedModel id of a ``models:/<id>`` URI (None for ``models:/NAME/1`` and others)."""
+    rest = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block (``Model.log``
+    finalizes a logged model, the registry resolves ``models:/<id>`` and
+    ``mlflow.keras.load_model`` reads models through it, where the client has its own),
+    then put back what it resolved to before.  ``mlflow.set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI`` to the environment, which searchlab reads as the default
+    ``--tracking-uri``: that variable is restored exactly (unset if it was)."""
+    import mlflow
+
+    before, env = mlflow.get_tracking_uri(), os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = env
 
 
 class MlflowTracker:
@@ -568,6 +691,114 @@ class MlflowTracker:
         assert self._session_id is not None
         self._mlflow.log_artifact(self._session_id, str(path), artifact_path)
 
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str:
+        """Log ``model`` (a complete Keras model) on the session's parent run as an MLflow
+        Model of the ``mlflow.keras`` flavor named ``best_model``: a LoggedModel of the
+        study's experiment whose source run is the parent run, with ``tags``, a signature
+        inferred from ``sample`` (a few raw inputs) and the model's outputs on them, and
+        ``requirements`` as its pip requirements (given, not inferred: MLflow would load the
+        model again in a subprocess).  Returns its ``models:/<model_id>`` URI, which is also
+        tagged on the parent run (``searchlab.model_uri``)."""
+        import mlflow
+        from mlflow.models import Model, infer_signature
+
+        assert self._session_id is not None and self.experiment_id is not None
+        signature = infer_signature(sample, model.predict(sample, verbose=0))
+        # created here, in the study's experiment: Model.log alone would put it in the
+        # experiment of MLflow's process-wide state
+        logged = self._mlflow.create_logged_model(
+            self.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=self._session_id,
+            tags={k: _short(v, MAX_TAG) for k, v in tags.items()},
+        )
+        with _fluent_uri(self.uri):
+            info = Model.log(
+                None,
+                name=MODEL_NAME,
+                flavor=mlflow.keras,
+                model=model,
+                run_id=self._session_id,
+                signature=signature,
+                pip_requirements=list(requirements),
+                model_id=logged.model_id,
+            )
+        uri = str(info.model_uri)
+        self.tag_session({MODEL_URI_TAG: uri})
+        return uri
+
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration:
+        """Register ``model_uri`` as a new version of ``name`` (created if new) and move the
+        ``champion`` alias to it when it beats the version the alias points to (see
+        ``champion_move``).  ``tags`` go on the version (``searchlab.trial_run`` names the
+        trial whose model it is)."""
+        from mlflow.exceptions import MlflowException
+
+        tags = dict(tags or {})
+        try:
+            with _fluent_uri(self.uri):  # the registry resolves models:/<id> through it
+                return self._register(model_uri, name, score, tags)
+        except MlflowException as exc:
+            raise StoreError(
+                f"Cannot register the best model as {name!r} in {self.uri} "
+                f"({str(exc).splitlines()[0]}). Use a tracking store with a model registry "
+                "(a database or an MLflow server), or drop --register."
+            ) from exc
+
+    def _register(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str]
+    ) -> Registration:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._mlflow.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        try:
+            champion = self._mlflow.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champion = None
+        old_tags = dict(champion.tags) if champion is not None else None
+        move, reason = champion_move(score, tags.get(TRIAL_RUN_TAG), old_tags)
+        if move == "same":
+            assert champion is not None
+            version = str(champion.version)
+        else:
+            version = str(
+                self._mlflow.create_model_version(
+                    name,
+                    source=model_uri,
+                    run_id=self._session_id,
+                    tags={**tags, **score_tags(score)},
+                    model_id=_model_id(model_uri),
+                    await_creation_for=0,
+                ).version
+            )
+        if move == "move":
+            self._mlflow.set_registered_model_alias(name, CHAMPION, version)
+        old = score_of(old_tags or {})
+        return Registration(
+            name=name,
+            version=version,
+            champion=move in ("move", "same"),
+            previous_version=str(champion.version) if champion is not None else None,
+            previous_value=old.value if old is not None else None,
+            reason=reason,
+        )
+
+    def load_keras_model(self, model_uri: str, dst: Path) -> Any:
+        """The Keras model of an MLflow Model (``models:/NAME@champion``, ``models:/<id>``,
+        ``runs:/...``), downloaded into ``dst`` (``searchlab export``)."""
+        import mlflow
+
+        with _fluent_uri(self.uri):
+            return mlflow.keras.load_model(model_uri, dst_path=str(dst))
+
     def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
         """Log the summary (numbers as metrics, the best params as ``best.*`` params) on the
         parent run, then close it and every trial run still open."""
@@ -676,6 +907,9 @@ class MemoryTracker:
         self.records: dict[str, dict[str, Any]] = {}  # run id -> run
         self.events: list[tuple[str, ...]] = []  # (method, run id, ...) in call order
         self.artifacts: dict[str, list[str]] = {}  # run id -> artifact paths
+        self.models: dict[str, dict[str, Any]] = {}  # model uri -> its run, tags and model
+        #: registered model name -> {"versions": [tags, ...] (version = index + 1), "aliases"}
+        self.registry: dict[str, dict[str, Any]] = {}
         self._session_id: str | None = None
         self._experiment: str | None = None
         self._open: set[str] = set()
@@ -785,6 +1019,40 @@ class MemoryTracker:
         assert self._session_id is not None
         name = f"{artifact_path}/{path.name}" if artifact_path else path.name
         self.artifacts.setdefault(self._session_id, []).append(name)
+
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str:
+        assert self._session_id is not None
+        uri = f"models:/m-{len(self.models):04d}"
+        self.models[uri] = {"run_id": self._session_id, "tags": dict(tags), "model": model}
+        self.records[self._session_id]["tags"][MODEL_URI_TAG] = uri
+        self.events.append(("log_model", self._session_id, uri))
+        return uri
+
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration:
+        tags = dict(tags or {})
+        entry = self.registry.setdefault(name, {"versions": [], "aliases": {}})
+        current = entry["aliases"].get(CHAMPION)
+        old_tags = entry["versions"][int(current) - 1] if current else None
+        move, reason = champion_move(score, tags.get(TRIAL_RUN_TAG), old_tags)
+        version = current
+        if move != "same":
+            entry["versions"].append({**tags, **score_tags(score), "source": model_uri})
+            version = str(len(entry["versions"]))
+        if move == "move":
+            entry["aliases"][CHAMPION] = version
+        old = score_of(old_tags or {})
+        return Registration(
+            name=name,
+            version=str(version),
+            champion=move in ("move", "same"),
+            previous_version=current,
+            previous_value=old.value if old is not None else None,
+            reason=reason,
+        )
 
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
         raise FileNotFoundError(f"MemoryTracker keeps no files: {run_id}/{path}")

@@ -50,6 +50,7 @@ EVERY_FIELD = RunOptions(
     parent_run_id="abc123",
     worker="2/3",
     recycle_mb=64.0,
+    register="mnist-model",
 )
 
 

@@ -55,6 +55,18 @@ def structure(study_name: str) -> dict[str, Any]:
         key=lambda r: int(r.data.tags["searchlab.trial"]),
     )
 
+    def logged_models(run: Any) -> list[dict[str, Any]]:
+        outputs = run.outputs.model_outputs if run.outputs else []
+        models = [c.get_logged_model(o.model_id) for o in outputs]
+        return [
+            {
+                "name": m.name,
+                "tags": _names(k for k in m.tags if not k.startswith("mlflow.")),
+                "files": sorted(a.path for a in c.list_logged_model_artifacts(m.model_id)),
+            }
+            for m in models
+        ]
+
     def run_shape(run: Any) -> dict[str, Any]:
         return {
             "status": run.info.status,
@@ -65,6 +77,7 @@ def structure(study_name: str) -> dict[str, Any]:
                 for k in sorted(run.data.metrics)
             },
             "artifacts": _artifacts(c, run.info.run_id),
+            "logged_models": logged_models(run),
             "run_name": re.sub(r"\d", "9", run.info.run_name or ""),
         }
 

@@ -146,7 +146,11 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     from mlflow.tracking import MlflowClient
 
     paths = {a.path for a in MlflowClient(mlflow_server).list_artifacts(session.info.run_id)}
-    assert {"trials.csv", "best_model"} <= paths
+    assert "trials.csv" in paths
+    model_id = session.data.tags["searchlab.model_uri"].removeprefix("models:/")
+    assert MlflowClient(mlflow_server).get_logged_model(model_id).source_run_id == (
+        session.info.run_id
+    )
 
 
 def test_wrong_password_is_one_line_and_writes_nothing(

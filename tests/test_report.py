@@ -252,15 +252,12 @@ def test_best_names_the_run_and_the_model(env: Finished, tmp_path: Path) -> None
     assert best.value == pytest.approx(truth.value)
     assert best.run_id == truth.user_attrs["mlflow_run_id"]
     import mlflow.artifacts
+    import mlflow.keras
 
     assert best.tracking_uri == env.tracking_uri
-    model = mlflow.artifacts.download_artifacts(
-        best.model_uri, dst_path=str(tmp_path), tracking_uri=best.tracking_uri
-    )
-    assert Path(model).name == "model.keras"
-    import keras
-
-    loaded = keras.models.load_model(model)
+    assert best.model_uri.startswith("models:/m-")  # the session's MLflow Model
+    mlflow.set_tracking_uri(best.tracking_uri)
+    loaded = mlflow.keras.load_model(best.model_uri, dst_path=str(tmp_path))
     assert loaded.get_layer("hidden_0").units == best.params["units"]
     weights = mlflow.artifacts.download_artifacts(
         best.weights_uri, dst_path=str(tmp_path / "w"), tracking_uri=env.tracking_uri

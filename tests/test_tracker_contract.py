@@ -131,3 +131,36 @@ def test_runs_of_an_unknown_study_are_none(make) -> None:
     assert tracker.runs("never-run") == []
     assert tracker.previous_session("never-run") is None
     tracker.end_session({}, "FINISHED")
+
+
+def test_the_best_model_is_logged_on_the_session_and_registered_champion_only_if_better(
+    make,
+) -> None:
+    import keras
+    import numpy as np
+
+    from searchlab.tracking import MODEL_URI_TAG, ModelScore
+
+    tracker = make()
+    session = tracker.start_session("s", {})
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    x = np.zeros((2, 3), dtype="float32")
+    uri = tracker.log_model(model, x, requirements=["keras"], tags={"searchlab.trial": "0"})
+    assert uri.startswith("models:/m-")
+    assert by_id(tracker)[session].tags[MODEL_URI_TAG] == uri
+
+    def register(value: float, trial_run: str):
+        score = ModelScore("val_loss", "minimize", value)
+        return tracker.register_model(uri, "m", score, tags={"searchlab.trial_run": trial_run})
+
+    first = register(0.5, "a")
+    assert (first.version, first.champion, first.previous_version) == ("1", True, None)
+    worse = register(0.6, "b")
+    assert (worse.version, worse.champion, worse.previous_version) == ("2", False, "1")
+    assert worse.previous_value == 0.5 and "does not beat" in worse.reason
+    same = register(0.5, "a")  # the champion's own trial: nothing new
+    assert (same.version, same.champion) == ("1", True)
+    better = register(0.4, "c")
+    assert (better.version, better.champion, better.previous_version) == ("3", True, "1")
+    assert register(0.45, "d").champion is False  # measured against version 3 now
+    tracker.end_session({}, "FINISHED")

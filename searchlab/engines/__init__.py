@@ -60,6 +60,9 @@ class RunOptions:
     #: a worker ends itself (exit code ``workers.RECYCLE``, restarted by the launcher) once
     #: its memory grew by this many MB since its first trial; None: never
     recycle_mb: float | None = None
+    #: register the session's best model under this name in MLflow's model registry and move
+    #: its ``champion`` alias when it is better (``--register``, ``Study(register=...)``)
+    register: str | None = None
 
     @property
     def one_of_several(self) -> bool:
