@@ -165,10 +165,13 @@ class ConsoleProgress:
 CHAMPION = "champion"
 
 
-def _tracker(uri: str | None) -> Any:
+def _tracker(uri: str | None, source: str | None = None) -> Any:
+    """The MLflow tracker; ``source``: the study file its runs come from (``mlflow.source.*``)."""
     from searchlab.tracking import MlflowTracker
 
-    return MlflowTracker(uri or config.default_tracking_uri(), config.default_artifact_root())
+    return MlflowTracker(
+        uri or config.default_tracking_uri(), config.default_artifact_root(), source=source
+    )
 
 
 def _with_subset(study: Study, subset: str | None) -> Study:
@@ -417,7 +420,7 @@ def _launch(flags: RunFlags) -> None:
     workers = len(gpus) if gpus and not workers_given else flags.workers
     study = _with_subset(load_study(flags.study_file), flags.subset)
     options = _run_options(flags, study)
-    tracker = _tracker(flags.tracking_uri)
+    tracker = _tracker(flags.tracking_uri, flags.study_file)
     progress = ConsoleProgress(study.objective)
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
@@ -514,7 +517,7 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
     study = _with_subset(load_study(flags.study_file), flags.subset)
-    tracker = _tracker(flags.tracking_uri)
+    tracker = _tracker(flags.tracking_uri, flags.study_file)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
     if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):
         sys.exit(workers_mod.RECYCLE)

@@ -40,9 +40,10 @@ from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
 
 if TYPE_CHECKING:
+    from searchlab.data import Data
     from searchlab.engines import Engine, RunOptions, SearchListener
     from searchlab.study import Study
-    from searchlab.tracking import RunRecord, Tracker
+    from searchlab.tracking import DataInput, RunRecord, Tracker
     from searchlab.trial import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,12 @@ def open_session(
     engine: Engine,
     target: int | None,
     data_source: str = "",
+    settings: Mapping[str, str] | None = None,
 ) -> Session:
     """Open both stores and the Optuna study, then start this session's parent run (or
     attach to ``options.parent_run_id``).  Every store problem is raised here, before any
-    training; a new session also closes what a crashed one left open."""
+    training; a new session also closes what a crashed one left open.  ``settings``
+    (``result_settings``) are logged on the parent run."""
     tracker.connect()
     described = {**study.search_space.describe(), "_objective": study.objective}
     store = StudyStore.open(
@@ -143,7 +146,7 @@ def open_session(
         study_name=study.name,
         lock_dir=config.home(),
     )
-    info = session_info(study, options, target, engine, data_source)
+    info = session_info(study, options, target, engine, data_source, settings)
     session = Session(study, options, engine, tracker, store, lock, target, info)
     if options.parent_run_id:
         tracker.attach(options.parent_run_id)
@@ -182,9 +185,15 @@ def link_session(session: Session) -> None:
 
 
 def session_info(
-    study: Study, options: RunOptions, target: int | None, engine: Engine, data_source: str = ""
+    study: Study,
+    options: RunOptions,
+    target: int | None,
+    engine: Engine,
+    data_source: str = "",
+    settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params)."""
+    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params:
+    the precision and the other ``settings`` that change results)."""
     from searchlab import backend
 
     engine_info = engine.info()
@@ -201,7 +210,7 @@ def session_info(
         "optuna_study": study.name,
         "precision": options.precision,
         "space": study.search_space.describe(),
-        "run_params": {"precision": options.precision},
+        "run_params": {"precision": options.precision, **(settings or {})},
     }
     if data_source:
         info["data"] = data_source
@@ -209,6 +218,41 @@ def session_info(
         info["pruner_args"] = engine_info["pruner_args"]
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
     return info
+
+
+def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, str]:
+    """The session's settings that change what a trial gives, by name: the epochs, the
+    data (name, subset, a digest of the arrays), the precision and what the model builder
+    reports of itself (``settings()``: a ``Transfer``'s backbone, its weights' source, the
+    input size...).  Params of the parent run; a study resumed with other values mixes
+    incomparable trials (see ``StudyStore.open``)."""
+    subset = study.dataset.subset
+    parts = {"train": subset} if isinstance(subset, int) else dict(subset or ())
+    settings = {
+        "epochs": str(options.epochs),
+        "data": study.dataset.label,
+        "subset": ",".join(f"{k}={v}" for k, v in sorted(parts.items())) or "all",
+        "data_digest": data.fingerprint,
+        "precision": options.precision,
+    }
+    describe = getattr(study.model, "settings", None)
+    if callable(describe):
+        settings.update({f"model.{k}": str(v) for k, v in describe().items()})
+    return settings
+
+
+def data_inputs(study: Study, data: Data) -> list[DataInput]:
+    """The splits a trial trains and validates on, as MLflow dataset inputs."""
+    from searchlab.tracking import DataInput
+
+    source = data.source if not data.source.startswith("loader ") else ""
+    return [
+        DataInput(study.dataset.label, context, data.digest(split), x, y, source)
+        for context, split, x, y in (
+            ("train", "train", data.x_train, data.y_train),
+            ("validation", "val", data.x_val, data.y_val),
+        )
+    ]
 
 
 def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]:
@@ -261,7 +305,8 @@ def run(
     """
     listener = listener or engines.NullListener()
     engine, target, spec = prepare(study, options)
-    session = open_session(study, options, tracker, engine, target, spec.data.source)
+    settings = result_settings(study, options, spec.data)
+    session = open_session(study, options, tracker, engine, target, spec.data.source, settings)
     counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
     if options.parent_run_id:
         try:
@@ -496,6 +541,7 @@ def run_one(
         }
         try:
             run_id = session.tracker.start_trial(number, params, tags)
+            session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
             for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
                 trial.set_user_attr(name, value)
             on_epoch = _epoch_callback(session, trial, proposal, spec, run_id)
@@ -559,6 +605,8 @@ __all__ = [
     "failure_streak",
     "open_session",
     "prepare",
+    "data_inputs",
+    "result_settings",
     "run",
     "session_info",
     "trial_spec",

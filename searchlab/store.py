@@ -207,6 +207,11 @@ class StudyStore:
                 f"objective (differs in: {', '.join(changed)}). Give the study a new name, or use "
                 "another --storage."
             )
+        objective = described.get("_objective")
+        if isinstance(objective, str) and ostudy.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
+                ostudy.set_metric_names([objective])  # Optuna Dashboard and plots name it
         if ostudy.direction.name.lower() != direction:
             raise StudyDefinitionError(
                 f"The storage holds study {name!r} with direction "

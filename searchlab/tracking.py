@@ -8,6 +8,7 @@ back as ``RunRecord``s.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -65,6 +66,8 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the run's dataset inputs: ``{"name", "context", "digest"}`` each
+    inputs: tuple[Mapping[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Tracker(Protocol):
        followed by ``reconcile(...)``, closing what a crashed process left open, and any
        time later by ``tag_session(tags)`` (links, heartbeat).
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
+       ``log_inputs(run_id, inputs)`` records the data it trains on;
        ``log_epoch(run_id, epoch, metrics)`` once per epoch; ``end_trial(run_id, result)``
        exactly once, which logs the outcome and the weights and closes the run.
     4. The session's owner: ``log_artifact(path)`` (trials table), ``log_model(model, ...)``
@@ -140,7 +144,9 @@ class Tracker(Protocol):
        which closes the parent run and any trial run still open.  A worker ends with
        ``close_all("FAILED")``: it closes only its own runs.
 
-    Every run that was opened is closed, also when the session ends by an exception.
+    Every run that was opened is closed, also when the session ends by an exception.  Every
+    run carries the tags MLflow's ``start_run`` would set (``context_tags``: user, source,
+    git commit) for the study file the tracker was made for (``source``).
     """
 
     uri: str
@@ -166,6 +172,7 @@ class Tracker(Protocol):
         tags: Mapping[str, str],
         run_name: str | None = None,
     ) -> str: ...
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None: ...
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
@@ -365,6 +372,55 @@ def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
     raise StoreError(f"The MLflow UI did not answer on {url} within {timeout:.0f}s.")
 
 
+@functools.lru_cache(maxsize=8)
+def context_tags(source: str | None = None) -> dict[str, str]:
+    """The tags MLflow's own ``mlflow.start_run`` puts on a run, resolved by MLflow's own
+    run-context providers (``mlflow.tracking.context.registry.resolve_tags``): the user,
+    the source's name and type, and its git commit, branch and repository (where there is
+    one), plus whatever other context MLflow detects (a Databricks job, ...).
+
+    ``source`` (the study file) is what ran: it replaces the program MLflow would name
+    (``searchlab``'s own entry point), and its git checkout, not the program's, gives the git
+    tags, through MLflow's own ``git_utils`` as its git context does for the program.
+    Resolved once per process and source.
+    """
+    _quiet_mlflow()
+    from mlflow.tracking.context import registry
+    from mlflow.utils import git_utils, mlflow_tags
+
+    tags = {k: str(v) for k, v in registry.resolve_tags().items()}
+    if source:
+        path = str(Path(source).resolve())
+        tags[mlflow_tags.MLFLOW_SOURCE_NAME] = path
+        for key, read in (
+            (mlflow_tags.MLFLOW_GIT_COMMIT, git_utils.get_git_commit),
+            (mlflow_tags.MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
+            (mlflow_tags.MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url),
+        ):
+            value = read(path)
+            if value:
+                tags[key] = str(value)
+            else:  # the program's checkout says nothing about the study file
+                tags.pop(key, None)
+    return tags
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One split of the data a trial trained on, for ``Tracker.log_inputs``: logged as an
+    MLflow dataset input (``mlflow.data.from_numpy``) with ``context`` (``train`` or
+    ``validation``) as its input tag.  ``digest`` identifies the arrays (MLflow keeps one
+    dataset per name and digest in an experiment); ``source`` is where they came from (a
+    file, or ``""`` for a loader: MLflow then records the code that ran)."""
+
+    name: str
+    context: str
+    digest: str
+    features: Any  # a NumPy array
+    targets: Any
+    source: str = ""
+
+
 def session_tags(name: str, info: Mapping[str, Any]) -> dict[str, str]:
     """The tags of a session's parent run: its study, its role, and ``info`` (but the space
     and the run params, which are params) as ``searchlab.*``."""
@@ -452,11 +508,15 @@ class MlflowTracker:
     Args:
         uri: the tracking URI (``sqlite:///...``, ``http://host:5000``, a folder, ...).
         artifact_root: where a new experiment keeps artifacts when the store is local.
+        source: the study file the runs come from (their ``mlflow.source.*`` tags).
     """
 
-    def __init__(self, uri: str, artifact_root: Path | None = None) -> None:
+    def __init__(
+        self, uri: str, artifact_root: Path | None = None, source: str | Path | None = None
+    ) -> None:
         self.uri = uri
         self.artifact_root = artifact_root
+        self.source = str(source) if source is not None else None
         self._client: Any = None
         self.experiment_id: str | None = None
         self._session_id: str | None = None
@@ -498,7 +558,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         self.experiment_id = self.experiment(name)
-        tags = session_tags(name, info)
+        tags = {**context_tags(self.source), **session_tags(name, info)}
         run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self._session_id = run.info.run_id
         self._open.add(self._session_id)
@@ -634,7 +694,7 @@ class MlflowTracker:
         from mlflow.entities import Param, RunTag
 
         assert self.experiment_id is not None and self._session_id is not None
-        all_tags = trial_tags(self._session_id, number, tags)
+        all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
         run = self._mlflow.create_run(
             self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
         )
@@ -646,6 +706,36 @@ class MlflowTracker:
             tags=[RunTag("searchlab.params", _short(dict(params), MAX_TAG))],
         )
         return run_id
+
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None:
+        """Log each split as an MLflow dataset input of run ``run_id``: a NumPy dataset
+        (``mlflow.data.from_numpy``: schema and shapes of features and targets) with the
+        given name, digest and source, and the input tag ``mlflow.data.context``."""
+        import warnings
+
+        from mlflow.data.numpy_dataset import from_numpy  # mlflow.data.from_numpy
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entries = []
+        for item in inputs:
+            with warnings.catch_warnings():
+                # a file path matches MLflow's local-file source twice; it says so, and
+                # takes it as one
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = from_numpy(
+                    item.features,
+                    targets=item.targets,
+                    source=item.source or None,  # type: ignore[arg-type]  # None: the code
+                    name=item.name,
+                    digest=item.digest,
+                )
+            entries.append(
+                DatasetInput(
+                    Dataset(**dataset.to_dict()),
+                    tags=[InputTag("mlflow.data.context", item.context)],
+                )
+            )
+        self._mlflow.log_inputs(run_id, datasets=entries)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -895,6 +985,14 @@ def _record(run: Any) -> RunRecord:
         tags=dict(run.data.tags),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
+        inputs=tuple(
+            {
+                "name": d.dataset.name,
+                "digest": d.dataset.digest,
+                "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""),
+            }
+            for d in (run.inputs.dataset_inputs if run.inputs else [])
+        ),
     )
 
 
@@ -902,8 +1000,9 @@ class MemoryTracker:
     """A ``Tracker`` that keeps everything in memory: for tests of the runner and engines,
     and the reference the tracker contract suite holds ``MlflowTracker`` to."""
 
-    def __init__(self, uri: str = "memory://") -> None:
+    def __init__(self, uri: str = "memory://", source: str | Path | None = None) -> None:
         self.uri = uri
+        self.source = str(source) if source is not None else None
         self.records: dict[str, dict[str, Any]] = {}  # run id -> run
         self.events: list[tuple[str, ...]] = []  # (method, run id, ...) in call order
         self.artifacts: dict[str, list[str]] = {}  # run id -> artifact paths
@@ -937,7 +1036,8 @@ class MemoryTracker:
 
     def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         self._experiment = name
-        self._session_id = self._new(name, session_tags(name, info), f"{name}-session")
+        tags = {**context_tags(self.source), **session_tags(name, info)}
+        self._session_id = self._new(name, tags, f"{name}-session")
         self.events.append(("start_session", self._session_id))
         return self._session_id
 
@@ -991,11 +1091,18 @@ class MemoryTracker:
         run_name: str | None = None,
     ) -> str:
         assert self._session_id is not None and self._experiment is not None
-        all_tags = trial_tags(self._session_id, number, tags)
+        all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
         run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
         self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
         self.events.append(("start_trial", run_id, str(number)))
         return run_id
+
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None:
+        assert run_id in self._open, f"log_inputs on closed run {run_id}"
+        self.records[run_id].setdefault("inputs", []).extend(
+            {"name": i.name, "context": i.context, "digest": i.digest} for i in inputs
+        )
+        self.events.append(("log_inputs", run_id, ",".join(i.context for i in inputs)))
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         assert run_id in self._open, f"log_epoch on closed run {run_id}"
@@ -1083,6 +1190,7 @@ class MemoryTracker:
                 tags=dict(r["tags"]),
                 params=dict(r["params"]),
                 metrics={m: v[-1][1] for m, v in r["metrics"].items()},
+                inputs=tuple(r.get("inputs", ())),
             )
             for k, r in self.records.items()
             if r["experiment"] == name

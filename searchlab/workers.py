@@ -131,7 +131,10 @@ def run(
 
     # once here, not in every worker; a missing dataset fails before any store write
     engine, target, loaded = runner.prepare(study, options)
-    session = runner.open_session(study, options, tracker, engine, target, loaded.data.source)
+    settings = runner.result_settings(study, options, loaded.data)
+    session = runner.open_session(
+        study, options, tracker, engine, target, loaded.data.source, settings
+    )
     spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
     del loaded
     data_mod.forget()

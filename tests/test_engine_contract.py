@@ -199,6 +199,7 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
         events = [e for e in tracker.events if len(e) > 1 and e[1] == t.run_id]
         assert [e[0] for e in events] == [
             "start_trial",
+            "log_inputs",  # the data it trains on, as train and validation
             "log_epoch",
             "log_epoch",
             "log_epoch",

@@ -25,10 +25,13 @@ pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "golden" / "structure.json"
 #: keys that name one session (its run id) or one machine: replaced by a placeholder
 VARIABLE = re.compile(r"^(searchlab\.session\.)[0-9a-f]{32}$")
+#: MLflow's git tags are there when the study file is in a git checkout (with a branch, a
+#: remote): the checkout's, not searchlab's, so they are not compared
+CHECKOUT = "mlflow.source.git."
 
 
 def _names(keys: Any) -> list[str]:
-    return sorted(VARIABLE.sub(r"\1<run_id>", k) for k in keys)
+    return sorted(VARIABLE.sub(r"\1<run_id>", k) for k in keys if not k.startswith(CHECKOUT))
 
 
 def _artifacts(c: Any, run_id: str, path: str | None = None) -> list[str]:
@@ -78,6 +81,10 @@ def structure(study_name: str) -> dict[str, Any]:
             },
             "artifacts": _artifacts(c, run.info.run_id),
             "logged_models": logged_models(run),
+            "inputs": sorted(
+                [d.dataset.name, *(f"{t.key}={t.value}" for t in d.tags)]
+                for d in (run.inputs.dataset_inputs if run.inputs else [])
+            ),
             "run_name": re.sub(r"\d", "9", run.info.run_name or ""),
         }
 

@@ -15,18 +15,20 @@ from searchlab.tracking import MemoryTracker, MlflowTracker, Tracker
 
 @pytest.fixture(params=["mlflow", "memory"])
 def make(request, tmp_path: Path):
-    """A factory of trackers on one store (two of them are two processes)."""
+    """A factory of trackers on one store (two of them are two processes), for the study
+    file ``tmp_path / "study.py"``."""
+    source = tmp_path / "study.py"
     if request.param == "memory":
-        first = MemoryTracker()
+        first = MemoryTracker(source=source)
 
         def memory() -> Tracker:
-            other = MemoryTracker()
+            other = MemoryTracker(source=source)
             other.records, other.events = first.records, first.events  # one store
             return other
 
         return lambda: first if not first.events else memory()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return lambda: MlflowTracker(uri, tmp_path / "artifacts")
+    return lambda: MlflowTracker(uri, tmp_path / "artifacts", source=source)
 
 
 def result(number: int, state: TrialState, value: float | None = None) -> TrialResult:
@@ -164,3 +166,37 @@ def test_the_best_model_is_logged_on_the_session_and_registered_champion_only_if
     assert (better.version, better.champion, better.previous_version) == ("3", True, "1")
     assert register(0.45, "d").champion is False  # measured against version 3 now
     tracker.end_session({}, "FINISHED")
+
+
+def test_runs_carry_mlflow_context_tags_and_dataset_inputs(make, tmp_path: Path) -> None:
+    import getpass
+
+    import numpy as np
+
+    from searchlab.tracking import DataInput
+
+    tracker = make()
+    session = tracker.start_session("s", {})
+    trial = tracker.start_trial(0, {"a": 0}, {})
+    x, y = np.zeros((4, 2, 2), dtype="float32"), np.arange(4, dtype="int32")
+    tracker.log_inputs(
+        trial,
+        [
+            DataInput("toy", "train", "d-train", x, y, str(tmp_path / "toy.npz")),
+            DataInput("toy", "validation", "d-val", x[:2], y[:2]),
+        ],
+    )
+    tracker.end_trial(trial, result(0, TrialState.COMPLETE, 0.5))
+    tracker.end_session({}, "FINISHED")
+    runs = by_id(tracker)
+    for run_id in (session, trial):  # the tags MLflow's start_run sets
+        tags = runs[run_id].tags
+        assert tags["mlflow.user"] == getpass.getuser()
+        assert tags["mlflow.source.name"] == str((tmp_path / "study.py").resolve())
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert not any(k.startswith("mlflow.source.git") for k in tags)  # tmp_path: no git
+    assert [dict(i) for i in runs[trial].inputs] == [
+        {"name": "toy", "context": "train", "digest": "d-train"},
+        {"name": "toy", "context": "validation", "digest": "d-val"},
+    ]
+    assert runs[session].inputs == ()
