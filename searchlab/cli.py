@@ -271,6 +271,7 @@ class RunFlags:
     recycle_mb: float
     in_process: bool
     register: str | None
+    allow_changed_settings: bool
     worker_options: engines.RunOptions | None
     storage: str | None
     tracking_uri: str | None
@@ -386,6 +387,11 @@ class RunFlags:
     help="Register the best model as NAME in MLflow's model registry; alias 'champion' moves to it only when it is better [default: the study's register=].",
 )
 @click.option(
+    "--allow-changed-settings",
+    is_flag=True,
+    help="Continue a study although its epochs, data, precision or backbone settings changed (the session is tagged searchlab.changed_settings).",
+)
+@click.option(
     "--worker-options",
     metavar="JSON",
     hidden=True,
@@ -469,6 +475,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
         register=flags.register or study.register,
+        allow_changed_settings=flags.allow_changed_settings,
     )
 
 

@@ -137,6 +137,8 @@ def open_session(
         direction=study.direction,
         described=described,
         sampler=engine.sampler(0),
+        settings=settings,
+        allow_changed_settings=options.allow_changed_settings,
     )
     store.use(engine.sampler(store.count()))
     engine.open(store)
@@ -147,6 +149,10 @@ def open_session(
         lock_dir=config.home(),
     )
     info = session_info(study, options, target, engine, data_source, settings)
+    if store.changed_settings:  # --allow-changed-settings: the session says what it changed
+        from searchlab.store import describe_changes
+
+        info["changed_settings"] = describe_changes(store.changed_settings)
     session = Session(study, options, engine, tracker, store, lock, target, info)
     if options.parent_run_id:
         tracker.attach(options.parent_run_id)

@@ -51,6 +51,7 @@ EVERY_FIELD = RunOptions(
     worker="2/3",
     recycle_mb=64.0,
     register="mnist-model",
+    allow_changed_settings=True,
 )
 
 

@@ -63,6 +63,9 @@ class RunOptions:
     #: register the session's best model under this name in MLflow's model registry and move
     #: its ``champion`` alias when it is better (``--register``, ``Study(register=...)``)
     register: str | None = None
+    #: continue a study whose settings that change results (epochs, data, ...) differ from
+    #: this session's; the session run is tagged ``searchlab.changed_settings``
+    allow_changed_settings: bool = False
 
     @property
     def one_of_several(self) -> bool:
