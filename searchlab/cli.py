@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,13 +29,18 @@ if TYPE_CHECKING:
     from searchlab.study import Study
 
 
-def _quiet_backends() -> None:
+def _quiet_backends(load: bool = True) -> None:
+    """No backend chatter on the command's output: TensorFlow's C++ logging at warnings and
+    up, its start-up lines dropped (``backend.import_quietly``, which imports Keras now:
+    ``load=False`` for a command that never needs it), Python warnings we cannot act on."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+    if load:
+        backend.import_quietly()
 
 
 def _sigterm_interrupts() -> None:
@@ -78,13 +84,49 @@ def _fmt(params: Mapping[str, Any]) -> str:
     )
 
 
+def _terminal() -> bool:
+    """Whether what this process prints reaches a terminal: its own stdout, or a launcher's
+    that said so to its one worker (``config.TTY_ENV``)."""
+    if os.environ.get(config.TTY_ENV) == "1":
+        return True
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ConsoleProgress:
     """Prints trial N of M, its params, its result and the best so far; at the end the best
-    model's MLflow URI and what ``--register`` did."""
+    model's MLflow URI and what ``--register`` did.
 
-    def __init__(self, objective: str, prefix: str = "") -> None:
+    While a trial trains it shows each epoch (numbered from 1, as in MLflow and Optuna):
+    epoch k of E, the last metrics, the trial's elapsed time and an estimate of the time the
+    study has left (this process's mean epoch time, times the epochs left in this trial and
+    in the trials after it, shared by ``workers``).  On a terminal (``live``) that is one
+    line per trial, rewritten each epoch; otherwise one plain line per epoch.
+    """
+
+    def __init__(
+        self, objective: str, prefix: str = "", *, live: bool | None = None, workers: int = 1
+    ) -> None:
         self.objective = objective
         self.prefix = prefix
+        self.live = _terminal() if live is None else live
+        self.workers = max(1, workers)
+        self._index = 0
+        self._total: int | None = None
+        self._trial_started = self._epoch_ended = 0.0
+        self._epoch_seconds: list[float] = []
+        self._open_line = False
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
@@ -102,10 +144,41 @@ class ConsoleProgress:
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
+        self._index, self._total = index, total
+        self._trial_started = self._epoch_ended = time.monotonic()
         of = f" of {total}" if total is not None else ""
         click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
+        now = time.monotonic()
+        self._epoch_seconds.append(now - self._epoch_ended)
+        self._epoch_ended = now
+        names = ["loss", "accuracy", "val_loss", self.objective]
+        shown = " ".join(
+            f"{k}={logs[k]:.4g}" for k in dict.fromkeys(names) if isinstance(logs.get(k), float)
+        )
+        of = f" of {epochs}" if epoch <= epochs else ""
+        text = f"  epoch {epoch}{of}: {shown} ({now - self._trial_started:.1f}s"
+        eta = self._eta(epoch, epochs)
+        text += f"; study ETA {eta})" if eta else ")"
+        if self.live:
+            # color=True: the escape that clears the line's rest survives a worker's pipe
+            click.echo(f"\r\x1b[K{self.prefix}{text}", nl=False, color=True)
+            self._open_line = True
+        else:
+            click.echo(self.prefix + text)
+
+    def _eta(self, epoch: int, epochs: int) -> str | None:
+        if self._total is None or not self._epoch_seconds:
+            return None
+        per_epoch = sum(self._epoch_seconds) / len(self._epoch_seconds)
+        left = max(0, epochs - epoch) + max(0, self._total - self._index) * epochs
+        return _duration(per_epoch * left / self.workers)
+
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
+        if self._open_line:  # the trial's epoch line stays, as it ended
+            click.echo("")
+            self._open_line = False
         if result.state is TrialState.COMPLETE:
             line = (
                 f"  complete: {self.objective}={result.value:.4f} at epoch {result.best_epoch} "
@@ -526,7 +599,9 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     study = _with_subset(load_study(flags.study_file), flags.subset)
     tracker = _tracker(flags.tracking_uri, flags.study_file)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
-    if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):
+    workers = int((options.worker or "1/1").rpartition("/")[2] or 1)
+    progress = ConsoleProgress(study.objective, prefix, workers=workers)
+    if runner.run(study, options, tracker, progress).get("recycle"):
         sys.exit(workers_mod.RECYCLE)
 
 
@@ -595,7 +670,16 @@ def export(
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
 @click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV."
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Also write the table as CSV ('-': to stdout, instead of the text table).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the study and its trials as one JSON object instead of the text table.",
 )
 @click.option(
     "--parquet",
@@ -622,13 +706,17 @@ def export(
 def report(
     study_file: str,
     csv_path: str | None,
+    as_json: bool,
     parquet_path: str | None,
     plots_dir: str | None,
     top: int,
     storage: str | None,
     tracking_uri: str | None,
 ) -> None:
-    """Print the trials of STUDY_FILE best first (from the stores); write tables and plots."""
+    """Print the trials of STUDY_FILE best first (from the stores); write tables and plots.
+
+    With --json or --csv -, stdout holds only that data; what else is said goes to stderr.
+    """
     _quiet_backends()
     os.environ.setdefault("MPLBACKEND", "Agg")
     from pathlib import Path
@@ -637,25 +725,37 @@ def report(
     from searchlab import table
     from searchlab.study import load_study
 
+    if as_json and csv_path == "-":
+        raise click.UsageError("--json and --csv - both print to stdout: choose one.")
     results = report_mod.open_results(
         load_study(study_file), storage or config.default_storage(), _tracker(tracking_uri)
     )
     frame = report_mod.frame(results)
-    click.echo(report_mod.summary_line(results))
-    click.echo(table.to_text(frame))
-    if csv_path:
-        click.echo(f"wrote {table.write_csv(frame, Path(csv_path))}")
+    data_out = as_json or csv_path == "-"
+
+    def say(text: str) -> None:
+        click.echo(text, err=data_out)
+
+    if as_json:
+        click.echo(report_mod.to_json(results, frame))
+    elif csv_path == "-":
+        click.echo(table.to_csv(frame), nl=False)
+    else:
+        click.echo(report_mod.summary_line(results))
+        click.echo(table.to_text(frame))
+    if csv_path and csv_path != "-":
+        say(f"wrote {table.write_csv(frame, Path(csv_path))}")
     if parquet_path:
-        click.echo(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
+        say(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
     if plots_dir:
         files, skipped = report_mod.write_plots(results, Path(plots_dir), top=top)
         names = sorted({f.stem for f in files})
-        click.echo(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html)")
+        say(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html)")
         for name, why in skipped.items():
-            click.echo(f"skipped {name}: {why}")
+            say(f"skipped {name}: {why}")
         run_id = report_mod.log_plots(results, files)
         if run_id:
-            click.echo(f"logged the plots on MLflow run {run_id} (artifacts/plots)")
+            say(f"logged the plots on MLflow run {run_id} (artifacts/plots)")
 
 
 @main.command()
@@ -675,7 +775,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     With an http(s) --tracking-uri, the server is already there: print its page instead.
     """
-    _quiet_backends()
+    _quiet_backends(load=False)  # the server starts first; a study file loads Keras later
     from searchlab import tracking
 
     tracker = _tracker(tracking_uri)
@@ -730,6 +830,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
     from searchlab.errors import NotRunError
     from searchlab.study import load_study
 
+    backend.import_quietly()  # a study file imports Keras
     study = load_study(study_file)
     exp_id = tracker.find_experiment(study.name)
     if exp_id is None:

@@ -41,7 +41,8 @@ class TrialFailed(SearchlabError):  # noqa: N818 - named like keras-tuner's Fail
 
 
 class TrialPruned(SearchlabError):  # noqa: N818
-    """The pruner stopped one trial early; it counts as pruned, not failed."""
+    """The pruner stopped one trial early, after epoch ``epoch`` (numbered from 1); it counts
+    as pruned, not failed."""
 
     def __init__(self, epoch: int, message: str = "") -> None:
         super().__init__(message or f"pruned after epoch {epoch}")

@@ -13,6 +13,7 @@ and ``log_plots``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -249,6 +250,36 @@ def log_plots(results: Results, files: list[Path]) -> str | None:
     run_id = sessions[-1].run_id
     results.tracker.log_run_files(run_id, files, PLOTS_ARTIFACT_PATH)
     return run_id
+
+
+def to_json(results: Results, frame: pd.DataFrame) -> str:
+    """The study and its trials, best first, as one JSON object (``searchlab report --json``):
+    ``study``, ``objective``, ``direction``, ``counts`` (by state), ``best`` (number, value,
+    params, run id, model URI; null before a complete trial) and ``trials`` (the table's
+    rows: ``number``, ``state``, ``value``, ..., ``params.<name>``)."""
+    import json
+
+    from searchlab import table
+
+    study = results.study
+    counts: dict[str, int] = {}
+    for row in rows(results):
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    try:
+        best = dataclasses.asdict(best_trial(results))
+    except NotRunError:
+        best = None
+    return json.dumps(
+        {
+            "study": study.name,
+            "objective": study.objective,
+            "direction": study.direction,
+            "counts": counts,
+            "best": best,
+            "trials": table.to_records(frame),
+        },
+        default=str,
+    )
 
 
 def summary_line(results: Results) -> str:

@@ -550,7 +550,7 @@ def run_one(
             session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
             for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
                 trial.set_user_attr(name, value)
-            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id)
+            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
             error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
@@ -572,20 +572,32 @@ def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
 
 
 def _epoch_callback(
-    session: Session, trial: Any, proposal: Any, spec: TrialSpec, run_id: str
+    session: Session,
+    trial: Any,
+    proposal: Any,
+    spec: TrialSpec,
+    run_id: str,
+    listener: SearchListener | None = None,
 ) -> Callable[[int, dict[str, float]], None]:
-    """``on_epoch(epoch, logs)`` for ``trial.run_trial``: log the epoch in MLflow, report the
-    objective to Optuna (step = epochs trained, as pruners expect; also Optuna's learning
-    curves) and to the engine, which may prune the trial."""
+    """``on_epoch(index, logs)`` for ``trial.run_trial`` (``index``: Keras's, from 0): log the
+    epoch in MLflow, tell the listener, report the objective to Optuna and to the engine,
+    which may prune the trial.
 
-    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+    Epochs are numbered from 1 wherever a user sees them: epoch ``k`` is the ``k``-th, after
+    which ``k`` epochs are trained: the MLflow step, Optuna's step (as its pruners expect),
+    the console, ``best_epoch`` and ``searchlab.pruned_epoch``."""
+    number = trial.number
+
+    def on_epoch(index: int, logs: dict[str, float]) -> None:
+        epoch = index + 1
         session.tracker.log_epoch(run_id, epoch, logs)
+        if listener is not None:
+            listener.epoch(number, epoch, spec.epochs, logs)
         value = logs.get(spec.objective)
         if value is None or not math.isfinite(value):
             return
-        trial.report(value, epoch + 1)
-        last = epoch + 1 >= spec.epochs
-        if session.engine.report(trial, proposal, epoch, logs, last):
+        trial.report(value, epoch)
+        if session.engine.report(trial, proposal, index, logs, epoch >= spec.epochs):
             raise TrialPruned(epoch)
 
     return on_epoch

@@ -136,7 +136,7 @@ class Tracker(Protocol):
        time later by ``tag_session(tags)`` (links, heartbeat).
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
        ``log_inputs(run_id, inputs)`` records the data it trains on;
-       ``log_epoch(run_id, epoch, metrics)`` once per epoch; ``end_trial(run_id, result)``
+       ``log_epoch(run_id, epoch, metrics)`` once per epoch (``epoch`` from 1: the step); ``end_trial(run_id, result)``
        exactly once, which logs the outcome and the weights and closes the run.
     4. The session's owner: ``log_artifact(path)`` (trials table), ``log_model(model, ...)``
        (the best model, an MLflow Model on the parent run) and, when asked to, then

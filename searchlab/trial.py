@@ -185,7 +185,7 @@ class _Monitor(keras.callbacks.Callback):
         else:
             value = logs[self.spec.objective]
             if math.isfinite(value) and self.spec.better(value, self.best):
-                self.best, self.best_epoch, improved = value, epoch, True
+                self.best, self.best_epoch, improved = value, epoch + 1, True  # from 1
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
         if improved:  # copied once the pruner let the trial go on: a pruned trial keeps none

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab import coordination
+from searchlab import config, coordination
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
@@ -102,7 +102,6 @@ def worker_env(
 ) -> dict[str, str]:
     """The environment of worker ``index``: the stores (in the environment, so a password
     in a URL does not show in the process list), unbuffered output, its GPU when pinned."""
-    from searchlab import config
 
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -144,6 +143,7 @@ def run(
         )
     listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
+    live = workers == 1 and _isatty(sys.stdout)
     procs: list[subprocess.Popen[bytes]] = []
     relays: dict[int, list[threading.Thread]] = {}  # worker index -> its output's relays
     errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
@@ -152,9 +152,12 @@ def run(
         cmd = worker_command(index, session.run_id)
         log.info("starting worker %s: %s", index + 1, " ".join(cmd))
         # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
+        env = worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri)
+        if live:  # one worker on a terminal: its progress line is passed through as it is
+            env[config.TTY_ENV] = "1"
         proc = subprocess.Popen(
             cmd,
-            env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
+            env=env,
             start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -197,10 +200,38 @@ def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | Non
     return lines[-1] if lines else None
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _relay(source: IO[bytes], target: IO[str], errors: list[str] | None = None) -> threading.Thread:
-    """Copy a worker's output to this process's ``target`` stream, line by line.  With
-    ``errors``, the worker's ``error: ...`` lines are kept there instead of printed: the
-    launcher says them once, as its own error."""
+    """Copy a worker's output to this process's ``target`` stream as it comes: up to each
+    end of line or carriage return (a progress line the worker rewrites in place).  With
+    ``errors`` (its stderr), line by line, and its ``error: ...`` lines are kept there
+    instead of printed: the launcher says them once, as its own error."""
+
+    def write(text: str) -> None:
+        try:
+            target.write(text)
+            target.flush()
+        except (OSError, ValueError):  # our own output is gone: keep draining
+            pass
+
+    def pieces() -> None:
+        with source:
+            pending = b""
+            read = getattr(source, "read1", source.readline)
+            for chunk in iter(lambda: read(65536), b""):
+                pending += chunk
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+                if cut:  # whole characters: no UTF-8 sequence holds either byte
+                    write(pending[:cut].decode("utf-8", errors="replace"))
+                    pending = pending[cut:]
+            if pending:
+                write(pending.decode("utf-8", errors="replace"))
 
     def copy() -> None:
         with source:
@@ -209,13 +240,11 @@ def _relay(source: IO[bytes], target: IO[str], errors: list[str] | None = None) 
                 if errors is not None and line.startswith("error: "):
                     errors.append(line[len("error: ") :].strip())
                     continue
-                try:
-                    target.write(line)
-                    target.flush()
-                except (OSError, ValueError):  # our own output is gone: keep draining
-                    pass
+                write(line)
 
-    thread = threading.Thread(target=copy, name="searchlab-relay", daemon=True)
+    thread = threading.Thread(
+        target=copy if errors is not None else pieces, name="searchlab-relay", daemon=True
+    )
     thread.start()
     return thread
 

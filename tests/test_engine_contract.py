@@ -105,7 +105,7 @@ class FakeTrainer:
             dict(params),
             TrialState.COMPLETE,
             value=history["val_accuracy"][-1],
-            best_epoch=spec.epochs - 1,
+            best_epoch=spec.epochs,  # numbered from 1
             history=history,
         )
 
@@ -121,6 +121,9 @@ class Recorder:
 
     def trial_started(self, number, index, total, params) -> None:
         self.calls.append("trial_started")
+
+    def epoch(self, number, epoch, epochs, logs) -> None:
+        self.calls.append(f"epoch {epoch}/{epochs}")
 
     def trial_finished(self, result, best) -> None:
         self.calls.append(f"trial_finished:{result.state.value}")
@@ -197,6 +200,8 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
         assert run.status == "FINISHED" and run.tags["searchlab.trial"] == str(t.number)
         assert run.tags["searchlab.engine"] == engine
         events = [e for e in tracker.events if len(e) > 1 and e[1] == t.run_id]
+        steps = [int(e[2]) for e in events if e[0] == "log_epoch"]
+        assert steps == [1, 2, 3]  # epochs are numbered from 1, in MLflow as everywhere
         assert [e[0] for e in events] == [
             "start_trial",
             "log_inputs",  # the data it trains on, as train and validation
@@ -209,7 +214,7 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
     assert [s.status for s in session] == ["FINISHED"]
     assert listener.calls == [
         "started",
-        *["trial_started", "trial_finished:complete"] * 4,
+        *["trial_started", "epoch 1/3", "epoch 2/3", "epoch 3/3", "trial_finished:complete"] * 4,
         "finished",
     ]
     if strategy == "grid":

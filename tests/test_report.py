@@ -216,7 +216,7 @@ def test_learning_curves_show_the_top_trials_per_epoch(env: Finished) -> None:
     for t in with_curves:  # the curve is the val metric MLflow holds per epoch; Optuna's
         # step counts epochs trained (1, 2, ...), MLflow's is the epoch index (0, 1, ...)
         history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")
-        assert {m.step + 1: m.value for m in history} == pytest.approx(t.intermediate_values)
+        assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
 
 
 @pytest.mark.slow

@@ -98,13 +98,19 @@ class RunOptions:
 
 
 class SearchListener(Protocol):
-    """Progress callbacks, called in this order: ``started`` once, then per trial
-    ``trial_started`` and ``trial_finished``, then ``finished`` once."""
+    """Progress callbacks (the CLI's ``ConsoleProgress``), called in this order: ``started``
+    once (not in a worker, whose launcher says it), then per trial ``trial_started``,
+    ``epoch`` after each epoch (after MLflow has it, before a pruner may stop the trial) and
+    ``trial_finished``, then ``finished`` once (not in a worker).
+
+    ``epoch`` is numbered from 1 and ``epochs`` is the trial's epoch budget (a two-phase
+    ``FineTune`` trial may train more, across its phases)."""
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None: ...
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None: ...
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None: ...
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None: ...
     def finished(self, summary: Mapping[str, Any]) -> None: ...
 
@@ -116,6 +122,9 @@ class NullListener:
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
+        pass
+
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
         pass
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
