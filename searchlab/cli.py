@@ -749,8 +749,8 @@ def report(
         say(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
     if plots_dir:
         files, skipped = report_mod.write_plots(results, Path(plots_dir), top=top)
-        names = sorted({f.stem for f in files})
-        say(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html)")
+        names = sorted({f.stem for f in files if f.suffix in (".png", ".html")})
+        say(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html, one plotly.min.js)")
         for name, why in skipped.items():
             say(f"skipped {name}: {why}")
         run_id = report_mod.log_plots(results, files)
@@ -839,7 +839,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
             "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
             "it ran with."
         )
-    key = tracker.set_compare_view(exp_id, study.search_space.names)
+    key = tracker.set_compare_view(exp_id, study.search_space.names, study.direction)
     return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -450,6 +451,32 @@ def _short(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: metrics that are durations in seconds
+SECONDS_METRICS = ("epoch_s", "duration_s", "fit_s", "session_seconds")
+
+
+def shown(key: str, value: float) -> float:
+    """A metric as searchlab writes it to MLflow, to be read: durations to the millisecond;
+    anything else -- Keras's float32 losses and accuracies, the objective, a learning rate --
+    with float32's 7 significant digits, which drops only the noise of widening float32 to
+    float64 (the UI shows ``0.88``, not ``0.8799999952316284``).  Optuna keeps the values
+    unrounded."""
+    value = float(value)
+    if not math.isfinite(value):
+        return value
+    if key in SECONDS_METRICS:
+        return round(value, 3)
+    return float(f"{value:.7g}")
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    """A trial's params on one line for its ``searchlab.params`` tag: floats to 4
+    significant digits (the params themselves are logged exactly)."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
 def score_tags(score: ModelScore) -> dict[str, str]:
     """A registered version's score, as its tags (what ``champion_move`` compares next time)."""
     return {
@@ -669,7 +696,7 @@ class MlflowTracker:
                 error = trial.get("error") or "interrupted: the process running it died"
                 new_tags.append(RunTag("searchlab.error", _short(error, MAX_TAG)))
             elif trial.get("value") is not None:
-                metrics.append(Metric("objective", float(trial["value"]), now, 0))
+                metrics.append(Metric("objective", shown("objective", trial["value"]), now, 0))
             self._mlflow.log_batch(info.run_id, metrics=metrics, tags=new_tags)
             self._mlflow.set_terminated(info.run_id, status)
             return status
@@ -703,7 +730,7 @@ class MlflowTracker:
         self._mlflow.log_batch(
             run_id,
             params=[Param(k, _short(v, MAX_PARAM)) for k, v in params.items()],
-            tags=[RunTag("searchlab.params", _short(dict(params), MAX_TAG))],
+            tags=[RunTag("searchlab.params", _short(params_text(params), MAX_TAG))],
         )
         return run_id
 
@@ -743,7 +770,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self._mlflow.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
+            metrics=[Metric(k, shown(k, v), now, epoch) for k, v in metrics.items()],
             synchronous=True,
         )
 
@@ -752,12 +779,12 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         metrics = [
-            Metric("duration_s", result.duration, now, 0),
-            Metric("fit_s", result.fit_seconds, now, 0),
+            Metric("duration_s", shown("duration_s", result.duration), now, 0),
+            Metric("fit_s", shown("fit_s", result.fit_seconds), now, 0),
             Metric("epochs_run", float(result.epochs_run), now, 0),
         ]
         if result.value is not None:
-            metrics.append(Metric("objective", float(result.value), now, 0))
+            metrics.append(Metric("objective", shown("objective", result.value), now, 0))
         if result.best_epoch is not None:
             metrics.append(Metric("best_epoch", float(result.best_epoch), now, 0))
         tags = [RunTag("searchlab.state", result.state.value)]
@@ -898,7 +925,7 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         metrics = [
-            Metric(k, float(v), now, 0)
+            Metric(k, shown(k, v), now, 0)
             for k, v in summary.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
         ]
@@ -934,21 +961,31 @@ class MlflowTracker:
             self._mlflow.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
         return exp.experiment_id
 
-    def set_compare_view(self, experiment_id: str, params: list[str]) -> str:
+    def set_compare_view(
+        self, experiment_id: str, params: list[str], direction: str = "maximize"
+    ) -> str:
         """Store a runs-table view on the experiment: trial params, the objective, epochs and
-        state as columns (sessions newest first, trials nested under them).  Returns the
-        share key that opens it (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
+        state as columns, runs sorted by the objective best first (descending to maximize,
+        ascending to minimize; trials nested under their session, which has no objective and
+        comes after the runs that have one).  Returns the share key that opens it
+        (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
         import json
 
+        objective = "metrics.`objective`"
         columns = [
-            "metrics.`objective`",
+            objective,
             "metrics.`epochs_run`",
             "metrics.`best_value`",
             *(f"params.`{name}`" for name in params),
             "tags.`searchlab.state`",
         ]
+        view = {
+            "selectedColumns": columns,
+            "orderByKey": objective,
+            "orderByAsc": direction == "minimize",
+        }
         self._mlflow.set_experiment_tag(
-            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps({"selectedColumns": columns})
+            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps(view)
         )
         return COMPARE_VIEW_KEY
 
@@ -1107,7 +1144,7 @@ class MemoryTracker:
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         assert run_id in self._open, f"log_epoch on closed run {run_id}"
         for k, v in metrics.items():
-            self.records[run_id]["metrics"].setdefault(k, []).append((epoch, float(v)))
+            self.records[run_id]["metrics"].setdefault(k, []).append((epoch, shown(k, v)))
         self.events.append(("log_epoch", run_id, str(epoch)))
 
     def end_trial(self, run_id: str, result: TrialResult) -> None:
@@ -1116,7 +1153,7 @@ class MemoryTracker:
         record["tags"].update(result.tags)
         record["tags"]["searchlab.state"] = result.state.value
         if result.value is not None:
-            record["metrics"]["objective"] = [(0, float(result.value))]
+            record["metrics"]["objective"] = [(0, shown("objective", result.value))]
         if result.weights_path is not None:
             self.artifacts.setdefault(run_id, []).append(f"weights/{result.weights_path.name}")
         self._close(run_id, RUN_STATUS[result.state])

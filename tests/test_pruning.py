@@ -68,6 +68,6 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
         weights = client(config.default_tracking_uri()).list_artifacts(run.info.run_id, "weights")
         assert len(weights) == (0 if bad else 1)  # a pruned trial's model is not kept
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
-    assert session.data.tags["searchlab.pruner"] == "MedianPruner"
+    assert session.data.tags["searchlab.pruner"] == "median"  # as --pruner names it
     assert session.data.tags["searchlab.pruner_args"] == "min_epochs=1"
     assert session.data.metrics["n_pruned"] == 3 and session.data.metrics["n_failed"] == 0
