@@ -345,6 +345,7 @@ class RunFlags:
     in_process: bool
     register: str | None
     allow_changed_settings: bool
+    session: str | None
     worker_options: engines.RunOptions | None
     storage: str | None
     tracking_uri: str | None
@@ -465,6 +466,13 @@ class RunFlags:
     help="Continue a study although its epochs, data, precision or backbone settings changed (the session is tagged searchlab.changed_settings).",
 )
 @click.option(
+    "--session",
+    metavar="KEY",
+    envvar=config.SESSION_ENV,
+    show_envvar=True,
+    help="Share one session (one MLflow parent run) with every process given this key, on any machine (a SLURM job array, a Kubernetes Job); the last one to finish closes it.",
+)
+@click.option(
     "--worker-options",
     metavar="JSON",
     hidden=True,
@@ -510,20 +518,31 @@ def _launch(flags: RunFlags) -> None:
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
-    if flags.engine == "optuna" and not flags.in_process:
-        workers_mod.run(
-            study,
-            options,
-            tracker,
-            progress,
-            workers=workers,
-            gpus=gpus,
-            worker_command=_worker_command(flags, options, workers),
-        )
-    else:
-        from searchlab import runner
+    from searchlab.errors import SessionOver
 
-        runner.run(study, options, tracker, progress)
+    try:
+        if flags.engine == "optuna" and not flags.in_process:
+            summary = workers_mod.run(
+                study,
+                options,
+                tracker,
+                progress,
+                workers=workers,
+                gpus=gpus,
+                worker_command=_worker_command(flags, options, workers),
+            )
+        else:
+            from searchlab import runner
+
+            summary = runner.run(study, options, tracker, progress)
+    except SessionOver as exc:  # a late process of a shared session: not an error
+        click.echo(str(exc))
+        return
+    if summary.get("left_open"):
+        click.echo(
+            f"session {summary['shared_session']!r} goes on in its other processes; the last "
+            "one to finish closes it."
+        )
     _say_where_results_are(flags, study, tracker.uri)
 
 
@@ -549,6 +568,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         reeval_seeds=flags.reeval_seeds,
         register=flags.register or study.register,
         allow_changed_settings=flags.allow_changed_settings,
+        session_key=flags.session or None,
     )
 
 

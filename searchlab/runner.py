@@ -112,6 +112,12 @@ def prepare(study: Study, options: RunOptions) -> tuple[Engine, int | None, Tria
     touched."""
     engine = engines.create(study, options)
     engine.check()
+    if options.session_key and options.reeval_top:
+        raise SearchlabError(
+            "--reeval-top re-trains after the search, in one process; a shared --session has "
+            "many. Drop --reeval-top, and re-evaluate afterwards with searchlab run "
+            "--reeval-top K --trials <the trials done> (without --session)."
+        )
     target = engines.budget(study, options)
     return engine, target, trial_spec(study, options)
 
@@ -157,10 +163,83 @@ def open_session(
     if options.parent_run_id:
         tracker.attach(options.parent_run_id)
         return session
-    tracker.start_session(study.name, info)
+    if options.session_key and not open_shared(session, options.session_key):
+        return session  # joined: the process that started the shared session linked it
+    if not options.session_key:
+        tracker.start_session(study.name, info)
     session.reconcile()
     link_session(session)
     return session
+
+
+# ---------------------------------------------------------------------- shared sessions
+#
+# ``searchlab run --session KEY`` (``$SEARCHLAB_SESSION``) on several machines -- a SLURM job
+# array, a Kubernetes Job with ``parallelism: N`` -- runs one session: one MLflow parent run
+# for every process that names the same key.  Under the study lock the first one starts the
+# parent run and records it in the Optuna study (user attr ``SHARED_ATTR + KEY``); the others
+# attach to it.  Each runs trials until the budget is met; then, under the lock again, the
+# process that sees no trial still running is the last: it marks the session closed and
+# closes it as a single process would (trials table, best model, summary).  The others leave
+# the parent run open.  A process that comes after the close has nothing to do
+# (``SessionOver``).
+
+#: Optuna study user attr (with the key appended): ``{"run_id", "closed"}`` of a shared session
+SHARED_ATTR = "searchlab.shared_session."
+
+
+def open_shared(session: Session, key: str) -> bool:
+    """Start the shared session ``key``'s parent run, or attach to it; True when this
+    process started it.  Raises ``SessionOver`` when its last process has closed it."""
+    from searchlab.errors import SessionOver
+
+    tracker, store = session.tracker, session.store
+    with session.lock.held():
+        known = store.attr(SHARED_ATTR + key)
+        if known and not known.get("closed") and tracker.run_status(known["run_id"]) == "RUNNING":
+            tracker.attach(known["run_id"])
+            return False
+        if known:
+            raise SessionOver(
+                f"Session {key!r} of study {session.study.name!r} is over (its last process "
+                "closed it); nothing left to do. Use another --session key to continue the study."
+            )
+        tracker.start_session(session.study.name, {**session.info, "session_key": key})
+        store.set_attr(SHARED_ATTR + key, {"run_id": session.run_id, "closed": False})
+    return True
+
+
+def end_session(
+    session: Session, status: str, counts: Mapping[TrialState, int], spec: TrialSpec | None
+) -> dict[str, Any]:
+    """End this process's part of the session: ``close_session`` for a session of its own;
+    for a shared one, close it only if this process is the last (the summary then counts
+    every process's trials), else leave the parent run to the others."""
+    key = session.options.session_key
+    if not key:
+        return close_session(session, status, counts, spec)
+    last = False
+    if status == "FINISHED":
+        with session.lock.held():
+            known = session.store.attr(SHARED_ATTR + key) or {}
+            running = session.store.count(TrialState.RUNNING)
+            if known.get("run_id") == session.run_id and not known.get("closed") and not running:
+                session.store.set_attr(SHARED_ATTR + key, {**known, "closed": True})
+                last = True
+    if last:
+        session.tracker.attach(session.run_id, own=True)
+        return close_session(session, status, session_counts(session), spec)
+    session.tracker.leave()
+    return {**summarize(session, counts), "shared_session": key, "left_open": True}
+
+
+def session_counts(session: Session) -> dict[TrialState, int]:
+    """The trials the session ended, by state, whichever process ran them."""
+    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    for t in session.store.trials(*counts):
+        if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
+            counts[t.state] += 1
+    return counts
 
 
 def link_session(session: Session) -> None:
@@ -268,6 +347,8 @@ def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]
         "searchlab.strategy": options.strategy,
         "searchlab.engine": engine,
         **({"searchlab.worker": options.worker} if options.one_of_several else {}),
+        # a shared session's trials say which machine ran them
+        **({"searchlab.host": coordination.hostname()} if options.session_key else {}),
         **(
             {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
             if "CUDA_VISIBLE_DEVICES" in os.environ
@@ -331,7 +412,7 @@ def run(
         status = "KILLED"
         raise
     finally:
-        summary = close_session(session, status, counts, spec)
+        summary = end_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
 
@@ -620,6 +701,9 @@ def finish(session: Session, trial: Any, run_id: str | None, result: TrialResult
 __all__ = [
     "Session",
     "close_session",
+    "end_session",
+    "open_shared",
+    "session_counts",
     "failure_streak",
     "open_session",
     "prepare",

@@ -132,7 +132,8 @@ class Tracker(Protocol):
 
     1. ``connect()``, before any training: an unreachable store fails here.
     2. ``start_session(name, info)`` once (the process that opens the session) or
-       ``attach(session_id)`` (a worker, whose launcher opened it).  The first may be
+       ``attach(session_id)`` (a worker, whose launcher opened it; ``own=True``: the worker
+       that will close it, the last one of a shared session).  The first may be
        followed by ``reconcile(...)``, closing what a crashed process left open, and any
        time later by ``tag_session(tags)`` (links, heartbeat).
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
@@ -143,7 +144,10 @@ class Tracker(Protocol):
        (the best model, an MLflow Model on the parent run) and, when asked to, then
        ``register_model(uri, name, score)``; then ``end_session(summary, status)`` once,
        which closes the parent run and any trial run still open.  A worker ends with
-       ``close_all("FAILED")``: it closes only its own runs.
+       ``close_all("FAILED")``: it closes only its own runs; a process of a shared session
+       (``--session``) that is not its last ends with ``leave()``, which does the same and
+       leaves the parent run open even if it started it.  ``run_status(run_id)`` reads any
+       run's status (None: no such run).
 
     Every run that was opened is closed, also when the session ends by an exception.  Every
     run carries the tags MLflow's ``start_run`` would set (``context_tags``: user, source,
@@ -156,7 +160,9 @@ class Tracker(Protocol):
     def session_id(self) -> str | None: ...
     def connect(self) -> None: ...
     def start_session(self, name: str, info: Mapping[str, Any]) -> str: ...
-    def attach(self, session_id: str) -> None: ...
+    def attach(self, session_id: str, own: bool = False) -> None: ...
+    def leave(self) -> None: ...
+    def run_status(self, run_id: str) -> str | None: ...
     def tag_session(self, tags: Mapping[str, str]) -> None: ...
     def previous_session(self, name: str) -> str | None: ...
     def reconcile(
@@ -598,12 +604,32 @@ class MlflowTracker:
             self._mlflow.log_batch(self._session_id, params=params)
         return self._session_id
 
-    def attach(self, session_id: str) -> None:
+    def attach(self, session_id: str, own: bool = False) -> None:
         """Log this process's trials under another process's session run (a worker of
-        ``searchlab run --workers N``); that process opens and closes the parent run."""
+        ``searchlab run --workers N``); that process opens and closes the parent run, unless
+        ``own``: then this one closes it (``end_session``), as the last process of a shared
+        session does."""
         run = self._mlflow.get_run(session_id)
         self.experiment_id = run.info.experiment_id
         self._session_id = session_id
+        if own:
+            self._open.add(session_id)
+
+    def leave(self) -> None:
+        """Close this process's trial runs (FAILED) and leave the session run open, also when
+        this process started it: a shared session's other processes go on with it."""
+        if self._session_id is not None:
+            self._open.discard(self._session_id)
+        self.close_all("FAILED")
+
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None when there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self._mlflow.get_run(run_id).info.status)
+        except MlflowException:
+            return None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
         """Tags on the session's parent run (links to the study, liveness heartbeat)."""
@@ -1078,10 +1104,21 @@ class MemoryTracker:
         self.events.append(("start_session", self._session_id))
         return self._session_id
 
-    def attach(self, session_id: str) -> None:
+    def attach(self, session_id: str, own: bool = False) -> None:
         self._experiment = self.records[session_id]["experiment"]
         self._session_id = session_id
+        if own:
+            self._open.add(session_id)
         self.events.append(("attach", session_id))
+
+    def leave(self) -> None:
+        if self._session_id is not None:
+            self._open.discard(self._session_id)
+        self.close_all("FAILED")
+
+    def run_status(self, run_id: str) -> str | None:
+        record = self.records.get(run_id)
+        return str(record["status"]) if record is not None else None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
         if self._session_id is not None:

@@ -40,13 +40,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab import config, coordination
+from searchlab import config
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
-    from searchlab.outcome import TrialState
-    from searchlab.runner import Session
     from searchlab.study import Study
     from searchlab.tracking import Tracker
     from searchlab.trial import TrialSpec
@@ -184,10 +182,10 @@ def run(
         _stop(procs)
         for relay in (r for rs in relays.values() for r in rs):
             relay.join(timeout=5)
-        counts = _session_counts(session)
+        counts = runner.session_counts(session)
         if status == "FINISHED" and spec is None:
             spec = runner.trial_spec(study, options)  # for the best model on the parent run
-        summary = runner.close_session(session, status, counts, spec)
+        summary = runner.end_session(session, status, counts, spec)  # shared: if the last
         listener.finished(summary)
     return summary
 
@@ -334,14 +332,3 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
                 if q.poll() is None:
                     q.kill()
             raise
-
-
-def _session_counts(session: Session) -> dict[TrialState, int]:
-    """The trials the session's workers ended, by state."""
-    from searchlab.outcome import TrialState
-
-    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
-    for t in session.store.trials(*counts):
-        if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
-            counts[t.state] += 1
-    return counts

@@ -52,6 +52,7 @@ EVERY_FIELD = RunOptions(
     recycle_mb=64.0,
     register="mnist-model",
     allow_changed_settings=True,
+    session_key="array-7",
 )
 
 

@@ -200,3 +200,20 @@ def test_runs_carry_mlflow_context_tags_and_dataset_inputs(make, tmp_path: Path)
         {"name": "toy", "context": "validation", "digest": "d-val"},
     ]
     assert runs[session].inputs == ()
+
+
+def test_a_shared_session_is_left_open_by_all_but_the_process_that_closes_it(make) -> None:
+    starter = make()
+    session = starter.start_session("s", {})
+    joined = make()
+    joined.attach(session)
+    mine = starter.start_trial(0, {"a": 0}, {})
+    theirs = joined.start_trial(1, {"a": 1}, {})
+    starter.leave()  # started it, but another process goes on with it
+    assert starter.run_status(session) == "RUNNING" and starter.run_status(mine) == "FAILED"
+    assert joined.run_status(theirs) == "RUNNING"
+    joined.end_trial(theirs, result(1, TrialState.COMPLETE, 0.5))
+    joined.attach(session, own=True)  # the last process: it closes the session
+    joined.end_session({"best_value": 0.5}, "FINISHED")
+    assert joined.run_status(session) == "FINISHED"
+    assert joined.run_status("no-such-run") is None

@@ -66,6 +66,9 @@ class RunOptions:
     #: continue a study whose settings that change results (epochs, data, ...) differ from
     #: this session's; the session run is tagged ``searchlab.changed_settings``
     allow_changed_settings: bool = False
+    #: ``--session KEY``: every process given the same key runs one shared session (one
+    #: parent run), e.g. the tasks of a SLURM job array; its last process closes it
+    session_key: str | None = None
 
     @property
     def one_of_several(self) -> bool:
