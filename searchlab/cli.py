@@ -1,11 +1,14 @@
 """The ``searchlab`` command: parses flags, wires the layers, and owns what the user sees.
 
-Every ``SearchlabError`` becomes one line on stderr and exit code 1; Ctrl-C exits 130.
+Every mistake a user can make -- a ``SearchlabError``, a flag click refuses, a file the
+system will not read or write -- becomes one ``error: ...`` line on stderr and exit code 1,
+never a traceback (``-v`` logs it).  Ctrl-C and SIGTERM exit 130 (``interrupts``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from searchlab import backend, config, engines
+from searchlab import backend, config, engines, interrupts
 from searchlab.data import DATA_DIR_ENV
 from searchlab.errors import SearchlabError
 from searchlab.outcome import TrialState
@@ -43,24 +46,15 @@ def _quiet_backends(load: bool = True) -> None:
         backend.import_quietly()
 
 
-def _sigterm_interrupts() -> None:
-    """SIGTERM stops a run like Ctrl-C: the running trial is closed, every run ends."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
-
-
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
+    try:
+        click.echo(f"error: {message}", err=True)
+    except (OSError, ValueError):  # stderr is gone: the exit code still says it
+        pass
     sys.exit(code)
+
+
+INTERRUPTED = "interrupted; finished trials are kept, run the same command to continue."
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,13 +63,83 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_home()
             return fn(*args, **kwargs)
         except SearchlabError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except KeyboardInterrupt:
-            _fail("interrupted; finished trials are kept, run the same command to continue.", 130)
+            interrupts.acknowledge()
+            _fail(INTERRUPTED, interrupts.EXIT_CODE)
+        except OSError as exc:  # a file the system would not read or write: the user's to fix
+            logging.getLogger(__name__).info("%s", exc, exc_info=True)
+            _fail(os_error_line(exc))
+        except Exception as exc:
+            if "database or disk is full" not in str(exc):  # SQLite's words for ENOSPC
+                raise
+            logging.getLogger(__name__).info("%s", exc, exc_info=True)
+            _fail(os_error_line(OSError(errno.ENOSPC, "No space left on device")))
 
     return wrapper
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an ``OSError``: what failed, on which file, and what to do about it."""
+    import re
+
+    what = (exc.strerror or str(exc) or type(exc).__name__).splitlines()[0]
+    where = f": {exc.filename}" if exc.filename else ""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+    if full:
+        what = "No space left on device"
+        named = re.search(r"filename = '([^']+)'", str(exc))  # HDF5 says it in its message
+        where = where or (f": {named.group(1)}" if named else "")
+        fix = (
+            "Free some space (or move $SEARCHLAB_HOME, $TMPDIR to a larger disk), then run the "
+            "same command again; finished trials are kept."
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "Choose a file or folder you may write to (or fix its permissions)."
+    elif exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        fix = "Check the path: create the folder first, or pass another one."
+    else:
+        fix = "Check the path and try again (searchlab -v ... shows where it happened)."
+    return f"{what}{where}. {fix}"
+
+
+class SearchlabGroup(click.Group):
+    """The ``searchlab`` group: Ctrl-C and SIGTERM handled from the first moment on
+    (``interrupts``), and click's own refusals (a bad flag value, an unknown option, a
+    missing argument) said as every other mistake is: one ``error:`` line, exit code 1."""
+
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        restore = interrupts.install()
+        try:
+            try:
+                value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.NoArgsIsHelpError as exc:  # bare `searchlab`: its help
+                exc.show()
+                value = 0
+            except click.ClickException as exc:
+                ctx = getattr(exc, "ctx", None)  # a UsageError knows its command
+                command = ctx.command_path if ctx is not None else "searchlab"
+                _fail(f"{exc.format_message()} See '{command} --help'.")
+            except click.exceptions.Abort as exc:  # Ctrl-C before a command started
+                interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+                _fail(INTERRUPTED if interrupted else "aborted.", interrupts.EXIT_CODE)
+            except KeyboardInterrupt:
+                _fail(INTERRUPTED, interrupts.EXIT_CODE)
+        finally:
+            restore()
+        if not standalone_mode:
+            return value
+        sys.exit(value if isinstance(value, int) else 0)
 
 
 def _fmt(params: Mapping[str, Any]) -> str:
@@ -116,10 +180,17 @@ class ConsoleProgress:
     """
 
     def __init__(
-        self, objective: str, prefix: str = "", *, live: bool | None = None, workers: int = 1
+        self,
+        objective: str,
+        prefix: str = "",
+        direction_note: str = "",
+        *,
+        live: bool | None = None,
+        workers: int = 1,
     ) -> None:
         self.objective = objective
         self.prefix = prefix
+        self.direction_note = direction_note  # e.g. "inferred from its name"
         self.live = _terminal() if live is None else live
         self.workers = max(1, workers)
         self._index = 0
@@ -131,9 +202,10 @@ class ConsoleProgress:
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
         resumed = f", {done} already finished" if done else ""
+        note = f", {self.direction_note}" if self.direction_note else ""
         click.echo(
             f"study {name}: {info['strategy']} search, {budget}{resumed}; "
-            f"objective {info['objective']} ({info['direction']}); data {info['data']}"
+            f"objective {info['objective']} ({info['direction']}{note}); data {info['data']}"
         )
         if "backend" in info:
             click.echo(
@@ -238,28 +310,77 @@ class ConsoleProgress:
 CHAMPION = "champion"
 
 
-def _tracker(uri: str | None, source: str | None = None) -> Any:
-    """The MLflow tracker; ``source``: the study file its runs come from (``mlflow.source.*``)."""
+def _tracker(uri: str | None, source: str | None = None, *, create: bool = True) -> Any:
+    """The MLflow tracker of ``--tracking-uri``; ``source``: the study file its runs come from
+    (``mlflow.source.*``); ``create=False`` for the commands that only read results, which
+    must not create a store where there is none."""
     from searchlab.tracking import MlflowTracker
 
     return MlflowTracker(
-        uri or config.default_tracking_uri(), config.default_artifact_root(), source=source
+        uri or config.default_tracking_uri(),
+        config.default_artifact_root(),
+        source=source,
+        create=create,
     )
 
 
-def _with_subset(study: Study, subset: str | None) -> Study:
+def _check_home() -> None:
+    """``$SEARCHLAB_HOME`` (or ``./.searchlab``) must be a folder, or not exist yet."""
+    home = config.home()
+    if home.exists() and not home.is_dir():
+        given = os.environ.get(config.HOME_ENV)
+        where = f"{config.HOME_ENV}={given}" if given else str(home)
+        raise SearchlabError(
+            f"{where} is a file, not a folder: searchlab keeps its stores in that folder. "
+            f"Point {config.HOME_ENV} at a folder (it is created if missing), or move the file."
+        )
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """An output file's folder must exist before anything is read or written."""
+    if not path:
+        return
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise SearchlabError(
+            f"Cannot write {path} ({flag}): folder {folder} does not exist. Create it first, "
+            f"or pass another {flag}."
+        )
+
+
+def _subset(subset: str | None) -> dict[str, int] | None:
+    """``--subset TRAIN[,VAL]`` as the sizes ``Dataset(subset=...)`` takes (checked before the
+    study file is even loaded)."""
+    from searchlab.errors import StudyDefinitionError
+
     if not subset:
-        return study
+        return None
     try:
         parts = [int(p) for p in subset.split(",")]
     except ValueError:
-        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)") from None
+        parts = []
     if not parts or len(parts) > 2 or min(parts) <= 0:
-        raise click.BadParameter("use --subset TRAIN or TRAIN,VAL (positive ints)")
+        raise StudyDefinitionError(
+            f"--subset must be TRAIN or TRAIN,VAL (positive ints, e.g. 2000,500), got {subset!r}."
+        )
     sizes = {"train": parts[0]}
     if len(parts) == 2:
         sizes["val"] = parts[1]
-    return dataclasses.replace(study, data=dataclasses.replace(study.dataset, subset=sizes))
+    return sizes
+
+
+def _load(study_file: str, subset: str | None) -> tuple[Study, Study]:
+    """The study of ``study_file`` as the file defines it, and with ``--subset`` applied."""
+    from searchlab.study import load_study
+
+    sizes = _subset(subset)
+    loaded = load_study(study_file)
+    if sizes is None:
+        return loaded, loaded
+    data = dataclasses.replace(loaded.dataset, subset=sizes)
+    return loaded, dataclasses.replace(loaded, data=data)
 
 
 storage_option = click.option(
@@ -285,7 +406,7 @@ data_dir_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SearchlabGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="searchlab")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens inside, to stderr.")
 def main(verbose: bool) -> None:
@@ -339,6 +460,7 @@ class RunFlags:
     prune_factor: int | None
     reeval_top: int
     reeval_seeds: int
+    executions_per_trial: int | None
     workers: int
     gpus: str | None
     recycle_mb: float
@@ -432,6 +554,11 @@ class RunFlags:
     help="Seeds per re-evaluated configuration.",
 )
 @click.option(
+    "--executions-per-trial",
+    type=click.IntRange(min=1),
+    help="Fit each configuration N times; its value is the mean (KerasTuner's option) [default: the study's].",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=1,
@@ -486,7 +613,6 @@ class RunFlags:
 def run(**flags: Any) -> None:  # click hands over every flag: RunFlags names and types them
     """Run (or continue) the study defined in STUDY_FILE until its budget is met."""
     _quiet_backends()
-    _sigterm_interrupts()
     source = click.get_current_context().get_parameter_source
     given = frozenset(name for name in flags if source(name) is ParameterSource.COMMANDLINE)
     run_flags = RunFlags(**flags, from_command_line=given)
@@ -500,21 +626,20 @@ def _launch(flags: RunFlags) -> None:
     """Open the session and run its trials in worker processes (here with ``--in-process``
     or the keras-tuner engine); then say where the results are."""
     from searchlab import workers as workers_mod
-    from searchlab.study import load_study
 
     gpus = workers_mod.parse_gpus(flags.gpus)
     workers_given = "workers" in flags.from_command_line
     workers = len(gpus) if gpus and not workers_given else flags.workers
-    study = _with_subset(load_study(flags.study_file), flags.subset)
-    options = _run_options(flags, study)
-    tracker = _tracker(flags.tracking_uri, flags.study_file)
-    progress = ConsoleProgress(study.objective)
     if (workers_given or gpus) and (flags.engine != "optuna" or flags.in_process):
         raise SearchlabError(
             "--workers/--gpus start Optuna-engine worker processes: drop "
             + ("--engine keras-tuner" if flags.engine != "optuna" else "--in-process")
             + ", or drop --workers/--gpus."
         )
+    loaded, study = _load(flags.study_file, flags.subset)
+    options = _run_options(flags, study)
+    tracker = _tracker(flags.tracking_uri, flags.study_file)
+    progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
@@ -546,6 +671,12 @@ def _launch(flags: RunFlags) -> None:
     _say_where_results_are(flags, study, tracker.uri)
 
 
+def _direction_note(study: Study) -> str:
+    """How the direction was chosen when the study file did not say (from the file's own
+    study: a copy made with ``--subset`` has the direction as given)."""
+    return "" if study.direction_source == "given" else study.direction_source
+
+
 def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
     """The session's options: each flag given, else the study's own value."""
     from searchlab.study import check_strategy
@@ -569,6 +700,7 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         register=flags.register or study.register,
         allow_changed_settings=flags.allow_changed_settings,
         session_key=flags.session or None,
+        executions_per_trial=flags.executions_per_trial,
     )
 
 
@@ -612,11 +744,10 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     parent run until the budget is met, or exit ``RECYCLE`` to be replaced by a fresh one."""
     from searchlab import runner
     from searchlab import workers as workers_mod
-    from searchlab.study import load_study
 
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
-    study = _with_subset(load_study(flags.study_file), flags.subset)
+    _, study = _load(flags.study_file, flags.subset)
     tracker = _tracker(flags.tracking_uri, flags.study_file)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
     workers = int((options.worker or "1/1").rpartition("/")[2] or 1)
@@ -626,14 +757,16 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
 
 
 def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> None:
+    from searchlab.store import redact
+
     # A --tracking-uri from the environment is in force in the next command too: not repeated.
     again = (
-        f" --tracking-uri {flags.tracking_uri}"
+        f" --tracking-uri {redact(flags.tracking_uri)}"
         if flags.tracking_uri and "tracking_uri" in flags.from_command_line
         else ""
     )
     click.echo(
-        f"results: MLflow experiment {study.name!r} in {tracking_uri}; "
+        f"results: MLflow experiment {study.name!r} in {redact(tracking_uri)}; "
         f"compare them with: searchlab ui {flags.study_file}{again}"
     )
     click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.keras")
@@ -673,12 +806,18 @@ def export(
     if study_file.startswith(export_mod.MODEL_URI_PREFIXES):
         if number is not None:
             raise click.UsageError("--trial applies to a study file, not to a model URI.")
-        written = export_mod.export_logged(study_file, _tracker(tracking_uri), Path(output))
+        written = export_mod.export_logged(
+            study_file, _tracker(tracking_uri, create=False), Path(output)
+        )
         click.echo(f"wrote {written['path']}: {study_file}")
         return
     study = load_study(study_file)
     done = export_mod.export_model(
-        study, storage or config.default_storage(), _tracker(tracking_uri), Path(output), number
+        study,
+        storage or config.default_storage(),
+        _tracker(tracking_uri, create=False),
+        Path(output),
+        number,
     )
     value = f"{done['value']:.4f}" if done["value"] is not None else "?"
     click.echo(
@@ -737,6 +876,8 @@ def report(
 
     With --json or --csv -, stdout holds only that data; what else is said goes to stderr.
     """
+    _check_output(csv_path if csv_path != "-" else None, "--csv")
+    _check_output(parquet_path, "--parquet")
     _quiet_backends()
     os.environ.setdefault("MPLBACKEND", "Agg")
     from pathlib import Path
@@ -748,7 +889,9 @@ def report(
     if as_json and csv_path == "-":
         raise click.UsageError("--json and --csv - both print to stdout: choose one.")
     results = report_mod.open_results(
-        load_study(study_file), storage or config.default_storage(), _tracker(tracking_uri)
+        load_study(study_file),
+        storage or config.default_storage(),
+        _tracker(tracking_uri, create=False),
     )
     frame = report_mod.frame(results)
     data_out = as_json or csv_path == "-"
@@ -797,12 +940,13 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     """
     _quiet_backends(load=False)  # the server starts first; a study file loads Keras later
     from searchlab import tracking
+    from searchlab.store import redact
 
-    tracker = _tracker(tracking_uri)
+    tracker = _tracker(tracking_uri, create=False)
     if tracking.is_remote(tracker.uri):
         tracker.connect()
         page = _compare_page(tracker, study_file)
-        click.echo(f"MLflow server: {tracker.uri.rstrip('/')}{page}")
+        click.echo(f"MLflow server: {tracking.page_url(tracker.uri)}{page}")
         return
     tracking.check_exists(tracker.uri)
     if study_file:
@@ -815,10 +959,11 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     port = _free_port(host, port)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    argv = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
+    argv, env = tracking.ui_command(tracker.uri, host, port, config.default_artifact_root())
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)
     process = subprocess.Popen(  # started first: it boots while the study file loads
         argv,
+        env=env,
         stdout=subprocess.DEVNULL if quiet else None,
         stderr=subprocess.DEVNULL if quiet else None,
         start_new_session=True,  # its workers are in its process group, stopped together
@@ -831,7 +976,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     try:
         page = _compare_page(tracker, study_file)
         tracking.wait_for_ui(process, url)
-        click.echo(f"MLflow UI: {url}{page}, serving {tracker.uri}")
+        click.echo(f"MLflow UI: {url}{page}, serving {redact(tracker.uri)}")
         click.echo("Ctrl-C stops it.")
         code = process.wait()
         if code != 0:
@@ -848,6 +993,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
     if not study_file:
         return ""
     from searchlab.errors import NotRunError
+    from searchlab.store import redact
     from searchlab.study import load_study
 
     backend.import_quietly()  # a study file imports Keras
@@ -855,11 +1001,11 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
     exp_id = tracker.find_experiment(study.name)
     if exp_id is None:
         raise NotRunError(
-            f"Study {study.name!r} was never run: {tracker.uri} has no MLflow experiment of "
+            f"Study {study.name!r} was never run: {redact(tracker.uri)} has no MLflow experiment of "
             "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
             "it ran with."
         )
-    key = tracker.set_compare_view(exp_id, study.search_space.names, study.direction)
+    key = tracker.set_compare_view(exp_id, study.search_space.names, study.goal)
     return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
 
 

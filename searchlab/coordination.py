@@ -10,8 +10,11 @@ Three pieces, used by the runner whichever engine proposes the params:
   (Optuna's own ``RDBStorage`` heartbeat table) every ``interval`` seconds.
 - ``fail_stale_trials``: marks FAILED every RUNNING trial whose process is gone: its heartbeat
   is older than the grace period (any machine), its process id no longer exists (this
-  machine: no need to wait for the grace period), or, seen while holding the lock, it never
-  got its owner recorded (its claimer died inside the claim).
+  machine, where a process is its pid and its start time, as a pid is reused: no need to
+  wait for the grace period), or, seen while holding the lock, it never
+  got its owner recorded (its claimer died inside the claim).  Seen while holding the lock,
+  a WAITING trial is one a claimer enqueued and died before asking for (every claim does
+  both under the lock): it is failed too, and its point is free again.
 
 A claim (``claim_trial``) happens under the lock: fail stale trials, count finished and
 running trials against the budget, take the engine's proposal (the next free grid point, an
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 HOST_ATTR = "searchlab.host"
 PID_ATTR = "searchlab.pid"
+#: when that process started (``process_start``): with the pid it names one process
+START_ATTR = "searchlab.pid_start"
 SESSION_ATTR = "searchlab.session"
 ERROR_ATTR = "error"
 FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
@@ -77,6 +82,41 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def process_start(pid: int | None = None) -> str | None:
+    """When process ``pid`` (default: this one) started: the machine's boot id and the
+    process's start time in clock ticks since boot (``/proc/<pid>/stat``); None where there
+    is no ``/proc``.
+
+    A pid alone does not name a process: it is reused, and a container's entrypoint is
+    always PID 1 -- in its own PID namespace, on a host (same hostname) where PID 1 is alive
+    for ever.  A pid and its start time name one process for as long as the machine runs.
+    """
+    try:
+        with open(f"/proc/{pid or 'self'}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]  # field 22, after the name
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{started}"
+
+
+def process_alive(pid: int, started: str | None) -> bool:
+    """Whether the process that recorded ``pid`` and ``process_start()`` on this machine
+    still runs (``started`` None: recorded without it, the pid alone decides)."""
+    if not pid_alive(pid):
+        return False
+    if not started:
+        return True
+    now = process_start(pid)
+    return now is None or now == started
+
+
+def is_me(pid: Any, started: str | None) -> bool:
+    """Whether ``pid`` and ``started`` were recorded by this very process."""
+    return pid == os.getpid() and (not started or started == process_start())
 
 
 # ---------------------------------------------------------------------------------- the lock
@@ -194,14 +234,21 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
     period (any machine); then a trial whose process id no longer exists on this machine is
     failed without waiting for the grace period, and, with ``locked`` (the caller holds the
     study lock), a RUNNING trial without an owner, left by a claimer that died inside its
-    claim.  The last two carry their reason in the trial's ``error`` attr; the first cannot
-    (``store.stale_reason``).
+    claim, and every WAITING trial (see the module doc).  The last ones carry their reason in
+    the trial's ``error`` attr; the first cannot (``store.stale_reason``).
     """
     ostudy = store.ostudy
+    orphans: list[int] = []
+    if locked:  # enqueued by a claimer that died before it asked for the trial
+        for trial in ostudy.get_trials(deepcopy=False, states=(OptunaState.WAITING,)):
+            why = "interrupted: its claimer stopped between enqueueing and starting it"
+            if _fail(store.storage, trial._trial_id, why):
+                log.warning("trial %s: %s", trial.number, why)
+                orphans.append(trial.number)
     running = (OptunaState.RUNNING,)
     before = {t._trial_id: t for t in ostudy.get_trials(deepcopy=False, states=running)}
     if not before:
-        return []
+        return orphans
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks heartbeats experimental
         optuna.storages.fail_stale_trials(ostudy)
@@ -221,14 +268,14 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
                 reason = "interrupted: its worker died while claiming it"
         elif (
             attrs.get(HOST_ATTR) == me
-            and attrs[PID_ATTR] != os.getpid()
-            and not pid_alive(int(attrs[PID_ATTR]))
+            and not is_me(attrs[PID_ATTR], attrs.get(START_ATTR))
+            and not process_alive(int(attrs[PID_ATTR]), attrs.get(START_ATTR))
         ):
             reason = f"interrupted: its worker ({_owner(trial)}) is gone (killed or crashed)"
         if reason and _fail(store.storage, trial_id, reason):
             log.warning("trial %s: %s", trial.number, reason)
             failed.append(trial.number)
-    return sorted(failed)
+    return sorted(failed + orphans)
 
 
 def _owner(trial: optuna.trial.FrozenTrial) -> str:
@@ -295,6 +342,9 @@ def claim_trial(
         trial_id = trial._trial_id
         storage.set_trial_user_attr(trial_id, HOST_ATTR, hostname())
         storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
+        started = process_start()
+        if started is not None:
+            storage.set_trial_user_attr(trial_id, START_ATTR, started)
         storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
         storage.record_heartbeat(trial_id)
         params = suggest(trial)

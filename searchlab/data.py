@@ -1,5 +1,13 @@
 """Named datasets, the data directory, subsets and light preprocessing. No model code.
 
+Labels reach ``fit`` as the user gave them: a loader's labels keep their shape and dtype
+(int class ids, one-hot rows, multi-label rows, float regression targets, or several outputs
+as a dict, list or tuple of arrays); only ``classes=`` (keep some classes) and
+``one_hot=True`` change them, because the study asks for it.  Named datasets give int class
+ids, one-hot with ``one_hot=True``.  ``num_classes`` is derived from the labels: the width of
+one-hot (or multi-label) rows, the largest id + 1 for int ids, None for float targets and
+several outputs.
+
 Where data is looked for, in order: the data directory (``--data-dir``, else the
 ``SEARCHLAB_DATA_DIR`` environment variable), Keras's own cache (``~/.keras/datasets``), and
 only then ``keras.datasets.<name>.load_data()``, which downloads.  Offline and not found gives
@@ -53,6 +61,7 @@ class Dataset:
         classes: keep only these labels, renumbered 0..k-1 in the given order.
         scale: divide uint8 pixels by 255 into float32 (``False`` keeps 0..255 as float32,
             which ImageNet backbones' own preprocessing expects).
+        one_hot: turn int class ids into one-hot float32 rows (for ``categorical_crossentropy``).
     """
 
     name: str | None = None
@@ -61,6 +70,7 @@ class Dataset:
     subset: int | Mapping[str, int] | tuple[tuple[str, int], ...] | None = None
     classes: tuple[int, ...] | None = None
     scale: bool = True
+    one_hot: bool = False
 
     def __post_init__(self) -> None:
         # Normalise to hashable values so a Dataset can key the per-process cache.
@@ -104,15 +114,18 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Data:
-    """Arrays ready for ``model.fit``: training, validation and test splits."""
+    """Arrays ready for ``model.fit``: training, validation and test splits.  ``y_*`` are
+    labels as ``fit`` takes them: an array, or a dict / list / tuple of arrays (several
+    outputs).  ``num_classes``: None where the labels are not classes (regression targets,
+    several outputs)."""
 
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: Any
     x_val: np.ndarray
-    y_val: np.ndarray
+    y_val: Any
     x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
+    y_test: Any
+    num_classes: int | None
     source: str = ""
     _fingerprint: list[str] = field(default_factory=list, repr=False, compare=False)
     _digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -126,7 +139,8 @@ class Data:
         """A hash of every array: the same data gives the same fingerprint in any process."""
         if not self._fingerprint:
             h = hashlib.sha1()
-            for arr in (self.x_train, self.y_train, self.x_val, self.y_val):
+            arrays = [self.x_train, *leaves(self.y_train), self.x_val, *leaves(self.y_val)]
+            for arr in arrays:
                 h.update(str(arr.shape).encode() + str(arr.dtype).encode())
                 h.update(np.ascontiguousarray(arr).tobytes())
             self._fingerprint.append(h.hexdigest()[:16])
@@ -170,40 +184,112 @@ def _load_cached(dataset: Dataset, root: str | None) -> Data:
         except Exception as exc:  # the user's loader: report it as a data error
             raise DataError(f"The data loader {dataset.label!r} failed: {exc}") from exc
         source = f"loader {dataset.label}"
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+            _check_rows(dataset.label, split, x, y)
+        num_classes = classes_of(y_train, y_test)
     else:
         assert dataset.name is not None
         (x_train, y_train), (x_test, y_test), source = _load_named(dataset.name, root)
+        # a named dataset's labels are int class ids (CIFAR's come as (N, 1))
+        y_train, y_test = y_train.reshape(-1).astype("int32"), y_test.reshape(-1).astype("int32")
         num_classes = _KNOWN[dataset.name][1]
-    y_train, y_test = y_train.reshape(-1), y_test.reshape(-1)
     if dataset.classes is not None:
-        x_train, y_train = _keep_classes(x_train, y_train, dataset.classes)
-        x_test, y_test = _keep_classes(x_test, y_test, dataset.classes)
+        x_train, y_train = _keep_classes(dataset.label, x_train, y_train, dataset.classes)
+        x_test, y_test = _keep_classes(dataset.label, x_test, y_test, dataset.classes)
         num_classes = len(dataset.classes)
+    if dataset.one_hot:
+        y_train, y_test, num_classes = _one_hot(dataset.label, y_train, y_test, num_classes)
     if dataset.validation == "test":
         x_val, y_val = x_test, y_test
     else:
         n_val = max(1, int(round(len(x_train) * float(dataset.validation))))
-        x_val, y_val = x_train[-n_val:], y_train[-n_val:]
-        x_train, y_train = x_train[:-n_val], y_train[:-n_val]
+        x_val, y_val = x_train[-n_val:], take(y_train, slice(-n_val, None))
+        x_train, y_train = x_train[:-n_val], take(y_train, slice(None, -n_val))
     sub = dataset._subset()
-    x_train, y_train = x_train[: sub.get("train")], y_train[: sub.get("train")]
-    x_val, y_val = x_val[: sub.get("val")], y_val[: sub.get("val")]
-    x_test, y_test = x_test[: sub.get("test")], y_test[: sub.get("test")]
+    x_train, y_train = x_train[: sub.get("train")], take(y_train, slice(sub.get("train")))
+    x_val, y_val = x_val[: sub.get("val")], take(y_val, slice(sub.get("val")))
+    x_test, y_test = x_test[: sub.get("test")], take(y_test, slice(sub.get("test")))
     prep = _scale if dataset.scale else _as_float
     return Data(
         x_train=prep(x_train),
-        y_train=y_train.astype("int32"),
+        y_train=y_train,
         x_val=prep(x_val),
-        y_val=y_val.astype("int32"),
+        y_val=y_val,
         x_test=prep(x_test),
-        y_test=y_test.astype("int32"),
+        y_test=y_test,
         num_classes=num_classes,
         source=source,
     )
 
 
-def _as_pairs(raw: Any) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def leaves(y: Any) -> list[np.ndarray]:
+    """The arrays of a labels structure (one array, or a dict / list / tuple of them)."""
+    if isinstance(y, Mapping):
+        return [a for k in sorted(y) for a in leaves(y[k])]
+    if isinstance(y, list | tuple):
+        return [a for v in y for a in leaves(v)]
+    return [y]
+
+
+def take(y: Any, index: Any) -> Any:
+    """``y[index]`` for every array of a labels structure, keeping the structure."""
+    if isinstance(y, Mapping):
+        return {k: take(v, index) for k, v in y.items()}
+    if isinstance(y, list | tuple):
+        return type(y)(take(v, index) for v in y)
+    return y[index]
+
+
+def _labels(y: Any) -> Any:
+    """A loader's labels as arrays, structure kept: several outputs are a dict, or a list or
+    tuple whose items are arrays; anything else is one array (a list of ints, a Series)."""
+    if isinstance(y, Mapping):
+        return {k: np.asarray(v) for k, v in y.items()}
+    if isinstance(y, list | tuple) and y and all(hasattr(v, "shape") for v in y):
+        return type(y)(np.asarray(v) for v in y)
+    return np.asarray(y)
+
+
+def _check_rows(label: str, split: str, x: np.ndarray, y: Any) -> None:
+    for arr in leaves(y):
+        if arr.ndim == 0 or len(arr) != len(x):
+            rows = "a scalar" if arr.ndim == 0 else f"{len(arr)} rows"
+            raise DataError(
+                f"The data loader {label!r} gives {len(x)} {split} inputs but labels with "
+                f"{rows}: return one label (row) per input."
+            )
+
+
+def _class_ids(y: Any) -> bool:
+    return (
+        isinstance(y, np.ndarray)
+        and (y.dtype.kind in "iub")
+        and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1))
+    )
+
+
+def _rows_of_0_1(y: Any) -> bool:
+    """One-hot or multi-label rows: 2-D, more than one column, every value 0 or 1."""
+    return (
+        isinstance(y, np.ndarray)
+        and y.ndim == 2
+        and y.shape[1] > 1
+        and y.dtype.kind in "iubf"
+        and bool(np.isin(y, (0, 1)).all())
+    )
+
+
+def classes_of(*ys: Any) -> int | None:
+    """How many classes labels hold: int ids -> the largest + 1; one-hot or multi-label rows
+    -> their width; float targets, other shapes and several outputs -> None."""
+    if all(_class_ids(y) for y in ys):
+        return int(max(int(y.max()) if y.size else 0 for y in ys)) + 1
+    if all(_rows_of_0_1(y) for y in ys) and len({y.shape[1] for y in ys}) == 1:
+        return int(ys[0].shape[1])
+    return None
+
+
+def _as_pairs(raw: Any) -> tuple[tuple[np.ndarray, Any], tuple[np.ndarray, Any]]:
     if isinstance(raw, Mapping):
         raw = (raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"])
     if len(raw) == 2:
@@ -215,15 +301,35 @@ def _as_pairs(raw: Any) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray
             "A data loader must return (x_train, y_train, x_test, y_test) or "
             "((x_train, y_train), (x_test, y_test))."
         )
-    return (np.asarray(a), np.asarray(b)), (np.asarray(c), np.asarray(d))
+    return (np.asarray(a), _labels(b)), (np.asarray(c), _labels(d))
 
 
 def _keep_classes(
-    x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    mask = np.isin(y, classes)
-    remap = {c: i for i, c in enumerate(classes)}
-    return x[mask], np.array([remap[int(v)] for v in y[mask]], dtype=y.dtype)
+    label: str, x: np.ndarray, y: Any, classes: tuple[int, ...]
+) -> tuple[np.ndarray, Any]:
+    if _class_ids(y):
+        flat = y.reshape(-1)
+        mask = np.isin(flat, classes)
+        remap = {c: i for i, c in enumerate(classes)}
+        kept = np.array([remap[int(v)] for v in flat[mask]], dtype=y.dtype)
+        return x[mask], kept.reshape((-1, *y.shape[1:]))
+    if _rows_of_0_1(y) and max(classes) < y.shape[1]:  # one-hot: keep those columns
+        mask = y[:, list(classes)].any(axis=1) & (y.sum(axis=1) == 1)
+        return x[mask], y[mask][:, list(classes)]
+    raise DataError(
+        f"Dataset {label!r}: classes= keeps some classes of int class ids or one-hot labels, "
+        "and these labels are neither. Drop classes=, or select the classes in the loader."
+    )
+
+
+def _one_hot(label: str, y_train: Any, y_test: Any, num_classes: int | None) -> tuple:
+    if not (_class_ids(y_train) and _class_ids(y_test)) or num_classes is None:
+        raise DataError(
+            f"Dataset {label!r}: one_hot=True turns int class ids into one-hot rows, but these "
+            "labels are not int class ids. Drop one_hot=True (they reach fit as they are)."
+        )
+    eye = np.eye(num_classes, dtype="float32")
+    return eye[y_train.reshape(-1)], eye[y_test.reshape(-1)], num_classes
 
 
 def _scale(x: np.ndarray) -> np.ndarray:
@@ -237,13 +343,28 @@ def _as_float(x: np.ndarray) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The four arrays of a dataset file, or one ``DataError`` that says what is wrong with
+    it: empty, cut short, not an .npz, a key missing, or images that are not numbers."""
+    fix = "Replace it with a complete copy (download it again), or remove it."
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty: it is not a dataset .npz. {fix}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
-    except (OSError, ValueError, KeyError) as exc:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except Exception as exc:  # a cut-short zip, a .npy, a pickle, a missing key, bad bytes
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"{path} is not a dataset .npz with x_train, y_train, x_test, y_test ({exc})."
+            f"{path} is not a readable dataset .npz with x_train, y_train, x_test, y_test "
+            f"({type(exc).__name__}: {why}). {fix}"
         ) from exc
+    for name in ("x_train", "x_test"):
+        dtype = arrays[name].dtype
+        if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+            raise DataError(
+                f"{path}: {name} holds {dtype} values, not numbers. Save the images as a "
+                "numeric array (uint8 pixels or floats)."
+            )
+    return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])
 
 
 def _keras_cache() -> Path:
@@ -306,8 +427,18 @@ class DataInfo:
     """What a model builder needs to know of the data, without the arrays."""
 
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int | None  # None: regression targets, or several outputs
 
 
 def info_of(data: Data) -> DataInfo:
     return DataInfo(input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def classes_tag(num_classes: int | None) -> str:
+    """``num_classes`` as the ``searchlab.num_classes`` tag holds it (``none``: not classes)."""
+    return "none" if num_classes is None else str(num_classes)
+
+
+def classes_from_tag(value: str | None) -> int | None:
+    """The tag ``classes_tag`` wrote, back as ``num_classes``."""
+    return int(value) if value and value.isdigit() else None

@@ -176,14 +176,15 @@ def _check_mlflow(uri: str) -> Check:
             f"{uri} (not created yet: a run creates it); artifacts in {artifacts}",
         )
     from searchlab import tracking
+    from searchlab.store import redact
 
     try:
-        client = tracking.client(uri)
+        client = tracking.client(uri, create=False)
         n = len(client.search_experiments(max_results=1000))
     except SearchlabError as exc:
         return Check("mlflow tracking", Status.FAIL, str(exc))
     where = f"; artifacts in {artifacts}" if path is not None else ""
-    return Check("mlflow tracking", Status.OK, f"{uri} ({n} experiments{where})")
+    return Check("mlflow tracking", Status.OK, f"{redact(uri)} ({n} experiments{where})")
 
 
 def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Check]:
@@ -223,7 +224,12 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
                 "study data",
                 Status.OK,
                 f"{dataset.label} from {loaded.source}: {len(loaded.x_train)} train, "
-                f"{len(loaded.x_val)} validation, {shape}, {loaded.num_classes} classes",
+                f"{len(loaded.x_val)} validation, {shape}, "
+                + (
+                    f"{loaded.num_classes} classes"
+                    if loaded.num_classes is not None
+                    else "labels that are not classes (targets or several outputs)"
+                ),
             )
     if study.strategy == "gp" and importlib.util.find_spec("torch") is None:
         yield Check(

@@ -13,6 +13,7 @@ rebuilt model brings the prefix, checked against the fingerprint the trial recor
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -80,20 +81,27 @@ def export_model(
     if not run_id:
         raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
     from searchlab import trial as trial_mod
-    from searchlab.data import DataInfo
+    from searchlab.data import DataInfo, classes_from_tag
+    from searchlab.store import redact
+    from searchlab.tracking import MissingRun
 
     try:
         tags = tracker.run_tags(run_id)
+    except MissingRun as exc:
+        raise ExportError(
+            f"Trial {trial.number}'s MLflow run {run_id} is not in {redact(tracker.uri)}: pass the "
+            f"--tracking-uri the study ran with. ({type(exc).__name__})"
+        ) from exc
     except StoreError:
         raise
     except Exception as exc:
         raise ExportError(
-            f"Trial {trial.number}'s MLflow run {run_id} is not in {tracker.uri}: pass the "
+            f"Trial {trial.number}'s MLflow run {run_id} is not in {redact(tracker.uri)}: pass the "
             f"--tracking-uri the study ran with. ({type(exc).__name__})"
         ) from exc
     info = DataInfo(
         input_shape=tuple(int(v) for v in tags["searchlab.input_shape"].split(",")),
-        num_classes=int(tags["searchlab.num_classes"]),
+        num_classes=classes_from_tag(tags.get("searchlab.num_classes")),
     )
     with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
         try:
@@ -116,20 +124,41 @@ def export_model(
 def _check_output(out: Path) -> None:
     if out.suffix not in FORMATS:
         raise ExportError(f"Cannot export to {out}: the file name must end in .h5 or .keras.")
-    if not out.parent.exists():
-        raise ExportError(f"Cannot export to {out}: folder {out.parent} does not exist.")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} does not exist. Create it first, or "
+            "pass another -o."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} cannot be written (read-only or not "
+            "yours). Pass an -o in a folder you may write to."
+        )
 
 
 def _save(model: Any, out: Path) -> None:
+    from searchlab import trial as trial_mod
+
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # Keras calls HDF5 "legacy"; the user asked for it
+    # whole or not at all: saved beside ``out`` (same suffix: it picks the format), renamed
+    partial = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
     try:
+        trial_mod.ensure_space(partial, model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.save(out)
+            model.save(partial)
+        os.replace(partial, out)
+    except OSError as exc:
+        raise ExportError(
+            f"Cannot write {out}: {exc.strerror or exc}. Free some space, or pass an -o "
+            "on another disk."
+        ) from exc
     finally:
         absl.setLevel(level)
+        partial.unlink(missing_ok=True)
 
 
 def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str, Any]:
@@ -137,6 +166,8 @@ def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str
     ``models:/NAME/3``, ``models:/<id>``) to ``out``; return what was written."""
     out = Path(out)
     _check_output(out)
+    from searchlab.store import redact
+
     tracker.connect()
     with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
         try:
@@ -144,7 +175,7 @@ def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(
-                f"Cannot load the MLflow model {model_uri} from {tracker.uri} ({first}). Check "
+                f"Cannot load the MLflow model {model_uri} from {redact(tracker.uri)} ({first}). Check "
                 "the name, version or alias (searchlab run --register NAME registers one), or "
                 "pass the --tracking-uri it was registered in."
             ) from exc

@@ -44,6 +44,11 @@ class TrialResult:
     fit_seconds: float = 0.0
     error: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    #: failed before its first epoch ended (at build, or on the first step): the runner stops
+    #: a session whose first trials fail that way alike (``runner.failure_streak``)
+    early: bool = False
+    #: the likely fix of an early failure, where the trial can tell (one sentence)
+    hint: str | None = None
 
     @property
     def epochs_run(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from searchlab.data import classes_tag
 from searchlab.outcome import TrialState
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def _retrain(
         "searchlab.reeval_seed": str(seed),
         "searchlab.reeval_source_run": str(trial.run_id or ""),
         "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-        "searchlab.num_classes": str(spec.data.num_classes),
+        "searchlab.num_classes": classes_tag(spec.data.num_classes),
     }
     run_id = tracker.start_trial(
         trial.number, trial.params, tags, run_name=f"reeval-{trial.number:04d}-s{index}"

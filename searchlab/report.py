@@ -93,7 +93,7 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
     when the study was never run against these stores.
     """
     from searchlab import tracking
-    from searchlab.store import StudyStore
+    from searchlab.store import StudyStore, redact
 
     tracking.check_exists(tracker.uri)
     store = StudyStore.load(study.name, storage_url)
@@ -103,7 +103,7 @@ def open_results(study: Study, storage_url: str, tracker: MlflowTracker) -> Resu
         )
     if tracker.find_experiment(study.name) is None:
         raise NotRunError(
-            f"Study {study.name!r} has no MLflow experiment in {tracker.uri}: pass the "
+            f"Study {study.name!r} has no MLflow experiment in {redact(tracker.uri)}: pass the "
             "--tracking-uri it ran with."
         )
     return Results(study=study, store=store, tracker=tracker, runs=tracker.runs(study.name))
@@ -127,7 +127,7 @@ def frame(results: Results) -> pd.DataFrame:
     """The trials table, best first (see ``searchlab.table.trials_frame``)."""
     from searchlab import table
 
-    return table.trials_frame(rows(results), results.study.direction)
+    return table.trials_frame(rows(results), results.study.goal)
 
 
 def best_trial(results: Results) -> BestTrial:
@@ -341,7 +341,7 @@ def to_json(results: Results, frame: pd.DataFrame) -> str:
         {
             "study": study.name,
             "objective": study.objective,
-            "direction": study.direction,
+            "direction": study.goal,
             "counts": counts,
             "best": best,
             "trials": table.to_records(frame),
@@ -358,7 +358,7 @@ def summary_line(results: Results) -> str:
     study = results.study
     return (
         f"study {study.name}: {sum(counts.values())} trials ({parts}); objective "
-        f"{study.objective} ({study.direction}), best first"
+        f"{study.objective} ({study.goal}), best first"
     )
 
 

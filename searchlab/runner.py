@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab import config, coordination, engines
+from searchlab import config, coordination, engines, interrupts
+from searchlab.data import classes_tag
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -90,7 +91,11 @@ class Session:
         def session_dead(run: RunRecord) -> bool:
             pid = run.tags.get("searchlab.pid")
             if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
-                return not coordination.pid_alive(int(pid))
+                # this process runs one session at a time: any other one it recorded is over
+                started = run.tags.get(coordination.START_ATTR)
+                if coordination.is_me(int(pid), started):
+                    return True
+                return not coordination.process_alive(int(pid), started)
             if run.run_id in live_sessions:
                 return False
             beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
@@ -106,10 +111,13 @@ class Session:
 # ---------------------------------------------------------------------------- the session
 
 
-def prepare(study: Study, options: RunOptions) -> tuple[Engine, int | None, TrialSpec]:
+def prepare(
+    study: Study, options: RunOptions, *, check: bool = True
+) -> tuple[Engine, int | None, TrialSpec]:
     """The engine (its settings checked), the budget, and the trials' spec with the data
     loaded: every mistake in the study or the flags is raised here, before a store is
-    touched."""
+    touched.  ``check``: also build one model and check it against the data and the
+    objective (``trial.preflight``; once per session, not in each worker)."""
     engine = engines.create(study, options)
     engine.check()
     if options.session_key and options.reeval_top:
@@ -119,7 +127,12 @@ def prepare(study: Study, options: RunOptions) -> tuple[Engine, int | None, Tria
             "--reeval-top K --trials <the trials done> (without --session)."
         )
     target = engines.budget(study, options)
-    return engine, target, trial_spec(study, options)
+    spec = trial_spec(study, options)
+    if check:
+        from searchlab import trial as trial_mod
+
+        trial_mod.preflight(spec, study.search_space.defaults())
+    return engine, target, spec
 
 
 def open_session(
@@ -133,42 +146,58 @@ def open_session(
 ) -> Session:
     """Open both stores and the Optuna study, then start this session's parent run (or
     attach to ``options.parent_run_id``).  Every store problem is raised here, before any
-    training; a new session also closes what a crashed one left open.  ``settings``
-    (``result_settings``) are logged on the parent run."""
-    tracker.connect()
+    training, and a run that fails here writes nothing: the Optuna storage is opened first
+    (a bad ``--storage`` fails before MLflow is touched), and what it created is discarded
+    when the MLflow store then fails.  A new session also closes what a crashed one left
+    open.  ``settings`` (``result_settings``) are logged on the parent run."""
     described = {**study.search_space.describe(), "_objective": study.objective}
     store = StudyStore.open(
         study.name,
         options.storage,
-        direction=study.direction,
+        direction=study.goal,
         described=described,
         sampler=engine.sampler(0),
         settings=settings,
         allow_changed_settings=options.allow_changed_settings,
     )
+    try:
+        tracker.connect()
+    except BaseException:
+        store.discard()
+        raise
     store.use(engine.sampler(store.count()))
     engine.open(store)
-    lock = coordination.StudyLock(
-        storage=store.storage,
-        storage_url=options.storage,
-        study_name=study.name,
-        lock_dir=config.home(),
-    )
-    info = session_info(study, options, target, engine, data_source, settings)
-    if store.changed_settings:  # --allow-changed-settings: the session says what it changed
-        from searchlab.store import describe_changes
+    try:
+        lock = coordination.StudyLock(
+            storage=store.storage,
+            storage_url=options.storage,
+            study_name=study.name,
+            lock_dir=config.home(),
+        )
+        info = session_info(study, options, target, engine, data_source, settings)
+        if store.changed_settings:  # --allow-changed-settings: the session says what it changed
+            from searchlab.store import describe_changes
 
-        info["changed_settings"] = describe_changes(store.changed_settings)
-    session = Session(study, options, engine, tracker, store, lock, target, info)
-    if options.parent_run_id:
-        tracker.attach(options.parent_run_id)
-        return session
-    if options.session_key and not open_shared(session, options.session_key):
-        return session  # joined: the process that started the shared session linked it
-    if not options.session_key:
-        tracker.start_session(study.name, info)
-    session.reconcile()
-    link_session(session)
+            info["changed_settings"] = describe_changes(store.changed_settings)
+        session = Session(study, options, engine, tracker, store, lock, target, info)
+        if options.parent_run_id:
+            tracker.attach(options.parent_run_id)
+            return session
+        with interrupts.deferred():  # a parent run is never left open without its links
+            if options.session_key:
+                if not open_shared(session, options.session_key):
+                    return session  # joined: the process that started the shared session linked it
+            else:
+                tracker.start_session(study.name, info)
+            try:
+                session.reconcile()
+                link_session(session)
+            except BaseException:
+                tracker.end_session({}, "FAILED")
+                raise
+    except BaseException:
+        engine.close()
+        raise
     return session
 
 
@@ -248,10 +277,12 @@ def link_session(session: Session) -> None:
     session on the Optuna study."""
     tracker, store = session.tracker, session.store
     previous = tracker.previous_session(session.study.name)
+    started = coordination.process_start()
     tracker.tag_session(
         {
             "searchlab.host": coordination.hostname(),
             "searchlab.pid": str(os.getpid()),
+            **({coordination.START_ATTR: started} if started else {}),
             "searchlab.heartbeat": str(time.time()),
             "searchlab.optuna_study_id": str(store.study_id),
             "searchlab.resumed_with": str(session.finished_count()),
@@ -264,7 +295,7 @@ def link_session(session: Session) -> None:
             "host": coordination.hostname(),
             "pid": os.getpid(),
             "started": time.time(),
-            "tracking_uri": tracker.uri,
+            "tracking_uri": redact(tracker.uri),
         },
     )
 
@@ -286,7 +317,7 @@ def session_info(
         "strategy": options.strategy,
         "engine": engine.name,
         "objective": study.objective,
-        "direction": study.direction,
+        "direction": study.goal,
         "budget": target if target is not None else "timeout",
         "epochs": options.epochs,
         "pruner": engine_info["pruner"],
@@ -368,10 +399,13 @@ def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
         data=data_mod.load(study.dataset, options.data_dir),
         epochs=options.epochs,
         objective=study.objective,
-        direction=study.direction,
+        direction=study.goal,
         batch_size=study.batch_size,
         seed=options.seed,
         precision=options.precision,
+        fit=study.fit,
+        executions=options.executions_per_trial or study.executions_per_trial,
+        max_model_size=study.max_model_size,
     )
 
 
@@ -391,24 +425,43 @@ def run(
     its summary has ``recycle``: True when it stopped to shed memory (``--recycle-mb``).
     """
     listener = listener or engines.NullListener()
-    engine, target, spec = prepare(study, options)
+    # the stand-in trainers of tests train nothing: nothing to check before the search
+    check = train is None and not options.parent_run_id
+    engine, target, spec = prepare(study, options, check=check)
+    interrupts.check()  # one dropped while the data loaded: stop before a store is touched
     settings = result_settings(study, options, spec.data)
     session = open_session(study, options, tracker, engine, target, spec.data.source, settings)
+    try:
+        return _run_session(session, spec, listener, train)
+    finally:
+        engine.close()
+
+
+def _run_session(
+    session: Session, spec: TrialSpec, listener: SearchListener, train: TrainFn | None
+) -> dict[str, Any]:
+    """``run`` once the session is open: its trials, then its close."""
+    study, options, tracker = session.study, session.options, session.tracker
     counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
     if options.parent_run_id:
         try:
             recycle = work(session, spec, listener, counts, train)
+        except KeyboardInterrupt:
+            interrupts.acknowledge()
+            raise
         finally:
-            tracker.close_all("FAILED")  # only this worker's own trial runs are open
+            with interrupts.deferred():
+                tracker.close_all("FAILED")  # only this worker's own trial runs are open
         return {**summarize(session, counts), "recycle": recycle}
     status = "FAILED"
-    listener.started(study.name, session.finished_count(), session.target, session.info)
     try:
+        listener.started(study.name, session.finished_count(), session.target, session.info)
         work(session, spec, listener, counts, train)
         if options.reeval_top:
             reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
+        interrupts.acknowledge()  # closing the session below is not cut short by it
         status = "KILLED"
         raise
     finally:
@@ -440,17 +493,22 @@ def summarize(session: Session, counts: Mapping[TrialState, int]) -> dict[str, A
 def close_session(
     session: Session, status: str, counts: Mapping[TrialState, int], spec: TrialSpec | None
 ) -> dict[str, Any]:
-    """Reconcile, write the summary and artifacts on the parent run, and close it."""
-    summary = summarize(session, counts)
-    try:
+    """Reconcile, write the summary and artifacts on the parent run, and close it.
+
+    A signal does not cut this short (``interrupts.deferred``): an interrupt that arrives
+    meanwhile is raised once the parent run is closed."""
+    with interrupts.deferred():
+        summary: dict[str, Any] = {}
         try:
-            session.reconcile()
-        except Exception as exc:  # the stores may be what failed; closing comes first
-            log.warning("could not reconcile MLflow with Optuna: %s", exc)
-        if status == "FINISHED" and spec is not None:
-            log_study_artifacts(session, spec, summary)
-    finally:
-        session.tracker.end_session(summary, status)
+            summary = summarize(session, counts)
+            try:
+                session.reconcile()
+            except Exception as exc:  # the stores may be what failed; closing comes first
+                log.warning("could not reconcile MLflow with Optuna: %s", exc)
+            if status == "FINISHED" and spec is not None:
+                log_study_artifacts(session, spec, summary)
+        finally:
+            session.tracker.end_session(summary, status)
     return summary
 
 
@@ -483,7 +541,7 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, An
     tracker = session.tracker
     with tempfile.TemporaryDirectory(prefix="searchlab-study-") as tmp:
         rows = [t.row() for t in session.store.trials()]
-        frame = table.trials_frame(rows, session.study.direction)
+        frame = table.trials_frame(rows, session.study.goal)
         tracker.log_artifact(table.write_csv(frame, Path(tmp) / "trials.csv"))
         run_id = summary.get("selected_run_id") or summary.get("best_run_id")
         params = summary.get("selected_params") or summary["best_params"]
@@ -518,7 +576,7 @@ def log_best_model(
     )
     summary["model_uri"] = uri
     if session.options.register and value is not None:
-        score = ModelScore(study.objective, study.direction, float(value))
+        score = ModelScore(study.objective, study.goal, float(value))
         summary["registered"] = tracker.register_model(
             uri, session.options.register, score, tags=tags
         )
@@ -541,9 +599,11 @@ def work(
     options, tracker = session.options, session.tracker
     base_tags = trial_tags(session.study, options, session.engine.name)
     streak = 0
+    early: TrialResult | None = None  # the last trial that failed before its first epoch
     baseline: float | None = None
     with tempfile.TemporaryDirectory(prefix="searchlab-trial-") as tmp:
         while True:
+            interrupts.check()  # a Ctrl-C that was lost on its way stops the study here
             if (
                 options.timeout is not None
                 and time.monotonic() - session.started >= options.timeout
@@ -551,14 +611,17 @@ def work(
                 log.info("time budget of %ss reached", options.timeout)
                 return False
             done = session.finished_count()
-            claimed = coordination.claim_trial(
-                session.store,
-                session.lock,
-                target=session.target,
-                session=session.run_id,
-                propose=lambda: session.engine.propose(session.store, session.run_id),
-                suggest=session.study.search_space.suggest,
-            )
+            # A claim is whole or not at all; an interrupt meanwhile is raised by the trial's
+            # first check, where its trial is failed as interrupted (not left running).
+            with interrupts.deferred(then_raise=False):
+                claimed = coordination.claim_trial(
+                    session.store,
+                    session.lock,
+                    target=session.target,
+                    session=session.run_id,
+                    propose=lambda: session.engine.propose(session.store, session.run_id),
+                    suggest=session.study.search_space.suggest,
+                )
             if claimed.failed_stale:
                 session.reconcile()
             if claimed.state is Claim.DONE:
@@ -569,6 +632,8 @@ def work(
             tracker.tag_session({"searchlab.heartbeat": str(time.time())})
             result = run_one(session, claimed, spec, listener, base_tags, Path(tmp), done, train)
             counts[result.state] += 1
+            settled = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] > 0
+            early = fail_fast(early, result, settled)
             streak = failure_streak(streak, result, options.max_failures)
             if options.recycle_mb is not None:
                 rss = coordination.rss_mb()
@@ -576,6 +641,36 @@ def work(
                 if rss - baseline > options.recycle_mb:
                     log.info("worker grew %.0f MB since its first trial: recycling", rss - baseline)
                     return True
+
+
+def _first_line(error: str | None) -> str:
+    return (error or "").strip().splitlines()[0] if (error or "").strip() else ""
+
+
+def fail_fast(
+    previous: TrialResult | None, result: TrialResult, settled: bool
+) -> TrialResult | None:
+    """Stop a session whose first trials fail alike before their first epoch (at build or
+    on the first step: same exception, same message) at the second one, with the likely
+    fix, instead of spending ``--max-failures`` trials on a mistake in the study.  Returns
+    the failure the next trial is compared with; ``settled``: a trial of this session
+    finished, so failures are the configurations', not the study's."""
+    if settled or result.state is not TrialState.FAILED or not result.early:
+        return None
+    if previous is None or _first_line(previous.error) != _first_line(result.error):
+        return result
+    fix = result.hint or previous.hint
+    raise SearchlabError(
+        f"Stopped: trials {previous.number} and {result.number} failed the same way before "
+        f"their first epoch ({_first_line(result.error)[:300]}); "
+        + (
+            f"likely fix: {fix}."
+            if fix
+            else "it is the study, not the parameters: fix it (the error is on their MLflow "
+            "runs, tag searchlab.error)."
+        )
+        + " Finished trials are kept."
+    )
 
 
 def failure_streak(streak: int, result: TrialResult, max_failures: int) -> int:
@@ -619,28 +714,39 @@ def run_one(
     ).start()
     run_id: str | None = None
     try:
-        listener.trial_started(number, done + 1, session.target, params)
         tags = {
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
-            "searchlab.num_classes": str(spec.data.num_classes),
+            "searchlab.num_classes": classes_tag(spec.data.num_classes),
             **proposal.tags,
         }
         try:
-            run_id = session.tracker.start_trial(number, params, tags)
+            listener.trial_started(number, done + 1, session.target, params)
+            interrupts.check()  # one that arrived during the claim: this trial owns it
+            with interrupts.deferred():  # the run and the trial are linked, or neither exists
+                run_id = session.tracker.start_trial(number, params, tags)
+                for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
+                    trial.set_user_attr(name, value)
             session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
-            for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
-                trial.set_user_attr(name, value)
             on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
-            error = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            if isinstance(exc, KeyboardInterrupt):
+                interrupts.acknowledge()
+                error = "interrupted (Ctrl-C)"
+            else:
+                error = str(exc) or type(exc).__name__
             result = TrialResult(number, params, TrialState.FAILED, error=error)
+            with interrupts.deferred():
+                try:
+                    finish(session, trial, run_id, result)
+                    session.engine.tell(proposal, result)
+                except Exception as inner:  # the stores may be what failed: say the first error
+                    log.warning("trial %s: could not record its failure: %s", number, inner)
+            raise
+        with interrupts.deferred():  # MLflow, Optuna and the engine all learn the result
             finish(session, trial, run_id, result)
             session.engine.tell(proposal, result)
-            raise
-        finish(session, trial, run_id, result)
-        session.engine.tell(proposal, result)
     finally:
         heartbeat.stop()
     best = session.store.best()
@@ -702,6 +808,7 @@ __all__ = [
     "Session",
     "close_session",
     "end_session",
+    "fail_fast",
     "open_shared",
     "session_counts",
     "failure_streak",

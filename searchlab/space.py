@@ -318,6 +318,21 @@ class Space(Mapping[str, Param]):
     def grid_size(self) -> int:
         return len(self.grid())
 
+    def defaults(self) -> dict[str, Value]:
+        """One point of the space: each active parameter's first grid value (or its low end,
+        or its first choice); what ``trial.preflight`` builds before a search."""
+        out: dict[str, Value] = {}
+        for name, param in self.params.items():
+            if not self.active(name, out):
+                continue
+            if isinstance(param, Int | Float):
+                out[name] = param.grid[0] if param.grid is not None else param.low
+            elif isinstance(param, Choice):
+                out[name] = param.values[0]
+            else:
+                out[name] = False
+        return out
+
     def to_hp(self, hp: Any, grid: bool = False) -> dict[str, Value]:
         """Declare and read every active parameter on a keras-tuner ``HyperParameters``.
 
@@ -330,7 +345,7 @@ class Space(Mapping[str, Param]):
             with contextlib.ExitStack() as scopes:
                 for parent, values in _when(param.when).items():
                     scopes.enter_context(hp.conditional_scope(parent, list(values)))
-                value = _hp_value(hp, name, param, grid)
+                value = hp_value(hp, name, param, grid)
             if self.active(name, out):
                 out[name] = value
         return out
@@ -344,7 +359,7 @@ class Space(Mapping[str, Param]):
         return list(self.params)
 
 
-def _hp_value(hp: Any, name: str, param: Param, grid: bool = True) -> Value:
+def hp_value(hp: Any, name: str, param: Param, grid: bool = True) -> Value:
     if isinstance(param, Int):
         if param.grid is not None and grid:
             return hp.Choice(name, list(param.grid))

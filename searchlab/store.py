@@ -48,14 +48,72 @@ FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
 
 
 def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (SQLAlchemy's own rendering)."""
+    """``url`` with its password replaced by ``***``: SQLAlchemy's own rendering for a
+    database URL, the same ``user:***@host`` for an ``http(s)://`` tracking server."""
+    import urllib.parse
+
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme in ("http", "https"):
+        if parsed.password is None:
+            return url
+        host = parsed.netloc.rsplit("@", 1)[1]
+        user = urllib.parse.quote(parsed.username or "", safe="")
+        return urllib.parse.urlunsplit(parsed._replace(netloc=f"{user}:***@{host}"))
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return url
+
+
+#: database servers searchlab reaches through SQLAlchemy (``--storage``, ``--tracking-uri``)
+DB_SERVERS = ("postgresql", "mysql", "mssql", "oracle")
+
+
+def is_db_server(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in DB_SERVERS
+
+
+def check_db_server(url: str, what: str, flag: str, timeout: int = 10) -> None:
+    """Connect to the database server of ``url`` and disconnect, writing nothing: one
+    ``StoreError`` within about ``timeout`` seconds when it cannot be reached, refuses the
+    credentials or lacks the database (the password is never shown)."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(
+            url, connect_args={"connect_timeout": timeout}, poolclass=sqlalchemy.pool.NullPool
+        )
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ModuleNotFoundError as exc:
+        raise StoreError(
+            f"Cannot open {what} {redact(url)}: its database driver {exc.name!r} is not "
+            "installed. For PostgreSQL: pip install 'searchlab[postgres]'."
+        ) from None
+    except Exception as exc:
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise StoreError(
+            f"Cannot open {what} {redact(url)}: {_hide(first, url)}. Check {flag} (host, "
+            "port, user, password, database)."
+        ) from None
+
+
+def _hide(text: str, url: str) -> str:
+    """``text`` without the password of ``url`` (a driver may quote what it was given)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(str(password), "***") if password else text
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -99,9 +157,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(
-            f"Cannot open the Optuna storage {redact(url)}: {first}. "
+            f"Cannot open the Optuna storage {redact(url)}: {_hide(first, url)}. "
             "Check --storage (for PostgreSQL: host, port, user, password, database)."
-        ) from exc
+        ) from None
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    missing: list[Path] = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 def describe_changes(changed: Mapping[str, tuple[str | None, str | None]]) -> str:
@@ -181,6 +248,8 @@ class StudyStore:
         self.url = url
         #: what ``open(..., allow_changed_settings=True)`` let change: name -> (was, now)
         self.changed_settings: dict[str, tuple[str | None, str | None]] = {}
+        #: what ``open`` created: the study, the SQLite file, its folders (``discard``)
+        self._created: tuple[bool, Path | None, list[Path]] = (False, None, [])
 
     @classmethod
     def open(
@@ -202,7 +271,11 @@ class StudyStore:
         changed, unless ``allow_changed_settings``: then they are replaced and what changed
         is in ``changed_settings``.  A study stored before settings were kept takes these.
         """
+        path = sqlite_path(url)
+        new_file = path if path is not None and not path.exists() else None
+        new_dirs = _missing_folders(path.parent) if path is not None else []
         storage = open_storage(url)
+        new_study = name not in optuna.get_all_study_names(storage=storage)
         ostudy = optuna.create_study(
             study_name=name,
             storage=storage,
@@ -259,7 +332,26 @@ class StudyStore:
                 ostudy.set_metric_names([objective])  # Optuna Dashboard and plots name it
         store = cls(ostudy, storage, url)
         store.changed_settings = changed
+        store._created = (new_study, new_file, new_dirs)
         return store
+
+    def discard(self) -> None:
+        """Undo what ``open`` created -- the study, and the SQLite file and folders when it
+        created those -- for a session that stopped before it began (the MLflow store could
+        not be opened): a failed run writes nothing."""
+        new_study, new_file, new_dirs = self._created
+        self._created = (False, None, [])
+        if new_file is not None:
+            self.storage.engine.dispose()
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{new_file}{suffix}").unlink(missing_ok=True)
+        elif new_study:
+            optuna.delete_study(study_name=self.name, storage=self.storage)
+        for folder in reversed(new_dirs):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another process uses it) or gone
+                break
 
     @classmethod
     def load(cls, name: str, url: str) -> StudyStore:
@@ -384,6 +476,7 @@ class StudyStore:
 
 
 __all__ = [
+    "DB_SERVERS",
     "EPOCHS_ATTR",
     "ERROR_ATTR",
     "FINISHED",
@@ -392,7 +485,9 @@ __all__ = [
     "SPACE_ATTR",
     "StoredTrial",
     "StudyStore",
+    "check_db_server",
     "describe_changes",
+    "is_db_server",
     "open_storage",
     "redact",
     "sqlite_path",

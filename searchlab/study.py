@@ -18,6 +18,8 @@ Example study file::
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -27,11 +29,92 @@ from typing import Any
 
 from searchlab.data import Dataset
 from searchlab.errors import DataError, SearchlabError, StudyDefinitionError
-from searchlab.hp import HpSpace
-from searchlab.space import Param, Space, as_space
+from searchlab.hp import HpSpace, Overrides, is_hypermodel, own_fit
+from searchlab.space import Bool, Choice, Float, Int, Param, Space, as_space
 
+log = logging.getLogger(__name__)
 STRATEGIES = ("grid", "random", "bayesian", "gp", "hyperband")
 DIRECTIONS = ("maximize", "minimize")
+#: what a direction may be written as (KerasTuner's ``Objective`` says "max" / "min")
+_DIRECTION_NAMES = {
+    "maximize": "maximize",
+    "max": "maximize",
+    "minimize": "minimize",
+    "min": "minimize",
+}
+#: How a metric's name tells its direction, as KerasTuner infers it: the name, without
+#: ``val_`` / ``weighted_`` and Keras's ``_1`` suffix, is one of these or ends in ``_`` + one
+#: (``out_loss``, ``sparse_categorical_accuracy``, ``mean_absolute_error``).
+_MAXIMIZE = (
+    "accuracy", "acc", "auc", "precision", "recall", "f1_score", "fbeta_score", "r2_score",
+    "iou", "true_positives", "true_negatives", "sensitivity_at_specificity",
+    "specificity_at_sensitivity", "precision_at_recall", "recall_at_precision",
+)  # fmt: skip
+_MINIMIZE = (
+    "loss", "error", "mse", "mae", "mape", "msle", "rmse", "crossentropy", "hinge",
+    "logcosh", "log_cosh", "kl_divergence", "kld", "kullback_leibler_divergence", "poisson",
+    "huber", "false_positives", "false_negatives", "ctc", "dice", "tversky",
+)  # fmt: skip
+
+
+def infer_direction(objective: str) -> str | None:
+    """``maximize`` or ``minimize`` as the metric's name tells (None: it does not), the way
+    KerasTuner infers an objective's direction: losses and errors are minimised, accuracy,
+    AUC, precision, recall and the like maximised."""
+    name = objective.removeprefix("val_").removeprefix("weighted_")
+    name = re.sub(r"_\d+$", "", name)
+    best: tuple[int, str] | None = None
+    for direction, tokens in (("maximize", _MAXIMIZE), ("minimize", _MINIMIZE)):
+        for token in tokens:
+            if (name == token or name.endswith("_" + token)) and (
+                best is None or len(token) > best[0]
+            ):
+                best = (len(token), direction)
+    return best[1] if best else None
+
+
+def resolve_objective(objective: Any, direction: Any) -> tuple[str, str, str]:
+    """The study's objective name and direction from what the study file gave: a metric name
+    or a KerasTuner ``Objective(name, direction)``, and ``direction=`` (``maximize`` /
+    ``minimize``, or ``max`` / ``min``) or None.  Returns (name, direction, how the direction
+    was chosen); a list of objectives or an unknown direction is refused in one line."""
+    if isinstance(objective, list | tuple):
+        names = [getattr(o, "name", o) for o in objective]
+        raise StudyDefinitionError(
+            f"objective= lists {len(names)} objectives ({', '.join(map(str, names))}); searchlab "
+            "optimises one. Pick one, e.g. objective='val_loss', or compile the model with a "
+            "metric that combines them."
+        )
+    given = direction
+    if not isinstance(objective, str):  # KerasTuner's Objective("name", direction="min")
+        name, kt_direction = getattr(objective, "name", None), getattr(objective, "direction", None)
+        if not isinstance(name, str) or kt_direction not in _DIRECTION_NAMES:
+            raise StudyDefinitionError(
+                f"objective must be a metric name such as 'val_accuracy' or a "
+                f"keras_tuner.Objective, got {objective!r}."
+            )
+        kt_direction = _DIRECTION_NAMES[kt_direction]
+        if given is not None and _DIRECTION_NAMES.get(given) != kt_direction:
+            raise StudyDefinitionError(
+                f"objective=Objective({name!r}, direction={objective.direction!r}) and "
+                f"direction={given!r} disagree: give the direction once."
+            )
+        objective, given = name, kt_direction
+    if not objective.strip():
+        raise StudyDefinitionError("objective must name a metric, e.g. 'val_accuracy'.")
+    if given is not None:
+        if given not in _DIRECTION_NAMES:
+            raise StudyDefinitionError(
+                f"direction must be 'maximize' or 'minimize' (or 'max' / 'min'), got {given!r}."
+            )
+        return objective, _DIRECTION_NAMES[given], "given"
+    inferred = infer_direction(objective)
+    if inferred is None:
+        raise StudyDefinitionError(
+            f"Cannot tell from its name whether objective {objective!r} is to be maximised or "
+            "minimised: add direction='maximize' or direction='minimize' to the Study."
+        )
+    return objective, inferred, "inferred from its name"
 
 
 def check_strategy(strategy: str) -> str:
@@ -49,15 +132,19 @@ class Study:
     Args:
         name: the study's name: its Optuna study and its MLflow experiment.
         space: parameter name -> ``Int`` / ``Float`` / ``Choice`` / ``Bool``; or ``None``
-            when ``model`` is a KerasTuner-style ``build_model(hp)`` that declares its own
-            parameters (``hp.Int``, ``hp.Float``, ``hp.Choice``, ``hp.Boolean``; see
-            ``searchlab.hp``).
+            when ``model`` declares its own parameters: a KerasTuner-style
+            ``build_model(hp)``, a ``keras_tuner.HyperModel`` instance (its ``fit`` too) or an
+            Optuna-style ``create_model(trial)`` (see ``searchlab.hp``).
         model: ``build(params)`` or ``build(params, info)`` returning a compiled
-            ``keras.Model``; ``info`` has ``input_shape`` and ``num_classes``.  With
-            ``space=None``: ``build_model(hp)``.
+            ``keras.Model``; ``info`` has ``input_shape`` and ``num_classes`` (None for
+            regression targets).  With ``space=None``: ``build_model(hp)``, a HyperModel, or
+            ``create_model(trial)``.
         data: a dataset name (``"mnist"``) or a ``Dataset``.
-        objective: the metric to optimise, as Keras reports it per epoch.
-        direction: ``"maximize"`` or ``"minimize"``.
+        objective: the metric to optimise, as Keras reports it per epoch (``val_loss``,
+            ``val_accuracy``, ...), or a ``keras_tuner.Objective(name, direction)``.
+        direction: ``"maximize"`` or ``"minimize"`` (``"max"`` / ``"min"``); None: inferred
+            from the objective's name as KerasTuner does (losses and errors are minimised,
+            accuracy, AUC, precision, recall ... maximised).
         strategy: default strategy: ``grid``, ``random``, ``bayesian`` (TPE) or ``gp``.
         trials: how many trials to complete (None: the whole grid, or until ``timeout``).
         timeout: stop starting new trials after this many seconds (None: no limit).
@@ -68,6 +155,17 @@ class Study:
         register: register each session's best model under this name in MLflow's model
             registry; its ``champion`` alias moves to a new version only when that one is
             better (``searchlab run --register NAME`` does the same).
+        executions_per_trial: fit each configuration this many times (KerasTuner's
+            averaging): every execution's metrics are logged, the trial's value is the mean.
+        hyperparameters: (``space=None`` only) KerasTuner's ``hyperparameters=``: a
+            ``keras_tuner.HyperParameters`` (or a dict name -> ``Int``/``Float``/``Choice``/
+            ``Bool`` or a fixed value) that replaces or fixes what the code declares.
+        tune_new_entries: (with ``hyperparameters``) False: parameters the code declares
+            that ``hyperparameters`` does not list keep their default, unsearched.
+        allow_new_entries: (with ``hyperparameters``) False: the code may declare only the
+            listed parameters.
+        max_model_size: a trial whose model has more parameters (scalars) fails before it
+            trains, as in KerasTuner.
     """
 
     name: str
@@ -75,7 +173,7 @@ class Study:
     model: Callable[..., Any]
     data: str | Dataset
     objective: str = "val_accuracy"
-    direction: str = "maximize"
+    direction: str | None = None
     strategy: str = "bayesian"
     trials: int | None = 20
     timeout: float | None = None
@@ -84,22 +182,40 @@ class Study:
     batch_size: int = 32
     tags: Mapping[str, str] = field(default_factory=dict)
     register: str | None = None
+    executions_per_trial: int = 1
+    hyperparameters: Any = None
+    tune_new_entries: bool = True
+    allow_new_entries: bool = True
+    max_model_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise StudyDefinitionError(f"Study name must be a non-empty string, got {self.name!r}.")
-        if not callable(self.model):
-            raise StudyDefinitionError(
-                f"Study model must be a function build(params) -> compiled keras.Model, "
-                f"got {type(self.model).__name__}."
-            )
+        self._check_model()
+        overrides = Overrides(
+            _override_params(self.hyperparameters),
+            tune_new_entries=bool(self.tune_new_entries),
+            allow_new_entries=bool(self.allow_new_entries),
+        )
         if self.space is None or isinstance(self.space, HpSpace):
-            # build_model(hp): the function is the space; trials rebuild from a params dict
-            hp_space = self.space or HpSpace(self.model)
+            # the model code is the space; trials rebuild from a params dict
+            hp_space = self.space or _code_space(self.model, overrides)
             object.__setattr__(self, "space", hp_space)
             object.__setattr__(self, "model", hp_space.builder)
         else:
+            if overrides.active:
+                raise StudyDefinitionError(
+                    "hyperparameters=, tune_new_entries= and allow_new_entries= tailor the "
+                    "space that model code declares (space=None); with space={...} change the "
+                    "space itself."
+                )
             object.__setattr__(self, "space", as_space(self.space))
+        for label in ("executions_per_trial", "max_model_size"):
+            value = getattr(self, label)
+            if (value is not None or label == "executions_per_trial") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise StudyDefinitionError(f"{label} must be a positive int, got {value!r}.")
         data = Dataset(self.data) if isinstance(self.data, str) else self.data
         if not isinstance(data, Dataset):
             raise StudyDefinitionError(
@@ -110,10 +226,11 @@ class Study:
         except DataError as exc:
             raise StudyDefinitionError(str(exc)) from exc
         object.__setattr__(self, "data", data)
-        if self.direction not in DIRECTIONS:
-            raise StudyDefinitionError(
-                f"direction must be 'maximize' or 'minimize', got {self.direction!r}."
-            )
+        objective, direction, how = resolve_objective(self.objective, self.direction)
+        object.__setattr__(self, "objective", objective)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "_direction_source", how)
+        log.info("study %s: objective %s, %s (%s)", self.name, objective, direction, how)
         check_strategy(self.strategy)
         for label in ("trials", "epochs"):
             value = getattr(self, label)
@@ -131,6 +248,43 @@ class Study:
                 f"{self.register!r}."
             )
 
+    def _check_model(self) -> None:
+        model = self.model
+        if isinstance(model, type) and hasattr(model, "build"):
+            raise StudyDefinitionError(
+                f"model={model.__name__} is a class: pass an instance, model={model.__name__}()."
+            )
+        if is_hypermodel(model):
+            if self.space is not None and not isinstance(self.space, HpSpace):
+                raise StudyDefinitionError(
+                    f"model={type(model).__name__}() is a HyperModel, which declares its own "
+                    "hyperparameters: give space=None."
+                )
+            return
+        if not callable(model):
+            raise StudyDefinitionError(
+                f"Study model must be a function build(params) -> compiled keras.Model, "
+                f"build_model(hp) or a keras_tuner.HyperModel, got {type(model).__name__}."
+            )
+
+    @property
+    def fit(self) -> Callable[..., Any] | None:
+        """``fit_trial(params, model, *args, **kwargs)`` when the study's HyperModel has its
+        own ``fit``; None: trials call ``model.fit``."""
+        space = self.search_space
+        return space.fit_trial if isinstance(space, HpSpace) and space.fit else None
+
+    @property
+    def goal(self) -> str:
+        """The direction used (``maximize`` / ``minimize``) once the study is checked."""
+        assert self.direction in DIRECTIONS
+        return self.direction
+
+    @property
+    def direction_source(self) -> str:
+        """How the direction was chosen: ``given``, or ``inferred from its name``."""
+        return str(getattr(self, "_direction_source", "given"))
+
     @property
     def dataset(self) -> Dataset:
         assert isinstance(self.data, Dataset)
@@ -140,6 +294,98 @@ class Study:
     def search_space(self) -> Space | HpSpace:
         assert isinstance(self.space, Space | HpSpace)
         return self.space
+
+
+def _code_space(model: Any, overrides: Overrides) -> HpSpace:
+    """The space of model code: a HyperModel's ``build`` (and its own ``fit``), or a
+    ``build_model(hp)`` / ``create_model(trial)`` function."""
+    if is_hypermodel(model):
+        label = f"{type(model).__name__}.build(hp)"
+        return HpSpace(model.build, fit=own_fit(model), overrides=overrides, label=label)
+    name = getattr(model, "__name__", "build_model")
+    return HpSpace(model, overrides=overrides, label=f"{name}(hp)")
+
+
+def _override_params(given: Any) -> dict[str, Any]:
+    """KerasTuner's ``hyperparameters=`` (a ``HyperParameters``) or a dict, as name -> our
+    ``Int``/``Float``/``Choice``/``Bool`` or a fixed value."""
+    if given is None:
+        return {}
+    if isinstance(given, Mapping):
+        out = dict(given)
+        for name, value in out.items():
+            if isinstance(value, Int | Float | Choice | Bool):
+                value.check(name)
+            elif value is not None and not isinstance(value, bool | int | float | str):
+                raise StudyDefinitionError(
+                    f"hyperparameters[{name!r}] must be Int/Float/Choice/Bool or a fixed value, "
+                    f"got {value!r}."
+                )
+        return out
+    space = getattr(given, "space", None)
+    if space is None:
+        raise StudyDefinitionError(
+            "hyperparameters= must be a keras_tuner.HyperParameters or a dict, got "
+            f"{type(given).__name__}."
+        )
+    out = {}
+    for hp in space:
+        kind, name = type(hp).__name__, hp.name
+        if getattr(hp, "conditions", None):
+            raise StudyDefinitionError(
+                f"hyperparameters=: {name!r} is conditional; searchlab takes unconditional "
+                "entries there. Declare the condition in the model code instead."
+            )
+        log_scale = getattr(hp, "sampling", "linear") in ("log", "reverse_log")
+        if kind == "Fixed":
+            out[name] = hp.value
+        elif kind == "Int":
+            out[name] = Int(hp.min_value, hp.max_value, step=hp.step or 1, log=log_scale)
+        elif kind == "Float":
+            step = None if log_scale else hp.step
+            out[name] = Float(hp.min_value, hp.max_value, log=log_scale, step=step)
+        elif kind == "Choice":
+            out[name] = Choice(list(hp.values))
+        elif kind == "Boolean":
+            out[name] = Bool()
+        else:
+            raise StudyDefinitionError(f"hyperparameters=: {name!r} is a {kind}, not supported.")
+    for name, value in out.items():
+        if isinstance(value, Int | Float | Choice | Bool):
+            value.check(name)
+    return out
+
+
+#: KerasTuner ``Tuner`` arguments a study file may carry over, and what to write instead.
+KERAS_TUNER_ARGS = {
+    "hypermodel": "model=",
+    "max_trials": "trials=",
+    "max_epochs": "epochs=",
+    "project_name": "name=",
+    "directory": "$SEARCHLAB_HOME (or run from another folder)",
+    "overwrite": "a new name= (a study is continued, never overwritten)",
+    "max_retries_per_trial": "--max-failures",
+    "max_consecutive_failed_trials": "--max-failures",
+    "tuner": "--engine keras-tuner --strategy grid|random|bayesian|hyperband",
+    "oracle": "--engine keras-tuner --strategy grid|random|bayesian|hyperband",
+    "distribution_strategy": "one worker per GPU (--gpus)",
+    "logger": "MLflow (searchlab ui)",
+    "num_initial_points": "--strategy bayesian (its start-up trials)",
+    "factor": "--prune-factor",
+    "hyperband_iterations": "--trials",
+}
+
+
+def _unexpected_argument(exc: BaseException) -> str | None:
+    """For ``Study(...)`` called with a KerasTuner ``Tuner`` argument: what to write."""
+    match = re.search(r"Study\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(exc))
+    if match is None:
+        return None
+    name = match.group(1)
+    instead = KERAS_TUNER_ARGS.get(name)
+    if instead is None:
+        return f"Study has no argument {name!r}"
+    return f"Study has no argument {name!r} (a KerasTuner Tuner argument): use {instead}"
 
 
 def load_study(path: str | Path) -> Study:
@@ -154,7 +400,14 @@ def load_study(path: str | Path) -> Study:
             f"Study file {path} not found. Pass the path of a .py file that defines "
             "`study = Study(...)`, e.g. studies/mnist_dense.py."
         )
-    source = path.read_text(encoding="utf-8")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise StudyDefinitionError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+            f"offset {exc.start}). Save the study file as UTF-8."
+        ) from None
     try:
         code = compile(source, str(path), "exec")
     except SyntaxError as exc:
@@ -173,7 +426,20 @@ def load_study(path: str | Path) -> Study:
         exec(code, module.__dict__)  # noqa: S102 - a study file is the user's own code
     except SearchlabError as exc:
         raise type(exc)(f"{path}, line {_line_in(exc, path)}: {exc}") from None
+    except SystemExit as exc:  # exit() at import time would end searchlab without a word
+        raise StudyDefinitionError(
+            f"{path}, line {_line_in(exc, path)}: the study file calls sys.exit({exc.code!r}) "
+            'when it is imported. Put script code under `if __name__ == "__main__":`.'
+        ) from None
     except Exception as exc:
+        instead = _unexpected_argument(exc) if isinstance(exc, TypeError) else None
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "tf_keras":
+            instead = (
+                "it imports tf_keras (Keras 2, TF_USE_LEGACY_KERAS=1), which is not installed; "
+                "searchlab needs Keras 3: `import keras` and unset TF_USE_LEGACY_KERAS"
+            )
+        if instead:
+            raise StudyDefinitionError(f"{path}, line {_line_in(exc, path)}: {instead}.") from None
         raise StudyDefinitionError(
             f"{path}, line {_line_in(exc, path)}: {type(exc).__name__}: {exc}. Fix the study file."
         ) from None

@@ -7,7 +7,8 @@ writes it as CSV or Parquet; ``searchlab.results()`` returns it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
         return pd.DataFrame(columns=FIRST_COLUMNS)
     order = {"complete": 0, "pruned": 1, "running": 2, "failed": 3}
     frame["_state_order"] = frame["state"].map(order).fillna(4)
-    frame["_value"] = frame["value"] if direction == "minimize" else -frame["value"]
+    values = pd.to_numeric(frame["value"], errors="coerce")  # all None: failed trials only
+    frame["_value"] = values if direction == "minimize" else -values
     frame = frame.sort_values(["_state_order", "_value", "number"], na_position="last")
     frame = frame.drop(columns=["_state_order", "_value"]).reset_index(drop=True)
     first = [c for c in FIRST_COLUMNS if c in frame.columns]
@@ -41,8 +43,7 @@ def trials_frame(rows: Iterable[Mapping[str, Any]], direction: str = "maximize")
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    frame.to_csv(path, index=False)
-    return path
+    return _whole(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def to_csv(frame: pd.DataFrame) -> str:
@@ -58,7 +59,19 @@ def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    frame.to_parquet(path, index=False)
+    return _whole(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def _whole(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: a
+    failure (a full disk, a kill) leaves the previous file or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -198,6 +198,9 @@ def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints each closed run's page, with the tracking URI's password in it: the CLI
+    # says where the results are itself
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow  # noqa: F401 - configures its loggers on import; quiet them after
 
     for name in ("mlflow", "alembic"):
@@ -205,34 +208,55 @@ def _quiet_mlflow() -> None:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with one line when an http(s) tracking server does not answer."""
-    parsed = urllib.parse.urlparse(uri)
+    """Fail fast with one line when the tracking store's server does not answer: an
+    http(s) MLflow server (its ``/health``, with the URI's user and password as basic
+    auth), or a database server (connect and disconnect; MLflow itself would retry for
+    about two minutes).  The password is never shown."""
+    from searchlab.store import check_db_server, is_db_server, redact
+
+    if is_db_server(uri):
+        check_db_server(uri, "the MLflow tracking store", "--tracking-uri")
+        return
+    parsed = urllib.parse.urlsplit(uri)
     if parsed.scheme not in ("http", "https"):
         return
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    url = urllib.parse.urlunsplit(parsed._replace(netloc=host)).rstrip("/") + "/health"
+    request = urllib.request.Request(url)
+    if parsed.username is not None:
+        import base64
 
-    url = uri.rstrip("/") + "/health"
+        pair = (
+            f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        )
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user's server
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - user's
             if resp.status >= 500:
-                raise StoreError(f"MLflow server {uri} answered {resp.status} on /health.")
+                raise StoreError(f"MLflow server {redact(uri)} answered {resp.status} on /health.")
     except StoreError:
         raise
     except Exception as exc:
         raise StoreError(
-            f"Cannot reach the MLflow tracking server {uri} ({exc.__class__.__name__}: {exc}). "
-            "Start it (mlflow server --host ...) or pass another --tracking-uri."
-        ) from exc
+            f"Cannot reach the MLflow tracking server {redact(uri)} "
+            f"({exc.__class__.__name__}: {exc}). Start it (mlflow server --host ...) or pass "
+            "another --tracking-uri."
+        ) from None
 
 
-def client(uri: str) -> Any:
+def client(uri: str, *, create: bool = True) -> Any:
     """An ``MlflowClient`` on ``uri``; for a SQLite store its folder is created.  For
-    ``MlflowTracker`` and ``doctor``, and for tests and scripts that read MLflow directly."""
+    ``MlflowTracker`` and ``doctor``, and for tests and scripts that read MLflow directly.
+    With ``create=False`` (reading results) a local store that does not exist is one
+    ``StoreError`` and nothing is created."""
     _quiet_mlflow()
+    if not create:
+        check_exists(uri)
     check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
     try:
-        if uri.startswith("sqlite:///"):
+        if uri.startswith("sqlite:///") and create:
             path = Path(uri[len("sqlite:///") :])
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -240,11 +264,22 @@ def client(uri: str) -> Any:
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
+        from searchlab.store import redact
+
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise StoreError(
-            f"Cannot open the MLflow tracking store {uri} ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). Check --tracking-uri."
-        ) from exc
+            f"Cannot open the MLflow tracking store {redact(uri)} ({exc.__class__.__name__}: "
+            f"{_hide_secret(first, uri)}). Check --tracking-uri."
+        ) from None
     return c
+
+
+def _hide_secret(text: str, uri: str) -> str:
+    """``text`` without the password ``uri`` holds, if it quotes it."""
+    password = urllib.parse.urlsplit(uri).password if "@" in uri else None
+    if password:
+        text = text.replace(password, "***").replace(urllib.parse.unquote(password), "***")
+    return text
 
 
 def store_template_dir() -> Path:
@@ -312,6 +347,14 @@ def is_remote(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("http", "https")
 
 
+def page_url(uri: str) -> str:
+    """The address of an MLflow server's pages, for a browser: ``uri`` without a user and
+    password (the browser asks for them), and without a trailing slash."""
+    parsed = urllib.parse.urlsplit(uri)
+    host = parsed.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=host)).rstrip("/")
+
+
 def local_path(uri: str) -> Path | None:
     """The file or folder a local tracking URI names (``sqlite:///f.db``, ``file:///d``, ``d``)."""
     parsed = urllib.parse.urlparse(uri)
@@ -337,17 +380,24 @@ def check_exists(uri: str) -> None:
         )
 
 
-def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> list[str]:
-    """The ``mlflow ui`` command line that serves the tracking store ``uri``."""
+#: how ``mlflow ui`` is told its store: in its environment, not on its command line, where
+#: every user of the machine reads it (``ps``) with the password it may hold
+BACKEND_STORE_ENV = "MLFLOW_BACKEND_STORE_URI"
+
+
+def ui_command(
+    uri: str, host: str, port: int, artifact_root: Path | None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow ui`` command line that serves the tracking store ``uri``, and the
+    environment to start it in (the store's URI is there: ``BACKEND_STORE_ENV``)."""
     import sys
 
+    env = {**os.environ, BACKEND_STORE_ENV: uri}
     argv = [
         sys.executable,
         "-m",
         "mlflow",
         "ui",
-        "--backend-store-uri",
-        uri,
         "--host",
         host,
         "--port",
@@ -357,7 +407,7 @@ def ui_command(uri: str, host: str, port: int, artifact_root: Path | None) -> li
     ]
     if artifact_root is not None:
         argv += ["--default-artifact-root", artifact_root.resolve().as_uri()]
-    return argv
+    return argv, env
 
 
 def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
@@ -542,14 +592,22 @@ class MlflowTracker:
         uri: the tracking URI (``sqlite:///...``, ``http://host:5000``, a folder, ...).
         artifact_root: where a new experiment keeps artifacts when the store is local.
         source: the study file the runs come from (their ``mlflow.source.*`` tags).
+        create: False for a reader (``export``, ``report``, ``ui``): a local store that
+            does not exist is a ``StoreError``, never created.
     """
 
     def __init__(
-        self, uri: str, artifact_root: Path | None = None, source: str | Path | None = None
+        self,
+        uri: str,
+        artifact_root: Path | None = None,
+        source: str | Path | None = None,
+        *,
+        create: bool = True,
     ) -> None:
         self.uri = uri
         self.artifact_root = artifact_root
         self.source = str(source) if source is not None else None
+        self.create = create
         self._client: Any = None
         self.experiment_id: str | None = None
         self._session_id: str | None = None
@@ -562,9 +620,10 @@ class MlflowTracker:
 
     @property
     def _mlflow(self) -> Any:
-        """The ``MlflowClient``, opened on first use (it never leaves this module)."""
+        """The ``MlflowClient``, opened on first use (it never leaves this module), behind
+        ``_Guarded``: what MLflow raises leaves as a ``StoreError``."""
         if self._client is None:
-            self._client = client(self.uri)
+            self._client = _Guarded(client(self.uri, create=self.create), self.uri)
         return self._client
 
     def connect(self) -> None:
@@ -628,7 +687,7 @@ class MlflowTracker:
 
         try:
             return str(self._mlflow.get_run(run_id).info.status)
-        except MlflowException:
+        except (MissingRun, MlflowException):
             return None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
@@ -886,24 +945,31 @@ class MlflowTracker:
             with _fluent_uri(self.uri):  # the registry resolves models:/<id> through it
                 return self._register(model_uri, name, score, tags)
         except MlflowException as exc:
+            from searchlab.store import redact
+
+            text = str(exc).strip()
+            first = _hide_secret(text.splitlines()[0] if text else type(exc).__name__, self.uri)
             raise StoreError(
-                f"Cannot register the best model as {name!r} in {self.uri} "
-                f"({str(exc).splitlines()[0]}). Use a tracking store with a model registry "
+                f"Cannot register the best model as {name!r} in {redact(self.uri)} "
+                f"({first}). Use a tracking store with a model registry "
                 "(a database or an MLflow server), or drop --register."
-            ) from exc
+            ) from None
 
     def _register(
         self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str]
     ) -> Registration:
         from mlflow.exceptions import MlflowException
 
+        # the raw client: its error codes tell an existing model or a missing alias apart
+        # (``register_model`` turns what else it raises into one StoreError line)
+        registry = self._mlflow._inner
         try:
-            self._mlflow.create_registered_model(name)
+            registry.create_registered_model(name)
         except MlflowException as exc:
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
         try:
-            champion = self._mlflow.get_model_version_by_alias(name, CHAMPION)
+            champion = registry.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:
             champion = None
         old_tags = dict(champion.tags) if champion is not None else None
@@ -913,7 +979,7 @@ class MlflowTracker:
             version = str(champion.version)
         else:
             version = str(
-                self._mlflow.create_model_version(
+                registry.create_model_version(
                     name,
                     source=model_uri,
                     run_id=self._session_id,
@@ -923,7 +989,7 @@ class MlflowTracker:
                 ).version
             )
         if move == "move":
-            self._mlflow.set_registered_model_alias(name, CHAMPION, version)
+            registry.set_registered_model_alias(name, CHAMPION, version)
         old = score_of(old_tags or {})
         return Registration(
             name=name,
@@ -1037,6 +1103,45 @@ class MlflowTracker:
                 [exp_id], max_results=50_000, order_by=["attributes.start_time ASC"]
             )
         )
+
+
+class MissingRun(StoreError, LookupError):
+    """The tracking store has no such run (or experiment): another store, or deleted."""
+
+
+class _Guarded:
+    """An ``MlflowClient`` whose methods raise ``StoreError`` (one line, no password) for
+    what MLflow raises: no MLflow exception leaves this module, so the CLI says it in one
+    line (the store went away, refused a write, holds an experiment it cannot serve)."""
+
+    def __init__(self, inner: Any, uri: str) -> None:
+        self._inner = inner
+        self._uri = uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+        from mlflow.exceptions import MlflowException
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as exc:
+                from searchlab.store import redact
+
+                text = str(exc.message if hasattr(exc, "message") else exc).strip()
+                first = _hide_secret(
+                    text.splitlines()[0] if text else type(exc).__name__, self._uri
+                )
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise MissingRun(f"{first} (in {redact(self._uri)})") from None
+                raise StoreError(
+                    f"The MLflow tracking store {redact(self._uri)} refused {name}: {first} "
+                    "Check --tracking-uri; finished trials are kept."
+                ) from None
+
+        return call
 
 
 def _record(run: Any) -> RunRecord:

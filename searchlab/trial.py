@@ -25,6 +25,17 @@ How a trial runs (``run_trial``, top to bottom):
    and copies the plan's model's weights at each better epoch.
 4. The plan saves those best weights.
 
+A HyperModel with its own ``fit`` (``TrialSpec.fit``) trains the plain plan's model through
+it, as KerasTuner's ``Tuner.run_trial`` does: ``fit(hp, model, x, y, validation_data=...,
+epochs=..., batch_size=..., callbacks=[the monitor], verbose=0)``; a ``fit`` that passes the
+kwargs on to ``model.fit`` reports each epoch, prunes and keeps its best weights as any
+trial; one that runs its own loop and returns a float, a dict of metrics or a ``History``
+gives the trial its objective (and its epochs, where the return value has them).  With
+``TrialSpec.executions`` > 1 the trial fits that many fresh models (KerasTuner's
+``executions_per_trial``): each execution's epochs are logged as ``execution_N/<metric>``,
+the per-epoch mean under the metric's own name, and the trial's value is the mean of the
+executions' best values; the best execution's weights are kept.
+
 The random streams are seeded by ``_seed`` from ``trial_seed(spec.seed, number)`` at two
 points: before the model is built (after planning, which may build a template), and right
 before each phase that the trial compiled starts training (plus the phase's index), so that
@@ -45,6 +56,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import time
 import traceback
 import warnings
@@ -56,9 +68,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import backend, cache
-from searchlab.data import Data, DataInfo, info_of
+from searchlab import backend, cache, interrupts
+from searchlab.data import Data, DataInfo, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
+from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
 from searchlab.outcome import TrialResult, TrialState
 
@@ -84,6 +97,12 @@ class TrialSpec:
     batch_size: int = 32
     seed: int = 0
     precision: str = backend.DEFAULT_PRECISION  # a Keras dtype policy, see backend.PRECISIONS
+    #: a HyperModel's own fit: ``fit(params, model, x, y, **kwargs)`` (``hp.HpSpace.fit_trial``)
+    fit: Callable[..., Any] | None = None
+    #: fresh models fit per trial (KerasTuner's ``executions_per_trial``)
+    executions: int = 1
+    #: a model with more parameters fails its trial before training (KerasTuner's option)
+    max_model_size: int | None = None
 
     def better(self, a: float, b: float | None) -> bool:
         if b is None:
@@ -91,23 +110,52 @@ class TrialSpec:
         return a > b if self.direction == "maximize" else a < b
 
 
-def build_model(build: Callable[..., Any], params: Mapping[str, Any], info: DataInfo) -> Any:
-    """Call a study's builder as ``build(params)`` or ``build(params, info)``."""
+#: where Keras 2 keeps its models: ``tf_keras`` (``TF_USE_LEGACY_KERAS=1``), TensorFlow's copy
+_KERAS_2 = ("tf_keras", "tensorflow.python.keras", "keras.engine", "keras.src.engine")
+
+
+def build_model(
+    build: Callable[..., Any],
+    params: Mapping[str, Any],
+    info: DataInfo,
+    *,
+    compiled: bool = True,
+) -> Any:
+    """Call a study's builder as ``build(params)`` or ``build(params, info)``; ``compiled``:
+    refuse a model that is not compiled (a HyperModel's own ``fit`` may train one that is
+    not)."""
     try:
         n_args = len(inspect.signature(build).parameters)
     except (TypeError, ValueError):
         n_args = 1
     model = build(dict(params), info) if n_args >= 2 else build(dict(params))
+    check_model(model, compiled=compiled)
+    return model
+
+
+def check_model(model: Any, *, compiled: bool = True) -> None:
+    """Refuse in one line what a builder returned that searchlab cannot train."""
     if not isinstance(model, keras.Model):
+        module = type(model).__module__
+        if module.startswith(_KERAS_2):
+            raise StudyDefinitionError(
+                f"The model builder returned a Keras 2 model ({module}.{type(model).__name__}: "
+                "tf_keras, or TF_USE_LEGACY_KERAS=1); searchlab needs Keras 3. Build it with "
+                "`import keras` (Keras 3) and unset TF_USE_LEGACY_KERAS."
+            )
+        if isinstance(model, int | float | np.number) and not isinstance(model, bool):
+            raise StudyDefinitionError(
+                "The model builder returned a number, as an Optuna objective(trial) does. "
+                f"{SPLIT_OBJECTIVE}."
+            )
         raise StudyDefinitionError(
             f"The model builder must return a keras.Model, but returned {type(model).__name__}."
         )
-    if model.optimizer is None:
+    if compiled and getattr(model, "optimizer", None) is None:
         raise StudyDefinitionError(
             "The model builder returned a model that is not compiled: call "
             "model.compile(optimizer=..., loss=..., metrics=['accuracy']) before returning it."
         )
-    return model
 
 
 def _release_previous_trial() -> None:
@@ -128,49 +176,80 @@ def trial_seed(seed: int, number: int) -> int:
     return (seed * 100_003 + number) % (2**31 - 1)
 
 
-def _seed(spec: TrialSpec, number: int, phase: int = 0) -> None:
+#: seed offset between the executions of a trial (``executions_per_trial``)
+EXECUTION_SEED_STRIDE = 7_919
+
+
+def _seed(spec: TrialSpec, number: int, phase: int = 0, execution: int = 0) -> None:
     """Seed Python's, NumPy's and the backend's random streams for ``phase`` of trial
-    ``number``: the one place a trial seeds them (the module doc says when)."""
-    keras.utils.set_random_seed(trial_seed(spec.seed, number) + phase)
+    ``number`` (and its ``execution``): the one place a trial seeds them (the module doc
+    says when)."""
+    offset = phase + EXECUTION_SEED_STRIDE * execution
+    keras.utils.set_random_seed(trial_seed(spec.seed, number) + offset)
 
 
 class _Monitor(keras.callbacks.Callback):
     """Per-epoch report, NaN guard and in-memory best-weights checkpoint."""
 
-    def __init__(self, spec: TrialSpec, on_epoch: EpochCallback | None) -> None:
+    def __init__(
+        self, spec: TrialSpec, on_epoch: EpochCallback | None, *, strict: bool = True
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.on_epoch = on_epoch
+        #: False for a HyperModel's own fit: its return value may hold the objective instead
+        self.strict = strict
         self.target: Any = None  # whose weights to keep: the plan's model, also when a part fits
         self.history: dict[str, list[float]] = {}
         self.best: float | None = None
         self.best_epoch: int | None = None
         self.best_weights: list[np.ndarray] | None = None
         self.bad_loss: str | None = None
-        self.epoch_started = 0.0
+        self.epoch_started = time.perf_counter()  # a custom loop may never begin an epoch
+
+    @property
+    def trained(self) -> Any:
+        """The model being trained: the one ``fit`` set, else the plan's (a custom loop may
+        call the callbacks without ``set_model``)."""
+        return self.model if self.model is not None else self.target
+
+    def _stop(self) -> None:
+        if self.trained is not None:
+            self.trained.stop_training = True
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch_started = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()  # a Ctrl-C that Python dropped (in a gc callback) stops it here
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.bad_loss = f"loss became {float(loss)} at batch {batch}"
-            self.model.stop_training = True
+            self._stop()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        interrupts.check()
         logs = {k: float(v) for k, v in (logs or {}).items()}
         # wall time of the epoch, validation included (the first one includes compiling)
         logs["epoch_s"] = time.perf_counter() - self.epoch_started
+        self.epoch_started = time.perf_counter()
         try:
             logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+                keras.ops.convert_to_numpy(self.trained.optimizer.learning_rate)
             )
         except Exception:  # an optimizer without a readable rate: skip the metric
             pass
+        self.record(epoch, logs)
+
+    def record(self, epoch: int, logs: dict[str, float], *, weights: bool = True) -> None:
+        """Keep one epoch's metrics, report it, and copy the weights when it is the best so
+        far (``weights=False``: the epoch is replayed after training; the caller keeps them)."""
         for key, value in logs.items():
             self.history.setdefault(key, []).append(value)
-        if self.spec.objective not in logs:
+        if self.spec.objective not in logs and self.strict:
             raise StudyDefinitionError(
                 f"The objective {self.spec.objective!r} is not a metric this model reports; "
                 f"it reports {', '.join(sorted(logs))}. Set objective= to one of them "
@@ -181,15 +260,15 @@ class _Monitor(keras.callbacks.Callback):
             self.bad_loss = f"loss became {loss} in epoch {epoch}"
         improved = False
         if self.bad_loss:
-            self.model.stop_training = True
+            self._stop()
         else:
-            value = logs[self.spec.objective]
+            value = logs.get(self.spec.objective, math.nan)
             if math.isfinite(value) and self.spec.better(value, self.best):
                 self.best, self.best_epoch, improved = value, epoch + 1, True  # from 1
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
-        if improved:  # copied once the pruner let the trial go on: a pruned trial keeps none
-            target = self.model if self.target is None else self.target
+        if improved and weights:  # copied once the pruner let the trial go on: none if pruned
+            target = self.trained if self.target is None else self.target
             self.best_weights = target.get_weights()
 
 
@@ -202,14 +281,16 @@ def run_trial(
 ) -> TrialResult:
     """Train one configuration and return its result; never raises for a failed trial.
 
-    Raises only ``StudyDefinitionError`` (the study itself is wrong) and ``KeyboardInterrupt``.
+    Raises only ``StudyDefinitionError`` (the study itself is wrong), ``KeyboardInterrupt``
+    and an ``OSError`` that says the disk is full (``disk_full``: every trial would fail).
     """
     started = time.perf_counter()
     result = TrialResult(number=number, params=dict(params), state=TrialState.FAILED)
     result.tags.update(backend.run_tags())
     result.tags["searchlab.precision"] = spec.precision
     _release_previous_trial()  # also resets Keras's dtype policy
-    monitor = _Monitor(spec, on_epoch)
+    interrupts.check()  # the collection above runs callbacks that may drop a Ctrl-C
+    monitor = _Monitor(spec, on_epoch, strict=spec.fit is None)
     try:
         with backend.precision_policy(spec.precision):  # the global policy comes back after
             _build_and_fit(number, params, spec, workdir, monitor, result)
@@ -224,12 +305,166 @@ def run_trial(
         result.error = str(exc)
     except (StudyDefinitionError, KeyboardInterrupt):
         raise
+    except OSError as exc:
+        if disk_full(exc):  # every later trial would fail alike: the study stops here
+            raise
+        result.history = monitor.history
+        result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     except Exception as exc:  # builder errors, OOM, backend errors: this trial only
         result.history = monitor.history
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+        result.early = not monitor.history
+        if result.early:
+            result.hint = hint(exc, monitor.target, spec.data)
+            if result.hint:
+                result.tags["searchlab.hint"] = result.hint
     finally:
         result.duration = time.perf_counter() - started
     return result
+
+
+def ensure_space(path: Path, model: Any) -> None:
+    """Raise ``OSError(ENOSPC)`` before HDF5 writes ``model`` to ``path`` on a disk without
+    room for it.  HDF5 cannot recover from a write the disk refused: the file it leaves
+    open makes the process crash when it exits (measured: a segfault after the error)."""
+    import errno
+    import shutil
+
+    variables = list(model.weights)
+    optimizer = getattr(model, "optimizer", None)
+    variables += list(getattr(optimizer, "variables", []) or [])
+    need = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    need = int(need * 1.1) + 2**20  # HDF5's own structure, and room to spare
+    if shutil.disk_usage(path.parent).free < need:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk (or a quota) is full: ``ENOSPC``/``EDQUOT``, also where
+    HDF5 only names the errno in its message."""
+    import errno
+
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+def preflight(spec: TrialSpec, params: Mapping[str, Any]) -> None:
+    """Before a session touches any store: build one model (``params``: the space's
+    defaults) and check what every trial would otherwise fail on after it was recorded: a
+    builder that does not return a compiled Keras 3 model, a model that cannot take the
+    labels (with the likely fix), an objective the model does not report.  A builder that
+    raises is left to the trials (it may fail for these params only: a trial's failure is
+    its own, and the first trials failing alike stop the session).  A transfer builder's
+    models are searchlab's own: not built here."""
+    if isinstance(spec.build, cache.TransferBuilder):
+        return
+    info = info_of(spec.data)
+    try:
+        # on the CPU: the launcher of worker processes must not hold accelerator memory
+        with backend.precision_policy(spec.precision), keras.device("cpu:0"):
+            model = build_model(spec.build, params, info, compiled=spec.fit is None)
+            if spec.fit is not None:
+                return  # a HyperModel's own fit decides what it reports
+            n = min(8, len(spec.data.x_val))
+            x, y = spec.data.x_val[:n], take(spec.data.y_val, slice(n))
+            try:
+                logs = model.evaluate(x, y, batch_size=n, verbose=0, return_dict=True)
+            except Exception as exc:
+                found = hint(exc, model, spec.data)
+                if found is None:  # the trials will say what it is
+                    log.info("could not evaluate the first model before the search: %s", exc)
+                    return
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                raise StudyDefinitionError(
+                    f"The model cannot train on this data ({type(exc).__name__}: {first}): {found}."
+                ) from None
+    except StudyDefinitionError:
+        raise
+    except Exception as exc:  # (MemoryError too) maybe these params only: the trials will tell
+        log.info("could not build the first model before the search: %r", exc)
+        return
+    finally:
+        keras.backend.clear_session(free_memory=False)
+    reported = {*logs, *(f"val_{k}" for k in logs), "epoch_s", "learning_rate"}
+    if spec.objective not in reported:
+        raise StudyDefinitionError(
+            f"The objective {spec.objective!r} is not a metric this model reports; it reports "
+            f"{', '.join(sorted(reported - {'epoch_s', 'learning_rate'}))}. Set objective= to "
+            "one of them (or compile the model with the metric, e.g. metrics=['accuracy'])."
+        )
+
+
+def _loss_name(model: Any) -> str:
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        return loss
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", None)
+    if name is None and loss is not None:
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(loss).__name__).lower()
+    return str(name or "")
+
+
+def _label_kind(y: Any) -> str:
+    """``ids`` (int class ids), ``one-hot`` (0/1 rows), ``float`` (targets) or ``other``."""
+    if not isinstance(y, np.ndarray):
+        return "other"
+    if y.dtype.kind in "iub" and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        return "ids"
+    if y.ndim == 2 and y.shape[1] > 1 and bool(np.isin(y, (0, 1)).all()):
+        return "one-hot"
+    return "float" if y.dtype.kind == "f" else "other"
+
+
+def hint(exc: BaseException, model: Any, data: Data) -> str | None:
+    """The likely fix of a trial that failed at build or on its first step, from the error,
+    the model's loss and output and the labels; None when nothing here recognises it."""
+    text = f"{type(exc).__name__}: {exc}"
+    loss = _loss_name(model) if model is not None else ""
+    kind = _label_kind(data.y_train)
+    classes = data.num_classes
+    try:
+        width = int(model.outputs[0].shape[-1]) if model is not None else None
+    except Exception:  # a subclassed model has no symbolic outputs
+        width = None
+    if "compile" in text and ("must call" in text or "not compiled" in text):
+        return "the model is not compiled: call model.compile(optimizer=..., loss=..., metrics=[...]) in the builder"
+    if re.search(
+        r"URL fetch failure|urlopen error|name resolution|Failed to connect|HTTP Error", text
+    ):
+        return (
+            "the model downloads files (ImageNet weights?) and cannot reach the internet: put "
+            "them in ~/.keras/models/ (or the data directory for Transfer), or use weights=None"
+        )
+    if re.search(r"OOM|ResourceExhausted|out of memory", text):
+        return "the model does not fit in memory: a smaller batch_size or model"
+    if "sparse_categorical" not in loss and "categorical_crossentropy" in loss and kind == "ids":
+        return (
+            "labels are int class ids but the loss is categorical_crossentropy: use "
+            "sparse_categorical_crossentropy or Dataset(one_hot=True)"
+        )
+    if "sparse_categorical" in loss and kind == "one-hot":
+        return (
+            "labels are one-hot rows but the loss is sparse_categorical_crossentropy: use "
+            "categorical_crossentropy"
+        )
+    if "crossentropy" in loss and kind == "float":
+        return (
+            f"labels are float targets (regression) but the loss is {loss}: use a regression "
+            "loss such as 'mse' or 'mae' and a linear output"
+        )
+    if "binary_crossentropy" in loss and kind == "ids" and classes is not None and classes > 2:
+        return (
+            f"labels have {classes} classes but the loss is binary_crossentropy: use "
+            f"sparse_categorical_crossentropy and Dense({classes}, activation='softmax')"
+        )
+    if width is not None and classes is not None and "crossentropy" in loss and width != classes:
+        return (
+            f"the model outputs {width} values per example but the labels have {classes} "
+            "classes: make the last layer Dense(info.num_classes)"
+        )
+    return None
 
 
 def _build_and_fit(
@@ -241,28 +476,16 @@ def _build_and_fit(
     result: TrialResult,
 ) -> None:
     """The part of a trial that runs under its precision policy; fills ``result`` in."""
-    plan = _plan(number, params, spec)
-    result.tags.update(plan.tags)
-    result.tags.update(_device_tags(plan.model))
-    warning = backend.output_dtype_warning(plan.model, spec.precision)
-    if warning:
-        log.warning("trial %s: %s", number, warning)
-    monitor.target = plan.model
     fit_started = time.perf_counter()
     try:
-        _fit_phases(plan, number, params, spec, monitor, result.tags)
-    except TrialPruned:
-        plan.finish()
-        raise
-    else:  # ended, also on a NaN loss: the next trial resets every variable
-        plan.finish()
+        if spec.executions == 1:
+            plan = _execute(number, params, spec, monitor, result.tags, 0)
+        else:
+            plan = _executions(number, params, spec, monitor, result.tags)
     finally:
         result.fit_seconds = time.perf_counter() - fit_started
-    result.history = monitor.history
-    if monitor.bad_loss:
-        raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
-    if monitor.best_weights is None:
-        raise TrialFailed(f"the objective {spec.objective!r} was never finite")
+        result.history = monitor.history
+    assert monitor.best_weights is not None
     plan.model.set_weights(monitor.best_weights)
     workdir.mkdir(parents=True, exist_ok=True)
     result.weights_path, tags = plan.save(workdir)
@@ -271,7 +494,83 @@ def _build_and_fit(
     result.value, result.best_epoch = monitor.best, monitor.best_epoch
 
 
-def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec) -> _Plan:
+def _execute(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    monitor: _Monitor,
+    tags: dict[str, str],
+    execution: int,
+) -> _Plan:
+    """Build and fit one model (one execution of the trial) until ``monitor`` holds its best
+    weights; raise ``TrialFailed`` when it ended without any."""
+    plan = _plan(number, params, spec, execution)
+    tags.update(plan.tags)
+    tags.update(_device_tags(plan.model))
+    warning = backend.output_dtype_warning(plan.model, spec.precision)
+    if warning:
+        log.warning("trial %s: %s", number, warning)
+    monitor.target = plan.model
+    try:
+        _fit_phases(plan, number, params, spec, monitor, tags, execution)
+    except TrialPruned:
+        plan.finish()
+        raise
+    else:  # ended, also on a NaN loss: the next trial resets every variable
+        plan.finish()
+    if monitor.bad_loss:
+        raise TrialFailed(f"NaN/inf loss: {monitor.bad_loss}")
+    if monitor.best_weights is None:
+        raise TrialFailed(f"the objective {spec.objective!r} was never finite")
+    return plan
+
+
+def _executions(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    monitor: _Monitor,
+    tags: dict[str, str],
+) -> _Plan:
+    """KerasTuner's ``executions_per_trial``: fit ``spec.executions`` fresh models, each
+    epoch logged as ``execution_N/<metric>``; then the per-epoch mean goes through
+    ``monitor`` (logged, reported to the engine), and ``monitor`` ends with the mean of the
+    executions' best values and the best execution's weights."""
+    on_epoch = monitor.on_epoch
+    runs: list[_Monitor] = []
+    best: tuple[_Plan, _Monitor] | None = None
+    for execution in range(spec.executions):
+        if execution:
+            _release_previous_trial()
+        prefix = f"execution_{execution + 1}/"
+
+        def logged(epoch: int, logs: dict[str, float], prefix: str = prefix) -> None:
+            if on_epoch is not None:
+                on_epoch(epoch, {prefix + k: v for k, v in logs.items()})
+
+        run = _Monitor(spec, logged, strict=monitor.strict)
+        plan = _execute(number, params, spec, run, tags, execution)
+        runs.append(run)
+        assert run.best is not None
+        if best is None or spec.better(run.best, best[1].best):
+            best = (plan, run)
+    assert best is not None
+    epochs = min(len(run.history.get(spec.objective, [])) for run in runs)
+    for epoch in range(epochs):
+        names = set.intersection(*(set(run.history) for run in runs))
+        mean = {k: float(np.mean([run.history[k][epoch] for run in runs])) for k in names}
+        monitor.record(epoch, mean, weights=False)
+    values = [run.best for run in runs if run.best is not None]
+    monitor.best = float(np.mean(values))
+    monitor.best_epoch = best[1].best_epoch
+    monitor.best_weights = best[1].best_weights
+    tags["searchlab.executions"] = str(spec.executions)
+    tags["searchlab.best_execution"] = str(runs.index(best[1]) + 1)
+    tags["searchlab.execution_values"] = ",".join(f"{v:.6g}" for v in values)
+    return best[0]
+
+
+def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec, execution: int = 0) -> _Plan:
     """How the trial trains; seeds, then builds the model it trains (module doc, 1-2)."""
     build, info = spec.build, info_of(spec.data)
     transfer = build if isinstance(build, cache.TransferBuilder) else None
@@ -280,13 +579,27 @@ def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec) -> _Plan:
         on_features = cache.plan_trial(
             transfer, params, info, spec.epochs, spec.data, cache.default_cache()
         )
-    _seed(spec, number)  # so after planning: the same streams for a model with and without one
+    # so after planning: the same streams for a model with and without one
+    _seed(spec, number, execution=execution)
     if transfer is not None and on_features is not None:
         return _SuffixPlan(transfer, params, info, on_features)
-    model = build_model(build, params, info)
+    model = build_model(build, params, info, compiled=spec.fit is None)
+    if spec.max_model_size is not None:
+        _check_size(model, info, spec.max_model_size)
     if transfer is None:
         return _PlainPlan(model, spec.epochs)
     return _CompletePlan(transfer, params, model, spec.epochs)
+
+
+def _check_size(model: Any, info: DataInfo, limit: int) -> None:
+    """KerasTuner's ``max_model_size``: a model with more parameters fails its trial."""
+    if not model.built:  # keras.Sequential() without an Input builds on fit
+        model.build((None, *info.input_shape))
+    size = int(model.count_params())
+    if size > limit:
+        raise TrialFailed(
+            f"the model has {size:,} parameters, more than max_model_size={limit:,}: not trained"
+        )
 
 
 def _fit_phases(
@@ -296,12 +609,16 @@ def _fit_phases(
     spec: TrialSpec,
     monitor: _Monitor,
     tags: dict[str, str],
+    execution: int = 0,
 ) -> None:
     """Fit the plan's phases one after the other, each for its epochs (the epoch count goes on
     across phases); ``tags`` say where each phase's inputs came from before it trains, so a
     pruned or failed phase says so too."""
     data = spec.data
     batch_size = int(params.get("batch_size", spec.batch_size))
+    if spec.fit is not None and isinstance(plan, _PlainPlan):
+        _user_fit(plan.model, params, spec, monitor, batch_size)
+        return
     sources: list[str] = []
     epoch = 0
     for phase, (epochs, _, _) in enumerate(plan.phases):
@@ -313,7 +630,7 @@ def _fit_phases(
         if ready is not _Ready.AS_BUILT:
             # Reseed right before fit: the same trial shuffles and drops out identically with
             # and without the cache (computing features must not move the random streams).
-            _seed(spec, number, phase)
+            _seed(spec, number, phase, execution)
         if ready is not _Ready.RESTARTED:
             backend.build_for_fit(step.model, step.x, data.y_train, batch_size)  # one trace
             plan.built(phase)
@@ -332,6 +649,83 @@ def _fit_phases(
         epoch += epochs
         if monitor.bad_loss:
             break
+
+
+#: keyword arguments of searchlab's that a HyperModel's fit may pass to model.fit itself
+#: (``epochs=hp.Int("epochs", ...)`` as in KerasTuner's docs): its own value is used
+_OURS_TO_DROP = ("batch_size", "epochs", "validation_data", "verbose")
+
+
+def _user_fit(
+    model: Any, params: Mapping[str, Any], spec: TrialSpec, monitor: _Monitor, batch_size: int
+) -> None:
+    """Train through the HyperModel's own ``fit``, as KerasTuner's ``Tuner.run_trial`` calls
+    it: the data as positional arguments, the rest (with the monitor in ``callbacks``) as
+    keyword arguments; then take the objective from what it returned where no epoch
+    reported it."""
+    assert spec.fit is not None
+    data = spec.data
+    kwargs: dict[str, Any] = {
+        "validation_data": (data.x_val, data.y_val),
+        "epochs": spec.epochs,
+        "batch_size": batch_size,
+        "callbacks": [monitor],
+        "verbose": 0,
+    }
+    monitor.strict = False
+    while True:
+        try:
+            returned = spec.fit(params, model, data.x_train, data.y_train, **kwargs)
+            break
+        except TypeError as exc:
+            match = re.search(r"got multiple values for keyword argument '(\w+)'", str(exc))
+            if match is None or monitor.history:
+                raise
+            name = match.group(1)
+            if name in _OURS_TO_DROP and name in kwargs:
+                del kwargs[name]  # fit sets it itself (e.g. batch_size=hp.Choice(...))
+                continue
+            raise StudyDefinitionError(
+                f"HyperModel.fit passes {name}= to model.fit and so does searchlab, in kwargs "
+                f"(as KerasTuner does): take it from kwargs instead (e.g. "
+                f"kwargs['{name}'] for callbacks, adding yours to the list)."
+            ) from None
+    if monitor.bad_loss or spec.objective in monitor.history:
+        return
+    _returned_metrics(returned, spec, monitor)
+
+
+def _returned_metrics(returned: Any, spec: TrialSpec, monitor: _Monitor) -> None:
+    """What a HyperModel's fit returned, as KerasTuner reads it: a ``History`` (per epoch), a
+    dict of metrics or a number (the objective).  Its epochs are logged after the fact and
+    the model's final weights are kept."""
+    history = getattr(returned, "history", None)
+    if isinstance(history, Mapping) and history:
+        epochs = max(len(v) for v in history.values())
+        per_epoch = [
+            {k: float(v[i]) for k, v in history.items() if i < len(v)} for i in range(epochs)
+        ]
+    elif isinstance(returned, Mapping):
+        per_epoch = [{str(k): float(v) for k, v in returned.items()}]
+    elif isinstance(returned, int | float | np.number) and not isinstance(returned, bool):
+        per_epoch = [{spec.objective: float(returned)}]
+    else:
+        raise StudyDefinitionError(
+            f"HyperModel.fit returned {type(returned).__name__} and no epoch reported "
+            f"{spec.objective!r} to the callbacks in kwargs: return model.fit(...)'s History, a "
+            f"dict of metrics or the objective's value, as KerasTuner requires."
+        )
+    if not any(spec.objective in logs for logs in per_epoch):
+        names = sorted({k for logs in per_epoch for k in logs})
+        raise StudyDefinitionError(
+            f"HyperModel.fit returned {', '.join(names) or 'nothing'} but not the objective "
+            f"{spec.objective!r}: return it, or set objective= to one of them."
+        )
+    first = len(monitor.history.get("loss", [])) if monitor.history else 0
+    for offset, logs in enumerate(per_epoch):
+        monitor.record(first + offset if len(per_epoch) > 1 else max(first - 1, 0), logs)
+    if monitor.best is not None and monitor.best_weights is None:
+        monitor.best_weights = monitor.target.get_weights()
 
 
 def _keras_fit(
@@ -442,6 +836,7 @@ class _Plan:
     def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
         """Save ``model``'s weights in ``workdir``: the file and the tags that describe it."""
         path = workdir / WEIGHTS_FILE
+        ensure_space(path, self.model)
         self.model.save_weights(path)
         return path, {"searchlab.weights_form": "full"}
 
@@ -579,7 +974,7 @@ def load_trained(
     against the rebuilt model's frozen prefix (``cache.load_suffix``)."""
     weights = weights_file(weights)
     keras.backend.clear_session()
-    model = build_model(build, params, info)
+    model = build_model(build, params, info, compiled=False)  # weights only: no training
     if not model.built:  # keras.Sequential() without an Input (KerasTuner's guide) builds on fit
         model.build((None, *info.input_shape))
     if weights.name.endswith(".npz"):

@@ -40,11 +40,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab import config
+from searchlab import config, interrupts
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
+    from searchlab.outcome import TrialState
     from searchlab.study import Study
     from searchlab.tracking import Tracker
     from searchlab.trial import TrialSpec
@@ -128,6 +129,7 @@ def run(
 
     # once here, not in every worker; a missing dataset fails before any store write
     engine, target, loaded = runner.prepare(study, options)
+    interrupts.check()  # one dropped while the data loaded: stop before a store is touched
     settings = runner.result_settings(study, options, loaded.data)
     session = runner.open_session(
         study, options, tracker, engine, target, loaded.data.source, settings
@@ -135,11 +137,6 @@ def run(
     spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
     del loaded
     data_mod.forget()
-    if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
-        tracker.tag_session(
-            {"searchlab.workers": str(workers), "searchlab.gpus": ",".join(gpus) if gpus else ""}
-        )
-    listener.started(study.name, session.finished_count(), session.target, session.info)
     status = "FAILED"
     live = workers == 1 and _isatty(sys.stdout)
     procs: list[subprocess.Popen[bytes]] = []
@@ -168,6 +165,14 @@ def run(
         return proc
 
     try:
+        if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
+            tracker.tag_session(
+                {
+                    "searchlab.workers": str(workers),
+                    "searchlab.gpus": ",".join(gpus) if gpus else "",
+                }
+            )
+        listener.started(study.name, session.finished_count(), session.target, session.info)
         procs.extend(start(index) for index in range(workers))
         _wait(procs, start, lambda index: _worker_error(relays[index], errors[index]))
         if options.reeval_top:  # after the workers' search, here
@@ -175,17 +180,25 @@ def run(
             runner.reevaluate(session, spec)
         status = "FINISHED"
     except KeyboardInterrupt:
+        interrupts.acknowledge()  # stopping the workers and closing the session comes first
         status = "KILLED"
-        _stop(procs)
         raise
     finally:
-        _stop(procs)
-        for relay in (r for rs in relays.values() for r in rs):
-            relay.join(timeout=5)
-        counts = runner.session_counts(session)
-        if status == "FINISHED" and spec is None:
-            spec = runner.trial_spec(study, options)  # for the best model on the parent run
-        summary = runner.end_session(session, status, counts, spec)  # shared: if the last
+        with interrupts.deferred():  # the workers stop and the parent run closes, whole
+            _stop(procs)
+            for relay in (r for rs in relays.values() for r in rs):
+                relay.join(timeout=5)
+            counts = _no_counts()
+            try:
+                counts = runner.session_counts(session)
+                if status == "FINISHED" and spec is None:
+                    spec = runner.trial_spec(study, options)  # for the best model on the parent run
+            finally:
+                try:
+                    # a shared session is closed only by its last process
+                    summary = runner.end_session(session, status, counts, spec)
+                finally:
+                    engine.close()
         listener.finished(summary)
     return summary
 
@@ -282,6 +295,7 @@ def _wait(
     """Wait for every worker, restarting the ones that recycled themselves; the first that
     fails stops the others and the session, with its error as the session's."""
     while True:
+        interrupts.check()  # a Ctrl-C that was lost on its way stops the workers here
         for index, p in enumerate(procs):
             if p.poll() == RECYCLE:
                 log.info(
@@ -313,7 +327,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Interrupt the workers still running (each closes its trial), then wait; kill the
     ones that do not stop within ``STOP_GRACE_S`` (the next session fails their trials).
     SIGTERM, which a worker treats like Ctrl-C: SIGINT may be ignored by processes a
-    non-interactive shell started in the background."""
+    non-interactive shell started in the background.  A Ctrl-C while waiting is the
+    second one, which ``interrupts`` ignores (a third ends this process, and the kernel then
+    ends the workers: ``bind_to_launcher``)."""
     alive = [p for p in procs if p.poll() is None]
     for p in alive:
         try:
@@ -327,8 +343,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now
-            for q in alive:
-                if q.poll() is None:
-                    q.kill()
-            raise
+
+
+def _no_counts() -> dict[TrialState, int]:
+    from searchlab.outcome import TrialState
+
+    return {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}

@@ -39,6 +39,8 @@ def data_dir() -> Path:
         if os.environ.get("SEARCHLAB_CI"):
             pytest.fail("SEARCHLAB_DATA_DIR must point at a folder with mnist.npz in CI")
         pytest.skip("no data directory with mnist.npz: set SEARCHLAB_DATA_DIR")
+    # loaders and Dataset(...) calls inside tests find the data as searchlab would
+    os.environ.setdefault("SEARCHLAB_DATA_DIR", str(found))
     return found
 
 

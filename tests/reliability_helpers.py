@@ -172,6 +172,24 @@ class Session:
         return "".join(self.lines)
 
 
+def unshare(*flags: str, probe: str = "true") -> list[str]:
+    """The ``unshare`` command prefix that gives a command new namespaces (``--pid --fork
+    --mount-proc``, ``--mount``, ...), as root or through a user namespace; the test skips
+    where neither works, and fails in CI ($SEARCHLAB_CI), which must run it."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("unshare"):
+        for prefix in (["unshare", *flags], ["unshare", "--user", "--map-root-user", *flags]):
+            found = subprocess.run([*prefix, "sh", "-c", probe], capture_output=True, text=True)
+            if found.returncode == 0:
+                return prefix
+    if os.environ.get("SEARCHLAB_CI"):
+        pytest.fail(f"unshare {' '.join(flags)} must work in CI (root or user namespaces)")
+    pytest.skip(f"no usable unshare {' '.join(flags)} here")
+
+
 def check_consistent(
     storage: str, tracking_uri: str, name: str, budget: int, *, grid: bool = True
 ) -> dict[str, Any]:
@@ -263,3 +281,33 @@ def claim_grid_points(storage_url: str, lock_dir: str, claims: int) -> list[int]
         got.append(value)
         study.tell(claimed.trial, float(value))
     return got
+
+
+def check_closed(home: Path, name: str) -> dict[str, Any]:
+    """What every ending must leave, budget met or not: no Optuna trial RUNNING or WAITING,
+    no MLflow run RUNNING, each complete trial with one FINISHED run that holds its weights,
+    each failed trial's run FAILED.  Returns the trials and runs."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{home / 'optuna.db'}").trials
+    left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert not left, f"trials left RUNNING/WAITING: {left}"
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=10_000) if exp else []
+    running = [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not running, f"MLflow runs left RUNNING: {running}"
+    by_id = {r.info.run_id: r for r in runs}
+    for t in trials:
+        run = by_id.get(t.user_attrs.get("mlflow_run_id", ""))
+        if t.state == TrialState.COMPLETE:
+            assert run is not None and run.info.status == "FINISHED", t.number
+            files = [a.path for a in client.list_artifacts(run.info.run_id, "weights")]
+            assert files, f"trial {t.number}: complete without its weights"
+        elif t.state == TrialState.FAIL and run is not None:
+            assert run.info.status == "FAILED", (t.number, run.info.status)
+    sessions = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
+    return {"trials": trials, "runs": runs, "sessions": sessions}

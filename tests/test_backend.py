@@ -200,6 +200,7 @@ def test_build_for_fit_traces_once_and_changes_no_result() -> None:
     assert (traces, plain_traces) == (1, 2)
 
 
+@pytest.mark.slow
 def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch) -> None:
     from searchlab.errors import TrialPruned
 
@@ -287,6 +288,7 @@ def _fit_with(fit_arrays: bool, initial_epoch: int, stop_after: int | None):
     return model, calls.calls
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="fit_arrays is model.fit on this backend: nothing to compare",

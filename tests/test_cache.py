@@ -231,6 +231,7 @@ def test_a_cached_trial_saves_only_the_suffix_and_loads_as_the_complete_model(
         )
 
 
+@pytest.mark.slow
 def test_an_uncached_trial_saves_the_complete_model(project: Path):
     data = _images(n_train=16, n_val=8)
     build = Transfer("vgg16", weights=None, cache=False)

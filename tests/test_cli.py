@@ -47,6 +47,7 @@ EVERY_FIELD = RunOptions(
     prune_factor=4,
     reeval_top=3,
     reeval_seeds=5,
+    executions_per_trial=2,
     parent_run_id="abc123",
     worker="2/3",
     recycle_mb=64.0,
@@ -213,8 +214,10 @@ def test_a_worker_that_grew_exits_to_be_replaced(wiring: SimpleNamespace) -> Non
 
 def test_a_bad_worker_options_json_is_a_usage_error(wiring: SimpleNamespace) -> None:
     result = wiring.invoke("run", "study.py", "--worker-options", "{}")
-    assert result.exit_code == 2
-    assert "--worker-options" in result.output and "incomplete" in result.output
+    assert result.exit_code == 1  # one `error:` line and 1, as every other mistake (README)
+    (line,) = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert line.startswith("error: Invalid value for '--worker-options'"), line
+    assert "incomplete" in line and "--help" in line
 
 
 def test_environment_variables_stand_in_for_the_flags(wiring: SimpleNamespace) -> None:

@@ -81,6 +81,26 @@ def test_grid_claims_never_share_a_point_and_failed_points_wait_for_a_new_sessio
     assert claim(study, lock, target=None, grid=grid, session="s").state is Claim.DONE
 
 
+def test_a_point_enqueued_by_a_claimer_that_died_is_not_left_waiting(store) -> None:
+    """A kill (or Ctrl-C) between ``enqueue_trial`` and ``ask`` left one WAITING trial that
+    every later claim replaced with another: the next claim fails it, its point runs."""
+    _, _, study, lock = store
+    grid = [{"a": 1}, {"a": 2}]
+    study.enqueue_trial({"a": 1})  # what the dead claimer left
+    first = claim(study, lock, target=None, grid=grid, session="s")
+    assert first.state is Claim.TRIAL
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING], states
+    assert "between enqueueing and starting" in study.trials[0].user_attrs["error"]
+    assert first.failed_stale == (0,)  # so the runner reconciles MLflow
+    study.tell(first.trial, 1.0)
+    second = claim(study, lock, target=None, grid=grid, session="s")
+    study.tell(second.trial, 2.0)
+    assert claim(study, lock, target=None, grid=grid, session="s").state is Claim.DONE
+    assert sorted(t.params["a"] for t in study.trials if t.state == TrialState.COMPLETE) == [1, 2]
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]
+
+
 def test_three_processes_claim_distinct_grid_points(store, tmp_path: Path) -> None:
     url = store[0]
     with multiprocessing.get_context("spawn").Pool(3) as pool:

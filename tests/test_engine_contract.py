@@ -75,10 +75,17 @@ class FakeTrainer:
     """``trial.run_trial``'s stand-in: every epoch reports ``val_accuracy`` rising to
     ``score(params)``; ``fail`` and ``interrupt`` pick trial numbers that go wrong."""
 
-    def __init__(self, fail: set[int] | None = None, interrupt: int | None = None) -> None:
+    def __init__(
+        self,
+        fail: set[int] | None = None,
+        interrupt: int | None = None,
+        early: dict[int, str] | None = None,
+    ) -> None:
         self.calls: list[tuple[int, dict[str, Any], int]] = []
         self.fail = fail or set()
         self.interrupt = interrupt
+        #: trial number -> the error of a failure before the first epoch (at build)
+        self.early = early or {}
 
     def __call__(self, number, params, spec, workdir, on_epoch) -> TrialResult:
         self.calls.append((number, dict(params), spec.epochs))
@@ -86,6 +93,15 @@ class FakeTrainer:
             raise KeyboardInterrupt
         if number in self.fail:
             return TrialResult(number, dict(params), TrialState.FAILED, error="boom: bad config")
+        if number in self.early:
+            return TrialResult(
+                number,
+                dict(params),
+                TrialState.FAILED,
+                error=f"{self.early[number]}\nTraceback ...",
+                early=True,
+                hint="use the right loss" if "rank" in self.early[number] else None,
+            )
         history: dict[str, list[float]] = {}
         for epoch in range(spec.epochs):
             logs = {
@@ -233,21 +249,9 @@ def test_a_grid_without_trials_runs_every_point_once(tmp_path, tells, engine):
     assert len(tells) == GRID_SIZE
 
 
-KT_GRID_RESUME = pytest.mark.xfail(
-    strict=True,
-    reason="keras-tuner's GridSearchOracle stops after a reload (KerasTuner #1055); "
-    "the crash-safety issue replaces it with searchlab's own grid",
-)
-
-
 @pytest.mark.parametrize(
     ("engine", "strategy"),
-    [
-        ("optuna", "grid"),
-        ("optuna", "random"),
-        ("keras-tuner", "random"),
-        pytest.param("keras-tuner", "grid", marks=KT_GRID_RESUME),
-    ],
+    [("optuna", "grid"), ("optuna", "random"), ("keras-tuner", "random"), ("keras-tuner", "grid")],
 )
 def test_a_second_session_continues_the_study(tmp_path, tells, engine, strategy):
     study = make_study(strategy, trials=2)
@@ -277,6 +281,45 @@ def test_failures_in_a_row_stop_the_study_and_close_everything(tmp_path, tells, 
     assert {r.status for r in tracker.runs("contract")} == {"FINISHED", "FAILED"}
     assert tracker.records[tracker.session_id]["status"] == "FAILED"
     assert stored(tmp_path).trial(1).error == "boom: bad config"
+
+
+RANK = "ValueError: `target` and `output` must have the same rank"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_first_trials_failing_alike_before_an_epoch_stop_at_the_second(tmp_path, tells, engine):
+    study = make_study("random", trials=6)
+    tracker = MemoryTracker()
+    trainer = FakeTrainer(early={0: RANK, 1: RANK, 2: RANK})
+    opts = options(tmp_path, engine, study, max_failures=5)
+    with pytest.raises(SearchlabError) as info:
+        runner.run(study, opts, tracker, train=trainer)
+    assert str(info.value) == (
+        f"Stopped: trials 0 and 1 failed the same way before their first epoch ({RANK}); "
+        "likely fix: use the right loss. Finished trials are kept."
+    )
+    assert len(trainer.calls) == 2 and len(tells) == 2
+    assert tracker.records[tracker.session_id]["status"] == "FAILED"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_early_failures_that_differ_or_follow_a_success_go_to_max_failures(
+    tmp_path, tells, engine, monkeypatch
+):
+    study = make_study("random", trials=6)
+    opts = options(tmp_path, engine, study, max_failures=3)
+    differ = FakeTrainer(early={0: RANK, 1: "MemoryError: OOM", 2: RANK})
+    with pytest.raises(SearchlabError, match="after 3 failed trials in a row"):
+        runner.run(study, opts, MemoryTracker(), train=differ)
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setenv("SEARCHLAB_HOME", str(other / "home"))  # a new keras-tuner oracle too
+    after = FakeTrainer(early={1: RANK, 2: RANK, 3: RANK})  # trial 0 completes first
+    with pytest.raises(SearchlabError, match="after 3 failed trials in a row"):
+        runner.run(
+            study, options(other, engine, study, max_failures=3), MemoryTracker(), train=after
+        )
+    assert len(after.calls) == 4
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -355,7 +398,7 @@ def test_processes_with_one_session_key_share_one_parent_run_closed_by_the_last(
     second.records, second.events = first.records, first.events  # one store, two processes
 
     def open_(tracker: MemoryTracker) -> runner.Session:
-        engine, target, spec = runner.prepare(study, opts)
+        engine, target, spec = runner.prepare(study, opts, check=False)
         return runner.open_session(study, opts, tracker, engine, target)
 
     a, b = open_(first), open_(second)
@@ -380,3 +423,123 @@ def test_processes_with_one_session_key_share_one_parent_run_closed_by_the_last(
     third.records, third.events = first.records, first.events
     with pytest.raises(SessionOver, match="'job-1'"):
         open_(third)
+
+
+# -- keras-tuner's oracle after a crash -------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL at a chosen line: nothing in searchlab catches it as an error."""
+
+
+def _kt_ids(tmp_path: Path) -> list[str]:
+    return [
+        t.attrs["kerastuner_trial_id"]
+        for t in stored(tmp_path).trials(TrialState.COMPLETE)
+        if "kerastuner_trial_id" in t.attrs
+    ]
+
+
+def test_a_trial_the_stores_finished_but_the_oracle_never_learned_is_not_run_again(
+    tmp_path, monkeypatch
+):
+    """Killed after MLflow and Optuna recorded a trial, before the oracle did: the next
+    session ends it in the oracle from the Optuna storage instead of proposing it again."""
+    from searchlab.engines import kerastuner
+
+    study = make_study("random", trials=4)
+    tell = kerastuner.KerasTunerEngine.tell
+
+    def tell_then_die(self, proposal, result):
+        if result.number == 1:
+            raise Killed
+        tell(self, proposal, result)
+
+    monkeypatch.setattr(kerastuner.KerasTunerEngine, "tell", tell_then_die)
+    first = FakeTrainer()
+    with pytest.raises(Killed):
+        runner.run(study, options(tmp_path, "keras-tuner", study), MemoryTracker(), train=first)
+    assert [t.state for t in stored(tmp_path).trials()] == [TrialState.COMPLETE] * 2
+    monkeypatch.setattr(kerastuner.KerasTunerEngine, "tell", tell)
+
+    again = FakeTrainer()
+    runner.run(study, options(tmp_path, "keras-tuner", study), MemoryTracker(), train=again)
+    assert len(again.calls) == 2  # trials 2 and 3: trial 1 is not trained a second time
+    ids = _kt_ids(tmp_path)
+    assert len(ids) == 4 and len(set(ids)) == 4, ids
+    import keras_tuner as kt
+
+    oracle = kerastuner.make_oracle(study, options(tmp_path, "keras-tuner", study))
+    oracle._set_project_dir(str(kerastuner.state_dir("contract").parent), "contract")
+    oracle.reload()
+    statuses = {t.trial_id: t.status for t in oracle.trials.values()}
+    assert sorted(statuses.values()) == [kt.engine.trial.TrialStatus.COMPLETED] * 4, statuses
+
+
+def test_the_oracles_files_are_written_whole(tmp_path, monkeypatch):
+    """Each state file goes through ``write_json`` (a temporary file renamed over it): this
+    fails when KerasTuner stops saving through ``Oracle.save``/``Oracle._save_trial``."""
+    from searchlab.engines import kerastuner
+
+    written: list[str] = []
+    write = kerastuner.write_json
+
+    def spy(path, value):
+        written.append(Path(path).name)
+        write(path, value)
+
+    monkeypatch.setattr(kerastuner, "write_json", spy)
+    study = make_study("random", trials=2)
+    runner.run(study, options(tmp_path, "keras-tuner", study), MemoryTracker(), train=FakeTrainer())
+    assert {"oracle.json", "trial.json"} <= set(written), written
+    folder = kerastuner.state_dir("contract")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",
+        "oracle.json",
+        "trial_0000",
+        "trial_0001",
+    ]  # no temporary file left behind
+
+
+def test_a_damaged_oracle_state_is_one_clear_error(tmp_path):
+    from searchlab.engines import kerastuner
+    from searchlab.errors import StoreError
+
+    study = make_study("random", trials=1)
+    runner.run(study, options(tmp_path, "keras-tuner", study), MemoryTracker(), train=FakeTrainer())
+    state = kerastuner.state_dir("contract") / "oracle.json"
+    state.write_text(state.read_text()[:40])  # what an in-place write cut short left
+    tracker = MemoryTracker()
+    opts = options(tmp_path, "keras-tuner", study, trials=2)
+    with pytest.raises(StoreError, match="cannot be read.*Delete that folder"):
+        runner.run(study, opts, tracker, train=FakeTrainer())
+    assert tracker.records == {}, "refused before the session's run was opened"
+
+
+def test_a_second_keras_tuner_session_on_a_busy_study_is_refused(tmp_path):
+    from searchlab.engines import kerastuner
+    from searchlab.errors import StoreError
+
+    study = make_study("random", trials=2)
+    busy = kerastuner._hold(kerastuner.state_dir("contract"))  # as a live process would
+    try:
+        tracker = MemoryTracker()
+        with pytest.raises(StoreError, match="Another searchlab run is using"):
+            runner.run(study, options(tmp_path, "keras-tuner", study), tracker, train=FakeTrainer())
+        assert tracker.records == {} and stored(tmp_path).count() == 0
+    finally:
+        busy.close()
+    # once the other process is gone, the study runs (and two sessions in one process too)
+    for trials in (1, 2):
+        opts = options(tmp_path, "keras-tuner", study, trials=trials)
+        runner.run(study, opts, MemoryTracker(), train=FakeTrainer())
+    assert stored(tmp_path).finished_count() == 2
+
+
+def test_both_engines_share_one_grid(tmp_path, tells):
+    study = make_study("grid", trials=None)
+    first, second = FakeTrainer(), FakeTrainer()
+    runner.run(study, options(tmp_path, "optuna", study, trials=3), MemoryTracker(), train=first)
+    runner.run(study, options(tmp_path, "keras-tuner", study), MemoryTracker(), train=second)
+    points = [tuple(sorted(p.items())) for _, p, _ in first.calls + second.calls]
+    assert len(points) == GRID_SIZE and len(set(points)) == GRID_SIZE

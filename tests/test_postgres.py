@@ -1,6 +1,6 @@
 """Many machines: three workers against a real PostgreSQL storage and an ``mlflow server``
 (backed by PostgreSQL too), as the README's multi-machine set-up; a wrong password fails in
-one line.
+one line; passwords in both URLs show nowhere (output, ``ps``, the stores, files).
 
 Needs ``$SEARCHLAB_TEST_POSTGRES_URL`` (a role that may create databases), as
 ``scripts/ci_postgres.sh start`` prints.  Without it the tests skip; with
@@ -10,6 +10,7 @@ Needs ``$SEARCHLAB_TEST_POSTGRES_URL`` (a role that may create databases), as
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -238,3 +239,132 @@ def test_the_cluster_recipe_runs_identical_workers_as_one_session(
     )
     assert late.returncode == 0, late.stdout + late.stderr
     assert f"Session {key!r} of study 'tiny-array' is over" in late.stdout
+
+
+def _started_by(root: int) -> str:
+    """The command lines of every process ``root`` started (its children, theirs, ...), as
+    ``ps`` shows them to any user of the machine; ``root``'s own is the user's."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def under(pid: int) -> bool:
+        while pid in parents and pid > 1:
+            pid = parents[pid]
+            if pid == root:
+                return True
+        return False
+
+    out = []
+    for pid in filter(under, parents):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        out.append(f"{pid} " + raw.replace(b"\0", b" ").decode(errors="replace"))
+    return "\n".join(out)
+
+
+def _dump(url: str) -> str:
+    """Every row of every table of a database, as text."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    text = []
+    with engine.connect() as conn:
+        for table in sqlalchemy.inspect(conn).get_table_names():
+            for row in conn.execute(sqlalchemy.text(f'SELECT * FROM "{table}"')):
+                text.append(f"{table}: {tuple(row)}")
+    engine.dispose()
+    return "\n".join(text)
+
+
+@pytest.mark.slow
+def test_no_password_shows_anywhere(
+    project: Path, postgres: dict[str, str], mlflow_server: str, tmp_path: Path
+) -> None:
+    """Stores with passwords in both URLs -- the Optuna storage and the MLflow store on
+    PostgreSQL, then an MLflow server reached as ``http://user:password@...``: the
+    passwords appear in nothing searchlab prints, in no process's command line (workers,
+    ``mlflow ui``), in neither database and in no file searchlab wrote."""
+    from sqlalchemy.engine import make_url
+
+    db_password = make_url(postgres["optuna"]).password
+    http_password = f"http-{uuid.uuid4().hex[:10]}"
+    assert db_password
+    secrets = (db_password, http_password)
+    http_uri = mlflow_server.replace("http://", f"http://searchlab:{http_password}@")
+    study = project / "secret.py"  # a study of its own: the others' experiment is the server's
+    study.write_text(write_study(project).read_text().replace('name="tiny"', 'name="tiny-db"'))
+    said: list[str] = []
+    seen: list[str] = []
+
+    def watch(s: Session, seconds: float = 600.0) -> None:
+        """What `ps` shows while ``s`` runs (its own command line aside: the user's)."""
+        deadline = time.monotonic() + seconds
+        while s.proc.poll() is None and time.monotonic() < deadline:
+            seen.append(_started_by(s.proc.pid))
+            time.sleep(0.3)
+
+    def run(args: list[str], env: dict[str, str]) -> Session:
+        s = Session([sys.executable, "-m", "searchlab.cli", *args], env, project)
+        watch(s)
+        return s
+
+    # 1. both URLs in the environment: a run, its report and its export
+    env = env_for(
+        project / ".searchlab",
+        SEARCHLAB_STORAGE=postgres["optuna"],
+        MLFLOW_TRACKING_URI=postgres["mlflow"],
+    )
+    s = run(["run", str(study), "--trials", "2"], env)  # its worker gets them from the launcher
+    said.append(s.finish())
+    assert s.proc.returncode == 0, said[-1]
+    for args in (["report", str(study)], ["export", str(study), "-o", str(project / "b.h5")]):
+        s = run(args, env)
+        said.append(s.finish())
+        assert s.proc.returncode == 0, said[-1]
+    # 2. `searchlab ui` on the PostgreSQL store: the mlflow ui it starts is in `ps`
+    s = Session(
+        [sys.executable, "-m", "searchlab.cli", "ui", str(study), "--port", "0"], env, project
+    )
+    s.wait_for(lambda line: line.startswith("MLflow UI:"), timeout=180)
+    watch(s, seconds=3)  # its server and the server's workers are up
+    s.kill(signal.SIGINT)
+    said.append(s.finish(timeout=60))
+    # 3. the MLflow server with a password in its URL, given as flags (the launcher's own
+    #    command line is the user's; every process it starts is checked)
+    env = env_for(project / ".searchlab")
+    flags = ["--storage", postgres["optuna"], "--tracking-uri", http_uri]
+    second = project / "second.py"
+    second.write_text(study.read_text().replace('name="tiny"', 'name="tiny-http"'))
+    s = run(["run", str(second), "--trials", "1", *flags], env)
+    said.append(s.finish())
+    assert s.proc.returncode == 0, said[-1]
+    s = run(["ui", str(second), "--tracking-uri", http_uri], env)
+    said.append(s.finish())
+    assert s.proc.returncode == 0, said[-1]
+    # 4. mistakes that name the stores: an unreachable server, a wrong database
+    host = http_uri.rsplit(":", 1)[0]
+    for bad in (f"{host}:9", postgres["mlflow"] + "_missing"):
+        s = run(["run", str(study), "--tracking-uri", bad, "--storage", postgres["optuna"]], env)
+        said.append(s.finish())
+        assert s.proc.returncode == 1 and "error: " in said[-1], said[-1]
+
+    everything = {
+        "output": "\n".join(said),
+        "ps": "\n".join(seen),
+        "optuna storage": _dump(postgres["optuna"]),
+        "mlflow store": _dump(postgres["mlflow"]),
+        "files": "\n".join(
+            p.read_bytes().decode("latin-1") for p in tmp_path.rglob("*") if p.is_file()
+        ),
+    }
+    assert "MLflow UI: http://" in everything["output"] and "mlflow" in everything["ps"]
+    assert "trials: 2 complete" in everything["output"]
+    for where, text in everything.items():
+        for secret in secrets:
+            assert secret not in text, f"a password shows in the {where}"

@@ -12,6 +12,7 @@ from reliability_helpers import (
     check_consistent,
     env_for,
     searchlab_cmd,
+    unshare,
     write_study,
 )
 
@@ -99,3 +100,52 @@ def test_ctrl_c_marks_the_running_trial_failed_and_closes_every_run(project: Pat
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     status = {r.data.tags.get("searchlab.role", "trial"): r.info.status for r in runs}
     assert status == {"session": "KILLED", "trial": "FAILED"}
+
+
+def test_a_launcher_that_ran_as_pid_1_is_closed_by_the_next_run(project: Path) -> None:
+    """A container's entrypoint is PID 1 in its own PID namespace, on a host where PID 1 is
+    alive for ever: killed, its parent run must not look alive to the next run."""
+    import os
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    prefix = unshare("--pid", "--fork", "--mount-proc", "--kill-child", probe='test "$$" = 1')
+    home = project / ".searchlab"
+    study = write_study(project)
+    marker = project / "in-fit"
+    s = Session(  # in-process: PID 1 opens the session and trains
+        [*prefix, *searchlab_cmd(study, "--trials", 2, "--in-process")],
+        env_for(home, SEARCHLAB_TEST_HANG=str(marker)),
+        project,
+    )
+    s.wait_for_file(marker)  # inside model.fit
+    pid_one = next(  # the launcher: PID 1 of the namespace, unshare's child here
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and (p / "stat").exists()
+        and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(s.proc.pid)
+    )
+    os.kill(pid_one, signal.SIGKILL)  # PID 1 takes its whole namespace down with it
+    s.finish(timeout=60)
+
+    storage, tracking = _stores(home)
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    (dead,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
+    assert dead.data.tags["searchlab.pid"] == "1" and dead.info.status == "RUNNING"
+
+    started = time.monotonic()
+    again = Session(searchlab_cmd(study, "--trials", 2, "--in-process"), env_for(home), project)
+    out = again.finish()
+    assert again.proc.returncode == 0, out
+    assert "trials: 2 complete" in out, out
+    assert time.monotonic() - started < 120, "no wait for a heartbeat to go stale"
+    found = check_consistent(storage, tracking, "tiny", 2)
+    status = {r.info.run_id: r.info.status for r in found["sessions"]}
+    assert status[dead.info.run_id] == "FAILED", status
+    failed = [t for t in found["trials"] if t.state.name == "FAIL"]
+    assert len(failed) == 1 and "is gone" in failed[0].user_attrs["error"], [
+        t.user_attrs.get("error") for t in failed
+    ]

@@ -52,6 +52,9 @@ class RunOptions:
     #: after the search, re-train the best ``reeval_top`` configurations ``reeval_seeds`` times
     reeval_top: int = 0
     reeval_seeds: int = 3
+    #: fresh models fit per trial, the mean is its value (KerasTuner's executions_per_trial);
+    #: None: the study's
+    executions_per_trial: int | None = None
     #: set in a worker process of ``searchlab run``: log trials under this parent run
     parent_run_id: str | None = None
     #: the worker's label, e.g. "2/3" (tag ``searchlab.worker`` on its trial runs when the
@@ -211,6 +214,8 @@ class Engine(Protocol):
     6. ``tell(proposal, result)`` exactly once per proposal that became a trial, after MLflow
        and the Optuna storage recorded the result (also when the trial failed or was
        interrupted).
+    7. ``close()`` once after a successful ``open``, when the session ends however it ends:
+       release what ``open`` holds (the keras-tuner engine's lock on its oracle).
 
     ``name`` tags every run (``searchlab.engine``); ``info()`` adds the engine's settings to
     the session's parent run (``pruner``, ``pruner_args``).
@@ -222,6 +227,7 @@ class Engine(Protocol):
     def sampler(self, n_trials: int) -> Any: ...
     def info(self) -> dict[str, str]: ...
     def open(self, store: StudyStore) -> None: ...
+    def close(self) -> None: ...
     def propose(self, store: StudyStore, session: str) -> Proposal | Claim: ...
     def report(
         self, trial: Any, proposal: Proposal, epoch: int, logs: Mapping[str, float], last: bool
@@ -232,6 +238,14 @@ class Engine(Protocol):
 def create(study: Study, options: RunOptions) -> Engine:
     """The engine ``options.engine`` names, for ``study``."""
     check_pruning(options)
+    executions = options.executions_per_trial or study.executions_per_trial
+    pruned = options.pruner != "none" or options.strategy == "hyperband"
+    if executions > 1 and pruned and options.engine == "optuna":
+        raise StudyDefinitionError(
+            f"{executions} executions per trial are fit to the end and their mean is reported "
+            "afterwards, so a pruner cannot stop them early: drop --pruner (and --strategy "
+            "hyperband on the Optuna engine), or use one execution per trial."
+        )
     if options.engine == "optuna":
         from searchlab.engines.optuna import OptunaEngine
 

@@ -2,7 +2,7 @@
 
 Strategies map to samplers: ``random`` (and ``hyperband``) -> ``RandomSampler``, ``bayesian``
 -> ``TPESampler``, ``gp`` -> ``GPSampler``, ``grid`` -> the study's grid points, proposed in
-order (``grid_points``) to a ``RandomSampler`` that only records them.  ``--pruner`` picks a
+order (``engines.grid``) to a ``RandomSampler`` that only records them.  ``--pruner`` picks a
 pruner (``make_pruner``) that ``should_prune`` asks after each epoch.
 
 The study itself (storage, budget, resume, several workers) is the runner's and the store's;
@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState as OptunaState
 
-from searchlab.coordination import SESSION_ATTR, hostname, key
+from searchlab.coordination import hostname
+from searchlab.engines.grid import grid_points, propose_grid
 from searchlab.errors import StudyDefinitionError
 from searchlab.outcome import Claim, Proposal
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ENGINE = "optuna"
-FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
 
 
 def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -112,19 +111,6 @@ def pruner_args(options: RunOptions) -> str:
     return f"min_epochs={min_epochs}, factor={options.prune_factor or PRUNE_FACTOR}"
 
 
-def grid_points(study: Study) -> list[dict[str, Any]]:
-    """The study's grid in the order it runs.  With a transfer builder's ``group_by`` (its
-    cut-point parameter, e.g. ``frozen_layers``), points sharing that value run one after the
-    other, so the feature cache of a cut point is computed once and reused."""
-    from searchlab.cache import TransferBuilder
-
-    points = study.search_space.grid()
-    if isinstance(study.model, TransferBuilder):
-        group = study.model.group_by
-        points.sort(key=lambda p: repr(p.get(group)))  # stable: keeps the rest in grid order
-    return points
-
-
 def sampler_seed(options: RunOptions, n_trials: int) -> int:
     """A plain run on a SQLite storage is reproducible from its seed.  Processes that may run
     side by side (workers, or a shared server storage that other machines join) get distinct
@@ -133,30 +119,6 @@ def sampler_seed(options: RunOptions, n_trials: int) -> int:
     if options.one_of_several or not options.storage.startswith("sqlite:"):
         seed += zlib.crc32(f"{hostname()}/{os.getpid()}".encode())
     return seed % (2**32)
-
-
-def propose_grid(store: StudyStore, grid: list[dict[str, Any]], session: str) -> Proposal | Claim:
-    """The first point of ``grid`` that no live or finished trial has, as a proposal.
-
-    A trial claimed by another process may have no params in the storage yet; its grid point
-    is in the system attr Optuna's ``enqueue_trial`` wrote.  A point that failed in this
-    ``session`` is not retried before the next session (a deterministic failure would
-    otherwise repeat until --max-failures).  With no free point, a WAITING trial is taken
-    (a proposal without params), else ``Claim.WAIT`` while trials run, else ``Claim.DONE``.
-    """
-    trials = store.ostudy.get_trials(deepcopy=False)
-    live = (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
-    taken = {
-        key(t.params or t.system_attrs.get("fixed_params") or {})
-        for t in trials
-        if t.state in live
-        or (t.state == OptunaState.FAIL and t.user_attrs.get(SESSION_ATTR) == session)
-    }
-    point = next((p for p in grid if key(p) not in taken), None)
-    if point is None and not any(t.state == OptunaState.WAITING for t in trials):
-        running = any(t.state == OptunaState.RUNNING for t in trials)
-        return Claim.WAIT if running else Claim.DONE
-    return Proposal(params=point, unique=True)
 
 
 class OptunaEngine:
@@ -185,6 +147,9 @@ class OptunaEngine:
     def open(self, store: StudyStore) -> None:
         self._pruner = make_pruner(self.options)
         store.ostudy.pruner = self._pruner
+
+    def close(self) -> None:
+        pass  # open holds nothing
 
     def propose(self, store: StudyStore, session: str) -> Proposal | Claim:
         """The next free grid point (grid search), else a proposal the sampler fills in."""

@@ -1,0 +1,110 @@
+"""``searchlab.interrupts`` on its own, with real signals sent to this process: a dropped
+interrupt is raised again at the next check, a deferred block is never cut, later signals
+do not cut the clean-up, the third one ends the process with 130."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from searchlab import interrupts
+
+
+@pytest.fixture
+def installed() -> Iterator[None]:
+    previous = {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS}
+    restore = interrupts.install()
+    try:
+        yield
+    finally:
+        restore()
+        for sig, handler in previous.items():  # this test process keeps its own Ctrl-C
+            signal.signal(sig, handler)
+
+
+def _signal(sig: int = signal.SIGTERM) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # the handler runs on the main thread here
+
+
+def test_an_interrupt_dropped_in_a_gc_callback_is_raised_at_the_next_check(installed) -> None:
+    def in_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            _signal()
+
+    gc.callbacks.append(in_gc)
+    try:
+        gc.collect()  # the KeyboardInterrupt raised in the callback is dropped by Python
+    finally:
+        gc.callbacks.remove(in_gc)
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+    interrupts.check()  # raised once, not twice
+
+
+def test_a_deferred_block_runs_to_its_end(installed) -> None:
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            _signal(signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
+
+
+def test_a_claim_leaves_the_interrupt_to_whoever_owns_the_trial(installed) -> None:
+    with interrupts.deferred(then_raise=False):
+        _signal()
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+
+
+def test_once_caught_later_signals_do_not_cut_the_clean_up(installed) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _signal()
+    interrupts.acknowledge()
+    _signal(signal.SIGINT)  # the second: noted, ignored
+    interrupts.check()
+    with interrupts.deferred():
+        pass
+
+
+def test_the_third_signal_ends_the_process_with_130() -> None:
+    code = (
+        "import os, signal, time\n"
+        "from searchlab import interrupts\n"
+        "interrupts.install()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "except KeyboardInterrupt:\n"
+        "    interrupts.acknowledge()\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "raise SystemExit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert "stopping at once" in done.stderr
+
+
+def test_after_an_interrupt_a_late_signal_cannot_change_the_exit_status() -> None:
+    code = (
+        "import os, signal, time, sys\n"
+        "from searchlab import interrupts\n"
+        "restore = interrupts.install()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "except KeyboardInterrupt:\n"
+        "    interrupts.acknowledge()\n"
+        "restore()  # the command is over; exiting takes a while\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+        "sys.exit(130)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, (done.returncode, done.stderr)
