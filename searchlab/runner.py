@@ -668,12 +668,14 @@ def _epoch_callback(
     which ``k`` epochs are trained: the MLflow step, Optuna's step (as its pruners expect),
     the console, ``best_epoch`` and ``searchlab.pruned_epoch``."""
     number = trial.number
+    # a listener written before SearchListener had epoch() still works: it is not told
+    tell = getattr(listener, "epoch", None)
 
     def on_epoch(index: int, logs: dict[str, float]) -> None:
         epoch = index + 1
         session.tracker.log_epoch(run_id, epoch, logs)
-        if listener is not None:
-            listener.epoch(number, epoch, spec.epochs, logs)
+        if tell is not None:
+            tell(number, epoch, spec.epochs, logs)
         value = logs.get(spec.objective)
         if value is None or not math.isfinite(value):
             return
