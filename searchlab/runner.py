@@ -88,11 +88,11 @@ class Session:
         me, grace = coordination.hostname(), coordination.grace_period()
 
         def session_dead(run: RunRecord) -> bool:
+            if run.run_id in live_sessions:  # a trial of it runs: alive, even if the process
+                return False  # that started it is gone (a shared session's other hosts)
             pid = run.tags.get("searchlab.pid")
             if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
                 return not coordination.pid_alive(int(pid))
-            if run.run_id in live_sessions:
-                return False
             beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
             return time.time() - beat > grace
 
