@@ -1052,7 +1052,8 @@ def doctor(
 ) -> None:
     """Check the Keras backend, its devices, the data directory and the stores (and what
     STUDY_FILE needs); exit 1 when something a run needs is missing."""
-    _quiet_backends()
+    # Keras refuses a backend it does not know on import: the doctor judges it first
+    _quiet_backends(load=backend.requested() in backend.BACKENDS)
     from searchlab.doctor import Status, run_checks
 
     problems = []

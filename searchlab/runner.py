@@ -89,6 +89,8 @@ class Session:
         me, grace = coordination.hostname(), coordination.grace_period()
 
         def session_dead(run: RunRecord) -> bool:
+            if run.run_id in live_sessions:  # a trial of it runs: alive, even if the process
+                return False  # that started it is gone (a shared session's other hosts)
             pid = run.tags.get("searchlab.pid")
             if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
                 # this process runs one session at a time: any other one it recorded is over
@@ -96,8 +98,6 @@ class Session:
                 if coordination.is_me(int(pid), started):
                     return True
                 return not coordination.process_alive(int(pid), started)
-            if run.run_id in live_sessions:
-                return False
             beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
             return time.time() - beat > grace
 
@@ -774,12 +774,14 @@ def _epoch_callback(
     which ``k`` epochs are trained: the MLflow step, Optuna's step (as its pruners expect),
     the console, ``best_epoch`` and ``searchlab.pruned_epoch``."""
     number = trial.number
+    # a listener written before SearchListener had epoch() still works: it is not told
+    tell = getattr(listener, "epoch", None)
 
     def on_epoch(index: int, logs: dict[str, float]) -> None:
         epoch = index + 1
         session.tracker.log_epoch(run_id, epoch, logs)
-        if listener is not None:
-            listener.epoch(number, epoch, spec.epochs, logs)
+        if tell is not None:
+            tell(number, epoch, spec.epochs, logs)
         value = logs.get(spec.objective)
         if value is None or not math.isfinite(value):
             return
