@@ -65,6 +65,57 @@ class Device:
         return f"{self.label} ({self.name})" if self.name else self.label
 
 
+#: what TensorFlow prints on its own while it loads, before its logging is set up (so
+#: ``TF_CPP_MIN_LOG_LEVEL`` cannot hide it): absl's notice, glog-style lines (oneDNN,
+#: CPU features, CUDA plugins) and the CPU-instructions hint
+_START_UP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    r"STDERR|[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] .*|To enable the following "
+    r"instructions: .*|.*rebuild TensorFlow with the appropriate compiler flags\.)$"
+)
+
+
+def import_quietly() -> None:
+    """Import Keras, and so its backend, without the lines the backend's native code prints
+    while it loads.
+
+    TensorFlow 2.21 writes them to the process's stderr (file descriptor 2) before absl
+    logging is initialised, which is why ``TF_CPP_MIN_LOG_LEVEL`` does not hide them: "All log
+    messages before absl::InitializeLog() ...", and the oneDNN notice.  So descriptor 2 is
+    pointed at a temporary file while Keras imports, and what was written there is put back
+    on stderr but for those lines (an import error, a warning of another kind stays
+    visible).  Nothing is turned off: oneDNN stays on (``TF_ENABLE_ONEDNN_OPTS`` untouched),
+    so the numbers are the same.  After the import TensorFlow's logging honours
+    ``TF_CPP_MIN_LOG_LEVEL``, which the CLI sets to 2.  A no-op once Keras is imported.
+    """
+    import sys
+    import tempfile
+
+    if "keras" in sys.modules:
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        import keras  # noqa: F401
+
+        return
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", errors="replace")
+            kept = [line for line in text.splitlines() if not _START_UP_NOISE.match(line)]
+            if any(line.strip() for line in kept):
+                sys.stderr.write("\n".join(kept) + "\n")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # its Python-side notices
+
+
 def name() -> str:
     """The Keras backend in force (imports Keras)."""
     import keras
@@ -105,6 +156,20 @@ def keras_version() -> str | None:
         return importlib.metadata.version("keras")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def model_requirements() -> list[str]:
+    """What a saved model needs to load and predict, pinned to what this process runs: Keras,
+    the package of the backend in force and NumPy (an MLflow Model's pip requirements)."""
+    pins = []
+    for choices in (("keras",), _DISTRIBUTIONS.get(name(), ()), ("numpy",)):
+        for dist in choices:  # the first one installed (tensorflow or tensorflow-cpu, ...)
+            try:
+                pins.append(f"{dist}=={importlib.metadata.version(dist)}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return pins
 
 
 def devices() -> list[Device]:

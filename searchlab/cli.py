@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,18 @@ if TYPE_CHECKING:
     from searchlab.study import Study
 
 
-def _quiet_backends() -> None:
+def _quiet_backends(load: bool = True) -> None:
+    """No backend chatter on the command's output: TensorFlow's C++ logging at warnings and
+    up, its start-up lines dropped (``backend.import_quietly``, which imports Keras now:
+    ``load=False`` for a command that never needs it), Python warnings we cannot act on."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="keras")
+    if load:
+        backend.import_quietly()
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -142,13 +148,56 @@ def _fmt(params: Mapping[str, Any]) -> str:
     )
 
 
-class ConsoleProgress:
-    """Prints trial N of M, its params, its result and the best so far."""
+def _terminal() -> bool:
+    """Whether what this process prints reaches a terminal: its own stdout, or a launcher's
+    that said so to its one worker (``config.TTY_ENV``)."""
+    if os.environ.get(config.TTY_ENV) == "1":
+        return True
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
-    def __init__(self, objective: str, prefix: str = "", direction_note: str = "") -> None:
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ConsoleProgress:
+    """Prints trial N of M, its params, its result and the best so far; at the end the best
+    model's MLflow URI and what ``--register`` did.
+
+    While a trial trains it shows each epoch (numbered from 1, as in MLflow and Optuna):
+    epoch k of E, the last metrics, the trial's elapsed time and an estimate of the time the
+    study has left (this process's mean epoch time, times the epochs left in this trial and
+    in the trials after it, shared by ``workers``).  On a terminal (``live``) that is one
+    line per trial, rewritten each epoch; otherwise one plain line per epoch.
+    """
+
+    def __init__(
+        self,
+        objective: str,
+        prefix: str = "",
+        direction_note: str = "",
+        *,
+        live: bool | None = None,
+        workers: int = 1,
+    ) -> None:
         self.objective = objective
         self.prefix = prefix
         self.direction_note = direction_note  # e.g. "inferred from its name"
+        self.live = _terminal() if live is None else live
+        self.workers = max(1, workers)
+        self._index = 0
+        self._total: int | None = None
+        self._trial_started = self._epoch_ended = 0.0
+        self._epoch_seconds: list[float] = []
+        self._open_line = False
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None:
         budget = f"{total} trials" if total is not None else "until the time limit"
@@ -167,10 +216,41 @@ class ConsoleProgress:
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
+        self._index, self._total = index, total
+        self._trial_started = self._epoch_ended = time.monotonic()
         of = f" of {total}" if total is not None else ""
         click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
+        now = time.monotonic()
+        self._epoch_seconds.append(now - self._epoch_ended)
+        self._epoch_ended = now
+        names = ["loss", "accuracy", "val_loss", self.objective]
+        shown = " ".join(
+            f"{k}={logs[k]:.4g}" for k in dict.fromkeys(names) if isinstance(logs.get(k), float)
+        )
+        of = f" of {epochs}" if epoch <= epochs else ""
+        text = f"  epoch {epoch}{of}: {shown} ({now - self._trial_started:.1f}s"
+        eta = self._eta(epoch, epochs)
+        text += f"; study ETA {eta})" if eta else ")"
+        if self.live:
+            # color=True: the escape that clears the line's rest survives a worker's pipe
+            click.echo(f"\r\x1b[K{self.prefix}{text}", nl=False, color=True)
+            self._open_line = True
+        else:
+            click.echo(self.prefix + text)
+
+    def _eta(self, epoch: int, epochs: int) -> str | None:
+        if self._total is None or not self._epoch_seconds:
+            return None
+        per_epoch = sum(self._epoch_seconds) / len(self._epoch_seconds)
+        left = max(0, epochs - epoch) + max(0, self._total - self._index) * epochs
+        return _duration(per_epoch * left / self.workers)
+
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:
+        if self._open_line:  # the trial's epoch line stays, as it ended
+            click.echo("")
+            self._open_line = False
         if result.state is TrialState.COMPLETE:
             line = (
                 f"  complete: {self.objective}={result.value:.4f} at epoch {result.best_epoch} "
@@ -196,6 +276,7 @@ class ConsoleProgress:
             f"trials: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
             f"{summary['n_failed']} failed"
         )
+        self.model_lines(summary)
         if summary.get("selected_trial") is not None:
             click.echo(
                 f"re-evaluated: #{summary['selected_trial']} has the best mean "
@@ -203,14 +284,43 @@ class ConsoleProgress:
                 f"over {summary['reeval_n']} seeds; export uses it"
             )
 
+    def model_lines(self, summary: Mapping[str, Any]) -> None:
+        if summary.get("model_uri"):
+            click.echo(f"best model: {summary['model_uri']} (an MLflow Model on the parent run)")
+        reg = summary.get("registered")
+        if reg is None:
+            return
+        if reg.champion and reg.previous_version == reg.version:
+            click.echo(
+                f"registered model {reg.name}: version {reg.version} stays '{CHAMPION}' ({reg.reason})"
+            )
+        elif reg.champion:
+            click.echo(
+                f"registered model {reg.name} version {reg.version}: now '{CHAMPION}' ({reg.reason})"
+            )
+        else:
+            click.echo(
+                f"registered model {reg.name} version {reg.version}; '{CHAMPION}' stays on "
+                f"version {reg.previous_version} ({reg.reason})"
+            )
 
-def _tracker(uri: str | None, *, create: bool = True) -> Any:
-    """The MLflow tracker of ``--tracking-uri``; ``create=False`` for the commands that only
-    read results, which must not create a store where there is none."""
+
+#: the alias ``--register`` moves (``tracking.CHAMPION``; said here so the CLI need not
+#: import tracking to print it)
+CHAMPION = "champion"
+
+
+def _tracker(uri: str | None, source: str | None = None, *, create: bool = True) -> Any:
+    """The MLflow tracker of ``--tracking-uri``; ``source``: the study file its runs come from
+    (``mlflow.source.*``); ``create=False`` for the commands that only read results, which
+    must not create a store where there is none."""
     from searchlab.tracking import MlflowTracker
 
     return MlflowTracker(
-        uri or config.default_tracking_uri(), config.default_artifact_root(), create=create
+        uri or config.default_tracking_uri(),
+        config.default_artifact_root(),
+        source=source,
+        create=create,
     )
 
 
@@ -355,6 +465,9 @@ class RunFlags:
     gpus: str | None
     recycle_mb: float
     in_process: bool
+    register: str | None
+    allow_changed_settings: bool
+    session: str | None
     worker_options: engines.RunOptions | None
     storage: str | None
     tracking_uri: str | None
@@ -470,6 +583,23 @@ class RunFlags:
     help="Run the trials in this process, not in a worker (for a debugger; memory then grows a few MB per trial on TensorFlow).",
 )
 @click.option(
+    "--register",
+    metavar="NAME",
+    help="Register the best model as NAME in MLflow's model registry; alias 'champion' moves to it only when it is better [default: the study's register=].",
+)
+@click.option(
+    "--allow-changed-settings",
+    is_flag=True,
+    help="Continue a study although its epochs, data, precision or backbone settings changed (the session is tagged searchlab.changed_settings).",
+)
+@click.option(
+    "--session",
+    metavar="KEY",
+    envvar=config.SESSION_ENV,
+    show_envvar=True,
+    help="Share one session (one MLflow parent run) with every process given this key, on any machine (a SLURM job array, a Kubernetes Job); the last one to finish closes it.",
+)
+@click.option(
     "--worker-options",
     metavar="JSON",
     hidden=True,
@@ -508,25 +638,36 @@ def _launch(flags: RunFlags) -> None:
         )
     loaded, study = _load(flags.study_file, flags.subset)
     options = _run_options(flags, study)
-    tracker = _tracker(flags.tracking_uri)
+    tracker = _tracker(flags.tracking_uri, flags.study_file)
     progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
-    if flags.engine == "optuna" and not flags.in_process:
-        workers_mod.run(
-            study,
-            options,
-            tracker,
-            progress,
-            workers=workers,
-            gpus=gpus,
-            worker_command=_worker_command(flags, options, workers),
-        )
-    else:
-        from searchlab import runner
+    from searchlab.errors import SessionOver
 
-        runner.run(study, options, tracker, progress)
+    try:
+        if flags.engine == "optuna" and not flags.in_process:
+            summary = workers_mod.run(
+                study,
+                options,
+                tracker,
+                progress,
+                workers=workers,
+                gpus=gpus,
+                worker_command=_worker_command(flags, options, workers),
+            )
+        else:
+            from searchlab import runner
+
+            summary = runner.run(study, options, tracker, progress)
+    except SessionOver as exc:  # a late process of a shared session: not an error
+        click.echo(str(exc))
+        return
+    if summary.get("left_open"):
+        click.echo(
+            f"session {summary['shared_session']!r} goes on in its other processes; the last "
+            "one to finish closes it."
+        )
     _say_where_results_are(flags, study, tracker.uri)
 
 
@@ -556,6 +697,9 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         prune_factor=flags.prune_factor,
         reeval_top=flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
+        register=flags.register or study.register,
+        allow_changed_settings=flags.allow_changed_settings,
+        session_key=flags.session or None,
         executions_per_trial=flags.executions_per_trial,
     )
 
@@ -604,9 +748,11 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
     _, study = _load(flags.study_file, flags.subset)
-    tracker = _tracker(flags.tracking_uri)
+    tracker = _tracker(flags.tracking_uri, flags.study_file)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
-    if runner.run(study, options, tracker, ConsoleProgress(study.objective, prefix)).get("recycle"):
+    workers = int((options.worker or "1/1").rpartition("/")[2] or 1)
+    progress = ConsoleProgress(study.objective, prefix, workers=workers)
+    if runner.run(study, options, tracker, progress).get("recycle"):
         sys.exit(workers_mod.RECYCLE)
 
 
@@ -623,7 +769,7 @@ def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> 
         f"results: MLflow experiment {study.name!r} in {redact(tracking_uri)}; "
         f"compare them with: searchlab ui {flags.study_file}{again}"
     )
-    click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.h5")
+    click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.keras")
 
 
 @main.command()
@@ -646,15 +792,27 @@ def export(
     storage: str | None,
     tracking_uri: str | None,
 ) -> None:
-    """Export the best trial of STUDY_FILE (from the stores) as a complete Keras model."""
+    """Export the best trial of STUDY_FILE (from the stores) as a complete Keras model.
+
+    STUDY_FILE may also be an MLflow model URI: models:/NAME@champion (a registered model,
+    see run --register), models:/NAME/VERSION, or a session's models:/<model id>.
+    """
     _quiet_backends()
     from pathlib import Path
 
-    from searchlab.export import export_model
+    from searchlab import export as export_mod
     from searchlab.study import load_study
 
+    if study_file.startswith(export_mod.MODEL_URI_PREFIXES):
+        if number is not None:
+            raise click.UsageError("--trial applies to a study file, not to a model URI.")
+        written = export_mod.export_logged(
+            study_file, _tracker(tracking_uri, create=False), Path(output)
+        )
+        click.echo(f"wrote {written['path']}: {study_file}")
+        return
     study = load_study(study_file)
-    done = export_model(
+    done = export_mod.export_model(
         study,
         storage or config.default_storage(),
         _tracker(tracking_uri, create=False),
@@ -671,7 +829,16 @@ def export(
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
 @click.option(
-    "--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the table as CSV."
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Also write the table as CSV ('-': to stdout, instead of the text table).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the study and its trials as one JSON object instead of the text table.",
 )
 @click.option(
     "--parquet",
@@ -698,14 +865,18 @@ def export(
 def report(
     study_file: str,
     csv_path: str | None,
+    as_json: bool,
     parquet_path: str | None,
     plots_dir: str | None,
     top: int,
     storage: str | None,
     tracking_uri: str | None,
 ) -> None:
-    """Print the trials of STUDY_FILE best first (from the stores); write tables and plots."""
-    _check_output(csv_path, "--csv")
+    """Print the trials of STUDY_FILE best first (from the stores); write tables and plots.
+
+    With --json or --csv -, stdout holds only that data; what else is said goes to stderr.
+    """
+    _check_output(csv_path if csv_path != "-" else None, "--csv")
     _check_output(parquet_path, "--parquet")
     _quiet_backends()
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -715,27 +886,39 @@ def report(
     from searchlab import table
     from searchlab.study import load_study
 
+    if as_json and csv_path == "-":
+        raise click.UsageError("--json and --csv - both print to stdout: choose one.")
     results = report_mod.open_results(
         load_study(study_file),
         storage or config.default_storage(),
         _tracker(tracking_uri, create=False),
     )
     frame = report_mod.frame(results)
-    click.echo(report_mod.summary_line(results))
-    click.echo(table.to_text(frame))
-    if csv_path:
-        click.echo(f"wrote {table.write_csv(frame, Path(csv_path))}")
+    data_out = as_json or csv_path == "-"
+
+    def say(text: str) -> None:
+        click.echo(text, err=data_out)
+
+    if as_json:
+        click.echo(report_mod.to_json(results, frame))
+    elif csv_path == "-":
+        click.echo(table.to_csv(frame), nl=False)
+    else:
+        click.echo(report_mod.summary_line(results))
+        click.echo(table.to_text(frame))
+    if csv_path and csv_path != "-":
+        say(f"wrote {table.write_csv(frame, Path(csv_path))}")
     if parquet_path:
-        click.echo(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
+        say(f"wrote {table.write_parquet(frame, Path(parquet_path))}")
     if plots_dir:
         files, skipped = report_mod.write_plots(results, Path(plots_dir), top=top)
-        names = sorted({f.stem for f in files})
-        click.echo(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html)")
+        names = sorted({f.stem for f in files if f.suffix in (".png", ".html")})
+        say(f"wrote plots to {plots_dir}: {', '.join(names)} (.png and .html, one plotly.min.js)")
         for name, why in skipped.items():
-            click.echo(f"skipped {name}: {why}")
+            say(f"skipped {name}: {why}")
         run_id = report_mod.log_plots(results, files)
         if run_id:
-            click.echo(f"logged the plots on MLflow run {run_id} (artifacts/plots)")
+            say(f"logged the plots on MLflow run {run_id} (artifacts/plots)")
 
 
 @main.command()
@@ -755,7 +938,7 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
 
     With an http(s) --tracking-uri, the server is already there: print its page instead.
     """
-    _quiet_backends()
+    _quiet_backends(load=False)  # the server starts first; a study file loads Keras later
     from searchlab import tracking
     from searchlab.store import redact
 
@@ -813,6 +996,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
     from searchlab.store import redact
     from searchlab.study import load_study
 
+    backend.import_quietly()  # a study file imports Keras
     study = load_study(study_file)
     exp_id = tracker.find_experiment(study.name)
     if exp_id is None:
@@ -821,7 +1005,7 @@ def _compare_page(tracker: Any, study_file: str | None) -> str:
             "that name. Run it first (searchlab run STUDY_FILE), or pass the --tracking-uri "
             "it ran with."
         )
-    key = tracker.set_compare_view(exp_id, study.search_space.names)
+    key = tracker.set_compare_view(exp_id, study.search_space.names, study.goal)
     return f"/#/experiments/{exp_id}/runs?viewStateShareKey={key} (experiment {study.name!r})"
 
 
@@ -868,7 +1052,8 @@ def doctor(
 ) -> None:
     """Check the Keras backend, its devices, the data directory and the stores (and what
     STUDY_FILE needs); exit 1 when something a run needs is missing."""
-    _quiet_backends()
+    # Keras refuses a backend it does not know on import: the doctor judges it first
+    _quiet_backends(load=backend.requested() in backend.BACKENDS)
     from searchlab.doctor import Status, run_checks
 
     problems = []

@@ -17,6 +17,11 @@ HOME_ENV = "SEARCHLAB_HOME"
 STORAGE_ENV = "SEARCHLAB_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 HEARTBEAT_ENV = "SEARCHLAB_HEARTBEAT_SECONDS"
+#: set to 1 by ``searchlab run`` for its one worker when its own output is a terminal: the
+#: worker's output is a pipe to the launcher, which passes its progress line through as is
+TTY_ENV = "SEARCHLAB_TTY"
+#: ``searchlab run --session KEY``: processes with the same key share one session (parent run)
+SESSION_ENV = "SEARCHLAB_SESSION"
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
 GRACE_FACTOR = 6  # a trial is stale after GRACE_FACTOR heartbeats were missed
 

@@ -128,6 +128,7 @@ class Data:
     num_classes: int | None
     source: str = ""
     _fingerprint: list[str] = field(default_factory=list, repr=False, compare=False)
+    _digests: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -144,6 +145,18 @@ class Data:
                 h.update(np.ascontiguousarray(arr).tobytes())
             self._fingerprint.append(h.hexdigest()[:16])
         return self._fingerprint[0]
+
+    def digest(self, split: str) -> str:
+        """A hash of one split's arrays (``train``, ``val`` or ``test``), as ``fingerprint``
+        is of the training and validation data together (an MLflow dataset's digest)."""
+        if split not in self._digests:
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            h = hashlib.sha1()
+            for arr in (x, y):
+                h.update(str(arr.shape).encode() + str(arr.dtype).encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self._digests[split] = h.hexdigest()[:16]
+        return self._digests[split]
 
 
 def load(dataset: Dataset | str, data_dir_: str | os.PathLike[str] | None = None) -> Data:

@@ -36,12 +36,18 @@ class ExportError(SearchlabError, LookupError):
     """There is nothing to export, or the export target is not usable."""
 
 
+class SessionOver(SearchlabError):
+    """A shared session (``searchlab run --session KEY``) has ended: its last process closed
+    it, so a late one has nothing to do (not an error: the CLI exits 0)."""
+
+
 class TrialFailed(SearchlabError):  # noqa: N818 - named like keras-tuner's FailedTrialError
     """One trial failed (NaN loss, builder error, out of memory); the study goes on."""
 
 
 class TrialPruned(SearchlabError):  # noqa: N818
-    """The pruner stopped one trial early; it counts as pruned, not failed."""
+    """The pruner stopped one trial early, after epoch ``epoch`` (numbered from 1); it counts
+    as pruned, not failed."""
 
     def __init__(self, epoch: int, message: str = "") -> None:
         super().__init__(message or f"pruned after epoch {epoch}")

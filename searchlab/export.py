@@ -5,6 +5,9 @@ best weights are downloaded from its MLflow run, and the model is rebuilt with t
 builder and its params.  A trial trained on the feature cache logged only the weights after
 the frozen prefix (``weights/best.suffix.npz``, tag ``searchlab.weights_form=suffix``): the
 rebuilt model brings the prefix, checked against the fingerprint the trial recorded.  ``.h5`` writes legacy HDF5, ``.keras`` the Keras format.
+
+``export_logged`` writes the Keras model of an MLflow Model instead: a registered one
+(``models:/NAME@champion``, ``models:/NAME/3``) or a session's best model (``models:/<id>``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
     from searchlab.tracking import MlflowTracker
 
 FORMATS = (".h5", ".keras")
+#: what ``searchlab export`` takes in place of a study file: an MLflow model URI
+MODEL_URI_PREFIXES = ("models:/", "runs:/")
 
 
 def find_trial(study: Study, storage_url: str, number: int | None = None) -> StoredTrial:
@@ -70,19 +75,7 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the chosen trial's complete model to ``out``; return what was written."""
     out = Path(out)
-    if out.suffix not in FORMATS:
-        raise ExportError(f"Cannot export to {out}: the file name must end in .h5 or .keras.")
-    folder = out.parent
-    if not folder.is_dir():
-        raise ExportError(
-            f"Cannot export to {out}: folder {folder} does not exist. Create it first, or "
-            "pass another -o."
-        )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ExportError(
-            f"Cannot export to {out}: folder {folder} cannot be written (read-only or not "
-            "yours). Pass an -o in a folder you may write to."
-        )
+    _check_output(out)
     trial = find_trial(study, storage_url, number)
     run_id = trial.run_id
     if not run_id:
@@ -118,25 +111,7 @@ def export_model(
                 f"Trial {trial.number}'s weights are missing from MLflow run {run_id} ({exc})."
             ) from exc
         model = trial_mod.load_trained(study.model, trial.params, info, weights)
-        absl = logging.getLogger("absl")
-        level = absl.level
-        absl.setLevel(logging.ERROR)  # Keras calls HDF5 "legacy"; the user asked for it
-        # whole or not at all: saved beside ``out`` (same suffix: it picks the format), renamed
-        partial = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
-        try:
-            trial_mod.ensure_space(partial, model)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.save(partial)
-            os.replace(partial, out)
-        except OSError as exc:
-            raise ExportError(
-                f"Cannot write {out}: {exc.strerror or exc}. Free some space, or pass an -o "
-                "on another disk."
-            ) from exc
-        finally:
-            absl.setLevel(level)
-            partial.unlink(missing_ok=True)
+        _save(model, out)
     return {
         "path": str(out),
         "trial": trial.number,
@@ -144,3 +119,65 @@ def export_model(
         "run_id": run_id,
         "params": dict(trial.params),
     }
+
+
+def _check_output(out: Path) -> None:
+    if out.suffix not in FORMATS:
+        raise ExportError(f"Cannot export to {out}: the file name must end in .h5 or .keras.")
+    folder = out.parent
+    if not folder.is_dir():
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} does not exist. Create it first, or "
+            "pass another -o."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(
+            f"Cannot export to {out}: folder {folder} cannot be written (read-only or not "
+            "yours). Pass an -o in a folder you may write to."
+        )
+
+
+def _save(model: Any, out: Path) -> None:
+    from searchlab import trial as trial_mod
+
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # Keras calls HDF5 "legacy"; the user asked for it
+    # whole or not at all: saved beside ``out`` (same suffix: it picks the format), renamed
+    partial = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
+    try:
+        trial_mod.ensure_space(partial, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save(partial)
+        os.replace(partial, out)
+    except OSError as exc:
+        raise ExportError(
+            f"Cannot write {out}: {exc.strerror or exc}. Free some space, or pass an -o "
+            "on another disk."
+        ) from exc
+    finally:
+        absl.setLevel(level)
+        partial.unlink(missing_ok=True)
+
+
+def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str, Any]:
+    """Write the Keras model of the MLflow Model ``model_uri`` (``models:/NAME@champion``,
+    ``models:/NAME/3``, ``models:/<id>``) to ``out``; return what was written."""
+    out = Path(out)
+    _check_output(out)
+    from searchlab.store import redact
+
+    tracker.connect()
+    with tempfile.TemporaryDirectory(prefix="searchlab-export-") as tmp:
+        try:
+            model = tracker.load_keras_model(model_uri, Path(tmp))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(
+                f"Cannot load the MLflow model {model_uri} from {redact(tracker.uri)} ({first}). Check "
+                "the name, version or alias (searchlab run --register NAME registers one), or "
+                "pass the --tracking-uri it was registered in."
+            ) from exc
+        _save(model, out)
+    return {"path": str(out), "model_uri": model_uri}

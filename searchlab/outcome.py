@@ -30,7 +30,8 @@ class TrialState(enum.Enum):
 
 @dataclass
 class TrialResult:
-    """What one trial produced. ``history`` maps a metric name to its value per epoch."""
+    """What one trial produced. ``history`` maps a metric name to its value per epoch;
+    ``best_epoch`` is the number of the best epoch, from 1 (as every epoch a user sees)."""
 
     number: int
     params: dict[str, Any]

@@ -114,7 +114,7 @@ def _retrain(
     )
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
-        tracker.log_epoch(run_id, epoch, logs)
+        tracker.log_epoch(run_id, epoch + 1, logs)  # numbered from 1, as a trial's
 
     result = run_trial(
         trial.number,

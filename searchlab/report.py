@@ -13,6 +13,7 @@ and ``log_plots``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -33,16 +34,23 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("optimization_history", "parallel_coordinate", "param_importances", "learning_curves")
 SESSION_ROLE = "session"
+#: where sessions of searchlab before the MLflow Model logged the best model's .keras file
 BEST_MODEL_PATH = "best_model/model.keras"
+#: the session run's tag with its best model's URI (``tracking.MODEL_URI_TAG``)
+MODEL_URI_TAG = "searchlab.model_uri"
 PLOTS_ARTIFACT_PATH = "plots"
+#: the one copy of plotly.js the HTML plots of a folder share
+PLOTLY_JS = "plotly.min.js"
 
 
 @dataclass(frozen=True)
 class BestTrial:
     """The best complete trial of a study, with where its model lives in MLflow.
 
-    ``model_uri`` is the complete best model logged on the session run that ended with this
-    trial as its best (``runs:/<session run>/best_model/model.keras``; None if no session
+    ``model_uri`` is the complete best model, the MLflow Model logged on the session run that
+    ended with this trial as its best (``models:/<model id>``: ``mlflow.keras.load_model``
+    or ``mlflow.pyfunc.load_model`` load it; a session of an older searchlab logged the
+    ``.keras`` file ``runs:/<session run>/best_model/model.keras``; None if no session
     finished since); ``weights_uri`` is the trial's own best-epoch weights (the complete
     model's ``best.weights.h5``, or for a trial trained on the feature cache
     ``best.suffix.npz``: the layers after the frozen prefix, see ``searchlab.cache``);
@@ -130,7 +138,9 @@ def best_trial(results: Results) -> BestTrial:
     model_uri = None
     for session in reversed(results.sessions):
         if session.status == "FINISHED" and session.metrics.get("best_trial") == best.number:
-            model_uri = f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
+            model_uri = (
+                session.tags.get(MODEL_URI_TAG) or f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
+            )
             break
     from searchlab.trial import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
 
@@ -178,16 +188,29 @@ def write_plots(results: Results, folder: Path, top: int = 5) -> tuple[list[Path
         "param_importances": f"Parameter importances for {objective}",
         "learning_curves": f"Learning curves of the top {top} trials ({objective} per epoch)",
     }
+    ranked = [t.number for t in results.store.top(top)]  # the learning curves' legend order
     written: list[Path] = []
     for name in PLOTS:
         if name in skipped:
             continue
         source = curves if name == "learning_curves" else ostudy
-        written += _draw(name, source, objective, titles[name], folder)
+        written += _draw(name, source, objective, titles[name], folder, ranked)
+    if written:  # the HTML plots load this one copy of plotly.js, beside them
+        written.append(folder / PLOTLY_JS)
     return written, skipped
 
 
-def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: Path) -> list[Path]:
+def _draw(
+    name: str,
+    ostudy: optuna.Study,
+    objective: str,
+    title: str,
+    folder: Path,
+    ranked: list[int],
+) -> list[Path]:
+    """One of Optuna's plots as interactive HTML (plotly) and PNG (matplotlib), made legible:
+    room for every axis's labels, log axes without crowded minor labels, learning curves in
+    rank order (``ranked``: trial numbers, best first) with a colour each."""
     import matplotlib.pyplot as plt
     import optuna.visualization as vis
     import optuna.visualization.matplotlib as vis_mpl
@@ -199,22 +222,21 @@ def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: P
         fig = getattr(vis, f"plot_{plot}")(ostudy, **kwargs)
         axes = getattr(vis_mpl, f"plot_{plot}")(ostudy, **kwargs)
     fig.update_layout(title=title)
-    if name == "parallel_coordinate":  # Optuna's white-to-blue scale hides the worst trial
-        from matplotlib.collections import LineCollection
-
-        for lines in _figure_of(axes).axes[0].collections:
-            if isinstance(lines, LineCollection) and lines.get_cmap().name.startswith("Blues"):
-                reverse = lines.get_cmap().name.endswith("_r")
-                lines.set_cmap("viridis_r" if reverse else "viridis")
-    if name == "learning_curves":
-        fig.update_layout(yaxis_title=objective, xaxis_title="epochs trained")
-    html = folder / f"{name}.html"
-    fig.write_html(html, include_plotlyjs=True, full_html=True)
     figure = _figure_of(axes)
     ax = figure.axes[0]
+    if name == "parallel_coordinate":
+        _legible_parallel_coordinate(figure)
+        dimensions = sum(len(t.dimensions) for t in fig.data if t.type == "parcoords")
+        fig.update_layout(width=max(700, 160 * dimensions))
+    if name == "learning_curves":
+        fig.update_layout(yaxis_title=objective, xaxis_title="epochs trained")
+        _rank_curves(fig, ax, ranked)
+    html = folder / f"{name}.html"
+    # one plotly.js beside the pages (PLOTLY_JS) instead of 4.8 MB inside each of them
+    fig.write_html(html, include_plotlyjs="directory", full_html=True)
     for loc in ("left", "right"):
         ax.set_title("", loc=loc)
-    ax.set_title(title)
+    ax.set_title(title, pad=12)
     if name in ("learning_curves", "optimization_history"):
         from matplotlib.ticker import MaxNLocator
 
@@ -226,6 +248,60 @@ def _draw(name: str, ostudy: optuna.Study, objective: str, title: str, folder: P
     figure.savefig(png, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return [png, html]
+
+
+def _legible_parallel_coordinate(figure: Any) -> None:
+    """Optuna's matplotlib parallel coordinates, legible: as wide as its axes need, a
+    colour scale on which the worst trial shows (not white-to-blue), no grid behind the
+    lines, and log axes with their decades labelled only (the minor labels overlapped)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    main = figure.axes[0]
+    for lines in main.collections:
+        if isinstance(lines, LineCollection) and lines.get_cmap().name.startswith("Blues"):
+            reverse = lines.get_cmap().name.endswith("_r")
+            lines.set_cmap("viridis_r" if reverse else "viridis")
+    axes = [a for a in figure.axes if a is not main and a.get_label() != "<colorbar>"]
+    figure.set_size_inches(max(8.0, 1.9 * (len(axes) + 1) + 2.0), 5.5)
+    main.grid(False)
+    for twin in axes:
+        twin.grid(False)
+        twin.tick_params(labelsize=8)
+        if twin.get_yscale() == "log":  # 1, 2, 5 per decade, as plain numbers
+            twin.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            twin.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            twin.yaxis.set_minor_formatter(NullFormatter())
+    for label in main.get_xticklabels():
+        label.set_rotation(20)
+        label.set_horizontalalignment("right")
+
+
+def _rank_curves(fig: Any, ax: Any, ranked: list[int]) -> None:
+    """Learning curves listed best first in both legends, one distinct colour per trial."""
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10")
+    rank = {f"Trial{number}": i for i, number in enumerate(ranked)}
+    for trace in fig.data:
+        i = rank.get(trace.name)
+        if i is not None:
+            red, green, blue = (int(255 * c) for c in colours(i % 10)[:3])
+            hexa = f"#{red:02x}{green:02x}{blue:02x}"
+            trace.update(legendrank=i + 1, line={"color": hexa}, marker={"color": hexa})
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    ordered = [lines[n] for n in sorted(lines, key=lambda n: rank.get(n, len(rank))) if n in rank]
+    for i, line in enumerate(ordered):
+        line.set_color(colours(i % 10))
+    if ordered:
+        ax.legend(
+            ordered,
+            [f"#{n[len('Trial') :]}" for n in (line.get_label() for line in ordered)],
+            title="trials, best first",
+            bbox_to_anchor=(1.05, 1),
+            loc="upper left",
+            borderaxespad=0.0,
+        )
 
 
 def _figure_of(axes: Any) -> Any:
@@ -242,6 +318,36 @@ def log_plots(results: Results, files: list[Path]) -> str | None:
     run_id = sessions[-1].run_id
     results.tracker.log_run_files(run_id, files, PLOTS_ARTIFACT_PATH)
     return run_id
+
+
+def to_json(results: Results, frame: pd.DataFrame) -> str:
+    """The study and its trials, best first, as one JSON object (``searchlab report --json``):
+    ``study``, ``objective``, ``direction``, ``counts`` (by state), ``best`` (number, value,
+    params, run id, model URI; null before a complete trial) and ``trials`` (the table's
+    rows: ``number``, ``state``, ``value``, ..., ``params.<name>``)."""
+    import json
+
+    from searchlab import table
+
+    study = results.study
+    counts: dict[str, int] = {}
+    for row in rows(results):
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    try:
+        best = dataclasses.asdict(best_trial(results))
+    except NotRunError:
+        best = None
+    return json.dumps(
+        {
+            "study": study.name,
+            "objective": study.objective,
+            "direction": study.goal,
+            "counts": counts,
+            "best": best,
+            "trials": table.to_records(frame),
+        },
+        default=str,
+    )
 
 
 def summary_line(results: Results) -> str:
@@ -305,7 +411,7 @@ def best(
     Example::
 
         b = searchlab.best("studies/mnist_dense.py")
-        path = mlflow.artifacts.download_artifacts(b.model_uri, tracking_uri=b.tracking_uri)
-        model = keras.models.load_model(path)
+        mlflow.set_tracking_uri(b.tracking_uri)
+        model = mlflow.keras.load_model(b.model_uri)
     """
     return best_trial(resolve(study_or_path, storage, tracking_uri))

@@ -41,14 +41,17 @@ from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
 
 if TYPE_CHECKING:
+    from searchlab.data import Data
     from searchlab.engines import Engine, RunOptions, SearchListener
     from searchlab.study import Study
-    from searchlab.tracking import RunRecord, Tracker
+    from searchlab.tracking import DataInput, RunRecord, Tracker
     from searchlab.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 #: how a trial is trained: ``trial.run_trial``'s signature (tests hand the runner a stub)
 TrainFn = Callable[..., TrialResult]
+#: raw inputs the best model's MLflow signature is inferred from
+MODEL_SAMPLE = 2
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Session:
         me, grace = coordination.hostname(), coordination.grace_period()
 
         def session_dead(run: RunRecord) -> bool:
+            if run.run_id in live_sessions:  # a trial of it runs: alive, even if the process
+                return False  # that started it is gone (a shared session's other hosts)
             pid = run.tags.get("searchlab.pid")
             if run.tags.get("searchlab.host") == me and pid and pid.isdigit():
                 # this process runs one session at a time: any other one it recorded is over
@@ -93,8 +98,6 @@ class Session:
                 if coordination.is_me(int(pid), started):
                     return True
                 return not coordination.process_alive(int(pid), started)
-            if run.run_id in live_sessions:
-                return False
             beat = float(run.tags.get("searchlab.heartbeat") or run.start_time)
             return time.time() - beat > grace
 
@@ -117,6 +120,12 @@ def prepare(
     objective (``trial.preflight``; once per session, not in each worker)."""
     engine = engines.create(study, options)
     engine.check()
+    if options.session_key and options.reeval_top:
+        raise SearchlabError(
+            "--reeval-top re-trains after the search, in one process; a shared --session has "
+            "many. Drop --reeval-top, and re-evaluate afterwards with searchlab run "
+            "--reeval-top K --trials <the trials done> (without --session)."
+        )
     target = engines.budget(study, options)
     spec = trial_spec(study, options)
     if check:
@@ -133,13 +142,14 @@ def open_session(
     engine: Engine,
     target: int | None,
     data_source: str = "",
+    settings: Mapping[str, str] | None = None,
 ) -> Session:
     """Open both stores and the Optuna study, then start this session's parent run (or
     attach to ``options.parent_run_id``).  Every store problem is raised here, before any
     training, and a run that fails here writes nothing: the Optuna storage is opened first
     (a bad ``--storage`` fails before MLflow is touched), and what it created is discarded
     when the MLflow store then fails.  A new session also closes what a crashed one left
-    open."""
+    open.  ``settings`` (``result_settings``) are logged on the parent run."""
     described = {**study.search_space.describe(), "_objective": study.objective}
     store = StudyStore.open(
         study.name,
@@ -147,6 +157,8 @@ def open_session(
         direction=study.goal,
         described=described,
         sampler=engine.sampler(0),
+        settings=settings,
+        allow_changed_settings=options.allow_changed_settings,
     )
     try:
         tracker.connect()
@@ -162,13 +174,21 @@ def open_session(
             study_name=study.name,
             lock_dir=config.home(),
         )
-        info = session_info(study, options, target, engine, data_source)
+        info = session_info(study, options, target, engine, data_source, settings)
+        if store.changed_settings:  # --allow-changed-settings: the session says what it changed
+            from searchlab.store import describe_changes
+
+            info["changed_settings"] = describe_changes(store.changed_settings)
         session = Session(study, options, engine, tracker, store, lock, target, info)
         if options.parent_run_id:
             tracker.attach(options.parent_run_id)
             return session
         with interrupts.deferred():  # a parent run is never left open without its links
-            tracker.start_session(study.name, info)
+            if options.session_key:
+                if not open_shared(session, options.session_key):
+                    return session  # joined: the process that started the shared session linked it
+            else:
+                tracker.start_session(study.name, info)
             try:
                 session.reconcile()
                 link_session(session)
@@ -179,6 +199,76 @@ def open_session(
         engine.close()
         raise
     return session
+
+
+# ---------------------------------------------------------------------- shared sessions
+#
+# ``searchlab run --session KEY`` (``$SEARCHLAB_SESSION``) on several machines -- a SLURM job
+# array, a Kubernetes Job with ``parallelism: N`` -- runs one session: one MLflow parent run
+# for every process that names the same key.  Under the study lock the first one starts the
+# parent run and records it in the Optuna study (user attr ``SHARED_ATTR + KEY``); the others
+# attach to it.  Each runs trials until the budget is met; then, under the lock again, the
+# process that sees no trial still running is the last: it marks the session closed and
+# closes it as a single process would (trials table, best model, summary).  The others leave
+# the parent run open.  A process that comes after the close has nothing to do
+# (``SessionOver``).
+
+#: Optuna study user attr (with the key appended): ``{"run_id", "closed"}`` of a shared session
+SHARED_ATTR = "searchlab.shared_session."
+
+
+def open_shared(session: Session, key: str) -> bool:
+    """Start the shared session ``key``'s parent run, or attach to it; True when this
+    process started it.  Raises ``SessionOver`` when its last process has closed it."""
+    from searchlab.errors import SessionOver
+
+    tracker, store = session.tracker, session.store
+    with session.lock.held():
+        known = store.attr(SHARED_ATTR + key)
+        if known and not known.get("closed") and tracker.run_status(known["run_id"]) == "RUNNING":
+            tracker.attach(known["run_id"])
+            return False
+        if known:
+            raise SessionOver(
+                f"Session {key!r} of study {session.study.name!r} is over (its last process "
+                "closed it); nothing left to do. Use another --session key to continue the study."
+            )
+        tracker.start_session(session.study.name, {**session.info, "session_key": key})
+        store.set_attr(SHARED_ATTR + key, {"run_id": session.run_id, "closed": False})
+    return True
+
+
+def end_session(
+    session: Session, status: str, counts: Mapping[TrialState, int], spec: TrialSpec | None
+) -> dict[str, Any]:
+    """End this process's part of the session: ``close_session`` for a session of its own;
+    for a shared one, close it only if this process is the last (the summary then counts
+    every process's trials), else leave the parent run to the others."""
+    key = session.options.session_key
+    if not key:
+        return close_session(session, status, counts, spec)
+    last = False
+    if status == "FINISHED":
+        with session.lock.held():
+            known = session.store.attr(SHARED_ATTR + key) or {}
+            running = session.store.count(TrialState.RUNNING)
+            if known.get("run_id") == session.run_id and not known.get("closed") and not running:
+                session.store.set_attr(SHARED_ATTR + key, {**known, "closed": True})
+                last = True
+    if last:
+        session.tracker.attach(session.run_id, own=True)
+        return close_session(session, status, session_counts(session), spec)
+    session.tracker.leave()
+    return {**summarize(session, counts), "shared_session": key, "left_open": True}
+
+
+def session_counts(session: Session) -> dict[TrialState, int]:
+    """The trials the session ended, by state, whichever process ran them."""
+    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    for t in session.store.trials(*counts):
+        if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
+            counts[t.state] += 1
+    return counts
 
 
 def link_session(session: Session) -> None:
@@ -211,9 +301,15 @@ def link_session(session: Session) -> None:
 
 
 def session_info(
-    study: Study, options: RunOptions, target: int | None, engine: Engine, data_source: str = ""
+    study: Study,
+    options: RunOptions,
+    target: int | None,
+    engine: Engine,
+    data_source: str = "",
+    settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params)."""
+    """What a session's parent run records (tags, ``space.*`` and ``run_params`` params:
+    the precision and the other ``settings`` that change results)."""
     from searchlab import backend
 
     engine_info = engine.info()
@@ -230,7 +326,7 @@ def session_info(
         "optuna_study": study.name,
         "precision": options.precision,
         "space": study.search_space.describe(),
-        "run_params": {"precision": options.precision},
+        "run_params": {"precision": options.precision, **(settings or {})},
     }
     if data_source:
         info["data"] = data_source
@@ -240,6 +336,41 @@ def session_info(
     return info
 
 
+def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, str]:
+    """The session's settings that change what a trial gives, by name: the epochs, the
+    data (name, subset, a digest of the arrays), the precision and what the model builder
+    reports of itself (``settings()``: a ``Transfer``'s backbone, its weights' source, the
+    input size...).  Params of the parent run; a study resumed with other values mixes
+    incomparable trials (see ``StudyStore.open``)."""
+    subset = study.dataset.subset
+    parts = {"train": subset} if isinstance(subset, int) else dict(subset or ())
+    settings = {
+        "epochs": str(options.epochs),
+        "data": study.dataset.label,
+        "subset": ",".join(f"{k}={v}" for k, v in sorted(parts.items())) or "all",
+        "data_digest": data.fingerprint,
+        "precision": options.precision,
+    }
+    describe = getattr(study.model, "settings", None)
+    if callable(describe):
+        settings.update({f"model.{k}": str(v) for k, v in describe().items()})
+    return settings
+
+
+def data_inputs(study: Study, data: Data) -> list[DataInput]:
+    """The splits a trial trains and validates on, as MLflow dataset inputs."""
+    from searchlab.tracking import DataInput
+
+    source = data.source if not data.source.startswith("loader ") else ""
+    return [
+        DataInput(study.dataset.label, context, data.digest(split), x, y, source)
+        for context, split, x, y in (
+            ("train", "train", data.x_train, data.y_train),
+            ("validation", "val", data.x_val, data.y_val),
+        )
+    ]
+
+
 def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]:
     """Tags on every trial run of a session (and its re-evaluation runs)."""
     return {
@@ -247,6 +378,8 @@ def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]
         "searchlab.strategy": options.strategy,
         "searchlab.engine": engine,
         **({"searchlab.worker": options.worker} if options.one_of_several else {}),
+        # a shared session's trials say which machine ran them
+        **({"searchlab.host": coordination.hostname()} if options.session_key else {}),
         **(
             {"searchlab.cuda_visible_devices": os.environ["CUDA_VISIBLE_DEVICES"]}
             if "CUDA_VISIBLE_DEVICES" in os.environ
@@ -296,7 +429,8 @@ def run(
     check = train is None and not options.parent_run_id
     engine, target, spec = prepare(study, options, check=check)
     interrupts.check()  # one dropped while the data loaded: stop before a store is touched
-    session = open_session(study, options, tracker, engine, target, spec.data.source)
+    settings = result_settings(study, options, spec.data)
+    session = open_session(study, options, tracker, engine, target, spec.data.source, settings)
     try:
         return _run_session(session, spec, listener, train)
     finally:
@@ -331,7 +465,7 @@ def _run_session(
         status = "KILLED"
         raise
     finally:
-        summary = close_session(session, status, counts, spec)
+        summary = end_session(session, status, counts, spec)
         listener.finished(summary)
     return summary
 
@@ -395,8 +529,11 @@ def reevaluate(session: Session, spec: TrialSpec) -> None:
         )
 
 
-def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str, Any]) -> None:
-    """The trials table (CSV) and the best model (.keras) go on the session's parent run."""
+def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, Any]) -> None:
+    """The trials table (CSV) and the best model go on the session's parent run: the
+    complete Keras model (also for a trial trained on cached features), rebuilt from the
+    trial's weights and logged as an MLflow Model (``Tracker.log_model``); registered too
+    with ``options.register``.  Adds ``model_uri`` (and ``registered``) to ``summary``."""
     from searchlab import table
     from searchlab import trial as trial_mod
     from searchlab.data import info_of
@@ -412,9 +549,37 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: Mapping[str,
             return
         weights = tracker.download(run_id, "weights", Path(tmp))  # either form: see trial
         model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
-        path = Path(tmp) / "model.keras"
-        model.save(path)
-        tracker.log_artifact(path, "best_model")
+        log_best_model(session, spec, summary, model, run_id)
+
+
+def log_best_model(
+    session: Session, spec: TrialSpec, summary: dict[str, Any], model: Any, run_id: str
+) -> None:
+    """Log ``model``, trial run ``run_id``'s complete model, as the session's MLflow Model
+    and register it when the session was asked to (``--register``)."""
+    from searchlab import backend
+    from searchlab.tracking import TRIAL_RUN_TAG, ModelScore
+
+    study, tracker = session.study, session.tracker
+    number = summary.get("selected_trial")
+    number = summary["best_trial"] if number is None else number
+    value = session.store.trial(int(number)).value
+    tags = {
+        "searchlab.study": study.name,
+        "searchlab.trial": str(number),
+        TRIAL_RUN_TAG: run_id,
+        "searchlab.objective": study.objective,
+    }
+    x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
+    uri = tracker.log_model(
+        model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags
+    )
+    summary["model_uri"] = uri
+    if session.options.register and value is not None:
+        score = ModelScore(study.objective, study.goal, float(value))
+        summary["registered"] = tracker.register_model(
+            uri, session.options.register, score, tags=tags
+        )
 
 
 # ------------------------------------------------------------------------------ the trials
@@ -562,7 +727,8 @@ def run_one(
                 run_id = session.tracker.start_trial(number, params, tags)
                 for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
                     trial.set_user_attr(name, value)
-            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id)
+            session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
+            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
             if isinstance(exc, KeyboardInterrupt):
@@ -593,20 +759,34 @@ def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
 
 
 def _epoch_callback(
-    session: Session, trial: Any, proposal: Any, spec: TrialSpec, run_id: str
+    session: Session,
+    trial: Any,
+    proposal: Any,
+    spec: TrialSpec,
+    run_id: str,
+    listener: SearchListener | None = None,
 ) -> Callable[[int, dict[str, float]], None]:
-    """``on_epoch(epoch, logs)`` for ``trial.run_trial``: log the epoch in MLflow, report the
-    objective to Optuna (step = epochs trained, as pruners expect; also Optuna's learning
-    curves) and to the engine, which may prune the trial."""
+    """``on_epoch(index, logs)`` for ``trial.run_trial`` (``index``: Keras's, from 0): log the
+    epoch in MLflow, tell the listener, report the objective to Optuna and to the engine,
+    which may prune the trial.
 
-    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+    Epochs are numbered from 1 wherever a user sees them: epoch ``k`` is the ``k``-th, after
+    which ``k`` epochs are trained: the MLflow step, Optuna's step (as its pruners expect),
+    the console, ``best_epoch`` and ``searchlab.pruned_epoch``."""
+    number = trial.number
+    # a listener written before SearchListener had epoch() still works: it is not told
+    tell = getattr(listener, "epoch", None)
+
+    def on_epoch(index: int, logs: dict[str, float]) -> None:
+        epoch = index + 1
         session.tracker.log_epoch(run_id, epoch, logs)
+        if tell is not None:
+            tell(number, epoch, spec.epochs, logs)
         value = logs.get(spec.objective)
         if value is None or not math.isfinite(value):
             return
-        trial.report(value, epoch + 1)
-        last = epoch + 1 >= spec.epochs
-        if session.engine.report(trial, proposal, epoch, logs, last):
+        trial.report(value, epoch)
+        if session.engine.report(trial, proposal, index, logs, epoch >= spec.epochs):
             raise TrialPruned(epoch)
 
     return on_epoch
@@ -629,10 +809,15 @@ def finish(session: Session, trial: Any, run_id: str | None, result: TrialResult
 __all__ = [
     "Session",
     "close_session",
+    "end_session",
     "fail_fast",
+    "open_shared",
+    "session_counts",
     "failure_streak",
     "open_session",
     "prepare",
+    "data_inputs",
+    "result_settings",
     "run",
     "session_info",
     "trial_spec",

@@ -31,8 +31,10 @@ RUN_ID_ATTR = "mlflow_run_id"
 #: epochs the trial trained, and its error (failed trials)
 EPOCHS_ATTR = "epochs_run"
 ERROR_ATTR = "error"
-#: the study's declared space and objective, to refuse a changed study file
+#: the study's declared space and objective, to refuse a changed study file; under
+#: ``SETTINGS_KEY`` in it, the settings that change results (``runner.result_settings``)
 SPACE_ATTR = "searchlab.space"
+SETTINGS_KEY = "_settings"
 
 STATES = {
     OptunaState.COMPLETE: TrialState.COMPLETE,
@@ -169,6 +171,13 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
+def describe_changes(changed: Mapping[str, tuple[str | None, str | None]]) -> str:
+    """``epochs 2 -> 3, subset all -> train=300``: what changed, for one line."""
+    return ", ".join(
+        f"{k} {was or 'unset'} -> {now or 'unset'}" for k, (was, now) in changed.items()
+    )
+
+
 def study_names(url: str) -> list[str]:
     """The names of the studies a storage holds (``doctor``)."""
     return list(optuna.get_all_study_names(storage=open_storage(url)))
@@ -237,6 +246,8 @@ class StudyStore:
         self.ostudy = ostudy
         self.storage = storage
         self.url = url
+        #: what ``open(..., allow_changed_settings=True)`` let change: name -> (was, now)
+        self.changed_settings: dict[str, tuple[str | None, str | None]] = {}
         #: what ``open`` created: the study, the SQLite file, its folders (``discard``)
         self._created: tuple[bool, Path | None, list[Path]] = (False, None, [])
 
@@ -249,9 +260,17 @@ class StudyStore:
         direction: str,
         described: Mapping[str, Any],
         sampler: optuna.samplers.BaseSampler,
+        settings: Mapping[str, str] | None = None,
+        allow_changed_settings: bool = False,
     ) -> StudyStore:
         """Create or load study ``name``; refuse a stored one whose ``described`` space and
-        objective, or whose direction, differ from the study file's."""
+        objective, or whose direction, differ from the study file's.
+
+        ``settings`` (what changes a trial's results: epochs, data, ...) are kept with the
+        space; a stored study whose settings differ is refused too, in one line naming what
+        changed, unless ``allow_changed_settings``: then they are replaced and what changed
+        is in ``changed_settings``.  A study stored before settings were kept takes these.
+        """
         path = sqlite_path(url)
         new_file = path if path is not None and not path.exists() else None
         new_dirs = _missing_folders(path.parent) if path is not None else []
@@ -266,27 +285,53 @@ class StudyStore:
             load_if_exists=True,
         )
         described = dict(described)
-        stored_space = ostudy.user_attrs.get(SPACE_ATTR)
-        if stored_space is None:
-            ostudy.set_user_attr(SPACE_ATTR, described)
-        elif stored_space != described:
-            changed = sorted(
-                k
-                for k in set(stored_space) | set(described)
-                if stored_space.get(k) != described.get(k)
-            )
-            raise StudyDefinitionError(
-                f"The storage already holds a study named {name!r} with a different space or "
-                f"objective (differs in: {', '.join(changed)}). Give the study a new name, or use "
-                "another --storage."
-            )
+        kept = ostudy.user_attrs.get(SPACE_ATTR)
+        new = {**described, **({SETTINGS_KEY: dict(settings)} if settings is not None else {})}
+        changed: dict[str, tuple[str | None, str | None]] = {}
+        if kept is None:
+            ostudy.set_user_attr(SPACE_ATTR, new)
+        else:
+            stored_space = {k: v for k, v in kept.items() if k != SETTINGS_KEY}
+            if stored_space != described:
+                differs = sorted(
+                    k
+                    for k in set(stored_space) | set(described)
+                    if stored_space.get(k) != described.get(k)
+                )
+                raise StudyDefinitionError(
+                    f"The storage already holds a study named {name!r} with a different space "
+                    f"or objective (differs in: {', '.join(differs)}). Give the study a new "
+                    "name, or use another --storage."
+                )
+            was = kept.get(SETTINGS_KEY)
+            if settings is not None and was is not None:
+                changed = {
+                    k: (was.get(k), settings.get(k))
+                    for k in sorted(set(was) | set(settings))
+                    if was.get(k) != settings.get(k)
+                }
+                if changed and not allow_changed_settings:
+                    raise StudyDefinitionError(
+                        f"Study {name!r} was run with other settings ({describe_changes(changed)}): "
+                        "its trials would not compare with new ones. Start a new study (another "
+                        "name= in the study file, or another --storage), go back to its "
+                        "settings, or pass --allow-changed-settings to continue it anyway."
+                    )
+            if settings is not None and (was is None or changed):
+                ostudy.set_user_attr(SPACE_ATTR, new)
         if ostudy.direction.name.lower() != direction:
             raise StudyDefinitionError(
                 f"The storage holds study {name!r} with direction "
                 f"{ostudy.direction.name.lower()}, but the study file says {direction}. "
                 "Give the study a new name."
             )
+        objective = described.get("_objective")
+        if isinstance(objective, str) and ostudy.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks set_metric_names experimental
+                ostudy.set_metric_names([objective])  # Optuna Dashboard and plots name it
         store = cls(ostudy, storage, url)
+        store.changed_settings = changed
         store._created = (new_study, new_file, new_dirs)
         return store
 
@@ -436,10 +481,12 @@ __all__ = [
     "ERROR_ATTR",
     "FINISHED",
     "RUN_ID_ATTR",
+    "SETTINGS_KEY",
     "SPACE_ATTR",
     "StoredTrial",
     "StudyStore",
     "check_db_server",
+    "describe_changes",
     "is_db_server",
     "open_storage",
     "redact",

@@ -152,6 +152,9 @@ class Study:
         seed: seeds the sampler and every trial.
         batch_size: used when the space has no ``batch_size`` parameter.
         tags: extra tags for every MLflow run of the study.
+        register: register each session's best model under this name in MLflow's model
+            registry; its ``champion`` alias moves to a new version only when that one is
+            better (``searchlab run --register NAME`` does the same).
         executions_per_trial: fit each configuration this many times (KerasTuner's
             averaging): every execution's metrics are logged, the trial's value is the mean.
         hyperparameters: (``space=None`` only) KerasTuner's ``hyperparameters=``: a
@@ -178,6 +181,7 @@ class Study:
     seed: int = 0
     batch_size: int = 32
     tags: Mapping[str, str] = field(default_factory=dict)
+    register: str | None = None
     executions_per_trial: int = 1
     hyperparameters: Any = None
     tune_new_entries: bool = True
@@ -236,6 +240,13 @@ class Study:
             raise StudyDefinitionError("epochs must be a positive int, got None.")
         if self.timeout is not None and self.timeout <= 0:
             raise StudyDefinitionError(f"timeout must be > 0 seconds, got {self.timeout!r}.")
+        if self.register is not None and (
+            not isinstance(self.register, str) or not self.register.strip()
+        ):
+            raise StudyDefinitionError(
+                f"register must be a registered model name (a non-empty string), got "
+                f"{self.register!r}."
+            )
 
     def _check_model(self) -> None:
         model = self.model

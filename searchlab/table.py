@@ -46,6 +46,18 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return _whole(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def to_csv(frame: pd.DataFrame) -> str:
+    """The table as CSV text (what ``write_csv`` writes)."""
+    return str(frame.to_csv(index=False))
+
+
+def to_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The table as one dict per row, JSON-ready: missing values are None."""
+    import json
+
+    return list(json.loads(frame.to_json(orient="records", double_precision=15)))
+
+
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
     return _whole(path, lambda tmp: frame.to_parquet(tmp, index=False))
 

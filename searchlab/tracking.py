@@ -8,13 +8,16 @@ back as ``RunRecord``s.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -43,6 +46,14 @@ MAX_PARAM = 6000
 #: the folder of empty SQLite stores that new ones are copied from (``store_template_dir``)
 STORE_TEMPLATES_ENV = "SEARCHLAB_STORE_TEMPLATES"
 MAX_TAG = 8000
+#: MLflow's own variable, which ``mlflow.set_tracking_uri`` sets (``_fluent_uri``)
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: the name of the study's best model, an MLflow Model (``mlflow.keras`` flavor) logged on
+#: the session's parent run; tag ``searchlab.model_uri`` on that run holds its ``models:/`` URI
+MODEL_NAME = "best_model"
+MODEL_URI_TAG = "searchlab.model_uri"
+#: the registered model's alias that follows the best version (``searchlab run --register``)
+CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,62 @@ class RunRecord:
     tags: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
+    #: the run's dataset inputs: ``{"name", "context", "digest"}`` each
+    inputs: tuple[Mapping[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """How a logged model scored: the study's objective, its direction and the value."""
+
+    objective: str
+    direction: str  # maximize or minimize
+    value: float
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``Tracker.register_model`` did: the new version of registered model ``name``,
+    whether the ``champion`` alias now points at it, and the version it pointed at before
+    (with that version's score, when it had one)."""
+
+    name: str
+    version: str
+    champion: bool
+    previous_version: str | None = None
+    previous_value: float | None = None
+    reason: str = ""  # why the alias moved or stayed, in words
+
+
+def champion_move(
+    score: ModelScore, trial_run: str | None, champion: Mapping[str, str] | None
+) -> tuple[str, str]:
+    """What ``register_model`` does, given the tags of the version the ``champion`` alias
+    points to (None: no alias yet), and why, in words:
+
+    - ``same``: that version holds this trial's model already; nothing is registered.
+    - ``move``: a new version, which takes the alias: there was none, or this one is better
+      on the same objective in the study's direction (a tie keeps the older one).
+    - ``keep``: a new version; the alias stays where it is (not better, or the champion was
+      scored on another objective or by someone else: moving it is then the user's call).
+    """
+    if champion is None:
+        return "move", "no champion yet"
+    if trial_run and champion.get(TRIAL_RUN_TAG) == trial_run:
+        return "same", "the champion holds this trial's model already"
+    old = score_of(champion)
+    if old is None:
+        return "keep", "the champion has no searchlab score; move the alias by hand if you want"
+    if (old.objective, old.direction) != (score.objective, score.direction):
+        return "keep", (
+            f"the champion was scored on {old.objective} ({old.direction}), this model on "
+            f"{score.objective} ({score.direction}); move the alias by hand if you want"
+        )
+    better = score.value > old.value if score.direction == "maximize" else score.value < old.value
+    verb = "beats" if better else "does not beat"
+    return ("move" if better else "keep"), (
+        f"{score.objective}={score.value:.4f} {verb} the champion's {old.value:.4f}"
+    )
 
 
 class Tracker(Protocol):
@@ -65,17 +132,26 @@ class Tracker(Protocol):
 
     1. ``connect()``, before any training: an unreachable store fails here.
     2. ``start_session(name, info)`` once (the process that opens the session) or
-       ``attach(session_id)`` (a worker, whose launcher opened it).  The first may be
+       ``attach(session_id)`` (a worker, whose launcher opened it; ``own=True``: the worker
+       that will close it, the last one of a shared session).  The first may be
        followed by ``reconcile(...)``, closing what a crashed process left open, and any
        time later by ``tag_session(tags)`` (links, heartbeat).
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
-       ``log_epoch(run_id, epoch, metrics)`` once per epoch; ``end_trial(run_id, result)``
+       ``log_inputs(run_id, inputs)`` records the data it trains on;
+       ``log_epoch(run_id, epoch, metrics)`` once per epoch (``epoch`` from 1: the step); ``end_trial(run_id, result)``
        exactly once, which logs the outcome and the weights and closes the run.
-    4. The session's owner: ``log_artifact(path)`` (trials table, best model), then
-       ``end_session(summary, status)`` once, which closes the parent run and any trial run
-       still open.  A worker ends with ``close_all("FAILED")``: it closes only its own runs.
+    4. The session's owner: ``log_artifact(path)`` (trials table), ``log_model(model, ...)``
+       (the best model, an MLflow Model on the parent run) and, when asked to, then
+       ``register_model(uri, name, score)``; then ``end_session(summary, status)`` once,
+       which closes the parent run and any trial run still open.  A worker ends with
+       ``close_all("FAILED")``: it closes only its own runs; a process of a shared session
+       (``--session``) that is not its last ends with ``leave()``, which does the same and
+       leaves the parent run open even if it started it.  ``run_status(run_id)`` reads any
+       run's status (None: no such run).
 
-    Every run that was opened is closed, also when the session ends by an exception.
+    Every run that was opened is closed, also when the session ends by an exception.  Every
+    run carries the tags MLflow's ``start_run`` would set (``context_tags``: user, source,
+    git commit) for the study file the tracker was made for (``source``).
     """
 
     uri: str
@@ -84,7 +160,9 @@ class Tracker(Protocol):
     def session_id(self) -> str | None: ...
     def connect(self) -> None: ...
     def start_session(self, name: str, info: Mapping[str, Any]) -> str: ...
-    def attach(self, session_id: str) -> None: ...
+    def attach(self, session_id: str, own: bool = False) -> None: ...
+    def leave(self) -> None: ...
+    def run_status(self, run_id: str) -> str | None: ...
     def tag_session(self, tags: Mapping[str, str]) -> None: ...
     def previous_session(self, name: str) -> str | None: ...
     def reconcile(
@@ -101,9 +179,16 @@ class Tracker(Protocol):
         tags: Mapping[str, str],
         run_name: str | None = None,
     ) -> str: ...
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None: ...
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str: ...
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration: ...
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path: ...
     def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None: ...
     def close_all(self, status: str = "FAILED") -> None: ...
@@ -176,7 +261,7 @@ def client(uri: str, *, create: bool = True) -> Any:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 _copy_empty_store(path)
-        c = MlflowClient(tracking_uri=uri)
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)
     except Exception as exc:
         from searchlab.store import redact
@@ -344,6 +429,55 @@ def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
     raise StoreError(f"The MLflow UI did not answer on {url} within {timeout:.0f}s.")
 
 
+@functools.lru_cache(maxsize=8)
+def context_tags(source: str | None = None) -> dict[str, str]:
+    """The tags MLflow's own ``mlflow.start_run`` puts on a run, resolved by MLflow's own
+    run-context providers (``mlflow.tracking.context.registry.resolve_tags``): the user,
+    the source's name and type, and its git commit, branch and repository (where there is
+    one), plus whatever other context MLflow detects (a Databricks job, ...).
+
+    ``source`` (the study file) is what ran: it replaces the program MLflow would name
+    (``searchlab``'s own entry point), and its git checkout, not the program's, gives the git
+    tags, through MLflow's own ``git_utils`` as its git context does for the program.
+    Resolved once per process and source.
+    """
+    _quiet_mlflow()
+    from mlflow.tracking.context import registry
+    from mlflow.utils import git_utils, mlflow_tags
+
+    tags = {k: str(v) for k, v in registry.resolve_tags().items()}
+    if source:
+        path = str(Path(source).resolve())
+        tags[mlflow_tags.MLFLOW_SOURCE_NAME] = path
+        for key, read in (
+            (mlflow_tags.MLFLOW_GIT_COMMIT, git_utils.get_git_commit),
+            (mlflow_tags.MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
+            (mlflow_tags.MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url),
+        ):
+            value = read(path)
+            if value:
+                tags[key] = str(value)
+            else:  # the program's checkout says nothing about the study file
+                tags.pop(key, None)
+    return tags
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One split of the data a trial trained on, for ``Tracker.log_inputs``: logged as an
+    MLflow dataset input (``mlflow.data.from_numpy``) with ``context`` (``train`` or
+    ``validation``) as its input tag.  ``digest`` identifies the arrays (MLflow keeps one
+    dataset per name and digest in an experiment); ``source`` is where they came from (a
+    file, or ``""`` for a loader: MLflow then records the code that ran)."""
+
+    name: str
+    context: str
+    digest: str
+    features: Any  # a NumPy array
+    targets: Any
+    source: str = ""
+
+
 def session_tags(name: str, info: Mapping[str, Any]) -> dict[str, str]:
     """The tags of a session's parent run: its study, its role, and ``info`` (but the space
     and the run params, which are params) as ``searchlab.*``."""
@@ -373,19 +507,106 @@ def _short(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: metrics that are durations in seconds
+SECONDS_METRICS = ("epoch_s", "duration_s", "fit_s", "session_seconds")
+
+
+def shown(key: str, value: float) -> float:
+    """A metric as searchlab writes it to MLflow, to be read: durations to the millisecond;
+    anything else -- Keras's float32 losses and accuracies, the objective, a learning rate --
+    with float32's 7 significant digits, which drops only the noise of widening float32 to
+    float64 (the UI shows ``0.88``, not ``0.8799999952316284``).  Optuna keeps the values
+    unrounded."""
+    value = float(value)
+    if not math.isfinite(value):
+        return value
+    if key in SECONDS_METRICS:
+        return round(value, 3)
+    return float(f"{value:.7g}")
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    """A trial's params on one line for its ``searchlab.params`` tag: floats to 4
+    significant digits (the params themselves are logged exactly)."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def score_tags(score: ModelScore) -> dict[str, str]:
+    """A registered version's score, as its tags (what ``champion_move`` compares next time)."""
+    return {
+        "searchlab.objective": score.objective,
+        "searchlab.direction": score.direction,
+        "searchlab.value": repr(float(score.value)),
+    }
+
+
+def score_of(tags: Mapping[str, str]) -> ModelScore | None:
+    """The score ``score_tags`` wrote, or None (a version registered by someone else)."""
+    try:
+        return ModelScore(
+            tags["searchlab.objective"], tags["searchlab.direction"], float(tags["searchlab.value"])
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+#: a version's tag naming the trial run whose weights it holds: the same trial is not
+#: registered twice (a resumed study whose best did not change)
+TRIAL_RUN_TAG = "searchlab.trial_run"
+
+
+def _model_id(model_uri: str) -> str | None:
+    """The LoggedModel id of a ``models:/<id>`` URI (None for ``models:/NAME/1`` and others)."""
+    rest = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for the block (``Model.log``
+    finalizes a logged model, the registry resolves ``models:/<id>`` and
+    ``mlflow.keras.load_model`` reads models through it, where the client has its own),
+    then put back what it resolved to before.  ``mlflow.set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI`` to the environment, which searchlab reads as the default
+    ``--tracking-uri``: that variable is restored exactly (unset if it was)."""
+    import mlflow
+
+    before, env = mlflow.get_tracking_uri(), os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = env
+
+
 class MlflowTracker:
     """Logs a study to MLflow: one experiment per study, one parent run per session.
 
     Args:
         uri: the tracking URI (``sqlite:///...``, ``http://host:5000``, a folder, ...).
         artifact_root: where a new experiment keeps artifacts when the store is local.
+        source: the study file the runs come from (their ``mlflow.source.*`` tags).
         create: False for a reader (``export``, ``report``, ``ui``): a local store that
             does not exist is a ``StoreError``, never created.
     """
 
-    def __init__(self, uri: str, artifact_root: Path | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str,
+        artifact_root: Path | None = None,
+        source: str | Path | None = None,
+        *,
+        create: bool = True,
+    ) -> None:
         self.uri = uri
         self.artifact_root = artifact_root
+        self.source = str(source) if source is not None else None
         self.create = create
         self._client: Any = None
         self.experiment_id: str | None = None
@@ -429,7 +650,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         self.experiment_id = self.experiment(name)
-        tags = session_tags(name, info)
+        tags = {**context_tags(self.source), **session_tags(name, info)}
         run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
         self._session_id = run.info.run_id
         self._open.add(self._session_id)
@@ -442,12 +663,32 @@ class MlflowTracker:
             self._mlflow.log_batch(self._session_id, params=params)
         return self._session_id
 
-    def attach(self, session_id: str) -> None:
+    def attach(self, session_id: str, own: bool = False) -> None:
         """Log this process's trials under another process's session run (a worker of
-        ``searchlab run --workers N``); that process opens and closes the parent run."""
+        ``searchlab run --workers N``); that process opens and closes the parent run, unless
+        ``own``: then this one closes it (``end_session``), as the last process of a shared
+        session does."""
         run = self._mlflow.get_run(session_id)
         self.experiment_id = run.info.experiment_id
         self._session_id = session_id
+        if own:
+            self._open.add(session_id)
+
+    def leave(self) -> None:
+        """Close this process's trial runs (FAILED) and leave the session run open, also when
+        this process started it: a shared session's other processes go on with it."""
+        if self._session_id is not None:
+            self._open.discard(self._session_id)
+        self.close_all("FAILED")
+
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None when there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self._mlflow.get_run(run_id).info.status)
+        except (MissingRun, MlflowException):
+            return None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
         """Tags on the session's parent run (links to the study, liveness heartbeat)."""
@@ -540,7 +781,7 @@ class MlflowTracker:
                 error = trial.get("error") or "interrupted: the process running it died"
                 new_tags.append(RunTag("searchlab.error", _short(error, MAX_TAG)))
             elif trial.get("value") is not None:
-                metrics.append(Metric("objective", float(trial["value"]), now, 0))
+                metrics.append(Metric("objective", shown("objective", trial["value"]), now, 0))
             self._mlflow.log_batch(info.run_id, metrics=metrics, tags=new_tags)
             self._mlflow.set_terminated(info.run_id, status)
             return status
@@ -565,7 +806,7 @@ class MlflowTracker:
         from mlflow.entities import Param, RunTag
 
         assert self.experiment_id is not None and self._session_id is not None
-        all_tags = trial_tags(self._session_id, number, tags)
+        all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
         run = self._mlflow.create_run(
             self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
         )
@@ -574,9 +815,39 @@ class MlflowTracker:
         self._mlflow.log_batch(
             run_id,
             params=[Param(k, _short(v, MAX_PARAM)) for k, v in params.items()],
-            tags=[RunTag("searchlab.params", _short(dict(params), MAX_TAG))],
+            tags=[RunTag("searchlab.params", _short(params_text(params), MAX_TAG))],
         )
         return run_id
+
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None:
+        """Log each split as an MLflow dataset input of run ``run_id``: a NumPy dataset
+        (``mlflow.data.from_numpy``: schema and shapes of features and targets) with the
+        given name, digest and source, and the input tag ``mlflow.data.context``."""
+        import warnings
+
+        from mlflow.data.numpy_dataset import from_numpy  # mlflow.data.from_numpy
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entries = []
+        for item in inputs:
+            with warnings.catch_warnings():
+                # a file path matches MLflow's local-file source twice; it says so, and
+                # takes it as one
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = from_numpy(
+                    item.features,
+                    targets=item.targets,
+                    source=item.source or None,  # type: ignore[arg-type]  # None: the code
+                    name=item.name,
+                    digest=item.digest,
+                )
+            entries.append(
+                DatasetInput(
+                    Dataset(**dataset.to_dict()),
+                    tags=[InputTag("mlflow.data.context", item.context)],
+                )
+            )
+        self._mlflow.log_inputs(run_id, datasets=entries)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -584,7 +855,7 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self._mlflow.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()],
+            metrics=[Metric(k, shown(k, v), now, epoch) for k, v in metrics.items()],
             synchronous=True,
         )
 
@@ -593,12 +864,12 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         metrics = [
-            Metric("duration_s", result.duration, now, 0),
-            Metric("fit_s", result.fit_seconds, now, 0),
+            Metric("duration_s", shown("duration_s", result.duration), now, 0),
+            Metric("fit_s", shown("fit_s", result.fit_seconds), now, 0),
             Metric("epochs_run", float(result.epochs_run), now, 0),
         ]
         if result.value is not None:
-            metrics.append(Metric("objective", float(result.value), now, 0))
+            metrics.append(Metric("objective", shown("objective", result.value), now, 0))
         if result.best_epoch is not None:
             metrics.append(Metric("best_epoch", float(result.best_epoch), now, 0))
         tags = [RunTag("searchlab.state", result.state.value)]
@@ -622,6 +893,121 @@ class MlflowTracker:
         assert self._session_id is not None
         self._mlflow.log_artifact(self._session_id, str(path), artifact_path)
 
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str:
+        """Log ``model`` (a complete Keras model) on the session's parent run as an MLflow
+        Model of the ``mlflow.keras`` flavor named ``best_model``: a LoggedModel of the
+        study's experiment whose source run is the parent run, with ``tags``, a signature
+        inferred from ``sample`` (a few raw inputs) and the model's outputs on them, and
+        ``requirements`` as its pip requirements (given, not inferred: MLflow would load the
+        model again in a subprocess).  Returns its ``models:/<model_id>`` URI, which is also
+        tagged on the parent run (``searchlab.model_uri``)."""
+        import mlflow
+        from mlflow.models import Model, infer_signature
+
+        assert self._session_id is not None and self.experiment_id is not None
+        signature = infer_signature(sample, model.predict(sample, verbose=0))
+        # created here, in the study's experiment: Model.log alone would put it in the
+        # experiment of MLflow's process-wide state
+        logged = self._mlflow.create_logged_model(
+            self.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=self._session_id,
+            tags={k: _short(v, MAX_TAG) for k, v in tags.items()},
+        )
+        with _fluent_uri(self.uri):
+            info = Model.log(
+                None,
+                name=MODEL_NAME,
+                flavor=mlflow.keras,
+                model=model,
+                run_id=self._session_id,
+                signature=signature,
+                pip_requirements=list(requirements),
+                model_id=logged.model_id,
+            )
+        uri = str(info.model_uri)
+        self.tag_session({MODEL_URI_TAG: uri})
+        return uri
+
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration:
+        """Register ``model_uri`` as a new version of ``name`` (created if new) and move the
+        ``champion`` alias to it when it beats the version the alias points to (see
+        ``champion_move``).  ``tags`` go on the version (``searchlab.trial_run`` names the
+        trial whose model it is)."""
+        from mlflow.exceptions import MlflowException
+
+        tags = dict(tags or {})
+        try:
+            with _fluent_uri(self.uri):  # the registry resolves models:/<id> through it
+                return self._register(model_uri, name, score, tags)
+        except MlflowException as exc:
+            from searchlab.store import redact
+
+            text = str(exc).strip()
+            first = _hide_secret(text.splitlines()[0] if text else type(exc).__name__, self.uri)
+            raise StoreError(
+                f"Cannot register the best model as {name!r} in {redact(self.uri)} "
+                f"({first}). Use a tracking store with a model registry "
+                "(a database or an MLflow server), or drop --register."
+            ) from None
+
+    def _register(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str]
+    ) -> Registration:
+        from mlflow.exceptions import MlflowException
+
+        # the raw client: its error codes tell an existing model or a missing alias apart
+        # (``register_model`` turns what else it raises into one StoreError line)
+        registry = self._mlflow._inner
+        try:
+            registry.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        try:
+            champion = registry.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champion = None
+        old_tags = dict(champion.tags) if champion is not None else None
+        move, reason = champion_move(score, tags.get(TRIAL_RUN_TAG), old_tags)
+        if move == "same":
+            assert champion is not None
+            version = str(champion.version)
+        else:
+            version = str(
+                registry.create_model_version(
+                    name,
+                    source=model_uri,
+                    run_id=self._session_id,
+                    tags={**tags, **score_tags(score)},
+                    model_id=_model_id(model_uri),
+                    await_creation_for=0,
+                ).version
+            )
+        if move == "move":
+            registry.set_registered_model_alias(name, CHAMPION, version)
+        old = score_of(old_tags or {})
+        return Registration(
+            name=name,
+            version=version,
+            champion=move in ("move", "same"),
+            previous_version=str(champion.version) if champion is not None else None,
+            previous_value=old.value if old is not None else None,
+            reason=reason,
+        )
+
+    def load_keras_model(self, model_uri: str, dst: Path) -> Any:
+        """The Keras model of an MLflow Model (``models:/NAME@champion``, ``models:/<id>``,
+        ``runs:/...``), downloaded into ``dst`` (``searchlab export``)."""
+        import mlflow
+
+        with _fluent_uri(self.uri):
+            return mlflow.keras.load_model(model_uri, dst_path=str(dst))
+
     def end_session(self, summary: Mapping[str, Any], status: str = "FINISHED") -> None:
         """Log the summary (numbers as metrics, the best params as ``best.*`` params) on the
         parent run, then close it and every trial run still open."""
@@ -631,7 +1017,7 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         metrics = [
-            Metric(k, float(v), now, 0)
+            Metric(k, shown(k, v), now, 0)
             for k, v in summary.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
         ]
@@ -667,21 +1053,31 @@ class MlflowTracker:
             self._mlflow.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, ML_EXPERIMENT)
         return exp.experiment_id
 
-    def set_compare_view(self, experiment_id: str, params: list[str]) -> str:
+    def set_compare_view(
+        self, experiment_id: str, params: list[str], direction: str = "maximize"
+    ) -> str:
         """Store a runs-table view on the experiment: trial params, the objective, epochs and
-        state as columns (sessions newest first, trials nested under them).  Returns the
-        share key that opens it (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
+        state as columns, runs sorted by the objective best first (descending to maximize,
+        ascending to minimize; trials nested under their session, which has no objective and
+        comes after the runs that have one).  Returns the share key that opens it
+        (``#/experiments/<id>/runs?viewStateShareKey=<key>``)."""
         import json
 
+        objective = "metrics.`objective`"
         columns = [
-            "metrics.`objective`",
+            objective,
             "metrics.`epochs_run`",
             "metrics.`best_value`",
             *(f"params.`{name}`" for name in params),
             "tags.`searchlab.state`",
         ]
+        view = {
+            "selectedColumns": columns,
+            "orderByKey": objective,
+            "orderByAsc": direction == "minimize",
+        }
         self._mlflow.set_experiment_tag(
-            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps({"selectedColumns": columns})
+            experiment_id, SHARED_VIEW + COMPARE_VIEW_KEY, json.dumps(view)
         )
         return COMPARE_VIEW_KEY
 
@@ -757,6 +1153,14 @@ def _record(run: Any) -> RunRecord:
         tags=dict(run.data.tags),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
+        inputs=tuple(
+            {
+                "name": d.dataset.name,
+                "digest": d.dataset.digest,
+                "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""),
+            }
+            for d in (run.inputs.dataset_inputs if run.inputs else [])
+        ),
     )
 
 
@@ -764,11 +1168,15 @@ class MemoryTracker:
     """A ``Tracker`` that keeps everything in memory: for tests of the runner and engines,
     and the reference the tracker contract suite holds ``MlflowTracker`` to."""
 
-    def __init__(self, uri: str = "memory://") -> None:
+    def __init__(self, uri: str = "memory://", source: str | Path | None = None) -> None:
         self.uri = uri
+        self.source = str(source) if source is not None else None
         self.records: dict[str, dict[str, Any]] = {}  # run id -> run
         self.events: list[tuple[str, ...]] = []  # (method, run id, ...) in call order
         self.artifacts: dict[str, list[str]] = {}  # run id -> artifact paths
+        self.models: dict[str, dict[str, Any]] = {}  # model uri -> its run, tags and model
+        #: registered model name -> {"versions": [tags, ...] (version = index + 1), "aliases"}
+        self.registry: dict[str, dict[str, Any]] = {}
         self._session_id: str | None = None
         self._experiment: str | None = None
         self._open: set[str] = set()
@@ -796,14 +1204,26 @@ class MemoryTracker:
 
     def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         self._experiment = name
-        self._session_id = self._new(name, session_tags(name, info), f"{name}-session")
+        tags = {**context_tags(self.source), **session_tags(name, info)}
+        self._session_id = self._new(name, tags, f"{name}-session")
         self.events.append(("start_session", self._session_id))
         return self._session_id
 
-    def attach(self, session_id: str) -> None:
+    def attach(self, session_id: str, own: bool = False) -> None:
         self._experiment = self.records[session_id]["experiment"]
         self._session_id = session_id
+        if own:
+            self._open.add(session_id)
         self.events.append(("attach", session_id))
+
+    def leave(self) -> None:
+        if self._session_id is not None:
+            self._open.discard(self._session_id)
+        self.close_all("FAILED")
+
+    def run_status(self, run_id: str) -> str | None:
+        record = self.records.get(run_id)
+        return str(record["status"]) if record is not None else None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
         if self._session_id is not None:
@@ -850,16 +1270,23 @@ class MemoryTracker:
         run_name: str | None = None,
     ) -> str:
         assert self._session_id is not None and self._experiment is not None
-        all_tags = trial_tags(self._session_id, number, tags)
+        all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
         run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
         self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
         self.events.append(("start_trial", run_id, str(number)))
         return run_id
 
+    def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None:
+        assert run_id in self._open, f"log_inputs on closed run {run_id}"
+        self.records[run_id].setdefault("inputs", []).extend(
+            {"name": i.name, "context": i.context, "digest": i.digest} for i in inputs
+        )
+        self.events.append(("log_inputs", run_id, ",".join(i.context for i in inputs)))
+
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         assert run_id in self._open, f"log_epoch on closed run {run_id}"
         for k, v in metrics.items():
-            self.records[run_id]["metrics"].setdefault(k, []).append((epoch, float(v)))
+            self.records[run_id]["metrics"].setdefault(k, []).append((epoch, shown(k, v)))
         self.events.append(("log_epoch", run_id, str(epoch)))
 
     def end_trial(self, run_id: str, result: TrialResult) -> None:
@@ -868,7 +1295,7 @@ class MemoryTracker:
         record["tags"].update(result.tags)
         record["tags"]["searchlab.state"] = result.state.value
         if result.value is not None:
-            record["metrics"]["objective"] = [(0, float(result.value))]
+            record["metrics"]["objective"] = [(0, shown("objective", result.value))]
         if result.weights_path is not None:
             self.artifacts.setdefault(run_id, []).append(f"weights/{result.weights_path.name}")
         self._close(run_id, RUN_STATUS[result.state])
@@ -878,6 +1305,40 @@ class MemoryTracker:
         assert self._session_id is not None
         name = f"{artifact_path}/{path.name}" if artifact_path else path.name
         self.artifacts.setdefault(self._session_id, []).append(name)
+
+    def log_model(
+        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+    ) -> str:
+        assert self._session_id is not None
+        uri = f"models:/m-{len(self.models):04d}"
+        self.models[uri] = {"run_id": self._session_id, "tags": dict(tags), "model": model}
+        self.records[self._session_id]["tags"][MODEL_URI_TAG] = uri
+        self.events.append(("log_model", self._session_id, uri))
+        return uri
+
+    def register_model(
+        self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
+    ) -> Registration:
+        tags = dict(tags or {})
+        entry = self.registry.setdefault(name, {"versions": [], "aliases": {}})
+        current = entry["aliases"].get(CHAMPION)
+        old_tags = entry["versions"][int(current) - 1] if current else None
+        move, reason = champion_move(score, tags.get(TRIAL_RUN_TAG), old_tags)
+        version = current
+        if move != "same":
+            entry["versions"].append({**tags, **score_tags(score), "source": model_uri})
+            version = str(len(entry["versions"]))
+        if move == "move":
+            entry["aliases"][CHAMPION] = version
+        old = score_of(old_tags or {})
+        return Registration(
+            name=name,
+            version=str(version),
+            champion=move in ("move", "same"),
+            previous_version=current,
+            previous_value=old.value if old is not None else None,
+            reason=reason,
+        )
 
     def download(self, run_id: str, path: str, dst: Path | None = None) -> Path:
         raise FileNotFoundError(f"MemoryTracker keeps no files: {run_id}/{path}")
@@ -908,6 +1369,7 @@ class MemoryTracker:
                 tags=dict(r["tags"]),
                 params=dict(r["params"]),
                 metrics={m: v[-1][1] for m, v in r["metrics"].items()},
+                inputs=tuple(r.get("inputs", ())),
             )
             for k, r in self.records.items()
             if r["experiment"] == name

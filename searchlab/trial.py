@@ -264,7 +264,7 @@ class _Monitor(keras.callbacks.Callback):
         else:
             value = logs.get(self.spec.objective, math.nan)
             if math.isfinite(value) and self.spec.better(value, self.best):
-                self.best, self.best_epoch, improved = value, epoch, True
+                self.best, self.best_epoch, improved = value, epoch + 1, True  # from 1
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
         if improved and weights:  # copied once the pruner let the trial go on: none if pruned

@@ -40,13 +40,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
-from searchlab import coordination, interrupts
+from searchlab import config, interrupts
 from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
     from searchlab.outcome import TrialState
-    from searchlab.runner import Session
     from searchlab.study import Study
     from searchlab.tracking import Tracker
     from searchlab.trial import TrialSpec
@@ -102,7 +101,6 @@ def worker_env(
 ) -> dict[str, str]:
     """The environment of worker ``index``: the stores (in the environment, so a password
     in a URL does not show in the process list), unbuffered output, its GPU when pinned."""
-    from searchlab import config
 
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -132,11 +130,15 @@ def run(
     # once here, not in every worker; a missing dataset fails before any store write
     engine, target, loaded = runner.prepare(study, options)
     interrupts.check()  # one dropped while the data loaded: stop before a store is touched
-    session = runner.open_session(study, options, tracker, engine, target, loaded.data.source)
+    settings = runner.result_settings(study, options, loaded.data)
+    session = runner.open_session(
+        study, options, tracker, engine, target, loaded.data.source, settings
+    )
     spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
     del loaded
     data_mod.forget()
     status = "FAILED"
+    live = workers == 1 and _isatty(sys.stdout)
     procs: list[subprocess.Popen[bytes]] = []
     relays: dict[int, list[threading.Thread]] = {}  # worker index -> its output's relays
     errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
@@ -145,9 +147,12 @@ def run(
         cmd = worker_command(index, session.run_id)
         log.info("starting worker %s: %s", index + 1, " ".join(cmd))
         # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
+        env = worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri)
+        if live:  # one worker on a terminal: its progress line is passed through as it is
+            env[config.TTY_ENV] = "1"
         proc = subprocess.Popen(
             cmd,
-            env=worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri),
+            env=env,
             start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -185,12 +190,13 @@ def run(
                 relay.join(timeout=5)
             counts = _no_counts()
             try:
-                counts = _session_counts(session)
+                counts = runner.session_counts(session)
                 if status == "FINISHED" and spec is None:
                     spec = runner.trial_spec(study, options)  # for the best model on the parent run
             finally:
                 try:
-                    summary = runner.close_session(session, status, counts, spec)
+                    # a shared session is closed only by its last process
+                    summary = runner.end_session(session, status, counts, spec)
                 finally:
                     engine.close()
         listener.finished(summary)
@@ -205,10 +211,38 @@ def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | Non
     return lines[-1] if lines else None
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _relay(source: IO[bytes], target: IO[str], errors: list[str] | None = None) -> threading.Thread:
-    """Copy a worker's output to this process's ``target`` stream, line by line.  With
-    ``errors``, the worker's ``error: ...`` lines are kept there instead of printed: the
-    launcher says them once, as its own error."""
+    """Copy a worker's output to this process's ``target`` stream as it comes: up to each
+    end of line or carriage return (a progress line the worker rewrites in place).  With
+    ``errors`` (its stderr), line by line, and its ``error: ...`` lines are kept there
+    instead of printed: the launcher says them once, as its own error."""
+
+    def write(text: str) -> None:
+        try:
+            target.write(text)
+            target.flush()
+        except (OSError, ValueError):  # our own output is gone: keep draining
+            pass
+
+    def pieces() -> None:
+        with source:
+            pending = b""
+            read = getattr(source, "read1", source.readline)
+            for chunk in iter(lambda: read(65536), b""):
+                pending += chunk
+                cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+                if cut:  # whole characters: no UTF-8 sequence holds either byte
+                    write(pending[:cut].decode("utf-8", errors="replace"))
+                    pending = pending[cut:]
+            if pending:
+                write(pending.decode("utf-8", errors="replace"))
 
     def copy() -> None:
         with source:
@@ -217,13 +251,11 @@ def _relay(source: IO[bytes], target: IO[str], errors: list[str] | None = None) 
                 if errors is not None and line.startswith("error: "):
                     errors.append(line[len("error: ") :].strip())
                     continue
-                try:
-                    target.write(line)
-                    target.flush()
-                except (OSError, ValueError):  # our own output is gone: keep draining
-                    pass
+                write(line)
 
-    thread = threading.Thread(target=copy, name="searchlab-relay", daemon=True)
+    thread = threading.Thread(
+        target=copy if errors is not None else pieces, name="searchlab-relay", daemon=True
+    )
     thread.start()
     return thread
 
@@ -311,15 +343,6 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def _session_counts(session: Session) -> dict[TrialState, int]:
-    """The trials the session's workers ended, by state."""
-    counts = _no_counts()
-    for t in session.store.trials(*counts):
-        if t.attrs.get(coordination.SESSION_ATTR) == session.run_id:
-            counts[t.state] += 1
-    return counts
 
 
 def _no_counts() -> dict[TrialState, int]:

@@ -224,7 +224,7 @@ def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch)
     values = complete.history["val_accuracy"]
     improving = [i for i, v in enumerate(values) if v > max(values[:i], default=-1.0)]
     assert len(copies) == len(improving) >= 1  # one copy per improving epoch
-    assert complete.best_epoch == improving[-1]
+    assert complete.best_epoch == improving[-1] + 1  # numbered from 1
 
 
 class _Calls(keras.callbacks.Callback):

@@ -51,6 +51,9 @@ EVERY_FIELD = RunOptions(
     parent_run_id="abc123",
     worker="2/3",
     recycle_mb=64.0,
+    register="mnist-model",
+    allow_changed_settings=True,
+    session_key="array-7",
 )
 
 
@@ -107,7 +110,9 @@ def wiring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
     monkeypatch.setattr(workers_mod, "run", workers_run)
     monkeypatch.setattr(runner, "run", runner_run)
-    monkeypatch.setattr(cli, "_tracker", lambda uri: SimpleNamespace(uri=uri or "sqlite:///home"))
+    monkeypatch.setattr(
+        cli, "_tracker", lambda uri, source=None: SimpleNamespace(uri=uri or "sqlite:///home")
+    )
 
     def invoke(*args: Any, env: dict[str, str] | None = None):
         return CliRunner().invoke(cli.main, [str(a) for a in args], env=env, catch_exceptions=False)

@@ -121,7 +121,7 @@ class FakeTrainer:
             dict(params),
             TrialState.COMPLETE,
             value=history["val_accuracy"][-1],
-            best_epoch=spec.epochs - 1,
+            best_epoch=spec.epochs,  # numbered from 1
             history=history,
         )
 
@@ -137,6 +137,9 @@ class Recorder:
 
     def trial_started(self, number, index, total, params) -> None:
         self.calls.append("trial_started")
+
+    def epoch(self, number, epoch, epochs, logs) -> None:
+        self.calls.append(f"epoch {epoch}/{epochs}")
 
     def trial_finished(self, result, best) -> None:
         self.calls.append(f"trial_finished:{result.state.value}")
@@ -213,8 +216,11 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
         assert run.status == "FINISHED" and run.tags["searchlab.trial"] == str(t.number)
         assert run.tags["searchlab.engine"] == engine
         events = [e for e in tracker.events if len(e) > 1 and e[1] == t.run_id]
+        steps = [int(e[2]) for e in events if e[0] == "log_epoch"]
+        assert steps == [1, 2, 3]  # epochs are numbered from 1, in MLflow as everywhere
         assert [e[0] for e in events] == [
             "start_trial",
+            "log_inputs",  # the data it trains on, as train and validation
             "log_epoch",
             "log_epoch",
             "log_epoch",
@@ -224,7 +230,7 @@ def test_the_budget_is_met_and_every_proposal_is_told_once(
     assert [s.status for s in session] == ["FINISHED"]
     assert listener.calls == [
         "started",
-        *["trial_started", "trial_finished:complete"] * 4,
+        *["trial_started", "epoch 1/3", "epoch 2/3", "epoch 3/3", "trial_finished:complete"] * 4,
         "finished",
     ]
     if strategy == "grid":
@@ -375,6 +381,48 @@ def test_a_worker_leaves_the_session_run_to_its_launcher(tmp_path, tells):
     trial_runs = [r for r in worker.runs("contract") if r.run_id != session_id]
     assert [r.tags["mlflow.parentRunId"] for r in trial_runs] == [session_id] * 2
     assert {r.status for r in trial_runs} == {"FINISHED"}
+
+
+def test_processes_with_one_session_key_share_one_parent_run_closed_by_the_last(
+    tmp_path, study_artifacts
+):
+    """``--session KEY``: the first process starts the parent run, a second attaches; the
+    one that ends when no trial runs closes it (once); a process after that has nothing to
+    do.  (Concurrently, on PostgreSQL and an MLflow server: tests/test_postgres.py.)"""
+    from searchlab.errors import SessionOver
+
+    study = make_study("random", trials=4)
+    opts = options(tmp_path, "optuna", study, session_key="job-1")
+    first = MemoryTracker()
+    second = MemoryTracker()
+    second.records, second.events = first.records, first.events  # one store, two processes
+
+    def open_(tracker: MemoryTracker) -> runner.Session:
+        engine, target, spec = runner.prepare(study, opts, check=False)
+        return runner.open_session(study, opts, tracker, engine, target)
+
+    a, b = open_(first), open_(second)
+    assert a.run_id == b.run_id and first.records[a.run_id]["tags"]["searchlab.session_key"] == (
+        "job-1"
+    )
+    counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
+    spec = runner.trial_spec(study, opts)
+    runner.work(b, spec, engines.NullListener(), counts, FakeTrainer())  # b runs the budget
+    # a ends first, with b's trials done: it is the last one running, and closes the session
+    closed = runner.end_session(a, "FINISHED", dict(counts), spec)
+    assert first.records[a.run_id]["status"] == "FINISHED"
+    assert closed["session_complete"] == 4 and len(study_artifacts) == 1
+    left = runner.end_session(b, "FINISHED", counts, spec)  # b comes after: leaves it be
+    assert left["left_open"] and len(study_artifacts) == 1
+    assert [e for e in first.events if e[0] == "end_session"] == [
+        ("end_session", a.run_id, "FINISHED")
+    ]
+    with pytest.raises(SessionOver, match="is over"):
+        open_(MemoryTracker())  # a fresh store knows nothing of the run: over all the same
+    third = MemoryTracker()
+    third.records, third.events = first.records, first.events
+    with pytest.raises(SessionOver, match="'job-1'"):
+        open_(third)
 
 
 # -- keras-tuner's oracle after a crash -------------------------------------------------------

@@ -25,10 +25,13 @@ pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "golden" / "structure.json"
 #: keys that name one session (its run id) or one machine: replaced by a placeholder
 VARIABLE = re.compile(r"^(searchlab\.session\.)[0-9a-f]{32}$")
+#: MLflow's git tags are there when the study file is in a git checkout (with a branch, a
+#: remote): the checkout's, not searchlab's, so they are not compared
+CHECKOUT = "mlflow.source.git."
 
 
 def _names(keys: Any) -> list[str]:
-    return sorted(VARIABLE.sub(r"\1<run_id>", k) for k in keys)
+    return sorted(VARIABLE.sub(r"\1<run_id>", k) for k in keys if not k.startswith(CHECKOUT))
 
 
 def _artifacts(c: Any, run_id: str, path: str | None = None) -> list[str]:
@@ -55,6 +58,18 @@ def structure(study_name: str) -> dict[str, Any]:
         key=lambda r: int(r.data.tags["searchlab.trial"]),
     )
 
+    def logged_models(run: Any) -> list[dict[str, Any]]:
+        outputs = run.outputs.model_outputs if run.outputs else []
+        models = [c.get_logged_model(o.model_id) for o in outputs]
+        return [
+            {
+                "name": m.name,
+                "tags": _names(k for k in m.tags if not k.startswith("mlflow.")),
+                "files": sorted(a.path for a in c.list_logged_model_artifacts(m.model_id)),
+            }
+            for m in models
+        ]
+
     def run_shape(run: Any) -> dict[str, Any]:
         return {
             "status": run.info.status,
@@ -65,6 +80,11 @@ def structure(study_name: str) -> dict[str, Any]:
                 for k in sorted(run.data.metrics)
             },
             "artifacts": _artifacts(c, run.info.run_id),
+            "logged_models": logged_models(run),
+            "inputs": sorted(
+                [d.dataset.name, *(f"{t.key}={t.value}" for t in d.tags)]
+                for d in (run.inputs.dataset_inputs if run.inputs else [])
+            ),
             "run_name": re.sub(r"\d", "9", run.info.run_name or ""),
         }
 

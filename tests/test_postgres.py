@@ -147,7 +147,11 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     from mlflow.tracking import MlflowClient
 
     paths = {a.path for a in MlflowClient(mlflow_server).list_artifacts(session.info.run_id)}
-    assert {"trials.csv", "best_model"} <= paths
+    assert "trials.csv" in paths
+    model_id = session.data.tags["searchlab.model_uri"].removeprefix("models:/")
+    assert MlflowClient(mlflow_server).get_logged_model(model_id).source_run_id == (
+        session.info.run_id
+    )
 
 
 def test_wrong_password_is_one_line_and_writes_nothing(
@@ -172,6 +176,69 @@ def test_wrong_password_is_one_line_and_writes_nothing(
     assert optuna.get_all_study_names(postgres["optuna"]) == before
     tracking = MlflowClient(f"sqlite:///{project / '.searchlab' / 'mlflow.db'}")
     assert tracking.get_experiment_by_name("tiny") is None
+
+
+#: the worker command line of the README's SLURM and Kubernetes recipes, run here as is
+RECIPE_WORKER = 'searchlab run "$STUDY_FILE" --trials "$TRIALS"'
+
+
+@pytest.mark.slow
+def test_the_cluster_recipe_runs_identical_workers_as_one_session(
+    project: Path, postgres: dict[str, str], mlflow_server: str
+) -> None:
+    from reliability_helpers import STUDY
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert readme.count(RECIPE_WORKER) >= 2, "the SLURM and Kubernetes recipes run this line"
+    study = project / "array_study.py"
+    study.write_text(STUDY.replace('name="tiny"', 'name="tiny-array"'))
+    budget, workers, key = 5, 3, "array-1234"
+    env = env_for(
+        project / ".searchlab",
+        STUDY_FILE=str(study),
+        TRIALS=str(budget),
+        SEARCHLAB_STORAGE=postgres["optuna"],
+        MLFLOW_TRACKING_URI=mlflow_server,
+        SEARCHLAB_SESSION=key,
+    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    procs = [
+        subprocess.Popen(
+            ["bash", "-c", RECIPE_WORKER],
+            env=env,
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+    found = check_consistent(postgres["optuna"], mlflow_server, "tiny-array", budget)
+    assert len(found["trials"]) == budget  # every trial ran once: none failed or repeated
+    (session,) = found["sessions"]  # one parent run for every worker
+    assert session.info.status == "FINISHED"
+    assert session.data.tags["searchlab.session_key"] == key
+    assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {session.info.run_id}
+    assert session.data.metrics["n_complete"] == budget
+    assert session.data.metrics["session_complete"] == budget  # counted over every worker
+    closers = [out for out in outputs if "best model: models:/" in out]
+    assert len(closers) == 1, outputs  # the last worker closed it, the others left it open
+    assert sum("goes on in its other processes" in out for out in outputs) == workers - 1
+    assert session.data.tags["searchlab.model_uri"].startswith("models:/m-")
+
+    late = subprocess.run(
+        ["bash", "-c", RECIPE_WORKER],
+        env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert late.returncode == 0, late.stdout + late.stderr
+    assert f"Session {key!r} of study 'tiny-array' is over" in late.stdout
 
 
 def _started_by(root: int) -> str:

@@ -63,11 +63,11 @@ def test_median_pruner_stops_the_bad_half_early_and_mlflow_says_killed(cli, proj
         assert run.info.status == ("KILLED" if bad else "FINISHED")
         assert run.data.tags["searchlab.state"] == ("pruned" if bad else "complete")
         assert run.data.metrics["epochs_run"] == (1 if bad else 2)  # stopped early: 1 of 2 epochs
-        assert run.data.tags.get("searchlab.pruned_epoch") == ("0" if bad else None)
+        assert run.data.tags.get("searchlab.pruned_epoch") == ("1" if bad else None)
         assert "epoch_s" in run.data.metrics and run.data.params["units"]  # logged all the same
         weights = client(config.default_tracking_uri()).list_artifacts(run.info.run_id, "weights")
         assert len(weights) == (0 if bad else 1)  # a pruned trial's model is not kept
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
-    assert session.data.tags["searchlab.pruner"] == "MedianPruner"
+    assert session.data.tags["searchlab.pruner"] == "median"  # as --pruner names it
     assert session.data.tags["searchlab.pruner_args"] == "min_epochs=1"
     assert session.data.metrics["n_pruned"] == 3 and session.data.metrics["n_failed"] == 0

@@ -183,14 +183,26 @@ def test_plots_are_written_and_logged_on_the_latest_parent_run(
     result = invoke("report", env.study_file, "--plots", plots, "--top", "3", *env.stores())
     assert result.exit_code == 0, result.output
     expected = {f"{name}.{ext}" for name in PLOT_NAMES for ext in ("png", "html")}
+    expected.add("plotly.min.js")  # one copy, which every HTML plot loads
     assert {p.name for p in plots.iterdir()} == expected
-    for name in expected:
+    assert (plots / "plotly.min.js").stat().st_size > 1_000_000
+    for name in expected - {"plotly.min.js"}:
         data = (plots / name).read_bytes()
         assert len(data) > 1000, name
         if name.endswith(".png"):
             assert data[:8] == b"\x89PNG\r\n\x1a\n"
         else:
-            assert b"plotly" in data[:200_000].lower()
+            assert len(data) < 200_000, name  # plotly.js is not inside it
+            assert b'<script charset="utf-8" src="plotly.min.js"></script>' in data, name
+    # the learning curves' legend lists the trials best first
+    import re
+
+    html = (plots / "learning_curves.html").read_text()
+    ranks = {}
+    for trace in html.split('"name":"Trial')[1:]:  # each curve's trace, up to the next one
+        rank = re.search(r'"legendrank":(\d+)', trace)
+        ranks[int(re.match(r"\d+", trace).group())] = int(rank.group(1)) if rank else None
+    assert sorted(ranks, key=ranks.get) == _expected_order(env)[:3], ranks
     sessions = [r for r in _runs(env) if r.data.tags.get("searchlab.role") == "session"]
     assert len(sessions) == 2
     latest = max(sessions, key=lambda r: r.info.start_time)
@@ -213,10 +225,10 @@ def test_learning_curves_show_the_top_trials_per_epoch(env: Finished) -> None:
     with_curves = [t for t in top.get_trials() if t.intermediate_values]
     assert [t.number for t in with_curves] == sorted(_expected_order(env)[:2])
     client = _client(env)
-    for t in with_curves:  # the curve is the val metric MLflow holds per epoch; Optuna's
-        # step counts epochs trained (1, 2, ...), MLflow's is the epoch index (0, 1, ...)
+    for t in with_curves:  # the curve is the val metric MLflow holds per epoch; both count
+        # epochs trained (1, 2, ...)
         history = client.get_metric_history(t.user_attrs["mlflow_run_id"], "val_accuracy")
-        assert {m.step + 1: m.value for m in history} == pytest.approx(t.intermediate_values)
+        assert {m.step: m.value for m in history} == pytest.approx(t.intermediate_values)
 
 
 @pytest.mark.slow
@@ -252,15 +264,12 @@ def test_best_names_the_run_and_the_model(env: Finished, tmp_path: Path) -> None
     assert best.value == pytest.approx(truth.value)
     assert best.run_id == truth.user_attrs["mlflow_run_id"]
     import mlflow.artifacts
+    import mlflow.keras
 
     assert best.tracking_uri == env.tracking_uri
-    model = mlflow.artifacts.download_artifacts(
-        best.model_uri, dst_path=str(tmp_path), tracking_uri=best.tracking_uri
-    )
-    assert Path(model).name == "model.keras"
-    import keras
-
-    loaded = keras.models.load_model(model)
+    assert best.model_uri.startswith("models:/m-")  # the session's MLflow Model
+    mlflow.set_tracking_uri(best.tracking_uri)
+    loaded = mlflow.keras.load_model(best.model_uri, dst_path=str(tmp_path))
     assert loaded.get_layer("hidden_0").units == best.params["units"]
     weights = mlflow.artifacts.download_artifacts(
         best.weights_uri, dst_path=str(tmp_path / "w"), tracking_uri=env.tracking_uri
@@ -390,6 +399,22 @@ class UiProcess:
         return self.process.returncode
 
 
+def _rows(browser, by) -> list[tuple[str, str]]:
+    """The runs table as shown: (run name, objective cell) per row, top to bottom."""
+    names, objectives = {}, {}
+    for row in browser.find_elements(by.CSS_SELECTOR, ".ag-row[row-index]"):
+        index = int(row.get_attribute("row-index"))
+        link = row.find_elements(by.CSS_SELECTOR, '[col-id="run_name"] a, a[href*="/runs/"]')
+        if link and index not in names:
+            names[index] = link[0].text
+        cell = row.find_elements(by.CSS_SELECTOR, '[col-id="metrics.`objective`"]')
+        if cell:
+            objectives[index] = cell[0].text
+    return [
+        (names.get(i, "?"), objectives.get(i, "")) for i in sorted(set(names) | set(objectives))
+    ]
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(1)
@@ -462,10 +487,6 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
 
         wait = WebDriverWait(browser, 120, poll_frequency=0.5)
         wait.until(lambda _: body().count("report-test-session") == 2)  # one parent per session
-        assert not any(name in body() for name in names)  # trials are nested, folded at first
-        unfold = "button[data-component-id*=runnamecellrenderer]"  # the [+] beside a parent run
-        for i in range(len(browser.find_elements(By.CSS_SELECTOR, unfold))):
-            browser.find_elements(By.CSS_SELECTOR, unfold)[i].click()  # as a person would
         wait.until(lambda _: all(name in body() for name in names))
         columns = {
             e.get_attribute("col-id") for e in browser.find_elements(By.CSS_SELECTOR, "[col-id]")
@@ -476,8 +497,28 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
         shown = {cell.text for cell in cells}
         missing = [value for value in objectives if value not in shown]
         assert not missing, f"objective values not in the objective column: {missing} ({shown})"
+
+        # the view sorts runs by the objective, best first: a leaderboard of the trials, the
+        # failed ones (no objective) and the sessions after them
+        table = _rows(browser, By)
+        values = [float(v) for _, v in table if v not in ("", "-")]
+        assert values == sorted(values, reverse=True) and len(values) == len(objectives), table
+        assert all(v in ("", "-") for _, v in table[len(values) :]), table
+        best = _ostudy(env).best_trial
+        assert table[0][0] == f"trial-{best.number:04d}", table
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "mlflow-ui.png"))
+
+        # the latest session's run page lists its best model, an MLflow Model
+        session = [r for r in _runs(env) if r.data.tags.get("searchlab.role") == "session"][-1]
+        model_id = session.data.tags["searchlab.model_uri"].removeprefix("models:/")
+        experiment = session.info.experiment_id
+        browser.get(url.split("#")[0] + f"#/experiments/{experiment}/runs/{session.info.run_id}")
+        wait.until(lambda _: "Logged models" in body() and "best_model" in body())
+        links = browser.find_elements(By.CSS_SELECTOR, f'a[href*="{model_id}"]')
+        assert links, "no link to the logged model on the session's run page"
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", links[0])
+        assert browser.save_screenshot(str(ARTIFACTS / "mlflow-session-run.png"))
     finally:
         if browser is not None:
             browser.quit()

@@ -68,7 +68,7 @@ def test_each_strategy_lands_in_mlflow(cli, project: Path, strategy: str) -> Non
         }
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
             steps = [m.step for m in c.get_metric_history(child.info.run_id, key)]
-            assert sorted(steps) == [0, 1], key
+            assert sorted(steps) == [1, 2], key  # epochs numbered from 1
         history = c.get_metric_history(child.info.run_id, "val_accuracy")
         assert child.data.metrics["objective"] == pytest.approx(max(m.value for m in history))
         assert "weights/best.weights.h5" in artifact_paths(child.info.run_id, "weights")
@@ -79,7 +79,9 @@ def test_each_strategy_lands_in_mlflow(cli, project: Path, strategy: str) -> Non
     )
     best = max(children, key=lambda ch: ch.data.metrics["objective"])
     assert parent.data.params["best.units"] == best.data.params["units"]
-    assert {"trials.csv", "best_model"} <= artifact_paths(parent.info.run_id)
+    assert "trials.csv" in artifact_paths(parent.info.run_id)
+    (model,) = parent.outputs.model_outputs  # the best model, an MLflow Model
+    assert parent.data.tags["searchlab.model_uri"] == f"models:/{model.model_id}"
     trials = optuna_trials("mnist-dense")
     assert [t.user_attrs["mlflow_run_id"] for t in trials] == [ch.info.run_id for ch in children]
 
@@ -164,10 +166,11 @@ def test_export_h5_and_keras_reload_and_predict_identically(cli, project: Path) 
         assert result.exit_code == 0, result.output
         assert f"wrote {name}: trial #" in result.output
 
+    import mlflow
+
     parents, _ = runs_of("mnist-dense")
-    c = client(config.default_tracking_uri())
-    trained = Path(c.download_artifacts(parents[0].info.run_id, "best_model", str(project)))
-    reference = keras.models.load_model(trained / "model.keras")
+    mlflow.set_tracking_uri(config.default_tracking_uri())
+    reference = mlflow.keras.load_model(parents[0].data.tags["searchlab.model_uri"])
     x = np.random.default_rng(0).random((16, 28, 28), dtype=np.float32)
     expected = reference.predict(x, verbose=0)
     for name in ("best.h5", "best.keras"):

@@ -15,18 +15,20 @@ from searchlab.tracking import MemoryTracker, MlflowTracker, Tracker
 
 @pytest.fixture(params=["mlflow", "memory"])
 def make(request, tmp_path: Path):
-    """A factory of trackers on one store (two of them are two processes)."""
+    """A factory of trackers on one store (two of them are two processes), for the study
+    file ``tmp_path / "study.py"``."""
+    source = tmp_path / "study.py"
     if request.param == "memory":
-        first = MemoryTracker()
+        first = MemoryTracker(source=source)
 
         def memory() -> Tracker:
-            other = MemoryTracker()
+            other = MemoryTracker(source=source)
             other.records, other.events = first.records, first.events  # one store
             return other
 
         return lambda: first if not first.events else memory()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return lambda: MlflowTracker(uri, tmp_path / "artifacts")
+    return lambda: MlflowTracker(uri, tmp_path / "artifacts", source=source)
 
 
 def result(number: int, state: TrialState, value: float | None = None) -> TrialResult:
@@ -131,3 +133,87 @@ def test_runs_of_an_unknown_study_are_none(make) -> None:
     assert tracker.runs("never-run") == []
     assert tracker.previous_session("never-run") is None
     tracker.end_session({}, "FINISHED")
+
+
+def test_the_best_model_is_logged_on_the_session_and_registered_champion_only_if_better(
+    make,
+) -> None:
+    import keras
+    import numpy as np
+
+    from searchlab.tracking import MODEL_URI_TAG, ModelScore
+
+    tracker = make()
+    session = tracker.start_session("s", {})
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    x = np.zeros((2, 3), dtype="float32")
+    uri = tracker.log_model(model, x, requirements=["keras"], tags={"searchlab.trial": "0"})
+    assert uri.startswith("models:/m-")
+    assert by_id(tracker)[session].tags[MODEL_URI_TAG] == uri
+
+    def register(value: float, trial_run: str):
+        score = ModelScore("val_loss", "minimize", value)
+        return tracker.register_model(uri, "m", score, tags={"searchlab.trial_run": trial_run})
+
+    first = register(0.5, "a")
+    assert (first.version, first.champion, first.previous_version) == ("1", True, None)
+    worse = register(0.6, "b")
+    assert (worse.version, worse.champion, worse.previous_version) == ("2", False, "1")
+    assert worse.previous_value == 0.5 and "does not beat" in worse.reason
+    same = register(0.5, "a")  # the champion's own trial: nothing new
+    assert (same.version, same.champion) == ("1", True)
+    better = register(0.4, "c")
+    assert (better.version, better.champion, better.previous_version) == ("3", True, "1")
+    assert register(0.45, "d").champion is False  # measured against version 3 now
+    tracker.end_session({}, "FINISHED")
+
+
+def test_runs_carry_mlflow_context_tags_and_dataset_inputs(make, tmp_path: Path) -> None:
+    import getpass
+
+    import numpy as np
+
+    from searchlab.tracking import DataInput
+
+    tracker = make()
+    session = tracker.start_session("s", {})
+    trial = tracker.start_trial(0, {"a": 0}, {})
+    x, y = np.zeros((4, 2, 2), dtype="float32"), np.arange(4, dtype="int32")
+    tracker.log_inputs(
+        trial,
+        [
+            DataInput("toy", "train", "d-train", x, y, str(tmp_path / "toy.npz")),
+            DataInput("toy", "validation", "d-val", x[:2], y[:2]),
+        ],
+    )
+    tracker.end_trial(trial, result(0, TrialState.COMPLETE, 0.5))
+    tracker.end_session({}, "FINISHED")
+    runs = by_id(tracker)
+    for run_id in (session, trial):  # the tags MLflow's start_run sets
+        tags = runs[run_id].tags
+        assert tags["mlflow.user"] == getpass.getuser()
+        assert tags["mlflow.source.name"] == str((tmp_path / "study.py").resolve())
+        assert tags["mlflow.source.type"] == "LOCAL"
+        assert not any(k.startswith("mlflow.source.git") for k in tags)  # tmp_path: no git
+    assert [dict(i) for i in runs[trial].inputs] == [
+        {"name": "toy", "context": "train", "digest": "d-train"},
+        {"name": "toy", "context": "validation", "digest": "d-val"},
+    ]
+    assert runs[session].inputs == ()
+
+
+def test_a_shared_session_is_left_open_by_all_but_the_process_that_closes_it(make) -> None:
+    starter = make()
+    session = starter.start_session("s", {})
+    joined = make()
+    joined.attach(session)
+    mine = starter.start_trial(0, {"a": 0}, {})
+    theirs = joined.start_trial(1, {"a": 1}, {})
+    starter.leave()  # started it, but another process goes on with it
+    assert starter.run_status(session) == "RUNNING" and starter.run_status(mine) == "FAILED"
+    assert joined.run_status(theirs) == "RUNNING"
+    joined.end_trial(theirs, result(1, TrialState.COMPLETE, 0.5))
+    joined.attach(session, own=True)  # the last process: it closes the session
+    joined.end_session({"best_value": 0.5}, "FINISHED")
+    assert joined.run_status(session) == "FINISHED"
+    assert joined.run_status("no-such-run") is None

@@ -63,6 +63,9 @@ class _Silent:
     def trial_started(self, *args):
         pass
 
+    def epoch(self, *args):
+        pass
+
     def trial_finished(self, *args):
         pass
 

@@ -63,6 +63,15 @@ class RunOptions:
     #: a worker ends itself (exit code ``workers.RECYCLE``, restarted by the launcher) once
     #: its memory grew by this many MB since its first trial; None: never
     recycle_mb: float | None = None
+    #: register the session's best model under this name in MLflow's model registry and move
+    #: its ``champion`` alias when it is better (``--register``, ``Study(register=...)``)
+    register: str | None = None
+    #: continue a study whose settings that change results (epochs, data, ...) differ from
+    #: this session's; the session run is tagged ``searchlab.changed_settings``
+    allow_changed_settings: bool = False
+    #: ``--session KEY``: every process given the same key runs one shared session (one
+    #: parent run), e.g. the tasks of a SLURM job array; its last process closes it
+    session_key: str | None = None
 
     @property
     def one_of_several(self) -> bool:
@@ -95,13 +104,19 @@ class RunOptions:
 
 
 class SearchListener(Protocol):
-    """Progress callbacks, called in this order: ``started`` once, then per trial
-    ``trial_started`` and ``trial_finished``, then ``finished`` once."""
+    """Progress callbacks (the CLI's ``ConsoleProgress``), called in this order: ``started``
+    once (not in a worker, whose launcher says it), then per trial ``trial_started``,
+    ``epoch`` after each epoch (after MLflow has it, before a pruner may stop the trial) and
+    ``trial_finished``, then ``finished`` once (not in a worker).
+
+    ``epoch`` is numbered from 1 and ``epochs`` is the trial's epoch budget (a two-phase
+    ``FineTune`` trial may train more, across its phases)."""
 
     def started(self, name: str, done: int, total: int | None, info: Mapping[str, Any]) -> None: ...
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None: ...
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None: ...
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None: ...
     def finished(self, summary: Mapping[str, Any]) -> None: ...
 
@@ -113,6 +128,9 @@ class NullListener:
     def trial_started(
         self, number: int, index: int, total: int | None, params: Mapping[str, Any]
     ) -> None:
+        pass
+
+    def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
         pass
 
     def trial_finished(self, result: TrialResult, best: Mapping[str, Any] | None) -> None:

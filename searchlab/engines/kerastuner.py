@@ -320,7 +320,8 @@ class KerasTunerEngine:
 
     def info(self) -> dict[str, str]:
         if self.options.strategy == "hyperband":
-            return {"pruner": "HyperbandOracle", "pruner_args": f"factor={KT_HYPERBAND_FACTOR}"}
+            # named as --pruner names it; the oracle is keras-tuner's HyperbandOracle
+            return {"pruner": "hyperband", "pruner_args": f"factor={KT_HYPERBAND_FACTOR}"}
         return {"pruner": "none"}
 
     def open(self, store: StudyStore) -> None:

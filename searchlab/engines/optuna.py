@@ -66,6 +66,14 @@ PRUNE_MIN_EPOCHS = 1
 PRUNE_FACTOR = 3
 
 
+def pruner_name(options: RunOptions) -> str:
+    """The session's pruner as ``--pruner`` names it: strategy ``hyperband`` without a pruner
+    named means ``hyperband``."""
+    if options.pruner == "none" and options.strategy == "hyperband":
+        return "hyperband"
+    return options.pruner
+
+
 def make_pruner(options: RunOptions) -> optuna.pruners.BasePruner:
     """``--pruner``: none (never prune), median, asha (successive halving) or hyperband.
 
@@ -73,9 +81,7 @@ def make_pruner(options: RunOptions) -> optuna.pruners.BasePruner:
     the Hyperband pruner unless another pruner is named.  ``--prune-min-epochs`` and
     ``--prune-factor`` (checked by ``engines.check_pruning``) override the defaults above.
     """
-    name = options.pruner
-    if name == "none" and options.strategy == "hyperband":
-        name = "hyperband"
+    name = pruner_name(options)
     min_epochs = options.prune_min_epochs or PRUNE_MIN_EPOCHS
     factor = options.prune_factor or PRUNE_FACTOR
     if name == "none":
@@ -135,8 +141,8 @@ class OptunaEngine:
         return make_sampler(self.options.strategy, sampler_seed(self.options, n_trials))
 
     def info(self) -> dict[str, str]:
-        pruner = make_pruner(self.options)
-        return {"pruner": type(pruner).__name__, "pruner_args": pruner_args(self.options)}
+        """The pruner by its ``--pruner`` name (``searchlab.pruner``), with its settings."""
+        return {"pruner": pruner_name(self.options), "pruner_args": pruner_args(self.options)}
 
     def open(self, store: StudyStore) -> None:
         self._pruner = make_pruner(self.options)

@@ -175,6 +175,20 @@ class Transfer:
         self.optimizer = optimizer
         self.__name__ = f"transfer_{Path(self.backbone).stem}"
 
+    def settings(self) -> dict[str, str]:
+        """What of this builder changes a trial's results, by name (the session's parent run
+        logs them as ``model.*`` params; resuming a study with other values is refused)."""
+        weights = self.weights if self.weights is not None else f"random (seed {self.seed})"
+        return {
+            "backbone": self.backbone,
+            "weights": "its own" if self.is_file else weights,
+            "input_size": str(self.input_size or "the data's"),
+            "pooling": self.pooling,
+            "preprocess": self.preprocess,
+            "optimizer": self.optimizer,
+            "fine_tune": repr(self.fine_tune) if self.fine_tune is not None else "none",
+        }
+
     def __repr__(self) -> str:
         return (
             f"Transfer({self.backbone!r}, weights={self.weights!r}, pooling={self.pooling!r}, "
