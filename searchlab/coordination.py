@@ -21,6 +21,15 @@ running trials against the budget, take the engine's proposal (the next free gri
 oracle's pick, or "let the sampler choose"), ``ask`` Optuna, record the owner and a first
 heartbeat, and give the trial its params.  So two workers never start the same grid point
 and never start more trials than the budget needs.
+
+Resume (the Optuna engine, ``resume=True``): a RUNNING trial whose process on this machine is
+gone but that left a checkpoint (``checkpoint_folder``) is *resumable*: instead of failing
+it, ``fail_stale_trials`` gives it a fresh heartbeat (so that no process fails it as stale
+meanwhile), and the next ``claim_trial`` takes it over before it asks for a new trial -- the
+same Optuna trial, still RUNNING (Optuna lets no trial leave FAIL, so it is never failed),
+with this process as its owner and ``searchlab.resumes`` counted up.  A trial whose worker
+ran on another machine is failed when its heartbeat goes stale, as before: its checkpoint
+is on that machine's disk.
 """
 
 from __future__ import annotations
@@ -56,6 +65,10 @@ PID_ATTR = "searchlab.pid"
 START_ATTR = "searchlab.pid_start"
 SESSION_ATTR = "searchlab.session"
 ERROR_ATTR = "error"
+#: the folder of a running trial's checkpoint (``searchlab.checkpoint``), and how many times
+#: the trial was taken over from a dead process
+CHECKPOINT_ATTR = "searchlab.checkpoint"
+RESUMES_ATTR = "searchlab.resumes"
 FINISHED = (OptunaState.COMPLETE, OptunaState.PRUNED)
 heartbeat_interval = config.heartbeat_interval
 grace_period = config.grace_period
@@ -227,7 +240,35 @@ def _fail(storage: Any, trial_id: int, reason: str) -> bool:
         return False  # another process failed (or finished) it first
 
 
-def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
+def checkpoint_folder(trial: optuna.trial.FrozenTrial) -> Path | None:
+    """The folder of ``trial``'s checkpoint when it holds one here, else None."""
+    from searchlab import checkpoint
+
+    folder = trial.user_attrs.get(CHECKPOINT_ATTR)
+    return Path(folder) if folder and checkpoint.exists(Path(folder)) else None
+
+
+def _resumable(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING ``trial`` of a process of this machine that is gone, with a checkpoint."""
+    attrs = trial.user_attrs
+    if PID_ATTR not in attrs or attrs.get(HOST_ATTR) != hostname():
+        return False
+    if is_me(attrs[PID_ATTR], attrs.get(START_ATTR)):
+        return False
+    if checkpoint_folder(trial) is None:
+        return False
+    return not process_alive(int(attrs[PID_ATTR]), attrs.get(START_ATTR))
+
+
+def resumable_trials(store: StudyStore) -> list[optuna.trial.FrozenTrial]:
+    """The RUNNING trials this process may take over (module doc), oldest first."""
+    running = store.ostudy.get_trials(deepcopy=False, states=(OptunaState.RUNNING,))
+    return [t for t in running if CHECKPOINT_ATTR in t.user_attrs and _resumable(t)]
+
+
+def fail_stale_trials(
+    store: StudyStore, *, locked: bool = False, resume: bool = False
+) -> list[int]:
     """Fail every RUNNING trial whose process is gone; return their numbers.
 
     Optuna's own ``fail_stale_trials`` fails those whose heartbeat is older than the grace
@@ -236,8 +277,16 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
     study lock), a RUNNING trial without an owner, left by a claimer that died inside its
     claim, and every WAITING trial (see the module doc).  The last ones carry their reason in
     the trial's ``error`` attr; the first cannot (``store.stale_reason``).
+
+    With ``resume``, a resumable trial (module doc) is spared: it gets a fresh heartbeat
+    and stays RUNNING for ``claim_trial`` to take over.
     """
     ostudy = store.ostudy
+    spared: set[int] = set()
+    if resume:
+        for trial in resumable_trials(store):
+            store.storage.record_heartbeat(trial._trial_id)
+            spared.add(trial._trial_id)
     orphans: list[int] = []
     if locked:  # enqueued by a claimer that died before it asked for the trial
         for trial in ostudy.get_trials(deepcopy=False, states=(OptunaState.WAITING,)):
@@ -259,7 +308,7 @@ def fail_stale_trials(store: StudyStore, *, locked: bool = False) -> list[int]:
         log.warning("trial %s (worker %s): %s", trial.number, _owner(trial), stale_reason())
         failed.append(trial.number)
     me = hostname()
-    for trial_id in sorted(still & set(before)):
+    for trial_id in sorted((still & set(before)) - spared):
         trial = before[trial_id]
         attrs = trial.user_attrs
         reason = None
@@ -292,6 +341,8 @@ class Claimed:
     params: dict[str, Any] = field(default_factory=dict)
     proposal: Proposal | None = None
     failed_stale: tuple[int, ...] = ()
+    #: a trial taken over from a dead process, to go on from its checkpoint
+    resumed: bool = False
 
 
 def key(params: Mapping[str, Any]) -> tuple:
@@ -311,6 +362,7 @@ def claim_trial(
     session: str,
     propose: Callable[[], Proposal | Claim],
     suggest: Callable[[Any], dict[str, Any]],
+    resume: bool = False,
 ) -> Claimed:
     """Under the study lock: fail stale trials, check the budget, ask for a trial and own it.
 
@@ -318,11 +370,22 @@ def claim_trial(
     has nothing to propose.  ``suggest(trial)`` gives the trial its params (they reach the
     storage while the lock is held).  Returns ``DONE`` when the budget is met, ``WAIT`` when
     running trials of other live workers cover it (one of them may still fail), else
-    ``TRIAL`` with a RUNNING trial owned by this process and its params.
+    ``TRIAL`` with a RUNNING trial owned by this process and its params.  With ``resume``, a
+    resumable trial comes first, whatever the budget says (it counted as running when it
+    was claimed): ``resumed`` is then True, and ``params`` are the trial's own.
     """
     ostudy = store.ostudy
     with lock.held():
-        failed = tuple(fail_stale_trials(store, locked=True))
+        failed = tuple(fail_stale_trials(store, locked=True, resume=resume))
+        if resume:
+            for frozen in resumable_trials(store):
+                trial = optuna.Trial(ostudy, frozen._trial_id)  # public class, an existing trial
+                _own(store, frozen._trial_id, session)
+                count = int(frozen.user_attrs.get(RESUMES_ATTR, 0)) + 1
+                store.storage.set_trial_user_attr(frozen._trial_id, RESUMES_ATTR, count)
+                log.warning("trial %s: resumed from its checkpoint", frozen.number)
+                params = suggest(trial)  # the values it has: Optuna samples none again
+                return Claimed(Claim.TRIAL, trial, params, Proposal(), failed, resumed=True)
         trials = ostudy.get_trials(deepcopy=False)
         finished = sum(t.state in FINISHED for t in trials)
         running = sum(t.state == OptunaState.RUNNING for t in trials)
@@ -340,13 +403,7 @@ def claim_trial(
             trial = ostudy.ask()
         storage = store.storage
         trial_id = trial._trial_id
-        storage.set_trial_user_attr(trial_id, HOST_ATTR, hostname())
-        storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
-        started = process_start()
-        if started is not None:
-            storage.set_trial_user_attr(trial_id, START_ATTR, started)
-        storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
-        storage.record_heartbeat(trial_id)
+        _own(store, trial_id, session)
         params = suggest(trial)
         if proposal.unique:
             others = {
@@ -361,6 +418,18 @@ def claim_trial(
                 _fail(storage, trial_id, reason)
                 return Claimed(Claim.WAIT, failed_stale=failed)
         return Claimed(Claim.TRIAL, trial, params, proposal, failed_stale=failed)
+
+
+def _own(store: StudyStore, trial_id: int, session: str) -> None:
+    """Record this process as the owner of ``trial_id``, and a first heartbeat."""
+    storage = store.storage
+    storage.set_trial_user_attr(trial_id, HOST_ATTR, hostname())
+    storage.set_trial_user_attr(trial_id, PID_ATTR, os.getpid())
+    started = process_start()
+    if started is not None:
+        storage.set_trial_user_attr(trial_id, START_ATTR, started)
+    storage.set_trial_user_attr(trial_id, SESSION_ATTR, session)
+    storage.record_heartbeat(trial_id)
 
 
 def wait_seconds() -> float:

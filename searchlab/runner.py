@@ -18,7 +18,15 @@ A session (one ``searchlab run``, or one worker of it) goes:
    before that (``reeval``).
 
 The study itself lives in the stores, so a study survives a SIGKILL at any moment: the next
-session fails what the dead one was running and runs it again.  ``workers`` runs the same
+session fails what the dead one was running and runs it again -- or, on the Optuna engine,
+goes on with it from its last finished epoch.  Resume: each trial keeps a checkpoint
+(``trial``, ``checkpoint``) in ``<SEARCHLAB_HOME>/checkpoints/<its MLflow run id>``, named by
+its Optuna trial's ``searchlab.checkpoint`` attr; a trial whose process died
+(``coordination``: resumable trials) is taken over by the next claim: the same Optuna trial,
+the same MLflow run opened again (``Tracker.resume_trial``), epochs the run already has not
+logged twice.  Ctrl-C or SIGTERM during a trial with a checkpoint pauses it rather than
+failing it: its run ends KILLED (tag ``searchlab.paused``), its Optuna trial stays RUNNING,
+and the next session goes on with it.  The folder is removed once the trial is recorded.  ``workers`` runs the same
 session with the trials in child processes (``searchlab run`` by default, ``--workers N``).
 """
 
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab import config, coordination, engines, interrupts
+from searchlab import checkpoint, config, coordination, engines, interrupts
 from searchlab.data import classes_tag
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
@@ -70,6 +78,12 @@ class Session:
     started: float = field(default_factory=time.monotonic)
 
     @property
+    def resumes(self) -> bool:
+        """Whether this session's trials keep checkpoints and are resumed: the Optuna
+        engine (the keras-tuner one's oracle knows nothing of a trial taken over)."""
+        return self.engine.name == "optuna"
+
+    @property
     def run_id(self) -> str:
         run_id = self.tracker.session_id
         if run_id is None:
@@ -80,9 +94,14 @@ class Session:
         return self.store.finished_count()
 
     def reconcile(self) -> list[str]:
-        """Fail trials whose process died, then make MLflow agree with Optuna."""
-        coordination.fail_stale_trials(self.store)
+        """Fail trials whose process died (except those to resume), then make MLflow agree
+        with Optuna."""
+        coordination.fail_stale_trials(self.store, resume=self.resumes)
         trials = self.store.trials()
+        for t in trials:  # a process killed between recording a trial and removing its folder
+            folder = t.attrs.get(coordination.CHECKPOINT_ATTR)
+            if folder and t.state is not TrialState.RUNNING and Path(folder).exists():
+                checkpoint.remove(Path(folder))
         live_sessions = {
             t.attrs.get(coordination.SESSION_ATTR) for t in trials if t.state is TrialState.RUNNING
         }
@@ -621,6 +640,7 @@ def work(
                     session=session.run_id,
                     propose=lambda: session.engine.propose(session.store, session.run_id),
                     suggest=session.study.search_space.suggest,
+                    resume=session.resumes,
                 )
             if claimed.failed_stale:
                 session.reconcile()
@@ -678,6 +698,8 @@ def failure_streak(streak: int, result: TrialResult, max_failures: int) -> int:
     ``max_failures`` (``--max-failures``)."""
     if result.state is not TrialState.FAILED:
         return 0
+    if result.tags.get("searchlab.oom"):  # too big for memory: the parameters', not the study's
+        return streak
     streak += 1
     if streak >= max_failures:
         raise SearchlabError(
@@ -699,7 +721,11 @@ def run_one(
     done: int,
     train: TrainFn | None = None,
 ) -> TrialResult:
-    """Run the claimed trial and record it once in MLflow, Optuna and the engine."""
+    """Run the claimed trial and record it once in MLflow, Optuna and the engine.
+
+    A trial of a session that resumes (``Session.resumes``) keeps a checkpoint; a resumed
+    one (``claimed.resumed``) opens its MLflow run again and goes on from it.  Interrupted
+    (Ctrl-C, SIGTERM) once it has a checkpoint, it is paused, not failed (module doc)."""
     import dataclasses
 
     from searchlab.trial import run_trial
@@ -713,6 +739,7 @@ def run_one(
         session.store.storage, trial._trial_id, coordination.heartbeat_interval()
     ).start()
     run_id: str | None = None
+    folder: Path | None = None
     try:
         tags = {
             **base_tags,
@@ -720,19 +747,34 @@ def run_one(
             "searchlab.num_classes": classes_tag(spec.data.num_classes),
             **proposal.tags,
         }
+        logged = 0  # epochs the trial's MLflow run already has (a resumed trial's)
         try:
             listener.trial_started(number, done + 1, session.target, params)
             interrupts.check()  # one that arrived during the claim: this trial owns it
             with interrupts.deferred():  # the run and the trial are linked, or neither exists
-                run_id = session.tracker.start_trial(number, params, tags)
-                for name, value in {RUN_ID_ATTR: run_id, **proposal.attrs}.items():
-                    trial.set_user_attr(name, value)
-            session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
-            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener)
+                if claimed.resumed:
+                    run_id, folder, logged = _resume_run(session, trial)
+                else:
+                    run_id = session.tracker.start_trial(number, params, tags)
+                    attrs = {RUN_ID_ATTR: run_id, **proposal.attrs}
+                    if session.resumes:
+                        folder = checkpoint_root() / run_id
+                        attrs[coordination.CHECKPOINT_ATTR] = str(folder)
+                    for name, value in attrs.items():
+                        trial.set_user_attr(name, value)
+            if not claimed.resumed:
+                session.tracker.log_inputs(run_id, data_inputs(session.study, spec.data))
+            if folder is not None:
+                spec = dataclasses.replace(spec, checkpoint=folder)
+            on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener, logged)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
             if isinstance(exc, KeyboardInterrupt):
                 interrupts.acknowledge()
+                if run_id is not None and folder is not None and checkpoint.exists(folder):
+                    with interrupts.deferred():
+                        _pause(session, number, run_id, folder)
+                    raise
                 error = "interrupted (Ctrl-C)"
             else:
                 error = str(exc) or type(exc).__name__
@@ -743,15 +785,53 @@ def run_one(
                     session.engine.tell(proposal, result)
                 except Exception as inner:  # the stores may be what failed: say the first error
                     log.warning("trial %s: could not record its failure: %s", number, inner)
+                checkpoint.remove(folder)
             raise
         with interrupts.deferred():  # MLflow, Optuna and the engine all learn the result
             finish(session, trial, run_id, result)
             session.engine.tell(proposal, result)
+            checkpoint.remove(folder)  # recorded: nothing to go on from
     finally:
         heartbeat.stop()
     best = session.store.best()
     listener.trial_finished(result, _best_dict(best))
     return result
+
+
+def checkpoint_root() -> Path:
+    """Where trials keep their checkpoints: the project's working folder, on local disk."""
+    return config.home() / "checkpoints"
+
+
+def _resume_run(session: Session, trial: Any) -> tuple[str, Path, int]:
+    """A resumed trial's MLflow run (open again), its checkpoint folder, and the epochs the
+    run already logged."""
+    attrs = trial.storage.get_trial(trial._trial_id).user_attrs
+    run_id, folder = str(attrs[RUN_ID_ATTR]), Path(attrs[coordination.CHECKPOINT_ATTR])
+    logged = session.tracker.resume_trial(
+        run_id,
+        {
+            "searchlab.resumed_in": session.run_id,
+            "searchlab.resumes": str(attrs.get(coordination.RESUMES_ATTR, 1)),
+        },
+    )
+    return run_id, folder, logged
+
+
+def _pause(session: Session, number: int, run_id: str, folder: Path) -> None:
+    """End an interrupted trial's run KILLED and leave its Optuna trial RUNNING with its
+    checkpoint, for the next session to go on with (``coordination``: resumable trials)."""
+    try:
+        state = checkpoint.load(folder)
+        epoch = state.epoch if state is not None else 0
+    except checkpoint.CheckpointError:
+        epoch = 0
+    note = f"interrupted after epoch {epoch}: the next searchlab run goes on from there"
+    log.warning("trial %s: %s", number, note)
+    try:
+        session.tracker.pause_trial(run_id, note)
+    except Exception as exc:  # the next session's reconcile closes it
+        log.warning("trial %s: could not close its MLflow run: %s", number, exc)
 
 
 def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
@@ -765,6 +845,7 @@ def _epoch_callback(
     spec: TrialSpec,
     run_id: str,
     listener: SearchListener | None = None,
+    logged: int = 0,
 ) -> Callable[[int, dict[str, float]], None]:
     """``on_epoch(index, logs)`` for ``trial.run_trial`` (``index``: Keras's, from 0): log the
     epoch in MLflow, tell the listener, report the objective to Optuna and to the engine,
@@ -772,20 +853,29 @@ def _epoch_callback(
 
     Epochs are numbered from 1 wherever a user sees them: epoch ``k`` is the ``k``-th, after
     which ``k`` epochs are trained: the MLflow step, Optuna's step (as its pruners expect),
-    the console, ``best_epoch`` and ``searchlab.pruned_epoch``."""
+    the console, ``best_epoch`` and ``searchlab.pruned_epoch``.
+
+    A resumed trial reports its checkpoint's epoch again (``trial._Checkpointer``): an epoch
+    up to ``logged`` (what its MLflow run has) is not logged again, nor one Optuna has
+    reported to it again; the pruner is asked again."""
     number = trial.number
+    reported = (
+        set(trial.storage.get_trial(trial._trial_id).intermediate_values) if logged else set()
+    )
     # a listener written before SearchListener had epoch() still works: it is not told
     tell = getattr(listener, "epoch", None)
 
     def on_epoch(index: int, logs: dict[str, float]) -> None:
         epoch = index + 1
-        session.tracker.log_epoch(run_id, epoch, logs)
+        if epoch > logged:
+            session.tracker.log_epoch(run_id, epoch, logs)
         if tell is not None:
             tell(number, epoch, spec.epochs, logs)
         value = logs.get(spec.objective)
         if value is None or not math.isfinite(value):
             return
-        trial.report(value, epoch)
+        if epoch not in reported:
+            trial.report(value, epoch)
         if session.engine.report(trial, proposal, index, logs, epoch >= spec.epochs):
             raise TrialPruned(epoch)
 

@@ -379,10 +379,14 @@ class StudyStore:
     # ---------------------------------------------------------------------------- writes
 
     def annotate(self, trial: Any, result: Any) -> None:
-        """Record on a running trial how many epochs it trained and, if it failed, why."""
+        """Record on a running trial how many epochs it trained and, if it failed, why; a
+        trial that ran out of memory also gets Optuna's constraint ``out_of_memory`` = 1
+        (infeasible), which constrained samplers learn from."""
         trial.set_user_attr(EPOCHS_ATTR, result.epochs_run)
         if result.error:
             trial.set_user_attr(ERROR_ATTR, result.error[:2000])
+        if result.tags.get("searchlab.oom"):  # what a sampler's constraints read (Optuna 5)
+            trial.set_constraint("out_of_memory", 1.0)
 
     def tell(self, trial: Any, state: TrialState, value: float | None = None) -> None:
         """End a running trial: complete with its ``value``, pruned or failed.  A trial that

@@ -46,6 +46,10 @@ MAX_PARAM = 6000
 #: the folder of empty SQLite stores that new ones are copied from (``store_template_dir``)
 STORE_TEMPLATES_ENV = "SEARCHLAB_STORE_TEMPLATES"
 MAX_TAG = 8000
+#: the metric logged at every epoch (its steps say which epochs a trial run has)
+EPOCH_METRIC = "epoch_s"
+#: on a trial run ended KILLED to go on later from its checkpoint: why, and after which epoch
+PAUSED_TAG = "searchlab.paused"
 #: MLflow's own variable, which ``mlflow.set_tracking_uri`` sets (``_fluent_uri``)
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 #: the name of the study's best model, an MLflow Model (``mlflow.keras`` flavor) logged on
@@ -139,7 +143,11 @@ class Tracker(Protocol):
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
        ``log_inputs(run_id, inputs)`` records the data it trains on;
        ``log_epoch(run_id, epoch, metrics)`` once per epoch (``epoch`` from 1: the step); ``end_trial(run_id, result)``
-       exactly once, which logs the outcome and the weights and closes the run.
+       exactly once, which logs the outcome and the weights and closes the run.  A trial
+       interrupted with a checkpoint ends with ``pause_trial(run_id, note)`` instead (the run
+       ends KILLED, its Optuna trial stays RUNNING); a later process that takes the trial over
+       calls ``resume_trial(run_id, tags)`` in place of ``start_trial``: the same run, open
+       again, and the last epoch it logged (its steps go on from there).
     4. The session's owner: ``log_artifact(path)`` (trials table), ``log_model(model, ...)``
        (the best model, an MLflow Model on the parent run) and, when asked to, then
        ``register_model(uri, name, score)``; then ``end_session(summary, status)`` once,
@@ -182,6 +190,8 @@ class Tracker(Protocol):
     def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None: ...
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
+    def pause_trial(self, run_id: str, note: str) -> None: ...
+    def resume_trial(self, run_id: str, tags: Mapping[str, str]) -> int: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_model(
         self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
@@ -883,6 +893,30 @@ class MlflowTracker:
         finally:
             self.close_run(run_id, RUN_STATUS[result.state])
 
+    def pause_trial(self, run_id: str, note: str) -> None:
+        """End trial run ``run_id`` KILLED, tagged ``searchlab.paused`` with ``note``: its
+        trial goes on from its checkpoint in a later process (``resume_trial``)."""
+        from mlflow.entities import RunTag
+
+        try:
+            self._mlflow.log_batch(run_id, tags=[RunTag(PAUSED_TAG, _short(note, MAX_TAG))])
+        finally:
+            self.close_run(run_id, "KILLED")
+
+    def resume_trial(self, run_id: str, tags: Mapping[str, str]) -> int:
+        """Open trial run ``run_id`` again (RUNNING; ``MissingRun`` when it is gone), add
+        ``tags``, and return the last epoch it logged (0: none)."""
+        from mlflow.entities import RunTag
+
+        history = self._mlflow.get_metric_history(run_id, EPOCH_METRIC)
+        last = max((int(m.step) for m in history), default=0)
+        self._mlflow.update_run(run_id, status="RUNNING")
+        self._open.add(run_id)
+        self._mlflow.log_batch(
+            run_id, tags=[RunTag(k, _short(v, MAX_TAG)) for k, v in tags.items()]
+        )
+        return last
+
     def close_run(self, run_id: str, status: str) -> None:
         if run_id in self._open:
             self._open.discard(run_id)
@@ -1300,6 +1334,23 @@ class MemoryTracker:
             self.artifacts.setdefault(run_id, []).append(f"weights/{result.weights_path.name}")
         self._close(run_id, RUN_STATUS[result.state])
         self.events.append(("end_trial", run_id, result.state.value))
+
+    def pause_trial(self, run_id: str, note: str) -> None:
+        assert run_id in self._open, f"pause_trial on closed run {run_id}"
+        self.records[run_id]["tags"][PAUSED_TAG] = note
+        self._close(run_id, "KILLED")
+        self.events.append(("pause_trial", run_id))
+
+    def resume_trial(self, run_id: str, tags: Mapping[str, str]) -> int:
+        if run_id not in self.records:
+            raise MissingRun(f"MLflow run {run_id} does not exist.")
+        record = self.records[run_id]
+        record["status"] = "RUNNING"
+        record["tags"].update(tags)
+        self._open.add(run_id)
+        self.events.append(("resume_trial", run_id))
+        steps = [step for step, _ in record["metrics"].get(EPOCH_METRIC, [])]
+        return max(steps, default=0)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         assert self._session_id is not None

@@ -50,6 +50,7 @@ the complete model from either.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import gc
 import inspect
@@ -68,7 +69,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import backend, cache, interrupts
+from searchlab import backend, cache, checkpoint, interrupts
 from searchlab.data import Data, DataInfo, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
@@ -103,6 +104,9 @@ class TrialSpec:
     executions: int = 1
     #: a model with more parameters fails its trial before training (KerasTuner's option)
     max_model_size: int | None = None
+    #: the folder of this trial's checkpoint (``searchlab.checkpoint``): written after each
+    #: epoch, and read first -- a trial that finds one goes on from it; None: no checkpoint
+    checkpoint: Path | None = None
 
     def better(self, a: float, b: float | None) -> bool:
         if b is None:
@@ -206,6 +210,8 @@ class _Monitor(keras.callbacks.Callback):
         self.best_weights: list[np.ndarray] | None = None
         self.bad_loss: str | None = None
         self.epoch_started = time.perf_counter()  # a custom loop may never begin an epoch
+        #: writes the trial's checkpoint after each epoch (``_Checkpointer``), if it keeps one
+        self.saver: _Checkpointer | None = None
 
     @property
     def trained(self) -> Any:
@@ -265,11 +271,20 @@ class _Monitor(keras.callbacks.Callback):
             value = logs.get(self.spec.objective, math.nan)
             if math.isfinite(value) and self.spec.better(value, self.best):
                 self.best, self.best_epoch, improved = value, epoch + 1, True  # from 1
+        copied = False
+        if self.saver is not None and weights and not self.bad_loss:
+            # the checkpoint holds this epoch before anyone is told of it: a kill in between
+            # is resumed after this epoch, which is then told again (``_Checkpointer.restore``)
+            if improved:
+                self.best_weights, copied = self._target().get_weights(), True
+            self.saver.save(self, epoch, improved)
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
-        if improved and weights:  # copied once the pruner let the trial go on: none if pruned
-            target = self.trained if self.target is None else self.target
-            self.best_weights = target.get_weights()
+        if improved and weights and not copied:  # once the pruner let the trial go on
+            self.best_weights = self._target().get_weights()
+
+    def _target(self) -> Any:
+        return self.trained if self.target is None else self.target
 
 
 def run_trial(
@@ -281,6 +296,12 @@ def run_trial(
 ) -> TrialResult:
     """Train one configuration and return its result; never raises for a failed trial.
 
+    With ``spec.checkpoint`` the trial writes its checkpoint after each epoch and, when the
+    folder already holds one, goes on from it (``_Checkpointer``).  A trial that runs out of
+    memory before its first epoch is trained again once with half the batch size (tag
+    ``searchlab.oom_retry``); when that runs out of memory too, or memory runs out after an
+    epoch, it fails with tag ``searchlab.oom`` (not ``early``: not a mistake of the study).
+
     Raises only ``StudyDefinitionError`` (the study itself is wrong), ``KeyboardInterrupt``
     and an ``OSError`` that says the disk is full (``disk_full``: every trial would fail).
     """
@@ -290,7 +311,81 @@ def run_trial(
     result.tags["searchlab.precision"] = spec.precision
     _release_previous_trial()  # also resets Keras's dtype policy
     interrupts.check()  # the collection above runs callbacks that may drop a Ctrl-C
-    monitor = _Monitor(spec, on_epoch, strict=spec.fit is None)
+    try:
+        saver = _Checkpointer.open(spec, params, result)
+        if saver is not None and saver.batch_size != batch_size_of(params, spec):
+            params, spec = _with_batch_size(params, spec, saver.batch_size)  # an OOM retry's
+        for attempt in (1, 2):
+            monitor = _Monitor(spec, on_epoch, strict=spec.fit is None)
+            monitor.saver = saver
+            oom = _attempt(number, params, spec, workdir, monitor, result)
+            if oom is None:
+                break
+            size = batch_size_of(params, spec)
+            if attempt == 1 and not monitor.history and size >= 2:
+                log.warning(
+                    "trial %s: out of memory at batch size %s; trying %s", number, size, size // 2
+                )
+                result.tags["searchlab.oom_retry"] = f"{size}->{size // 2}"
+                params, spec = _with_batch_size(params, spec, size // 2)
+                if saver is not None:
+                    saver.batch_size = size // 2
+                    saver.tags["searchlab.oom_retry"] = result.tags["searchlab.oom_retry"]
+                result.error, result.hint, result.early = None, None, False
+                result.tags.pop("searchlab.hint", None)
+                _release_previous_trial()
+                continue
+            result.tags["searchlab.oom"] = "true"
+            result.early, result.hint = False, None  # the configuration's, not the study's
+            result.tags.pop("searchlab.hint", None)
+            first = (str(oom).strip().splitlines() or [""])[0][:300]
+            result.error = (
+                f"out of memory at batch size {size} ({type(oom).__name__}: {first}); "
+                "the sampler is told (constraint out_of_memory)"
+            )
+            break
+    except checkpoint.CheckpointError as exc:
+        result.error = f"cannot resume from its checkpoint: {exc}"
+        result.tags["searchlab.resume_error"] = str(exc)[:500]
+    finally:
+        result.duration = time.perf_counter() - started
+    return result
+
+
+def batch_size_of(params: Mapping[str, Any], spec: TrialSpec) -> int:
+    """The batch size a trial trains with: its ``batch_size`` param, else the study's."""
+    return int(params.get("batch_size", spec.batch_size))
+
+
+def _with_batch_size(
+    params: Mapping[str, Any], spec: TrialSpec, size: int
+) -> tuple[Mapping[str, Any], TrialSpec]:
+    if "batch_size" in params:
+        params = {**params, "batch_size": size}
+    return params, dataclasses.replace(spec, batch_size=size)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: ``MemoryError``, TensorFlow's
+    ``ResourceExhaustedError`` (by name: no TensorFlow import here), or an accelerator's
+    message (XLA's ``RESOURCE_EXHAUSTED``, CUDA's "out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    if any(c.__name__ == "ResourceExhaustedError" for c in type(exc).__mro__):
+        return True
+    return bool(re.search(r"RESOURCE_EXHAUSTED|OOM when allocating|out of memory", str(exc)))
+
+
+def _attempt(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    workdir: Path,
+    monitor: _Monitor,
+    result: TrialResult,
+) -> BaseException | None:
+    """Build and fit once, filling ``result`` in; return the exception when memory ran out
+    (``run_trial`` decides what then)."""
     try:
         with backend.precision_policy(spec.precision):  # the global policy comes back after
             _build_and_fit(number, params, spec, workdir, monitor, result)
@@ -303,7 +398,7 @@ def run_trial(
     except TrialFailed as exc:
         result.history = monitor.history
         result.error = str(exc)
-    except (StudyDefinitionError, KeyboardInterrupt):
+    except (StudyDefinitionError, KeyboardInterrupt, checkpoint.CheckpointError):
         raise
     except OSError as exc:
         if disk_full(exc):  # every later trial would fail alike: the study stops here
@@ -318,9 +413,9 @@ def run_trial(
             result.hint = hint(exc, monitor.target, spec.data)
             if result.hint:
                 result.tags["searchlab.hint"] = result.hint
-    finally:
-        result.duration = time.perf_counter() - started
-    return result
+        if out_of_memory(exc):
+            return exc
+    return None
 
 
 def ensure_space(path: Path, model: Any) -> None:
@@ -615,12 +710,14 @@ def _fit_phases(
     across phases); ``tags`` say where each phase's inputs came from before it trains, so a
     pruned or failed phase says so too."""
     data = spec.data
-    batch_size = int(params.get("batch_size", spec.batch_size))
+    batch_size = batch_size_of(params, spec)
     if spec.fit is not None and isinstance(plan, _PlainPlan):
         _user_fit(plan.model, params, spec, monitor, batch_size)
         return
     sources: list[str] = []
     epoch = 0
+    saver = monitor.saver
+    resume = saver.state if saver is not None else None
     for phase, (epochs, _, _) in enumerate(plan.phases):
         step = plan.start(phase, data)
         if step.source is not None:  # a transfer phase: say where its inputs come from
@@ -634,18 +731,28 @@ def _fit_phases(
         if ready is not _Ready.RESTARTED:
             backend.build_for_fit(step.model, step.x, data.y_train, batch_size)  # one trace
             plan.built(phase)
+        start = epoch
+        if saver is not None:
+            saver.track(phase, _saved_variables(plan, step), step.model)
+            if resume is not None and phase < resume.phase:  # trained before the checkpoint
+                epoch += epochs
+                continue
+            if resume is not None:  # the checkpoint's phase: on from its epoch
+                saver.restore(resume, monitor)
+                start, resume = resume.epoch, None
         # on features the steps are small: fit's input pipeline would cost more than they do
         fit = _keras_fit if step.cut is None else backend.fit_arrays
-        fit(
-            step.model,
-            step.x,
-            data.y_train,
-            (step.x_val, data.y_val),
-            batch_size=batch_size,
-            initial_epoch=epoch,
-            epochs=epoch + epochs,
-            callbacks=[monitor],
-        )
+        if start < epoch + epochs:
+            fit(
+                step.model,
+                step.x,
+                data.y_train,
+                (step.x_val, data.y_val),
+                batch_size=batch_size,
+                initial_epoch=start,
+                epochs=epoch + epochs,
+                callbacks=[monitor],
+            )
         epoch += epochs
         if monitor.bad_loss:
             break
@@ -779,6 +886,95 @@ def _device_tags(model: Any) -> dict[str, str]:
     if visible is not None and device.kind == "gpu":
         tags["searchlab.cuda_visible_devices"] = visible
     return tags
+
+
+# -- checkpoints: go on from the last finished epoch ----------------------------------------
+
+
+class _Checkpointer:
+    """A trial's checkpoint (``searchlab.checkpoint``): written after each epoch it finishes
+    (``_Monitor.record``, before the epoch is reported), read when the trial starts.
+
+    A trial that finds a checkpoint builds its model as a new one would (same seeds, same
+    plan, every phase started, compiled and built for fit), skips the phases before the
+    checkpoint's without training them, puts the checkpoint's variables (model: weights and
+    dropout seed states; optimizer: slots and step count) into the checkpoint's phase's
+    model, and fits from the next epoch: the same batches, dropout masks and updates as a
+    trial never interrupted (tested bit for bit on TensorFlow).  It then reports the
+    checkpoint's epoch once more: a kill may have come between writing the checkpoint and
+    reporting that epoch (the runner does not log an epoch MLflow has).  Saved are the
+    variables of the model trained on cached features only (the frozen prefix does not
+    change), else the plan's whole model; phases are assumed to unfreeze progressively, as a
+    ``TransferBuilder``'s schedule does, so the variables of the checkpoint's phase cover
+    what earlier phases trained.
+    """
+
+    def __init__(self, folder: Path, state: checkpoint.State | None, batch_size: int) -> None:
+        self.folder = folder
+        self.state = state  # the checkpoint found at the start, if any
+        self.batch_size = batch_size
+        self.tags: dict[str, str] = dict(state.tags) if state is not None else {}
+        self.phase = 0
+        self.variables: list[Any] = []
+        self.model: Any = None
+
+    @classmethod
+    def open(
+        cls, spec: TrialSpec, params: Mapping[str, Any], result: TrialResult
+    ) -> _Checkpointer | None:
+        """The trial's checkpointer; None when it keeps none (no folder, a HyperModel's
+        own fit, several executions).  Raises ``CheckpointError`` for an unreadable one."""
+        if spec.checkpoint is None or spec.fit is not None or spec.executions != 1:
+            return None
+        state = checkpoint.load(spec.checkpoint)
+        size = state.batch_size if state is not None else batch_size_of(params, spec)
+        saver = cls(spec.checkpoint, state, size)
+        if state is not None:
+            result.tags.update(state.tags)
+            result.tags["searchlab.resumed_epoch"] = str(state.epoch)
+            log.info("trial resumed after epoch %s from %s", state.epoch, spec.checkpoint)
+        return saver
+
+    def track(self, phase: int, variables: list[Any], model: Any) -> None:
+        """``phase`` starts: its checkpoints hold ``variables`` and ``model``'s optimizer."""
+        self.phase, self.variables, self.model = phase, variables, model
+        optimizer = model.optimizer
+        if not optimizer.built:  # fit would build it on its first step; the restore needs it
+            optimizer.build(model.trainable_variables)
+
+    def save(self, monitor: _Monitor, epoch: int, improved: bool) -> None:
+        state = checkpoint.State(
+            epoch=epoch + 1,
+            phase=self.phase,
+            batch_size=self.batch_size,
+            history=monitor.history,
+            best=monitor.best,
+            best_epoch=monitor.best_epoch,
+            variables=checkpoint.read(self.variables),
+            optimizer=checkpoint.read(self.model.optimizer.variables),
+            best_weights=monitor.best_weights,
+            tags=self.tags,
+        )
+        with interrupts.deferred():  # a signal meanwhile is raised once the file is whole
+            checkpoint.save(self.folder, state, best_changed=improved)
+
+    def restore(self, state: checkpoint.State, monitor: _Monitor) -> None:
+        checkpoint.restore(self.variables, state.variables, "model")
+        checkpoint.restore(self.model.optimizer.variables, state.optimizer, "optimizer")
+        monitor.history = {k: list(v) for k, v in state.history.items()}
+        monitor.best, monitor.best_epoch = state.best, state.best_epoch
+        monitor.best_weights = state.best_weights
+        if monitor.on_epoch is not None and state.epoch > 0:
+            last = {k: v[-1] for k, v in monitor.history.items() if len(v) == state.epoch}
+            monitor.on_epoch(state.epoch - 1, last)
+
+
+def _saved_variables(plan: _Plan, step: _Step) -> list[Any]:
+    """What a checkpoint of ``step`` holds: the part trained on cached features, else the
+    plan's whole model (with the seed states of its dropout layers: ``variables``)."""
+    if isinstance(plan, _CompletePlan) and step.cut is not None:
+        return list(step.model.variables)
+    return list(plan.model.variables)
 
 
 # -- plans: what a trial builds, and what each phase trains on -----------------------------
