@@ -753,7 +753,10 @@ def run_one(
             interrupts.check()  # one that arrived during the claim: this trial owns it
             with interrupts.deferred():  # the run and the trial are linked, or neither exists
                 if claimed.resumed:
-                    run_id, folder, logged = _resume_run(session, trial)
+                    try:
+                        run_id, folder, logged = _resume_run(session, trial)
+                    except Exception as exc:  # its run is gone, the store refused: this trial
+                        return _not_resumed(session, claimed, listener, exc)
                 else:
                     run_id = session.tracker.start_trial(number, params, tags)
                     attrs = {RUN_ID_ATTR: run_id, **proposal.attrs}
@@ -816,6 +819,25 @@ def _resume_run(session: Session, trial: Any) -> tuple[str, Path, int]:
         },
     )
     return run_id, folder, logged
+
+
+def _not_resumed(
+    session: Session, claimed: coordination.Claimed, listener: SearchListener, exc: Exception
+) -> TrialResult:
+    """Fail a trial taken over whose MLflow run could not be opened again; the study goes
+    on (the next session's reconcile closes the run if it is still open)."""
+    trial, proposal = claimed.trial, claimed.proposal
+    assert trial is not None and proposal is not None
+    error = f"cannot resume: its MLflow run could not be opened again ({exc})"
+    log.warning("trial %s: %s", trial.number, error)
+    result = TrialResult(trial.number, claimed.params, TrialState.FAILED, error=error)
+    result.tags["searchlab.resume_error"] = str(exc)[:500]
+    finish(session, trial, None, result)
+    session.engine.tell(proposal, result)
+    folder = trial.storage.get_trial(trial._trial_id).user_attrs.get(coordination.CHECKPOINT_ATTR)
+    checkpoint.remove(Path(folder) if folder else None)
+    listener.trial_finished(result, _best_dict(session.store.best()))
+    return result
 
 
 def _pause(session: Session, number: int, run_id: str, folder: Path) -> None:

@@ -219,3 +219,24 @@ def test_what_counts_as_out_of_memory() -> None:
     assert out_of_memory(ResourceExhaustedError("OOM when allocating tensor"))
     assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying"))
     assert not out_of_memory(ValueError("shapes (3,) and (4,) are incompatible"))
+
+
+def test_out_of_memory_is_told_to_optuna_and_never_stops_the_study() -> None:
+    """A trial that ran out of memory twice: Optuna's constraint says infeasible (what a
+    constrained sampler learns from), and neither the failure streak nor fail-fast count
+    it."""
+    import optuna
+
+    from searchlab.outcome import TrialResult
+    from searchlab.runner import fail_fast, failure_streak
+    from searchlab.store import StudyStore
+
+    oom = TrialResult(0, {"batch_size": 64}, TrialState.FAILED, error="out of memory at ...")
+    oom.tags["searchlab.oom"] = "true"
+    assert failure_streak(2, oom, max_failures=3) == 2  # not a third failure in a row
+    assert fail_fast(None, oom, settled=False) is None
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    StudyStore(study, storage, "memory").annotate(trial, oom)
+    assert trial.constraints == {"out_of_memory": 1.0}

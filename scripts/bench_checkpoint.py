@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""What a trial's per-epoch checkpoint costs, next to the epoch it follows.
+
+    PYTHONPATH=. python scripts/bench_checkpoint.py [--epochs 3] [--cifar-train 2000]
+
+Runs trials of ``studies/mnist_dense.py`` (the whole of MNIST's training split, as the study
+has it) and of ``studies/cifar_vgg.py`` (cached features; ``CIFAR_VGG_WEIGHTS=none``: a fixed
+random VGG16, no download) with a checkpoint folder, times every checkpoint written
+(``trial._Checkpointer.save``: reading the variables, writing the file whole, fsync,
+rename) and prints, per configuration, the mean epoch time (``epoch_s``: training and
+validation, without the checkpoint), the mean checkpoint time, their ratio (target: under
+5%) and the checkpoint's size.  The first epoch (tracing) is left out of both means.  Prints
+``uptime`` first: on a shared machine the figures move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(name: str, study: Any, params: dict[str, Any], epochs: int, data: Any) -> dict:
+    from searchlab import trial as trial_mod
+    from searchlab.trial import TrialSpec, run_trial
+
+    times: list[float] = []
+    save = trial_mod._Checkpointer.save
+
+    def timed(self: Any, monitor: Any, epoch: int, improved: bool) -> None:
+        started = time.perf_counter()
+        save(self, monitor, epoch, improved)
+        times.append(time.perf_counter() - started)
+
+    trial_mod._Checkpointer.save = timed  # type: ignore[method-assign]
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
+            folder = Path(tmp) / "ckpt"
+            spec = TrialSpec(
+                build=study.model,
+                data=data,
+                epochs=epochs,
+                objective=study.objective,
+                direction=study.goal,
+                batch_size=study.batch_size,
+                checkpoint=folder,
+            )
+            result = run_trial(0, params, spec, Path(tmp) / "work")
+            assert result.error is None, result.error
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    finally:
+        trial_mod._Checkpointer.save = save  # type: ignore[method-assign]
+    epoch_s = result.history["epoch_s"][1:] or result.history["epoch_s"]
+    ckpt_s = times[1:] or times
+    mean_epoch, mean_ckpt = sum(epoch_s) / len(epoch_s), sum(ckpt_s) / len(ckpt_s)
+    return {
+        "name": name,
+        "epoch_s": mean_epoch,
+        "ckpt_s": mean_ckpt,
+        "ratio": mean_ckpt / mean_epoch,
+        "mb": size,
+        "cache": result.tags.get("searchlab.cache", "-"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cifar-train", type=int, default=2000)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["CIFAR_VGG_WEIGHTS"] = "none"
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+    from searchlab.data import Dataset, load
+
+    rows = []
+    mnist = runpy.run_path(str(REPO / "studies" / "mnist_dense.py"))["study"]
+    data = load(mnist.dataset)
+    for params in (
+        {"layers": 2, "units": 256, "dropout": 0.3, "learning_rate": 1e-3, "batch_size": 128},
+        {"layers": 1, "units": 64, "dropout": 0.0, "learning_rate": 1e-3, "batch_size": 256},
+    ):
+        label = f"mnist-dense {params['layers']}x{params['units']} batch {params['batch_size']}"
+        rows.append(_bench(label, mnist, params, args.epochs, data))
+
+    cifar = runpy.run_path(str(REPO / "studies" / "cifar_vgg.py"))["study"]
+    data = load(
+        Dataset(
+            "cifar10",
+            validation="test",
+            scale=False,
+            subset={"train": args.cifar_train, "val": args.cifar_train // 4},
+        )
+    )
+    for frozen in (18, 14):  # the head only; block5 and the head (7.1M parameters)
+        params = {
+            "frozen_layers": frozen,
+            "head_width": 256,
+            "dropout": 0.3,
+            "learning_rate": 1e-3,
+            "batch_size": 64,
+        }
+        label = f"cifar-vgg16 cached, frozen_layers={frozen}, {args.cifar_train} images"
+        rows.append(_bench(label, cifar, params, args.epochs, data))
+
+    print(f"{'trial':58} {'epoch s':>8} {'ckpt s':>8} {'ckpt %':>7} {'MB':>7}  cache")
+    for r in rows:
+        print(
+            f"{r['name']:58} {r['epoch_s']:8.3f} {r['ckpt_s']:8.4f} {100 * r['ratio']:6.2f}% "
+            f"{r['mb']:7.1f}  {r['cache']}"
+        )
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+
+
+if __name__ == "__main__":
+    main()
