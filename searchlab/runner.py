@@ -26,8 +26,9 @@ its Optuna trial's ``searchlab.checkpoint`` attr; a trial whose process died
 the same MLflow run opened again (``Tracker.resume_trial``), epochs the run already has not
 logged twice.  Ctrl-C or SIGTERM during a trial with a checkpoint pauses it rather than
 failing it: its run ends KILLED (tag ``searchlab.paused``), its Optuna trial stays RUNNING,
-and the next session goes on with it.  The folder is removed once the trial is recorded.  ``workers`` runs the same
-session with the trials in child processes (``searchlab run`` by default, ``--workers N``).
+and the next session goes on with it.  The folder is removed once the trial is recorded.
+``workers`` runs the same session with the trials in child processes (``searchlab run`` by
+default, ``--workers N``).
 """
 
 from __future__ import annotations

@@ -127,6 +127,30 @@ def test_reconcile_closes_what_a_dead_process_left_running(make) -> None:
     crashed.close_all()
 
 
+def test_a_paused_trial_run_is_opened_again_and_goes_on_with_its_steps(make) -> None:
+    """Resume inside a trial: the run a stopped process paused (KILLED) is the run the next
+    one opens again; it says which epochs it has, and ends as any trial run."""
+    first = make()
+    first.start_session("s", {})
+    run_id = first.start_trial(0, {"a": 0}, {})
+    for epoch in (1, 2, 3):
+        first.log_epoch(run_id, epoch, {"loss": 0.5, "epoch_s": 1.0})
+    first.pause_trial(run_id, "interrupted after epoch 3")
+    first.end_session({}, "KILLED")
+    paused = by_id(first)[run_id]
+    assert paused.status == "KILLED"  # not RUNNING, not FAILED by the session's close
+    assert paused.tags["searchlab.paused"] == "interrupted after epoch 3"
+    later = make()
+    later.start_session("s", {})
+    assert later.resume_trial(run_id, {"searchlab.resumed_in": str(later.session_id)}) == 3
+    assert by_id(later)[run_id].status == "RUNNING"
+    later.log_epoch(run_id, 4, {"loss": 0.4, "epoch_s": 1.0})
+    later.end_trial(run_id, result(0, TrialState.COMPLETE, 0.9))
+    later.end_session({}, "FINISHED")
+    run = by_id(later)[run_id]
+    assert run.status == "FINISHED" and run.tags["searchlab.resumed_in"] == later.session_id
+
+
 def test_runs_of_an_unknown_study_are_none(make) -> None:
     tracker = make()
     tracker.start_session("s", {})
