@@ -21,9 +21,11 @@ is a JSON header (dtypes, shapes, the rest of the state) and the arrays' raw byt
 without pickle (``_write``); the variables go through Keras's public API
 (``Variable.numpy``/``assign``), so the format is the same on every Keras backend.
 
-The folder is on the local disk of the machine that runs the trial: another machine resumes
-the trial only where that path is shared (NFS, a cluster's home); elsewhere the trial is
-failed as stale and its point asked again, as before checkpoints.  ``load`` raises
+The folder is on the local disk of the machine that runs the trial, and only a process of
+that machine resumes it (``coordination``: the owner's host and pid say its process is
+gone); a trial whose worker ran on another machine is failed once its heartbeat goes stale
+and its point asked again, as before checkpoints -- also where the folder is on a shared
+file system.  The trial writes the file in a thread (``trial._Checkpointer``).  ``load`` raises
 ``CheckpointError`` for a file it cannot read or that does not match the model: the trial is
 then failed with that error, and the study goes on.
 """
