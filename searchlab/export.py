@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab.errors import ExportError, NotRunError, StoreError
+from searchlab.errors import ExportError, NotRunError, StoreError, hide_password
 
 if TYPE_CHECKING:
     from searchlab.store import StoredTrial
@@ -174,6 +174,7 @@ def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str
             model = tracker.load_keras_model(model_uri, Path(tmp))
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = hide_password(first, tracker.uri)
             raise ExportError(
                 f"Cannot load the MLflow model {model_uri} from {redact(tracker.uri)} ({first}). Check "
                 "the name, version or alias (searchlab run --register NAME registers one), or "

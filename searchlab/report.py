@@ -323,7 +323,8 @@ def log_plots(results: Results, files: list[Path]) -> str | None:
 def to_json(results: Results, frame: pd.DataFrame) -> str:
     """The study and its trials, best first, as one JSON object (``searchlab report --json``):
     ``study``, ``objective``, ``direction``, ``counts`` (by state), ``best`` (number, value,
-    params, run id, model URI; null before a complete trial) and ``trials`` (the table's
+    params, run id, model URI, the MLflow store with its password hidden; null before a
+    complete trial) and ``trials`` (the table's
     rows: ``number``, ``state``, ``value``, ..., ``params.<name>``)."""
     import json
 
@@ -333,8 +334,11 @@ def to_json(results: Results, frame: pd.DataFrame) -> str:
     counts: dict[str, int] = {}
     for row in rows(results):
         counts[row["state"]] = counts.get(row["state"], 0) + 1
+    from searchlab.store import redact
+
     try:
         best = dataclasses.asdict(best_trial(results))
+        best["tracking_uri"] = redact(best["tracking_uri"])  # printed: no password
     except NotRunError:
         best = None
     return json.dumps(

@@ -225,9 +225,16 @@ def open_shared(session: Session, key: str) -> bool:
     tracker, store = session.tracker, session.store
     with session.lock.held():
         known = store.attr(SHARED_ATTR + key)
-        if known and not known.get("closed") and tracker.run_status(known["run_id"]) == "RUNNING":
+        status = tracker.run_status(known["run_id"]) if known else None
+        if known and not known.get("closed") and status == "RUNNING":
             tracker.attach(known["run_id"])
             return False
+        if known and not known.get("closed"):
+            raise SessionOver(
+                f"Session {key!r} of study {session.study.name!r} was not closed by searchlab: "
+                f"its parent run {known['run_id']} is {status or 'gone from the tracking store'} "
+                "(its process died?). Use another --session key to continue the study."
+            )
         if known:
             raise SessionOver(
                 f"Session {key!r} of study {session.study.name!r} is over (its last process "
