@@ -69,7 +69,7 @@ import keras
 import numpy as np
 
 from searchlab import backend, cache, interrupts
-from searchlab.data import Data, DataInfo, info_of, take
+from searchlab.data import Data, DataInfo, DiskArray, batches, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
@@ -739,7 +739,20 @@ def _keras_fit(
     initial_epoch: int,
     callbacks: list[Any],
 ) -> None:
-    """``model.fit`` with ``backend.fit_arrays``'s signature."""
+    """``model.fit`` with ``backend.fit_arrays``'s signature.  Inputs that stream from disk
+    (``data.DiskArray``) go in as a ``keras.utils.PyDataset`` of ``batch_size`` rows, shuffled
+    each epoch from a seed drawn from the trial's seeded NumPy stream."""
+    if isinstance(x, DiskArray) or isinstance(validation_data[0], DiskArray):
+        seed = int(np.random.randint(2**31 - 1))
+        model.fit(
+            batches(x, y, batch_size, shuffle=True, seed=seed),
+            validation_data=batches(*validation_data, batch_size, shuffle=False),
+            initial_epoch=initial_epoch,
+            epochs=epochs,
+            callbacks=callbacks,
+            verbose=0,
+        )
+        return
     model.fit(
         x,
         y,
