@@ -629,8 +629,10 @@ class DiskArray:
         digest: str,
         *,
         scale: bool = False,
+        owner: Any = None,
     ) -> None:
         self.path = Path(path)
+        self._owner = owner  # a temporary file's owner: the file goes when no view is left
         self.file_dtype = np.dtype(dtype)
         self.row_shape = tuple(int(v) for v in row_shape)
         self.rows = np.asarray(rows, dtype=np.int64)
@@ -668,7 +670,13 @@ class DiskArray:
     def view(self, index: Any) -> DiskArray:
         rows = self.rows[index]
         return DiskArray(
-            self.path, self.file_dtype, self.row_shape, rows, self._content, scale=self.scale
+            self.path,
+            self.file_dtype,
+            self.row_shape,
+            rows,
+            self._content,
+            scale=self.scale,
+            owner=self._owner,
         )
 
     def scaled(self, scale: bool) -> DiskArray:
@@ -728,6 +736,7 @@ class _RowWriter:
         self.dtype: np.dtype | None = None
         self.path = path
         self.file: Any = None
+        self.owner: _TempFile | None = None
         self.hash = hashlib.sha1()
 
     def add(self, x: np.ndarray) -> None:
@@ -757,7 +766,7 @@ class _RowWriter:
         if self.path is None:
             fd, name = tempfile.mkstemp(dir=folder, prefix=f"rows-{os.getpid()}-", suffix=".raw")
             self.file, self.path = os.fdopen(fd, "wb"), Path(name)
-            weakref.finalize(self, _unlink, self.path)  # a loader's rows: this process only
+            self.owner = _TempFile(self.path)  # a loader's rows: this process only
         else:
             self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()
         for chunk in self.chunks:
@@ -778,7 +787,15 @@ class _RowWriter:
             self.row_shape,
             np.arange(self.count),
             self.hash.hexdigest()[:16],
+            owner=self.owner,
         )
+
+
+class _TempFile:
+    """Deletes its file once garbage (every ``DiskArray`` over it gone) or at exit."""
+
+    def __init__(self, path: Path) -> None:
+        weakref.finalize(self, _unlink, path)
 
 
 def _unlink(path: Path) -> None:
