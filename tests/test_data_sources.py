@@ -370,3 +370,45 @@ def test_a_streamed_folder_trains_a_plain_model_under_jax(photos: Path, project:
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
     assert all(r.data.tags["searchlab.backend"] == "jax" for r in trials)
     assert list(config.data_cache_dir().glob("*.u8"))  # it streamed
+
+
+AUGMENTED_STUDY = """
+import keras
+from searchlab import Study, Dataset, Choice
+
+def build(params, info):
+    inputs = keras.Input(info.input_shape)
+    x = keras.layers.RandomFlip("horizontal", seed=1)(inputs) if AUGMENT else inputs
+    backbone = keras.layers.Conv2D(8, 3, strides=2, name="frozen_conv", trainable=False)
+    x = keras.layers.GlobalAveragePooling2D()(backbone(x))
+    outputs = keras.layers.Dense(info.num_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+study = Study(name=NAME, space={"batch_size": Choice([16])}, model=build,
+    data=Dataset(directory=FOLDER, image_size=(32, 32), validation=0.2, memory_mb=0),
+    trials=1, epochs=2, strategy="random", objective="val_loss")
+"""
+
+
+@pytest.mark.slow
+def test_augmentation_before_a_frozen_prefix_is_not_dropped(photos: Path, cli, project) -> None:
+    """A random flip before a frozen layer, on streamed folder images: the trial trains on
+    augmented images (not on cached features of unflipped ones), so its value differs from
+    the same model without the flip; and its run says the cache was not used."""
+    values = {}
+    for augment in (True, False):
+        name = f"aug-{augment}".lower()
+        path = project / f"{name}.py"
+        text = AUGMENTED_STUDY.replace("AUGMENT", str(augment)).replace("NAME", repr(name))
+        path.write_text(text.replace("FOLDER", repr(str(photos))))
+        _run(cli, path)
+        runs = mlflow_runs(config.default_tracking_uri(), name)
+        (trial,) = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
+        assert trial.info.status == "FINISHED"
+        if augment:
+            # issue 17 tags this off with a reason; without automatic detection: no tag
+            assert trial.data.tags.get("searchlab.cache", "off") == "off"
+        values[augment] = trial.data.metrics["objective"]
+    assert values[True] != pytest.approx(values[False], abs=1e-6)
