@@ -665,6 +665,12 @@ def _user_fit(
     reported it."""
     assert spec.fit is not None
     data = spec.data
+    if data.streamed:  # KerasTuner's fit(hp, model, x, y, ...) takes arrays
+        raise StudyDefinitionError(
+            "The HyperModel's own fit takes arrays, but these images stream from disk (their "
+            "decoded size is above the memory bound): raise Dataset(memory_mb=...) or "
+            "$SEARCHLAB_DATA_MEMORY_MB, or let searchlab fit the model (drop fit)."
+        )
     kwargs: dict[str, Any] = {
         "validation_data": (data.x_val, data.y_val),
         "epochs": spec.epochs,
