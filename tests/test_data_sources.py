@@ -335,7 +335,7 @@ def test_the_folder_study_runs_and_exports_a_model_with_its_class_names(
 
 
 @pytest.mark.slow
-def test_a_streamed_folder_trains_a_plain_model_under_jax(photos: Path, project: Path) -> None:
+def test_a_streamed_folder_and_a_pydataset_loader_under_jax(photos: Path, project: Path) -> None:
     import importlib.util
 
     if importlib.util.find_spec("jax") is None:
@@ -354,22 +354,47 @@ def test_a_streamed_folder_trains_a_plain_model_under_jax(photos: Path, project:
         f"    data=Dataset(directory={str(photos)!r}, image_size=(16, 16), validation=0.2,\n"
         "    memory_mb=0), trials=2, epochs=2, strategy='random')\n"
     )
+    # and a loader returning the user's own PyDataset pair, under JAX too
+    text = study.read_text().replace("dense-folder", "dense-pydataset")
+    text = text.split("study = Study(")[0] + (
+        "import numpy as np\n"
+        "class Seq(keras.utils.PyDataset):\n"
+        "    def __init__(self, x, y):\n"
+        "        super().__init__()\n"
+        "        self.x, self.y = x, y\n"
+        "    def __len__(self):\n"
+        "        return len(self.x) // 10\n"
+        "    def __getitem__(self, i):\n"
+        "        return self.x[i * 10:(i + 1) * 10] / 255.0, self.y[i * 10:(i + 1) * 10]\n"
+        "def loader():\n"
+        f"    f = np.load({str(project / 'cifar.npz')!r})\n"
+        "    return Seq(f['x'][:80], f['y'][:80]), Seq(f['x'][80:120], f['y'][80:120])\n"
+        "study = Study(name='dense-pydataset', space={'units': Int(8, 16)}, model=build,\n"
+        "    data=Dataset(loader=loader), trials=2, epochs=2, strategy='random')\n"
+    )
+    from searchlab.data import data_dir
+
+    with np.load(data_dir() / "cifar10_subset_small.npz") as f:
+        np.savez(project / "cifar.npz", x=f["x_train"][:120], y=f["y_train"][:120])
+    other = project / "dense_pydataset.py"
+    other.write_text(text)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-m", "searchlab.cli", "run", str(study)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = mlflow_runs(config.default_tracking_uri(), "dense-folder")
-    trials = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
-    assert all(r.data.tags["searchlab.backend"] == "jax" for r in trials)
-    assert list(config.data_cache_dir().glob("*.u8"))  # it streamed
+    for file, name in ((study, "dense-folder"), (other, "dense-pydataset")):
+        done = subprocess.run(
+            [sys.executable, "-m", "searchlab.cli", "run", str(file)],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs = mlflow_runs(config.default_tracking_uri(), name)
+        trials = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
+        assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+        assert all(r.data.tags["searchlab.backend"] == "jax" for r in trials)
+    assert list(config.data_cache_dir().glob("*.u8"))  # the folder streamed
 
 
 AUGMENTED_STUDY = """
