@@ -215,6 +215,13 @@ class Data:
         return isinstance(self.x_train, DiskArray)
 
     @property
+    def own_batches(self) -> bool:
+        """Whether a model trains on these inputs through ``batches`` (searchlab's seeded
+        batches) instead of ``fit``'s own: inputs that stream from disk, and an image
+        folder's also when they fit in memory, so both give the same trials."""
+        return self.streamed or self.class_names is not None
+
+    @property
     def fingerprint(self) -> str:
         """A hash of every array: the same data gives the same fingerprint in any process."""
         if not self._fingerprint:

@@ -636,6 +636,8 @@ def _fit_phases(
             plan.built(phase)
         # on features the steps are small: fit's input pipeline would cost more than they do
         fit = _keras_fit if step.cut is None else backend.fit_arrays
+        if step.cut is None and data.own_batches:  # a folder: the same batches in memory or not
+            fit = _batches_fit
         fit(
             step.model,
             step.x,
@@ -745,18 +747,18 @@ def _keras_fit(
     initial_epoch: int,
     callbacks: list[Any],
 ) -> None:
-    """``model.fit`` with ``backend.fit_arrays``'s signature.  Inputs that stream from disk
-    (``data.DiskArray``) go in as a ``keras.utils.PyDataset`` of ``batch_size`` rows, shuffled
-    each epoch from a seed drawn from the trial's seeded NumPy stream."""
+    """``model.fit`` with ``backend.fit_arrays``'s signature (inputs that stream from disk:
+    ``_batches_fit``)."""
     if isinstance(x, DiskArray) or isinstance(validation_data[0], DiskArray):
-        seed = int(np.random.randint(2**31 - 1))
-        model.fit(
-            batches(x, y, batch_size, shuffle=True, seed=seed),
-            validation_data=batches(*validation_data, batch_size, shuffle=False),
-            initial_epoch=initial_epoch,
+        _batches_fit(
+            model,
+            x,
+            y,
+            validation_data,
+            batch_size=batch_size,
             epochs=epochs,
+            initial_epoch=initial_epoch,
             callbacks=callbacks,
-            verbose=0,
         )
         return
     model.fit(
@@ -766,6 +768,31 @@ def _keras_fit(
         initial_epoch=initial_epoch,
         epochs=epochs,
         batch_size=batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _batches_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    validation_data: tuple[Any, Any],
+    *,
+    batch_size: int,
+    epochs: int,
+    initial_epoch: int,
+    callbacks: list[Any],
+) -> None:
+    """``model.fit`` on ``data.batches``: a ``keras.utils.PyDataset`` of ``batch_size`` rows
+    (read from disk where they stream), shuffled each epoch from a seed drawn from the
+    trial's seeded NumPy stream -- the same batches whether the rows are in memory or not."""
+    seed = int(np.random.randint(2**31 - 1))
+    model.fit(
+        batches(x, y, batch_size, shuffle=True, seed=seed),
+        validation_data=batches(*validation_data, batch_size, shuffle=False),
+        initial_epoch=initial_epoch,
+        epochs=epochs,
         callbacks=callbacks,
         verbose=0,
     )

@@ -412,9 +412,15 @@ def build(params, info):
     return model
 
 study = Study(name=NAME, space={"batch_size": Choice([16])}, model=build,
-    data=Dataset(directory=FOLDER, image_size=(32, 32), validation=0.2, memory_mb=0),
-    trials=1, epochs=2, strategy="random", objective="val_loss")
+    data=Dataset(directory=FOLDER, image_size=(32, 32), validation=0.2, memory_mb=MEMORY),
+    trials=TRIALS, epochs=2, strategy="random", objective="val_loss")
 """
+
+
+def _study_text(name: str, photos: Path, *, augment: bool, memory: int, trials: int) -> str:
+    text = AUGMENTED_STUDY.replace("AUGMENT", str(augment)).replace("NAME", repr(name))
+    text = text.replace("MEMORY", str(memory)).replace("TRIALS", str(trials))
+    return text.replace("FOLDER", repr(str(photos)))
 
 
 @pytest.mark.slow
@@ -426,8 +432,7 @@ def test_augmentation_before_a_frozen_prefix_is_not_dropped(photos: Path, cli, p
     for augment in (True, False):
         name = f"aug-{augment}".lower()
         path = project / f"{name}.py"
-        text = AUGMENTED_STUDY.replace("AUGMENT", str(augment)).replace("NAME", repr(name))
-        path.write_text(text.replace("FOLDER", repr(str(photos))))
+        path.write_text(_study_text(name, photos, augment=augment, memory=0, trials=1))
         _run(cli, path)
         runs = mlflow_runs(config.default_tracking_uri(), name)
         (trial,) = [r for r in runs if r.data.tags.get("searchlab.role") != "session"]
@@ -437,3 +442,27 @@ def test_augmentation_before_a_frozen_prefix_is_not_dropped(photos: Path, cli, p
             assert trial.data.tags.get("searchlab.cache", "off") == "off"
         values[augment] = trial.data.metrics["objective"]
     assert values[True] != pytest.approx(values[False], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_whole_model_trains_alike_on_a_folder_in_memory_and_streamed(
+    photos: Path, cli, project: Path
+) -> None:
+    """Without the cache too: a folder's images go through the same seeded batches whether
+    they sit in memory or stream from disk."""
+    values = {}
+    for memory in (2048, 0):
+        name = f"whole-{memory}"
+        path = project / f"{name}.py"
+        path.write_text(_study_text(name, photos, augment=True, memory=memory, trials=2))
+        forget()
+        _run(cli, path)
+        runs = mlflow_runs(config.default_tracking_uri(), name)
+        trials = sorted(
+            (r for r in runs if r.data.tags.get("searchlab.role") != "session"),
+            key=lambda r: int(r.data.tags["searchlab.trial"]),
+        )
+        values[memory] = [r.data.metrics["objective"] for r in trials]
+    assert len(values[0]) == 2
+    assert values[0] == pytest.approx(values[2048], abs=1e-6)
+    assert list(config.data_cache_dir().glob("*.u8"))  # the second one streamed
