@@ -575,6 +575,8 @@ def log_best_model(
         TRIAL_RUN_TAG: run_id,
         "searchlab.objective": study.objective,
     }
+    if spec.data.class_names is not None:  # predicted class id i is the i-th name
+        tags["searchlab.class_names"] = class_names_json(spec.data.class_names)
     x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
     uri = tracker.log_model(
         model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags

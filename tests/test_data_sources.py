@@ -18,7 +18,6 @@ from searchlab import config
 from searchlab.data import Dataset, DiskArray, batches, forget, in_validation, load
 from searchlab.errors import DataError, StudyDefinitionError
 from searchlab.study import Study
-from searchlab.tracking import MlflowTracker
 from tests.conftest import REPO, STUDIES, mlflow_runs
 
 FOLDER_STUDY = STUDIES / "folder_transfer.py"
@@ -330,8 +329,12 @@ def test_the_folder_study_runs_and_exports_a_model_with_its_class_names(
     assert float(np.mean(predicted == data.y_val)) == pytest.approx(best, abs=1e-6)
     # the ids map to the folder's names: the images of folder "bird" are labelled "bird"
     assert {names[i] for i in data.y_val} <= set(NAMES)
-    tracker = MlflowTracker(config.default_tracking_uri())
-    assert tracker.uri
+    # the best model, an MLflow Model, carries them too (and a registered version with it)
+    from searchlab.tracking import client
+
+    c = client(config.default_tracking_uri())
+    (logged,) = c.search_logged_models(experiment_ids=[parent[0].info.experiment_id])
+    assert json.loads(logged.tags["searchlab.class_names"]) == list(NAMES)
 
 
 @pytest.mark.slow
