@@ -131,6 +131,12 @@ class Dataset:
             or self.memory_mb < 0
         ):
             raise DataError(f"memory_mb must be an int >= 0 (MB), got {self.memory_mb!r}.")
+        if self.name is not None and self.name not in _KNOWN and Path(self.name).is_dir():
+            raise DataError(
+                f"{self.name!r} is a folder, not a named dataset: for a folder of images with "
+                f"one subfolder per class write Dataset(directory={self.name!r}, "
+                "image_size=(224, 224), validation=0.2)."
+            )
         if self.name is not None and self.name not in _KNOWN:
             raise DataError(
                 f"Unknown dataset {self.name!r}. Known datasets: {', '.join(DATASETS)}; "

@@ -143,6 +143,8 @@ def test_an_empty_class_folder_and_other_mistakes_are_one_line(photos: Path) -> 
     assert "\n" not in str(exc.value)
     with pytest.raises(StudyDefinitionError, match="validation=0.2"):
         Study(name="x", space={}, model=lambda p: None, data=Dataset(directory="photos"))
+    with pytest.raises(StudyDefinitionError, match=r"is a folder.*Dataset\(directory="):
+        Study(name="x", space={}, model=lambda p: None, data="photos")
     with pytest.raises(DataError, match="not found"):
         folder_data(photos.parent / "nope")
     with pytest.raises(DataError, match="label_mode"):
