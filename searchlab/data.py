@@ -16,6 +16,7 @@ one ``DataError`` line that says which file to put where.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -275,11 +276,12 @@ def forget() -> None:
 @functools.lru_cache(maxsize=4)
 def _load_cached(dataset: Dataset, root: str | None) -> Data:
     class_names: tuple[str, ...] | None = None
+    recipe: str | None = None  # a folder: its files and settings stand for its arrays
     num_classes: int | None
     bound = (dataset.memory_mb if dataset.memory_mb is not None else config.data_memory_mb()) << 20
     held_out: tuple[Any, Any] | None = None  # a loader's or folder's own validation split
     if dataset.directory is not None:
-        x_train, y_train, x_val0, y_val0, class_names, source = _load_folder(dataset, root)
+        x_train, y_train, x_val0, y_val0, class_names, source, recipe = _load_folder(dataset, root)
         held_out = (x_val0, y_val0)
         x_test, y_test = x_val0, y_val0  # a folder has no test split: validation stands in
         num_classes = len(class_names)
@@ -346,7 +348,24 @@ def _load_cached(dataset: Dataset, root: str | None) -> Data:
         num_classes=num_classes,
         source=source,
         class_names=class_names,
+        **(_recipe_digests(recipe, dataset) if recipe is not None else {}),
     )
+
+
+def _recipe_digests(recipe: str, dataset: Dataset) -> dict[str, Any]:
+    """A folder's fingerprint and split digests from its files and the Dataset's settings,
+    not from the decoded arrays: the same whether the images sit in memory or stream from
+    disk (the bound is no part of them), and no pass over the decoded gigabytes."""
+    settings = repr(
+        dataclasses.replace(dataset, memory_mb=None, directory=None, validation_directory=None)
+    )
+    settings += repr(dataset.validation_directory is None)
+
+    def digest(part: str) -> str:
+        return hashlib.sha1(f"{recipe}|{settings}|{part}".encode()).hexdigest()[:16]
+
+    digests = {split: digest(split) for split in ("train", "val", "test")}
+    return {"_fingerprint": [digest("all")], "_digests": digests}
 
 
 def _datasets(raw: Any) -> bool:
@@ -1036,6 +1055,16 @@ def _folder_key(files: list[tuple[Path, int]], dataset: Dataset) -> str:
     return h.hexdigest()[:24]
 
 
+def _files_digest(files: list[tuple[Path, int]], folder: Path) -> str:
+    """A hash of the files' bytes, their paths in the folder and labels: the same on every
+    machine holding the same images, wherever the folder is and whatever its files' times."""
+    h = hashlib.sha1()
+    for path, label in files:
+        h.update(f"{path.relative_to(folder).as_posix()}|{label}|".encode())
+        h.update(hashlib.sha1(path.read_bytes()).digest())
+    return h.hexdigest()[:24]
+
+
 def _decode_folder(
     label: str, files: list[tuple[Path, int]], dataset: Dataset, bound: int, where: Path
 ) -> tuple[Any, np.ndarray]:
@@ -1100,9 +1129,10 @@ def _warn_skipped(label: str, where: Path, skipped: list[list[str]]) -> None:
         )
 
 
-def _load_folder(dataset: Dataset, root: str | None) -> tuple[Any, Any, Any, Any, tuple, str]:
-    """A folder's training and validation images and int labels, its class names, and
-    where they came from."""
+def _load_folder(dataset: Dataset, root: str | None) -> tuple[Any, Any, Any, Any, tuple, str, str]:
+    """A folder's training and validation images and int labels, its class names, where
+    they came from, and a digest of the files and how they are decoded (the same whether
+    the images end up in memory or on disk)."""
     assert dataset.directory is not None
     folder = _resolve_folder(dataset.directory, root)
     names, files = list_folder(folder)
@@ -1134,4 +1164,5 @@ def _load_folder(dataset: Dataset, root: str | None) -> tuple[Any, Any, Any, Any
     x_val, y_val = _decode_folder(
         dataset.label, val_files, dataset, share(len(val_files)), val_folder
     )
-    return x_train, y_train, x_val, y_val, names, str(folder)
+    recipe = f"{_files_digest(train_files, folder)}/{_files_digest(val_files, val_folder)}"
+    return x_train, y_train, x_val, y_val, names, str(folder), recipe

@@ -233,7 +233,18 @@ def test_inputs_above_the_bound_stream_from_disk_with_the_same_values(photos: Pa
     files = list(config.data_cache_dir().glob("*.u8"))
     assert len(files) == 2  # train and validation, decoded once, reused by the next load
     again = folder_data(photos, memory_mb=0)
-    assert again.fingerprint == disk.fingerprint
+    # the data's digests do not depend on the bound (a resumed study is the same study) ...
+    assert again.fingerprint == disk.fingerprint == memory.fingerprint
+    assert disk.digest("val") == memory.digest("val") != memory.digest("train")
+    # nor on where the folder is or its files' times (another machine's copy)
+    import shutil
+
+    copy = shutil.copytree(photos, photos.parent / "copy", copy_function=shutil.copy)
+    assert folder_data(copy).fingerprint == memory.fingerprint
+    # ... but on the files and how they are read
+    assert folder_data(photos, scale=False).fingerprint != memory.fingerprint
+    keras.utils.save_img(photos / "cat" / "000.png", np.zeros((32, 32, 3), "uint8"))
+    assert folder_data(photos).fingerprint != memory.fingerprint
     with pytest.raises(DataError, match="stream from disk"):
         np.asarray(disk.x_train)
 
