@@ -290,6 +290,9 @@ def _load_cached(dataset: Dataset, root: str | None) -> Data:
             raw = dataset.loader()
             if _datasets(raw):
                 (x_train, y_train), held_out = _read_datasets(dataset, raw, bound)
+                recipe = "/".join(
+                    _rows_digest(*split) for split in ((x_train, y_train), held_out) if split
+                )
                 x_test, y_test = held_out or (_rows(x_train, slice(0)), take(y_train, slice(0)))
             else:
                 (x_train, y_train), (x_test, y_test) = _as_pairs(raw)
@@ -353,11 +356,14 @@ def _load_cached(dataset: Dataset, root: str | None) -> Data:
 
 
 def _recipe_digests(recipe: str, dataset: Dataset) -> dict[str, Any]:
-    """A folder's fingerprint and split digests from its files and the Dataset's settings,
-    not from the decoded arrays: the same whether the images sit in memory or stream from
-    disk (the bound is no part of them), and no pass over the decoded gigabytes."""
+    """A folder's (or a dataset loader's) fingerprint and split digests from its files (the
+    rows as read) and the Dataset's settings, not from the arrays in use: the same whether
+    they sit in memory or stream from disk (the bound is no part of them), and no pass over
+    the decoded gigabytes."""
     settings = repr(
-        dataclasses.replace(dataset, memory_mb=None, directory=None, validation_directory=None)
+        dataclasses.replace(
+            dataset, memory_mb=None, directory=None, validation_directory=None, loader=None
+        )
     )
     settings += repr(dataset.validation_directory is None)
 
@@ -378,6 +384,19 @@ def _datasets(raw: Any) -> bool:
         and all(not isinstance(r, tuple | list | Mapping | np.ndarray) for r in raw)
         and all(is_dataset(r) for r in raw)
     )
+
+
+def _rows_digest(x: Any, y: Any) -> str:
+    """A hash of rows as a dataset gave them (the same in memory and on disk) and labels."""
+    h = hashlib.sha1()
+    if isinstance(x, DiskArray):
+        h.update(x._content.encode())
+    else:
+        h.update(hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()[:16].encode())
+    h.update(f"{x.shape}{x.dtype if not isinstance(x, DiskArray) else x.file_dtype}".encode())
+    for arr in leaves(y):
+        _hash_array(h, arr)
+    return h.hexdigest()[:24]
 
 
 def _read_datasets(

@@ -261,6 +261,9 @@ def test_a_loader_larger_than_the_bound_spills_to_disk(project: Path, cifar: dic
 
     data = load(Dataset(loader=Seq, validation=0.25, memory_mb=0))
     assert data.streamed and np.allclose(data.x_train[:], x[:48] / 255.0)
+    in_memory = load(Dataset(loader=Seq, validation=0.25))
+    assert not in_memory.streamed and in_memory.fingerprint == data.fingerprint
+    assert load(Dataset(loader=Seq, validation=0.5)).fingerprint != data.fingerprint
 
 
 def test_batches_cover_every_row_once_per_epoch_in_a_seeded_order(photos: Path) -> None:
