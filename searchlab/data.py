@@ -12,6 +12,15 @@ Where data is looked for, in order: the data directory (``--data-dir``, else the
 ``SEARCHLAB_DATA_DIR`` environment variable), Keras's own cache (``~/.keras/datasets``), and
 only then ``keras.datasets.<name>.load_data()``, which downloads.  Offline and not found gives
 one ``DataError`` line that says which file to put where.
+
+Users' own data: an image folder (``Dataset(directory=...)``, one subfolder per class,
+decoded with PIL through ``keras.utils.load_img``: the same on every backend), or a loader
+returning a ``tf.data.Dataset`` / ``keras.utils.PyDataset`` (or a pair of them), read once
+and unbatched (trials batch it at the searched batch size).  Inputs whose float32 size is
+above the memory bound (``Dataset.memory_mb``, else ``config.data_memory_mb``) are written
+to a file in ``config.data_cache_dir`` and stay there: ``Data.x_*`` is then a ``DiskArray``
+that reads rows on demand, and ``batches`` feeds them to ``fit`` as a ``PyDataset``.  This
+module never imports TensorFlow; a ``tf.data`` dataset is read through its own methods.
 """
 
 from __future__ import annotations
