@@ -25,6 +25,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,7 +134,10 @@ def run(args: argparse.Namespace, folder: Path, bound: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(folder), "--home", home]
     cmd += ["--bound-mb", str(bound), "--size", str(args.size)]
     cmd += ["--trials", str(args.trials), "--epochs", str(args.epochs)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # its decoded images and features
     if done.returncode != 0:
         sys.exit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -169,12 +173,15 @@ def main() -> None:
         f"({time.perf_counter() - started:.0f} s to write); baseline folder: "
         f"{args.baseline_images} images ({args.baseline_images * per_image / 2**20:.0f} MB decoded)"
     )
-    rows = [
-        ("baseline", 0, run(args, small, 0)),  # streamed too: no data held in memory
-        ("streamed", args.bound_mb, run(args, folder, args.bound_mb)),
-    ]
-    if args.compare:
-        rows.append(("in memory", int(decoded * 2), run(args, folder, int(decoded * 2))))
+    try:
+        rows = [
+            ("baseline", 0, run(args, small, 0)),  # streamed too: no data held in memory
+            ("streamed", args.bound_mb, run(args, folder, args.bound_mb)),
+        ]
+        if args.compare:
+            rows.append(("in memory", int(decoded * 2), run(args, folder, int(decoded * 2))))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     print(f"{'run':<10} {'bound MB':>9} {'imports':>8} {'peak MB':>8} {'s':>6}")
     for mode, bound, r in rows:
         print(
