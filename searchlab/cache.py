@@ -340,6 +340,8 @@ class FeatureCache:
         """The outputs of ``model.layers[cut.index]`` for the training and validation images
         (``key``: their cache key when the caller knows it, e.g. ``Template.key``)."""
         key = key or _prefix_key(model, cut, data)
+        if data.streamed and self.disk_bytes > 0:  # images on disk: features memory-mapped
+            return self._mapped(model, cut, data, batch_size, key)
         if key in self._memory:
             self._memory.move_to_end(key)
             return Features(*self._memory[key], key=key, source=Source.MEMORY)
@@ -355,6 +357,31 @@ class FeatureCache:
             self._write(key, found)
         self._remember(key, found)
         return Features(*found, key=key, source=source)
+
+    def _mapped(
+        self, model: keras.Model, cut: Cut, data: Data, batch_size: int, key: str
+    ) -> Features:
+        """Features of inputs that stream from disk (``Data.streamed``): computed by reading
+        the images once, a batch at a time, into ``<key>.x_train.npy`` / ``<key>.x_val.npy``
+        in the disk folder, and handed out memory-mapped (read-only): the pages the head's
+        training reads are the only ones in memory.  Not kept in the memory LRU."""
+        paths = [self.root / f"{key}.{split}.npy" for split in ("x_train", "x_val")]
+        if all(p.is_file() for p in paths):
+            try:
+                found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+                for p in paths:
+                    os.utime(p)  # most recently used: evicted last
+                return Features(found[0], found[1], key=key, source=Source.DISK)
+            except (OSError, ValueError) as exc:  # a torn or foreign file: recompute
+                log.warning("ignoring unreadable feature cache files %s: %s", paths[0], exc)
+        prefix = keras.Model(model.inputs, cut.tensor)
+        self.root.mkdir(parents=True, exist_ok=True)
+        size = int(np.prod(cut.shape)) * 4 * (len(data.x_train) + len(data.x_val))
+        self._evict(self.disk_bytes - size)
+        for x, path in zip((data.x_train, data.x_val), paths, strict=True):
+            _stream_features(prefix, x, batch_size, path)
+        found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        return Features(found[0], found[1], key=key, source=Source.COMPUTED)
 
     def _remember(self, key: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
         self._memory[key] = arrays
@@ -402,7 +429,7 @@ class FeatureCache:
 
     def _evict(self, budget: int) -> None:
         files = []
-        for path in self.root.glob("*.npz"):
+        for path in [*self.root.glob("*.npz"), *self.root.glob("*.npy")]:
             try:
                 st = path.stat()
             except OSError:
@@ -417,7 +444,36 @@ class FeatureCache:
             used -= size
 
     def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*.npz")) if self.root.is_dir() else 0
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in [*self.root.glob("*.npz"), *self.root.glob("*.npy")])
+
+
+def _stream_features(prefix: keras.Model, x: Any, batch_size: int, path: Path) -> None:
+    """``prefix``'s outputs for ``x`` (read a batch at a time) written to the ``.npy`` file
+    ``path``: through a temporary file and a rename, so a parallel worker never maps half a
+    file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, max(len(x), 1), batch_size):
+                out = np.asarray(
+                    backend.predict_arrays(prefix, x[start : start + batch_size], batch_size)
+                )
+                if out.dtype not in (np.float16, np.float32, np.float64):  # bfloat16: no .npy
+                    out = out.astype("float32")
+                if start == 0:
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(out.dtype),
+                        "fortran_order": False,
+                        "shape": (len(x), *out.shape[1:]),
+                    }
+                    np.lib.format.write_array_header_2_0(f, header)
+                f.write(np.ascontiguousarray(out).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 _DEFAULT: FeatureCache | None = None

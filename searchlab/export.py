@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from searchlab.tracking import MlflowTracker
 
 FORMATS = (".h5", ".keras")
+#: beside ``best.h5``: ``best.class_names.json``, the folder's class names by class id
+CLASS_NAMES_SUFFIX = ".class_names.json"
 #: what ``searchlab export`` takes in place of a study file: an MLflow model URI
 MODEL_URI_PREFIXES = ("models:/", "runs:/")
 
@@ -112,8 +114,18 @@ def export_model(
             ) from exc
         model = trial_mod.load_trained(study.model, trial.params, info, weights)
         _save(model, out)
+    names = tags.get("searchlab.class_names")
+    written = {}
+    if names:  # an image folder's classes: predicted class id i is names[i]
+        beside = out.with_name(out.stem + CLASS_NAMES_SUFFIX)
+        try:
+            beside.write_text(names + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ExportError(f"Cannot write {beside}: {exc.strerror or exc}.") from exc
+        written["class_names"] = str(beside)
     return {
         "path": str(out),
+        **written,
         "trial": trial.number,
         "value": trial.value,
         "run_id": run_id,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab import config, coordination, engines, interrupts
-from searchlab.data import classes_tag
+from searchlab.data import class_names_json, classes_tag, head
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -337,6 +337,8 @@ def session_info(
     }
     if data_source:
         info["data"] = data_source
+    if settings and "class_names" in settings:  # also a tag: export and users read it there
+        info["class_names"] = settings["class_names"]
     if engine_info.get("pruner_args"):  # the pruner's settings (tag searchlab.pruner_args)
         info["pruner_args"] = engine_info["pruner_args"]
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
@@ -358,6 +360,8 @@ def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, 
         "data_digest": data.fingerprint,
         "precision": options.precision,
     }
+    if data.class_names is not None:  # an image folder: its classes, by class id
+        settings["class_names"] = class_names_json(data.class_names)
     describe = getattr(study.model, "settings", None)
     if callable(describe):
         settings.update({f"model.{k}": str(v) for k, v in describe().items()})
@@ -370,7 +374,8 @@ def data_inputs(study: Study, data: Data) -> list[DataInput]:
 
     source = data.source if not data.source.startswith("loader ") else ""
     return [
-        DataInput(study.dataset.label, context, data.digest(split), x, y, source)
+        # inputs that stream from disk: MLflow's schema and profile from their first rows
+        DataInput(study.dataset.label, context, data.digest(split), head(x), y, source)
         for context, split, x, y in (
             ("train", "train", data.x_train, data.y_train),
             ("validation", "val", data.x_val, data.y_val),
@@ -577,6 +582,8 @@ def log_best_model(
         TRIAL_RUN_TAG: run_id,
         "searchlab.objective": study.objective,
     }
+    if spec.data.class_names is not None:  # predicted class id i is the i-th name
+        tags["searchlab.class_names"] = class_names_json(spec.data.class_names)
     x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
     uri = tracker.log_model(
         model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags
@@ -725,6 +732,11 @@ def run_one(
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
             "searchlab.num_classes": classes_tag(spec.data.num_classes),
+            **(
+                {"searchlab.class_names": class_names_json(spec.data.class_names)}
+                if spec.data.class_names is not None
+                else {}
+            ),
             **proposal.tags,
         }
         try:

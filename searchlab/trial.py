@@ -69,7 +69,7 @@ import keras
 import numpy as np
 
 from searchlab import backend, cache, interrupts
-from searchlab.data import Data, DataInfo, info_of, take
+from searchlab.data import Data, DataInfo, DiskArray, batches, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
@@ -636,6 +636,8 @@ def _fit_phases(
             plan.built(phase)
         # on features the steps are small: fit's input pipeline would cost more than they do
         fit = _keras_fit if step.cut is None else backend.fit_arrays
+        if step.cut is None and data.own_batches:  # a folder: the same batches in memory or not
+            fit = _batches_fit
         fit(
             step.model,
             step.x,
@@ -665,6 +667,12 @@ def _user_fit(
     reported it."""
     assert spec.fit is not None
     data = spec.data
+    if data.streamed:  # KerasTuner's fit(hp, model, x, y, ...) takes arrays
+        raise StudyDefinitionError(
+            "The HyperModel's own fit takes arrays, but these images stream from disk (their "
+            "decoded size is above the memory bound): raise Dataset(memory_mb=...) or "
+            "$SEARCHLAB_DATA_MEMORY_MB, or let searchlab fit the model (drop fit)."
+        )
     kwargs: dict[str, Any] = {
         "validation_data": (data.x_val, data.y_val),
         "epochs": spec.epochs,
@@ -739,7 +747,20 @@ def _keras_fit(
     initial_epoch: int,
     callbacks: list[Any],
 ) -> None:
-    """``model.fit`` with ``backend.fit_arrays``'s signature."""
+    """``model.fit`` with ``backend.fit_arrays``'s signature (inputs that stream from disk:
+    ``_batches_fit``)."""
+    if isinstance(x, DiskArray) or isinstance(validation_data[0], DiskArray):
+        _batches_fit(
+            model,
+            x,
+            y,
+            validation_data,
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+        )
+        return
     model.fit(
         x,
         y,
@@ -747,6 +768,31 @@ def _keras_fit(
         initial_epoch=initial_epoch,
         epochs=epochs,
         batch_size=batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _batches_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    validation_data: tuple[Any, Any],
+    *,
+    batch_size: int,
+    epochs: int,
+    initial_epoch: int,
+    callbacks: list[Any],
+) -> None:
+    """``model.fit`` on ``data.batches``: a ``keras.utils.PyDataset`` of ``batch_size`` rows
+    (read from disk where they stream), shuffled each epoch from a seed drawn from the
+    trial's seeded NumPy stream -- the same batches whether the rows are in memory or not."""
+    seed = int(np.random.randint(2**31 - 1))
+    model.fit(
+        batches(x, y, batch_size, shuffle=True, seed=seed),
+        validation_data=batches(*validation_data, batch_size, shuffle=False),
+        initial_epoch=initial_epoch,
+        epochs=epochs,
         callbacks=callbacks,
         verbose=0,
     )
