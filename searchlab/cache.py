@@ -891,11 +891,13 @@ def auto_cut(
     data: Data,
     store: FeatureCache,
     input_shape: tuple[int, ...] | None = None,
+    scope: Hashable = None,
 ) -> AutoCut | NoCut:
     """Where a study's own compiled model can train on cached features: the deepest cut with
     everything before it frozen and deterministic, at least one frozen layer with weights
     among it, taking the raw input, whose features fit the memory bound and whose frozen
-    weights are the same from trial to trial in this process; else why not."""
+    weights are the same from trial to trial in this process (among trials of one
+    ``scope``: the trial's ``backbone_seed``); else why not."""
     graph = graph_of(model, input_shape)
     if graph is None:
         return NoCut(
@@ -917,7 +919,7 @@ def auto_cut(
             f"{cut.name}'s output for the data takes {mb} MB, more than "
             f"${MEMORY_ENV}={store.memory_bytes >> 20}; raise it or cut after a smaller layer",
         )
-    digest = _graph_digest(graph, cut)
+    digest = hashlib.sha1(repr((_graph_digest(graph, cut), scope)).encode()).hexdigest()
     weights_differ = NoCut(
         Reason.RANDOM_WEIGHTS,
         "the frozen layers are initialised anew in each trial (weights=None?); set "

@@ -893,7 +893,9 @@ class _AutoPlan(_PlainPlan):
                 cache.Reason.OWN_FIT, "searchlab cannot train its part after a frozen prefix"
             )
         else:
-            found = cache.auto_cut(model, spec.data, self.store, info.input_shape)
+            found = cache.auto_cut(
+                model, spec.data, self.store, info.input_shape, scope=spec.backbone_seed
+            )
         self.found = found
         if isinstance(found, cache.NoCut):
             self.tags = {"searchlab.cache": "off", CACHE_REASON_TAG: str(found)}
