@@ -17,7 +17,20 @@ study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 
 Which models: a builder that satisfies ``TransferBuilder`` (below; ``searchlab.models.Transfer``
 does) says how it trains in phases, how to freeze, and how to build the part after a cut; this
-module asks nothing else of it and imports no builder.  Any other model trains as built.
+module asks nothing else of it and imports no builder.  Any other compiled model (a user's
+``build_model(hp)``, HyperModel or builder) goes through ``auto_cut`` (at the end): its graph
+(``graph_of``: a ``Sequential``'s layers are called again on a new input, sharing them; a
+nested backbone model is one layer, cut after but never inside) is cut by ``plan_cut`` as a
+transfer model is, provided the prefix holds a frozen layer with weights, its features fit
+the memory bound, the model's compile arguments can be copied onto the part after the cut
+(``compile_like``), and the prefix's weights are the same as in the earlier trials of this
+process with the same layer configs (a second fingerprint for one configs digest means the
+backbone is initialised per trial: ``Reason.RANDOM_WEIGHTS``, remembered per
+``backbone_seed``).  Otherwise ``auto_cut`` returns a ``NoCut`` whose ``Reason`` the trial
+tags (``searchlab.cache.reason``) and the runner logs once per session.  Such features are
+keyed as a transfer model's, plus a digest of the graph's non-layer operations (the
+``keras.ops`` calls of a functional model: their class and config, not their constant
+arguments) and without the model's name.
 
 A trial whose every phase can train on features does not build its complete model:
 ``plan_trial`` plans the cuts on a ``Template`` (the builder's complete model, built once per

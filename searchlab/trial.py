@@ -9,8 +9,12 @@ model reports, the builder does not return a compiled model) raises ``StudyDefin
 How a trial runs (``run_trial``, top to bottom):
 
 1. Plan (``_plan``): a ``_Plan`` says what the trial builds, its phases, and what each phase
-   trains on.  ``_PlainPlan``: any study model, as its builder built and compiled it, in one
-   phase on the raw inputs.  ``_CompletePlan``: the complete model of a
+   trains on.  ``_AutoPlan`` (a ``_PlainPlan``): any study model, as its builder built and
+   compiled it, in one phase -- on the raw inputs, or, feature cache on and a frozen prefix
+   found (``cache.auto_cut``), its part after the prefix on the prefix's cached features,
+   compiled as the model was and fit from where the build left the random streams, as the
+   model itself would be; where it finds none, the trial's tag ``searchlab.cache.reason``
+   says why.  ``_CompletePlan``: the complete model of a
    ``cache.TransferBuilder``; each phase of its ``schedule`` freezes it and trains it on the
    raw inputs, or -- feature cache on, a frozen prefix found, its features within the memory
    bound -- its part after that prefix on the prefix's cached features.  ``_SuffixPlan``: a
