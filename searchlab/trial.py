@@ -897,9 +897,16 @@ class _AutoPlan(_PlainPlan):
                 cache.Reason.OWN_FIT, "searchlab cannot train its part after a frozen prefix"
             )
         else:
-            found = cache.auto_cut(
-                model, spec.data, self.store, info.input_shape, scope=spec.backbone_seed
-            )
+            try:
+                found = cache.auto_cut(
+                    model, spec.data, self.store, info.input_shape, scope=spec.backbone_seed
+                )
+            except Exception as exc:  # a graph Keras cannot read back: train as built
+                log.debug("trial model: no cut (%r)", exc, exc_info=True)
+                found = cache.NoCut(
+                    cache.Reason.NOT_A_GRAPH,
+                    f"its layer graph could not be read ({type(exc).__name__}: {exc})",
+                )
         self.found = found
         if isinstance(found, cache.NoCut):
             self.tags = {"searchlab.cache": "off", CACHE_REASON_TAG: str(found)}

@@ -394,3 +394,44 @@ def test_keras_tuner_engine_trials_of_a_handwritten_model_share_the_features(
     assert "searchlab.cache" not in session
     assert [t["searchlab.cache_phases"] for t in trials] == ["flatten:computed", "flatten:memory"]
     assert {t["searchlab.weights_form"] for t in trials} == {"suffix"}
+
+
+WORKERS_STUDY = """
+
+import numpy as np
+
+
+def arrays():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, size=(72, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 3, 72).astype("int32")
+    return x[:48], y[:48], x[48:], y[48:]
+
+
+study = Study(name="handwritten-workers", space=None, model=build_model,
+              data=Dataset(loader=arrays), strategy="random", trials=4, epochs=1, batch_size=16)
+"""
+
+
+@pytest.mark.slow
+def test_workers_share_the_features_of_a_handwritten_model(project: Path, weights: dict[str, Path]):
+    """``--workers 2``: every trial trains on the features, computed at most once per worker
+    process (the other trials read them from memory, or from the disk another one wrote)."""
+    from reliability_helpers import Session, env_for, searchlab_cmd
+
+    path = project / "handwritten.py"
+    path.write_text(HANDWRITTEN.format(weights=str(weights["tiny"]), augment="") + WORKERS_STUDY)
+    home = project / ".searchlab"
+    s = Session(searchlab_cmd(path, "--workers", 2), env_for(home), project)
+    out = s.finish()
+    assert s.proc.returncode == 0, out
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    trials = [
+        r.data.tags
+        for r in mlflow_runs(uri, "handwritten-workers")
+        if "searchlab.trial" in r.data.tags
+    ]
+    assert len(trials) == 4
+    assert {t["searchlab.cache"] for t in trials} == {"used"}
+    sources = [t["searchlab.cache_phases"].split(":")[1] for t in trials]
+    assert sources.count("computed") <= 2, sources
