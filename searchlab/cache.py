@@ -71,6 +71,7 @@ import numpy as np
 from searchlab import backend, config
 from searchlab.data import Data
 from searchlab.errors import StudyDefinitionError
+from searchlab.outcome import CACHE_DISABLED, CACHE_NO_FROZEN
 
 log = logging.getLogger(__name__)
 MEMORY_ENV = "SEARCHLAB_CACHE_MEMORY_MB"
@@ -758,10 +759,10 @@ class Reason(enum.Enum):
     the session's tag ``searchlab.cache.reason`` starts with the value, then a colon and the
     detail (``NoCut``)."""
 
-    DISABLED = "cache=False"
+    DISABLED = CACHE_DISABLED
     OWN_FIT = "the HyperModel's own fit trains the model"
     NOT_A_GRAPH = "not a graph of layers"
-    NO_FROZEN = "no frozen layers"
+    NO_FROZEN = CACHE_NO_FROZEN
     NO_PREFIX = "no frozen prefix"
     RANDOM_LAYER = "augmentation, dropout or noise before the frozen layers"
     TOO_LARGE = "features larger than the memory bound"

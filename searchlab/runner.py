@@ -764,16 +764,14 @@ def note_cache(session: Session, result: TrialResult) -> None:
     the session run's tags ``searchlab.cache=off`` and ``searchlab.cache.reason``, from the
     first trial whose run has that reason (``trial.CACHE_REASON_TAG``).  A warning, unless
     the study turned the cache off or its model freezes nothing."""
-    from searchlab.cache import Reason
-    from searchlab.trial import CACHE_REASON_TAG
+    from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
 
     reason = result.tags.get(CACHE_REASON_TAG)
     if not reason or session.cache_reason is not None:
         return
     session.cache_reason = reason
-    quiet = reason.startswith((Reason.DISABLED.value, Reason.NO_FROZEN.value))
     log.log(
-        logging.INFO if quiet else logging.WARNING,
+        logging.INFO if cache_off_by_choice(reason) else logging.WARNING,
         "study %s: the feature cache is off: %s",
         session.study.name,
         reason,
@@ -844,6 +842,7 @@ __all__ = [
     "open_shared",
     "session_counts",
     "failure_streak",
+    "note_cache",
     "open_session",
     "prepare",
     "data_inputs",

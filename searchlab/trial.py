@@ -77,7 +77,7 @@ from searchlab.data import Data, DataInfo, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
-from searchlab.outcome import TrialResult, TrialState
+from searchlab.outcome import CACHE_REASON_TAG, TrialResult, TrialState
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -869,10 +869,6 @@ class _PlainPlan(_Plan):
 
     def ready(self, phase: int, step: _Step) -> _Ready:
         return _Ready.AS_BUILT
-
-
-#: the tag that says why a trial (and, once per session, the study) trains without the cache
-CACHE_REASON_TAG = "searchlab.cache.reason"
 
 
 class _AutoPlan(_PlainPlan):
