@@ -602,8 +602,7 @@ def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec, execution: in
     if spec.max_model_size is not None:
         _check_size(model, info, spec.max_model_size)
     if transfer is None:
-        batch_size = int(params.get("batch_size", spec.batch_size))
-        return _AutoPlan(model, spec, info, batch_size)
+        return _AutoPlan(model, spec, info)
     return _CompletePlan(transfer, params, model, spec.epochs, use_cache=spec.cache)
 
 
@@ -880,10 +879,9 @@ class _AutoPlan(_PlainPlan):
     weights are saved as the suffix's with the prefix's fingerprint (``cache.save_suffix``).
     Otherwise it trains on the raw inputs, and ``tags`` say why (``CACHE_REASON_TAG``)."""
 
-    def __init__(self, model: Any, spec: TrialSpec, info: DataInfo, batch_size: int) -> None:
+    def __init__(self, model: Any, spec: TrialSpec, info: DataInfo) -> None:
         super().__init__(model, spec.epochs)
         self.store = cache.default_cache()
-        self.batch_size = batch_size
         self.suffix: Any = None
         found: cache.AutoCut | cache.NoCut
         if not spec.cache:
