@@ -20,7 +20,8 @@ does) says how it trains in phases, how to freeze, and how to build the part aft
 module asks nothing else of it and imports no builder.  Any other compiled model (a user's
 ``build_model(hp)``, HyperModel or builder) goes through ``auto_cut`` (at the end): its graph
 (``graph_of``: a ``Sequential``'s layers are called again on a new input, sharing them; a
-nested backbone model is one layer, cut after but never inside) is cut by ``plan_cut`` as a
+nested backbone model is one layer, cut after, unless it is partly frozen and a chain of
+layers: then its layers are called in its place, and the cut may fall inside it) is cut by ``plan_cut`` as a
 transfer model is, provided the prefix holds a frozen layer with weights, its features fit
 the memory bound, the model's compile arguments can be copied onto the part after the cut
 (``compile_like``), and the prefix's weights are the same as in the earlier trials of this
@@ -819,11 +820,32 @@ def graph_of(model: Any, input_shape: tuple[int, ...] | None = None) -> keras.Mo
         inputs = keras.Input(batch_shape=given.shape, dtype=given.dtype, name=AUTO_GRAPH_INPUT)
         x = inputs
         for layer in model.layers:
-            x = layer(x)
+            for part in _inlined(layer):
+                x = part(x)
         return keras.Model(inputs, x, name=model.name)
     if getattr(model, "_nodes_by_depth", None) is None:  # subclassed: no graph of layers
         return None
     return model
+
+
+def _inlined(layer: Any) -> list[Any]:
+    """The layers that stand for ``layer`` in a ``Sequential``'s graph: a nested model that
+    is partly frozen (a backbone whose last block is fine-tuned) and a chain of layers (each
+    takes the one before's output, as VGG's do) is replaced by its layers, so the cut may
+    fall inside it; any other layer stands for itself."""
+    if not isinstance(layer, keras.Model) or not layer.trainable_weights:
+        return [layer]
+    inner = [sub for sub in layer.layers if not isinstance(sub, keras.layers.InputLayer)]
+    if not any(_frozen(sub) for sub in inner):
+        return [layer]
+    if not isinstance(layer, keras.Sequential):
+        if getattr(layer, "_nodes_by_depth", None) is None or len(layer.inputs) != 1:
+            return [layer]
+        if any(not isinstance(op, keras.layers.Layer) for op in layer.operations):
+            return [layer]  # keras.ops calls between its layers: only the model runs them
+        if set(cut_points(layer)) != set(range(len(layer.layers) - 1)):
+            return [layer]  # not a chain: a branch would cross the cut
+    return [part for sub in inner for part in _inlined(sub)]
 
 
 def _frozen(layer: Any) -> bool:

@@ -435,3 +435,38 @@ def test_workers_share_the_features_of_a_handwritten_model(project: Path, weight
     assert {t["searchlab.cache"] for t in trials} == {"used"}
     sources = [t["searchlab.cache_phases"].split(":")[1] for t in trials]
     assert sources.count("computed") <= 2, sources
+
+
+def test_a_partly_frozen_backbone_in_a_sequential_is_cut_inside(
+    tmp_path: Path, weights: dict[str, Path]
+):
+    """Fine-tuning as tutorials write it: the backbone's last layer trains, the rest is frozen:
+    the cut falls inside the nested model, and the trial ends as without the cache."""
+
+    def build(params):
+        base = _tiny_backbone()
+        base.load_weights(weights["tiny"])
+        for layer in base.layers[:-1]:
+            layer.trainable = False  # tiny_conv2 trains
+        model = keras.Sequential(
+            [
+                keras.Input((SIZE, SIZE, 3)),
+                base,
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        return _compile(model)
+
+    cached = run_trial(0, {}, _spec(build), tmp_path / "cached")
+    plain = run_trial(0, {}, _spec(build, cache=False), tmp_path / "plain")
+    assert cached.tags["searchlab.cache_layer"] == "tiny_pool", cached.tags
+    for name in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(cached.history[name], plain.history[name], rtol=1e-5)
+    info = info_of(_data())
+    x_val = _data().x_val
+    np.testing.assert_allclose(
+        load_trained(build, {}, info, cached.weights_path).predict(x_val, verbose=0),
+        load_trained(build, {}, info, plain.weights_path).predict(x_val, verbose=0),
+        atol=1e-6,
+    )
