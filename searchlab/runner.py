@@ -763,15 +763,18 @@ def note_cache(session: Session, result: TrialResult) -> None:
     """Say once per session why its trials train without the feature cache: one log line and
     the session run's tags ``searchlab.cache=off`` and ``searchlab.cache.reason``, from the
     first trial whose run has that reason (``trial.CACHE_REASON_TAG``).  A warning, unless
-    the study turned the cache off or its model freezes nothing."""
+    the study turned the cache off or its model freezes nothing, or this process is a worker
+    other than the first of several (their lines reach the same console: one says it)."""
     from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
 
     reason = result.tags.get(CACHE_REASON_TAG)
     if not reason or session.cache_reason is not None:
         return
     session.cache_reason = reason
+    worker = session.options.worker
+    sibling = worker is not None and not worker.startswith("1/")
     log.log(
-        logging.INFO if cache_off_by_choice(reason) else logging.WARNING,
+        logging.INFO if cache_off_by_choice(reason) or sibling else logging.WARNING,
         "study %s: the feature cache is off: %s",
         session.study.name,
         reason,
