@@ -117,7 +117,10 @@ def rows(results: Results) -> list[dict[str, Any]]:
     for row in (t.row() for t in results.store.trials()):
         run = by_id.get(row.get("run_id") or "")
         # the feature cache, where a trial used it or could not (not where nothing asked for it)
-        if run is not None and not cache_off_by_choice(run.tags.get(CACHE_REASON_TAG, "")):
+        if run is not None and not (
+            run.tags.get("searchlab.cache") == "off"
+            and cache_off_by_choice(run.tags.get(CACHE_REASON_TAG, ""))
+        ):
             for key, value in sorted(run.tags.items()):
                 if key.startswith("searchlab.cache"):
                     row[key[len("searchlab.") :]] = value
