@@ -778,11 +778,6 @@ class NoCut:
     reason: Reason
     detail: str
 
-    @property
-    def expected(self) -> bool:
-        """Whether the user may have expected the cache (a model with frozen layers)."""
-        return self.reason not in (Reason.DISABLED, Reason.NO_FROZEN)
-
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.detail}"
 
@@ -866,6 +861,12 @@ def why_no_cut(graph: keras.Model) -> NoCut:
         if cache_safe(layer):
             continue
         if is_random(layer) and any(_frozen(later) for later in layers[i + 1 :]):
+            if isinstance(layer, keras.layers.Lambda):
+                return NoCut(
+                    Reason.RANDOM_LAYER,
+                    f"{layer.name} (Lambda) runs code that may be random, before frozen "
+                    "layers; preprocess with a layer (Rescaling, Normalization) or in the data",
+                )
             return NoCut(
                 Reason.RANDOM_LAYER,
                 f"{layer.name} ({type(layer).__name__}) acts before frozen layers, so their "
