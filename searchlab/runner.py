@@ -353,6 +353,8 @@ def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, 
         "data_digest": data.fingerprint,
         "precision": options.precision,
     }
+    if study.backbone_seed is not None:  # every trial's initial weights come from it
+        settings["backbone_seed"] = str(study.backbone_seed)
     describe = getattr(study.model, "settings", None)
     if callable(describe):
         settings.update({f"model.{k}": str(v) for k, v in describe().items()})
