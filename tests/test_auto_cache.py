@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Dataset, Study, cache, engines, runner
+from searchlab import Dataset, Study, StudyDefinitionError, cache, engines, runner
 from searchlab.data import Data, info_of
 from searchlab.tracking import MlflowTracker
 from searchlab.trial import CACHE_REASON_TAG, TrialSpec, TrialState, load_trained, run_trial
@@ -470,3 +470,23 @@ def test_a_partly_frozen_backbone_in_a_sequential_is_cut_inside(
         load_trained(build, {}, info, plain.weights_path).predict(x_val, verbose=0),
         atol=1e-6,
     )
+
+
+def test_a_hypermodel_fit_of_its_own_trains_the_model_as_built(
+    tmp_path: Path, weights: dict[str, Path]
+):
+    def fit(params, model, x, y, **kwargs):  # HyperModel.fit: the user's code trains it
+        return model.fit(x, y, **kwargs)
+
+    result = run_trial(0, {}, _spec(functional_tiny(weights), fit=fit), tmp_path)
+    assert result.state is TrialState.COMPLETE, result.error
+    assert result.tags["searchlab.cache"] == "off"
+    assert result.tags[CACHE_REASON_TAG].startswith(cache.Reason.OWN_FIT.value)
+
+
+@pytest.mark.parametrize(
+    "option, value", [("cache", "no"), ("backbone_seed", 1.5), ("backbone_seed", True)]
+)
+def test_the_cache_options_are_checked_in_one_line(option: str, value: object):
+    with pytest.raises(StudyDefinitionError, match=f"^{option} must be"):
+        Study(name="s", space={}, model=lambda p: None, data="mnist", **{option: value})
