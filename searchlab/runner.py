@@ -764,7 +764,7 @@ def run_one(
 def note_cache(session: Session, result: TrialResult) -> None:
     """Say once per session why its trials train without the feature cache: one log line and
     the session run's tags ``searchlab.cache=off`` and ``searchlab.cache.reason``, from the
-    first trial whose run has that reason (``trial.CACHE_REASON_TAG``).  A warning, unless
+    first trial whose run has that reason (``outcome.CACHE_REASON_TAG``).  A warning, unless
     the study turned the cache off or its model freezes nothing, or this process is a worker
     other than the first of several (their lines reach the same console: one says it)."""
     from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
