@@ -956,7 +956,8 @@ def auto_cut(
             f"{cut.name}'s output for the data takes {mb} MB, more than "
             f"${MEMORY_ENV}={store.memory_bytes >> 20}; raise it or cut after a smaller layer",
         )
-    digest = hashlib.sha1(repr((_graph_digest(graph, cut), scope)).encode()).hexdigest()
+    graph_digest = _graph_digest(graph, cut)
+    digest = hashlib.sha1(repr((graph_digest, scope)).encode()).hexdigest()
     weights_differ = NoCut(
         Reason.RANDOM_WEIGHTS,
         "the frozen layers are initialised anew in each trial (weights=None?); set "
@@ -981,5 +982,5 @@ def auto_cut(
             f"{type(exc).__name__}: {exc}; register custom losses and metrics with "
             "keras.saving.register_keras_serializable",
         )
-    key = _prefix_key(graph, cut, data, f"{fingerprint}:{digest}", name="auto")
+    key = _prefix_key(graph, cut, data, f"{fingerprint}:{graph_digest}", name="auto")
     return AutoCut(graph, cut, fingerprint, key, args)
