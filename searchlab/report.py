@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab.errors import NotRunError
+from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
 
 if TYPE_CHECKING:
     import optuna
@@ -115,9 +116,13 @@ def rows(results: Results) -> list[dict[str, Any]]:
     out = []
     for row in (t.row() for t in results.store.trials()):
         run = by_id.get(row.get("run_id") or "")
-        if run is not None:
+        # the feature cache, where a trial used it or could not (not where nothing asked for it)
+        if run is not None and not (
+            run.tags.get("searchlab.cache") == "off"
+            and cache_off_by_choice(run.tags.get(CACHE_REASON_TAG, ""))
+        ):
             for key, value in sorted(run.tags.items()):
-                if key.startswith("searchlab.cache"):  # the feature cache, where a trial used it
+                if key.startswith("searchlab.cache"):
                     row[key[len("searchlab.") :]] = value
         out.append(row)
     return out

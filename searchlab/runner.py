@@ -68,6 +68,8 @@ class Session:
     target: int | None
     info: dict[str, Any]
     started: float = field(default_factory=time.monotonic)
+    #: why the session's first trial without the feature cache had none (``note_cache``)
+    cache_reason: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -362,6 +364,8 @@ def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, 
     }
     if data.class_names is not None:  # an image folder: its classes, by class id
         settings["class_names"] = class_names_json(data.class_names)
+    if study.backbone_seed is not None:  # every trial's initial weights come from it
+        settings["backbone_seed"] = str(study.backbone_seed)
     describe = getattr(study.model, "settings", None)
     if callable(describe):
         settings.update({f"model.{k}": str(v) for k, v in describe().items()})
@@ -418,6 +422,8 @@ def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
         fit=study.fit,
         executions=options.executions_per_trial or study.executions_per_trial,
         max_model_size=study.max_model_size,
+        cache=study.cache,
+        backbone_seed=study.backbone_seed,
     )
 
 
@@ -766,11 +772,38 @@ def run_one(
         with interrupts.deferred():  # MLflow, Optuna and the engine all learn the result
             finish(session, trial, run_id, result)
             session.engine.tell(proposal, result)
+        note_cache(session, result)
     finally:
         heartbeat.stop()
     best = session.store.best()
     listener.trial_finished(result, _best_dict(best))
     return result
+
+
+def note_cache(session: Session, result: TrialResult) -> None:
+    """Say once per session why its trials train without the feature cache: one log line and
+    the session run's tags ``searchlab.cache=off`` and ``searchlab.cache.reason``, from the
+    first trial whose run has that reason (``outcome.CACHE_REASON_TAG``).  A warning, unless
+    the study turned the cache off or its model freezes nothing, or this process is a worker
+    other than the first of several (their lines reach the same console: one says it)."""
+    from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
+
+    reason = result.tags.get(CACHE_REASON_TAG)
+    if not reason or session.cache_reason is not None:
+        return
+    session.cache_reason = reason
+    worker = session.options.worker
+    sibling = worker is not None and not worker.startswith("1/")
+    log.log(
+        logging.INFO if cache_off_by_choice(reason) or sibling else logging.WARNING,
+        "study %s: the feature cache is off: %s",
+        session.study.name,
+        reason,
+    )
+    try:
+        session.tracker.tag_session({"searchlab.cache": "off", CACHE_REASON_TAG: reason})
+    except Exception as exc:  # the trial is recorded; a missing session tag must not stop it
+        log.warning("could not tag the session with the cache's state: %s", exc)
 
 
 def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
@@ -833,6 +866,7 @@ __all__ = [
     "open_shared",
     "session_counts",
     "failure_streak",
+    "note_cache",
     "open_session",
     "prepare",
     "data_inputs",
