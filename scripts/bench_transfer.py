@@ -14,10 +14,15 @@ its stores, after the other's leftovers are collected.  searchlab runs ``studies
 included), with an empty feature cache at the start of each case.
 
 Cases: ``frozen`` (all 18 VGG16 layers frozen: only the head trains) and ``block5``
-(frozen_layers=14: block5 and the head train).
+(frozen_layers=14: block5 and the head train); ``handwritten``: not ``Transfer`` but the
+hand-written ``build_model(hp)`` of ``studies/handwritten_vgg.py`` (a frozen VGG16 inside a
+``Sequential``, a Flatten/Dense/Dropout/Dense head), the same function given to searchlab
+(``space=None``: automatic frozen-prefix detection) and to KerasTuner's ``RandomSearch``,
+both at batch size 32 with the same weights file.
 
     python scripts/bench_transfer.py                       # 20 trials x 2 epochs per case
     python scripts/bench_transfer.py --trials 10 --kt-trials 4 --cases frozen
+    python scripts/bench_transfer.py --cases frozen,handwritten
 
 Prints, per case, trials per hour for each tool, their ratio, and each one's best
 val_accuracy.  Timing claims come only from this script's output.
@@ -40,7 +45,20 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-CASES = {"frozen": 18, "block5": 14}
+CASES = {"frozen": 18, "block5": 14, "handwritten": 18}
+HANDWRITTEN = Path(__file__).resolve().parent.parent / "studies" / "handwritten_vgg.py"
+
+
+def handwritten_build(weights: Path):
+    """``build_model(hp)`` of ``studies/handwritten_vgg.py``, reading ``weights``."""
+    import importlib.util
+
+    os.environ["HANDWRITTEN_VGG_WEIGHTS"] = str(weights)
+    spec = importlib.util.spec_from_file_location("handwritten_vgg", HANDWRITTEN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_model
 
 
 def make_weights(tmp: Path) -> Path:
@@ -83,7 +101,12 @@ class Quiet:
         print(
             f"    searchlab trial {result.number}: {result.state.value} "
             f"val_accuracy={result.value if result.value is not None else float('nan'):.4f} "
-            f"{result.duration:.1f}s cache={result.tags.get('searchlab.cache_phases')}",
+            f"{result.duration:.1f}s cache={result.tags.get('searchlab.cache_phases')}"
+            + (
+                f" ({result.tags['searchlab.cache.reason']})"
+                if "searchlab.cache.reason" in result.tags
+                else ""
+            ),
             flush=True,
         )
 
@@ -99,11 +122,14 @@ def run_searchlab(case: str, args, weights: Path, tmp: Path) -> tuple[float, flo
     home = tmp / f"searchlab-{case}"
     os.environ["SEARCHLAB_HOME"] = str(home)
     cache.default_cache().clear_memory()
-    transfer = Transfer("vgg16", weights=str(weights))
+    model: object = Transfer("vgg16", weights=str(weights))
+    searched = space(case)
+    if case == "handwritten":  # the user's own code declares its space
+        model, searched = handwritten_build(weights), None
     study = Study(
         name=f"bench-{case}",
-        space=space(case),
-        model=transfer,
+        space=searched,
+        model=model,  # type: ignore[arg-type]
         data=Dataset("cifar10", validation="test", subset=_subset(args), scale=False),
         strategy="random",
         trials=args.trials,
@@ -209,10 +235,14 @@ def run_kerastuner(
         def fit(self, hp, model, *fit_args, **kwargs):
             return model.fit(*fit_args, batch_size=hp.Choice("batch_size", [32, 64]), **kwargs)
 
+    hypermodel: object = VGGHead()
+    fit_kwargs = {}
+    if case == "handwritten":  # the same file searchlab ran, unchanged
+        hypermodel, fit_kwargs = handwritten_build(weights), {"batch_size": 32}
     _clean_slate()
     started = time.perf_counter()
     tuner = kt.RandomSearch(
-        VGGHead(),
+        hypermodel,
         objective="val_accuracy",
         max_trials=trials,
         seed=seed,
@@ -221,7 +251,12 @@ def run_kerastuner(
         overwrite=True,
     )
     tuner.search(
-        d.x_train, d.y_train, epochs=args.epochs, validation_data=(d.x_val, d.y_val), verbose=0
+        d.x_train,
+        d.y_train,
+        epochs=args.epochs,
+        validation_data=(d.x_val, d.y_val),
+        verbose=0,
+        **fit_kwargs,
     )
     seconds = time.perf_counter() - started
     done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]

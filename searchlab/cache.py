@@ -17,7 +17,21 @@ study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 
 Which models: a builder that satisfies ``TransferBuilder`` (below; ``searchlab.models.Transfer``
 does) says how it trains in phases, how to freeze, and how to build the part after a cut; this
-module asks nothing else of it and imports no builder.  Any other model trains as built.
+module asks nothing else of it and imports no builder.  Any other compiled model (a user's
+``build_model(hp)``, HyperModel or builder) goes through ``auto_cut`` (at the end): its graph
+(``graph_of``: a ``Sequential``'s layers are called again on a new input, sharing them; a
+nested backbone model is one layer, cut after, unless it is partly frozen and a chain of
+layers: then its layers are called in its place, and the cut may fall inside it) is cut by ``plan_cut`` as a
+transfer model is, provided the prefix holds a frozen layer with weights, its features fit
+the memory bound, the model's compile arguments can be copied onto the part after the cut
+(``compile_like``), and the prefix's weights are the same as in the earlier trials of this
+process with the same layer configs (a second fingerprint for one configs digest means the
+backbone is initialised per trial: ``Reason.RANDOM_WEIGHTS``, remembered per
+``backbone_seed``).  Otherwise ``auto_cut`` returns a ``NoCut`` whose ``Reason`` the trial
+tags (``searchlab.cache.reason``) and the runner logs once per session.  Such features are
+keyed as a transfer model's, plus a digest of the graph's non-layer operations (the
+``keras.ops`` calls of a functional model: their class and config, not their constant
+arguments) and without the model's name.
 
 A trial whose every phase can train on features does not build its complete model:
 ``plan_trial`` plans the cuts on a ``Template`` (the builder's complete model, built once per
@@ -58,6 +72,7 @@ import numpy as np
 from searchlab import backend, config
 from searchlab.data import Data
 from searchlab.errors import StudyDefinitionError
+from searchlab.outcome import CACHE_DISABLED, CACHE_NO_FROZEN
 
 log = logging.getLogger(__name__)
 MEMORY_ENV = "SEARCHLAB_CACHE_MEMORY_MB"
@@ -181,8 +196,11 @@ class TransferBuilder(Protocol):
 
 
 def is_random(layer: Any) -> bool:
-    """Whether a layer may act randomly (it holds a seed generator, or it is user code)."""
+    """Whether a layer may act randomly (it holds a seed generator, or it is user code); a
+    nested model (a backbone inside a user's ``Sequential``) when any of its layers may."""
     if isinstance(layer, keras.layers.Lambda):  # user code: it may be random
+        return True
+    if isinstance(layer, keras.Model) and any(is_random(inner) for inner in layer.layers):
         return True
     return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())
 
@@ -272,14 +290,20 @@ def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
     return h.hexdigest()[:24]
 
 
-def _prefix_key(model: keras.Model, cut: Cut, data: Data, fingerprint: str | None = None) -> str:
+def _prefix_key(
+    model: keras.Model,
+    cut: Cut,
+    data: Data,
+    fingerprint: str | None = None,
+    name: str | None = None,
+) -> str:
     policies = [getattr(layer.dtype_policy, "name", "") for layer in model.layers[: cut.index + 1]]
     h = hashlib.sha1(
         json.dumps(
             [
                 fingerprint or prefix_fingerprint(model, cut),
                 policies,
-                model.name,
+                model.name if name is None else name,
                 cut.name,
                 cut.index,
                 data.fingerprint,
@@ -340,6 +364,8 @@ class FeatureCache:
         """The outputs of ``model.layers[cut.index]`` for the training and validation images
         (``key``: their cache key when the caller knows it, e.g. ``Template.key``)."""
         key = key or _prefix_key(model, cut, data)
+        if data.streamed and self.disk_bytes > 0:  # images on disk: features memory-mapped
+            return self._mapped(model, cut, data, batch_size, key)
         if key in self._memory:
             self._memory.move_to_end(key)
             return Features(*self._memory[key], key=key, source=Source.MEMORY)
@@ -355,6 +381,31 @@ class FeatureCache:
             self._write(key, found)
         self._remember(key, found)
         return Features(*found, key=key, source=source)
+
+    def _mapped(
+        self, model: keras.Model, cut: Cut, data: Data, batch_size: int, key: str
+    ) -> Features:
+        """Features of inputs that stream from disk (``Data.streamed``): computed by reading
+        the images once, a batch at a time, into ``<key>.x_train.npy`` / ``<key>.x_val.npy``
+        in the disk folder, and handed out memory-mapped (read-only): the pages the head's
+        training reads are the only ones in memory.  Not kept in the memory LRU."""
+        paths = [self.root / f"{key}.{split}.npy" for split in ("x_train", "x_val")]
+        if all(p.is_file() for p in paths):
+            try:
+                found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+                for p in paths:
+                    os.utime(p)  # most recently used: evicted last
+                return Features(found[0], found[1], key=key, source=Source.DISK)
+            except (OSError, ValueError) as exc:  # a torn or foreign file: recompute
+                log.warning("ignoring unreadable feature cache files %s: %s", paths[0], exc)
+        prefix = keras.Model(model.inputs, cut.tensor)
+        self.root.mkdir(parents=True, exist_ok=True)
+        size = int(np.prod(cut.shape)) * 4 * (len(data.x_train) + len(data.x_val))
+        self._evict(self.disk_bytes - size)
+        for x, path in zip((data.x_train, data.x_val), paths, strict=True):
+            _stream_features(prefix, x, batch_size, path)
+        found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        return Features(found[0], found[1], key=key, source=Source.COMPUTED)
 
     def _remember(self, key: str, arrays: tuple[np.ndarray, np.ndarray]) -> None:
         self._memory[key] = arrays
@@ -402,7 +453,7 @@ class FeatureCache:
 
     def _evict(self, budget: int) -> None:
         files = []
-        for path in self.root.glob("*.npz"):
+        for path in [*self.root.glob("*.npz"), *self.root.glob("*.npy")]:
             try:
                 st = path.stat()
             except OSError:
@@ -417,7 +468,36 @@ class FeatureCache:
             used -= size
 
     def disk_usage(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob("*.npz")) if self.root.is_dir() else 0
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in [*self.root.glob("*.npz"), *self.root.glob("*.npy")])
+
+
+def _stream_features(prefix: keras.Model, x: Any, batch_size: int, path: Path) -> None:
+    """``prefix``'s outputs for ``x`` (read a batch at a time) written to the ``.npy`` file
+    ``path``: through a temporary file and a rename, so a parallel worker never maps half a
+    file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npy")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, max(len(x), 1), batch_size):
+                out = np.asarray(
+                    backend.predict_arrays(prefix, x[start : start + batch_size], batch_size)
+                )
+                if out.dtype not in (np.float16, np.float32, np.float64):  # bfloat16: no .npy
+                    out = out.astype("float32")
+                if start == 0:
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(out.dtype),
+                        "fortran_order": False,
+                        "shape": (len(x), *out.shape[1:]),
+                    }
+                    np.lib.format.write_array_header_2_0(f, header)
+                f.write(np.ascontiguousarray(out).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 _DEFAULT: FeatureCache | None = None
@@ -697,6 +777,7 @@ def load_suffix(model: keras.Model, path: Path) -> None:
         meta = json.loads(str(f["meta"]))
         if meta.get("format") != SUFFIX_FORMAT:
             raise StudyDefinitionError(f"{path} is not a searchlab suffix-weights file.")
+        model = graph_of(model) or model  # a Sequential's cut is in its graph (auto_cut)
         names = [layer.name for layer in model.layers]
         if meta["cut"] not in names:
             raise StudyDefinitionError(
@@ -725,3 +806,237 @@ def load_suffix(model: keras.Model, path: Path) -> None:
             )
         for j, (name, n) in enumerate(meta["layers"]):
             model.get_layer(name).set_weights([f[f"w{j}_{i}"] for i in range(n)])
+
+
+# -- any model: automatic frozen-prefix detection -------------------------------------------
+
+
+class Reason(enum.Enum):
+    """Why a trial of a study's own model trains without the feature cache.  The trial's and
+    the session's tag ``searchlab.cache.reason`` starts with the value, then a colon and the
+    detail (``NoCut``)."""
+
+    DISABLED = CACHE_DISABLED
+    OWN_FIT = "the HyperModel's own fit trains the model"
+    NOT_A_GRAPH = "not a graph of layers"
+    NO_FROZEN = CACHE_NO_FROZEN
+    NO_PREFIX = "no frozen prefix"
+    RANDOM_LAYER = "augmentation, dropout or noise before the frozen layers"
+    TOO_LARGE = "features larger than the memory bound"
+    RANDOM_WEIGHTS = "frozen weights differ per trial"
+    NOT_RECOMPILABLE = "its compile arguments cannot be copied"
+
+
+@dataclass(frozen=True)
+class NoCut:
+    """A model trains on the raw inputs: ``reason``, with ``detail`` saying what to change."""
+
+    reason: Reason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class AutoCut:
+    """Where ``auto_cut`` cuts a study's own model: ``graph`` (the model itself, or a
+    functional graph of a ``Sequential``'s layers) after ``cut``; ``fingerprint`` as
+    ``prefix_fingerprint(graph, cut)``, ``key`` the features' cache key, ``compile_args``
+    what the part after the cut is compiled with (``compile_like``)."""
+
+    graph: keras.Model
+    cut: Cut
+    fingerprint: str
+    key: str
+    compile_args: dict[str, Any]
+
+
+AUTO_GRAPH_INPUT = "searchlab_input"
+
+
+def graph_of(model: Any, input_shape: tuple[int, ...] | None = None) -> keras.Model | None:
+    """``model`` as a functional graph whose layers ``cut_points`` can read: a functional
+    model itself; a ``Sequential``'s layers called on a new input (they are shared: training
+    a part of that graph trains ``model``); None for a subclassed model or a ``Sequential``
+    that is not built and has no ``input_shape`` to build with."""
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            if input_shape is None:
+                return None
+            model.build((None, *input_shape))
+        if len(model.inputs) != 1:
+            return None
+        given = model.inputs[0]
+        inputs = keras.Input(batch_shape=given.shape, dtype=given.dtype, name=AUTO_GRAPH_INPUT)
+        x = inputs
+        for layer in model.layers:
+            for part in _inlined(layer):
+                x = part(x)
+        return keras.Model(inputs, x, name=model.name)
+    if getattr(model, "_nodes_by_depth", None) is None:  # subclassed: no graph of layers
+        return None
+    return model
+
+
+def _inlined(layer: Any) -> list[Any]:
+    """The layers that stand for ``layer`` in a ``Sequential``'s graph: a nested model that
+    is partly frozen (a backbone whose last block is fine-tuned) and a chain of layers (each
+    takes the one before's output, as VGG's do) is replaced by its layers, so the cut may
+    fall inside it; any other layer stands for itself."""
+    if not isinstance(layer, keras.Model) or not layer.trainable_weights:
+        return [layer]
+    inner = [sub for sub in layer.layers if not isinstance(sub, keras.layers.InputLayer)]
+    if not any(_frozen(sub) for sub in inner):
+        return [layer]
+    if not isinstance(layer, keras.Sequential):
+        if getattr(layer, "_nodes_by_depth", None) is None or len(layer.inputs) != 1:
+            return [layer]
+        if any(not isinstance(op, keras.layers.Layer) for op in layer.operations):
+            return [layer]  # keras.ops calls between its layers: only the model runs them
+        if set(cut_points(layer)) != set(range(len(layer.layers) - 1)):
+            return [layer]  # not a chain: a branch would cross the cut
+    return [part for sub in inner for part in _inlined(sub)]
+
+
+def _frozen(layer: Any) -> bool:
+    return bool(layer.weights) and not layer.trainable_weights
+
+
+def why_no_cut(graph: keras.Model) -> NoCut:
+    """Why ``plan_cut`` found no cut in ``graph``: it has no frozen layer, or the first layer
+    that is not frozen and deterministic trains, or acts randomly before frozen layers."""
+    layers = [layer for layer in graph.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not any(_frozen(layer) for layer in layers):
+        return NoCut(
+            Reason.NO_FROZEN,
+            "every layer with weights trains; freeze a backbone (trainable=False) to cache "
+            "its output",
+        )
+    for i, layer in enumerate(layers):
+        if cache_safe(layer):
+            continue
+        if is_random(layer) and any(_frozen(later) for later in layers[i + 1 :]):
+            if isinstance(layer, keras.layers.Lambda):
+                return NoCut(
+                    Reason.RANDOM_LAYER,
+                    f"{layer.name} (Lambda) runs code that may be random, before frozen "
+                    "layers; preprocess with a layer (Rescaling, Normalization) or in the data",
+                )
+            return NoCut(
+                Reason.RANDOM_LAYER,
+                f"{layer.name} ({type(layer).__name__}) acts before frozen layers, so their "
+                "output changes each epoch; augment in the data pipeline instead, or train "
+                "without the cache",
+            )
+        return NoCut(
+            Reason.NO_PREFIX,
+            f"the first layer with weights, {layer.name} ({type(layer).__name__}), trains: "
+            "only frozen layers at the model's start are cached",
+        )
+    return NoCut(Reason.NO_PREFIX, "no layer where one tensor carries the frozen part")
+
+
+#: per process: the configs digest of each prefix cut so far -> its weights fingerprint; a
+#: second fingerprint for the same configs means the prefix is initialised per trial
+_SEEN_PREFIXES: OrderedDict[str, str] = OrderedDict()
+_RANDOM_PREFIXES: set[str] = set()
+
+
+def _graph_digest(graph: keras.Model, cut: Cut) -> str:
+    """A hash of the prefix's layer configs and of the graph's other operations (the
+    ``keras.ops`` calls of a functional model, e.g. ``preprocess_input``), without weights."""
+    described = []
+    for layer in graph.layers[: cut.index + 1]:
+        try:
+            cfg = layer.get_config()
+        except Exception:  # a layer without a config: its class and name stand in
+            cfg = {"name": layer.name}
+        cfg.pop("trainable", None)
+        described.append([type(layer).__name__, cfg])
+    for op in getattr(graph, "operations", []):
+        if not isinstance(op, keras.layers.Layer):
+            try:
+                described.append([type(op).__name__, op.get_config()])
+            except Exception:
+                described.append([type(op).__name__, getattr(op, "name", "")])
+    return hashlib.sha1(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _compile_args(model: keras.Model) -> dict[str, Any]:
+    """What ``model`` was compiled with, to compile its part after a cut alike (its own
+    optimizer object: not built yet, it builds on the part's variables, the same ones)."""
+    config = model.get_compile_config()
+    if not config:
+        raise ValueError("the model is not compiled")
+    args = dict(keras.saving.deserialize_keras_object(config))
+    args["optimizer"] = model.optimizer
+    return args
+
+
+def compile_like(part: keras.Model, cut: AutoCut) -> None:
+    """Compile ``part`` (``suffix_model(cut.graph, cut.cut)``) as its model was compiled."""
+    part.compile(**cut.compile_args)
+
+
+def auto_cut(
+    model: keras.Model,
+    data: Data,
+    store: FeatureCache,
+    input_shape: tuple[int, ...] | None = None,
+    scope: Hashable = None,
+) -> AutoCut | NoCut:
+    """Where a study's own compiled model can train on cached features: the deepest cut with
+    everything before it frozen and deterministic, at least one frozen layer with weights
+    among it, taking the raw input, whose features fit the memory bound and whose frozen
+    weights are the same from trial to trial in this process (among trials of one
+    ``scope``: the trial's ``backbone_seed``); else why not."""
+    graph = graph_of(model, input_shape)
+    if graph is None:
+        return NoCut(
+            Reason.NOT_A_GRAPH,
+            f"a subclassed model ({type(model).__name__}) has no layer graph to cut; build it "
+            "with keras.Sequential or the functional API to use the cache",
+        )
+    if len(graph.inputs) != 1:
+        return NoCut(Reason.NOT_A_GRAPH, f"the model takes {len(graph.inputs)} inputs, not one")
+    cut = plan_cut(graph, cut_points(graph))
+    if cut is None:
+        return why_no_cut(graph)
+    if not any(_frozen(layer) for layer in graph.layers[1 : cut.index + 1]):
+        return why_no_cut(graph)
+    if not store.fits(cut, data):
+        mb = int(np.prod(cut.shape)) * 4 * (len(data.x_train) + len(data.x_val)) >> 20
+        return NoCut(
+            Reason.TOO_LARGE,
+            f"{cut.name}'s output for the data takes {mb} MB, more than "
+            f"${MEMORY_ENV}={store.memory_bytes >> 20}; raise it or cut after a smaller layer",
+        )
+    graph_digest = _graph_digest(graph, cut)
+    digest = hashlib.sha1(repr((graph_digest, scope)).encode()).hexdigest()
+    weights_differ = NoCut(
+        Reason.RANDOM_WEIGHTS,
+        "the frozen layers are initialised anew in each trial (weights=None?); set "
+        "Study(backbone_seed=...) to build them from one seed, or load weights",
+    )
+    if digest in _RANDOM_PREFIXES:
+        return weights_differ
+    fingerprint = prefix_fingerprint(graph, cut)
+    seen = _SEEN_PREFIXES.get(digest)
+    if seen is not None and seen != fingerprint:
+        _RANDOM_PREFIXES.add(digest)
+        return weights_differ
+    _SEEN_PREFIXES[digest] = fingerprint
+    _SEEN_PREFIXES.move_to_end(digest)
+    while len(_SEEN_PREFIXES) > 64:
+        _SEEN_PREFIXES.popitem(last=False)
+    try:
+        args = _compile_args(model)
+    except Exception as exc:  # a custom loss or metric Keras cannot deserialize
+        return NoCut(
+            Reason.NOT_RECOMPILABLE,
+            f"{type(exc).__name__}: {exc}; register custom losses and metrics with "
+            "keras.saving.register_keras_serializable",
+        )
+    key = _prefix_key(graph, cut, data, f"{fingerprint}:{graph_digest}", name="auto")
+    return AutoCut(graph, cut, fingerprint, key, args)

@@ -824,6 +824,8 @@ def export(
         f"wrote {done['path']}: trial #{done['trial']} ({study.objective}={value}, "
         f"{_fmt(done['params'])})"
     )
+    if "class_names" in done:  # an image folder's study: class id i is the i-th name
+        click.echo(f"wrote {done['class_names']}: the class names, by class id")
 
 
 @main.command()

@@ -56,3 +56,24 @@ def heartbeat_interval() -> int:
 def grace_period(interval: int | None = None) -> int:
     """Seconds without a heartbeat after which a running trial is stale."""
     return (interval or heartbeat_interval()) * GRACE_FACTOR
+
+
+#: decoded images (as float32) above this many MB are streamed from disk, not held in memory
+DATA_MEMORY_ENV = "SEARCHLAB_DATA_MEMORY_MB"
+DEFAULT_DATA_MEMORY_MB = 2048
+DATA_CACHE_DIR = "data-cache"
+
+
+def data_memory_mb() -> int:
+    """The bound above which a study's decoded images stream from disk
+    (``$SEARCHLAB_DATA_MEMORY_MB``, default 2048)."""
+    value = os.environ.get(DATA_MEMORY_ENV)
+    try:
+        return max(0, int(value)) if value else DEFAULT_DATA_MEMORY_MB
+    except ValueError:
+        return DEFAULT_DATA_MEMORY_MB
+
+
+def data_cache_dir() -> Path:
+    """Where decoded images that stream from disk are kept (``<home>/data-cache``)."""
+    return home() / DATA_CACHE_DIR

@@ -7,6 +7,20 @@ different: it fails one trial and the study goes on.
 
 from __future__ import annotations
 
+import urllib.parse
+
+
+def hide_password(text: str, url: str) -> str:
+    """``text`` without the password ``url`` holds (a database URL or an ``http(s)://`` tracking
+    server), as given or URL-decoded: drivers and servers quote what they were given."""
+    try:
+        password = urllib.parse.urlsplit(url).password if "@" in url else None
+    except ValueError:
+        password = None
+    if password:
+        text = text.replace(password, "***").replace(urllib.parse.unquote(password), "***")
+    return text
+
 
 class SearchlabError(Exception):
     """Root of every error searchlab raises on purpose."""

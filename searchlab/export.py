@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from searchlab.errors import ExportError, NotRunError, StoreError
+from searchlab.errors import ExportError, NotRunError, StoreError, hide_password
 
 if TYPE_CHECKING:
     from searchlab.store import StoredTrial
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from searchlab.tracking import MlflowTracker
 
 FORMATS = (".h5", ".keras")
+#: beside ``best.h5``: ``best.class_names.json``, the folder's class names by class id
+CLASS_NAMES_SUFFIX = ".class_names.json"
 #: what ``searchlab export`` takes in place of a study file: an MLflow model URI
 MODEL_URI_PREFIXES = ("models:/", "runs:/")
 
@@ -112,8 +114,18 @@ def export_model(
             ) from exc
         model = trial_mod.load_trained(study.model, trial.params, info, weights)
         _save(model, out)
+    names = tags.get("searchlab.class_names")
+    written = {}
+    if names:  # an image folder's classes: predicted class id i is names[i]
+        beside = out.with_name(out.stem + CLASS_NAMES_SUFFIX)
+        try:
+            beside.write_text(names + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise ExportError(f"Cannot write {beside}: {exc.strerror or exc}.") from exc
+        written["class_names"] = str(beside)
     return {
         "path": str(out),
+        **written,
         "trial": trial.number,
         "value": trial.value,
         "run_id": run_id,
@@ -174,6 +186,7 @@ def export_logged(model_uri: str, tracker: MlflowTracker, out: Path) -> dict[str
             model = tracker.load_keras_model(model_uri, Path(tmp))
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = hide_password(first, tracker.uri)
             raise ExportError(
                 f"Cannot load the MLflow model {model_uri} from {redact(tracker.uri)} ({first}). Check "
                 "the name, version or alias (searchlab run --register NAME registers one), or "

@@ -10,6 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: the tag that says why a trial (and, once per session, the study) trained without the
+#: feature cache: a ``cache.Reason``'s text, a colon, what to change
+CACHE_REASON_TAG = "searchlab.cache.reason"
+#: reasons of trials whose cache nobody asked for (the study turned it off; the model freezes
+#: nothing): logged at info level, and no cache columns in the trials table for them
+CACHE_DISABLED = "cache=False"
+CACHE_NO_FROZEN = "no frozen layers"
+
+
+def cache_off_by_choice(reason: str) -> bool:
+    """Whether a ``CACHE_REASON_TAG`` value says that nothing asked for the cache."""
+    return reason.startswith((CACHE_DISABLED, CACHE_NO_FROZEN))
+
 
 class TrialState(enum.Enum):
     """A trial's state in searchlab's words; the stores map it to their own.  A trial ends

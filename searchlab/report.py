@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab.errors import NotRunError
+from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
 
 if TYPE_CHECKING:
     import optuna
@@ -115,9 +116,13 @@ def rows(results: Results) -> list[dict[str, Any]]:
     out = []
     for row in (t.row() for t in results.store.trials()):
         run = by_id.get(row.get("run_id") or "")
-        if run is not None:
+        # the feature cache, where a trial used it or could not (not where nothing asked for it)
+        if run is not None and not (
+            run.tags.get("searchlab.cache") == "off"
+            and cache_off_by_choice(run.tags.get(CACHE_REASON_TAG, ""))
+        ):
             for key, value in sorted(run.tags.items()):
-                if key.startswith("searchlab.cache"):  # the feature cache, where a trial used it
+                if key.startswith("searchlab.cache"):
                     row[key[len("searchlab.") :]] = value
         out.append(row)
     return out
@@ -323,7 +328,8 @@ def log_plots(results: Results, files: list[Path]) -> str | None:
 def to_json(results: Results, frame: pd.DataFrame) -> str:
     """The study and its trials, best first, as one JSON object (``searchlab report --json``):
     ``study``, ``objective``, ``direction``, ``counts`` (by state), ``best`` (number, value,
-    params, run id, model URI; null before a complete trial) and ``trials`` (the table's
+    params, run id, model URI, the MLflow store with its password hidden; null before a
+    complete trial) and ``trials`` (the table's
     rows: ``number``, ``state``, ``value``, ..., ``params.<name>``)."""
     import json
 
@@ -333,8 +339,11 @@ def to_json(results: Results, frame: pd.DataFrame) -> str:
     counts: dict[str, int] = {}
     for row in rows(results):
         counts[row["state"]] = counts.get(row["state"], 0) + 1
+    from searchlab.store import redact
+
     try:
         best = dataclasses.asdict(best_trial(results))
+        best["tracking_uri"] = redact(best["tracking_uri"])  # printed: no password
     except NotRunError:
         best = None
     return json.dumps(

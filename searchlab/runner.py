@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from searchlab import checkpoint, config, coordination, engines, interrupts
-from searchlab.data import classes_tag
+from searchlab.data import class_names_json, classes_tag, head
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
 from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
@@ -77,6 +77,8 @@ class Session:
     target: int | None
     info: dict[str, Any]
     started: float = field(default_factory=time.monotonic)
+    #: why the session's first trial without the feature cache had none (``note_cache``)
+    cache_reason: str | None = None
 
     @property
     def resumes(self) -> bool:
@@ -245,9 +247,16 @@ def open_shared(session: Session, key: str) -> bool:
     tracker, store = session.tracker, session.store
     with session.lock.held():
         known = store.attr(SHARED_ATTR + key)
-        if known and not known.get("closed") and tracker.run_status(known["run_id"]) == "RUNNING":
+        status = tracker.run_status(known["run_id"]) if known else None
+        if known and not known.get("closed") and status == "RUNNING":
             tracker.attach(known["run_id"])
             return False
+        if known and not known.get("closed"):
+            raise SessionOver(
+                f"Session {key!r} of study {session.study.name!r} was not closed by searchlab: "
+                f"its parent run {known['run_id']} is {status or 'gone from the tracking store'} "
+                "(its process died?). Use another --session key to continue the study."
+            )
         if known:
             raise SessionOver(
                 f"Session {key!r} of study {session.study.name!r} is over (its last process "
@@ -350,6 +359,8 @@ def session_info(
     }
     if data_source:
         info["data"] = data_source
+    if settings and "class_names" in settings:  # also a tag: export and users read it there
+        info["class_names"] = settings["class_names"]
     if engine_info.get("pruner_args"):  # the pruner's settings (tag searchlab.pruner_args)
         info["pruner_args"] = engine_info["pruner_args"]
     info.update(backend.session_info())  # backend, versions, devices: tags of the parent run
@@ -371,6 +382,10 @@ def result_settings(study: Study, options: RunOptions, data: Data) -> dict[str, 
         "data_digest": data.fingerprint,
         "precision": options.precision,
     }
+    if data.class_names is not None:  # an image folder: its classes, by class id
+        settings["class_names"] = class_names_json(data.class_names)
+    if study.backbone_seed is not None:  # every trial's initial weights come from it
+        settings["backbone_seed"] = str(study.backbone_seed)
     describe = getattr(study.model, "settings", None)
     if callable(describe):
         settings.update({f"model.{k}": str(v) for k, v in describe().items()})
@@ -383,7 +398,8 @@ def data_inputs(study: Study, data: Data) -> list[DataInput]:
 
     source = data.source if not data.source.startswith("loader ") else ""
     return [
-        DataInput(study.dataset.label, context, data.digest(split), x, y, source)
+        # inputs that stream from disk: MLflow's schema and profile from their first rows
+        DataInput(study.dataset.label, context, data.digest(split), head(x), y, source)
         for context, split, x, y in (
             ("train", "train", data.x_train, data.y_train),
             ("validation", "val", data.x_val, data.y_val),
@@ -426,6 +442,8 @@ def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
         fit=study.fit,
         executions=options.executions_per_trial or study.executions_per_trial,
         max_model_size=study.max_model_size,
+        cache=study.cache,
+        backbone_seed=study.backbone_seed,
     )
 
 
@@ -590,6 +608,8 @@ def log_best_model(
         TRIAL_RUN_TAG: run_id,
         "searchlab.objective": study.objective,
     }
+    if spec.data.class_names is not None:  # predicted class id i is the i-th name
+        tags["searchlab.class_names"] = class_names_json(spec.data.class_names)
     x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
     uri = tracker.log_model(
         model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags
@@ -746,6 +766,11 @@ def run_one(
             **base_tags,
             "searchlab.input_shape": ",".join(map(str, spec.data.input_shape)),
             "searchlab.num_classes": classes_tag(spec.data.num_classes),
+            **(
+                {"searchlab.class_names": class_names_json(spec.data.class_names)}
+                if spec.data.class_names is not None
+                else {}
+            ),
             **proposal.tags,
         }
         logged = 0  # epochs the trial's MLflow run already has (a resumed trial's)
@@ -795,6 +820,7 @@ def run_one(
             finish(session, trial, run_id, result)
             session.engine.tell(proposal, result)
             checkpoint.remove(folder)  # recorded: nothing to go on from
+        note_cache(session, result)
     finally:
         heartbeat.stop()
     best = session.store.best()
@@ -855,6 +881,32 @@ def _pause(session: Session, number: int, run_id: str, folder: Path) -> None:
         session.tracker.pause_trial(run_id, note)
     except Exception as exc:  # the next session's reconcile closes it
         log.warning("trial %s: could not close its MLflow run: %s", number, exc)
+
+
+def note_cache(session: Session, result: TrialResult) -> None:
+    """Say once per session why its trials train without the feature cache: one log line and
+    the session run's tags ``searchlab.cache=off`` and ``searchlab.cache.reason``, from the
+    first trial whose run has that reason (``outcome.CACHE_REASON_TAG``).  A warning, unless
+    the study turned the cache off or its model freezes nothing, or this process is a worker
+    other than the first of several (their lines reach the same console: one says it)."""
+    from searchlab.outcome import CACHE_REASON_TAG, cache_off_by_choice
+
+    reason = result.tags.get(CACHE_REASON_TAG)
+    if not reason or session.cache_reason is not None:
+        return
+    session.cache_reason = reason
+    worker = session.options.worker
+    sibling = worker is not None and not worker.startswith("1/")
+    log.log(
+        logging.INFO if cache_off_by_choice(reason) or sibling else logging.WARNING,
+        "study %s: the feature cache is off: %s",
+        session.study.name,
+        reason,
+    )
+    try:
+        session.tracker.tag_session({"searchlab.cache": "off", CACHE_REASON_TAG: reason})
+    except Exception as exc:  # the trial is recorded; a missing session tag must not stop it
+        log.warning("could not tag the session with the cache's state: %s", exc)
 
 
 def _best_dict(best: StoredTrial | None) -> dict[str, Any] | None:
@@ -927,6 +979,7 @@ __all__ = [
     "open_shared",
     "session_counts",
     "failure_streak",
+    "note_cache",
     "open_session",
     "prepare",
     "data_inputs",

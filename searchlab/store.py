@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState as OptunaState
 
 from searchlab import config
-from searchlab.errors import NotRunError, StoreError, StudyDefinitionError
+from searchlab.errors import NotRunError, StoreError, StudyDefinitionError, hide_password
 from searchlab.outcome import TrialState
 
 log = logging.getLogger(__name__)
@@ -100,20 +100,9 @@ def check_db_server(url: str, what: str, flag: str, timeout: int = 10) -> None:
         text = str(getattr(exc, "orig", None) or exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         raise StoreError(
-            f"Cannot open {what} {redact(url)}: {_hide(first, url)}. Check {flag} (host, "
+            f"Cannot open {what} {redact(url)}: {hide_password(first, url)}. Check {flag} (host, "
             "port, user, password, database)."
         ) from None
-
-
-def _hide(text: str, url: str) -> str:
-    """``text`` without the password of ``url`` (a driver may quote what it was given)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    return text.replace(str(password), "***") if password else text
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -157,7 +146,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreError(
-            f"Cannot open the Optuna storage {redact(url)}: {_hide(first, url)}. "
+            f"Cannot open the Optuna storage {redact(url)}: {hide_password(first, url)}. "
             "Check --storage (for PostgreSQL: host, port, user, password, database)."
         ) from None
 

@@ -166,6 +166,13 @@ class Study:
             listed parameters.
         max_model_size: a trial whose model has more parameters (scalars) fails before it
             trains, as in KerasTuner.
+        cache: False: no trial trains on cached features of a frozen prefix (the feature
+            cache applies to any model whose first layers are frozen: README, "The feature
+            cache").
+        backbone_seed: build every trial's model from this seed instead of the trial's own
+            (which then drives only its fit: shuffling, dropout), so a randomly initialised
+            frozen backbone (``weights=None``) is the same in every trial and its features are
+            cached; the new layers' initial weights are then the same in every trial too.
     """
 
     name: str
@@ -187,6 +194,8 @@ class Study:
     tune_new_entries: bool = True
     allow_new_entries: bool = True
     max_model_size: int | None = None
+    cache: bool = True
+    backbone_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -216,6 +225,15 @@ class Study:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise StudyDefinitionError(f"{label} must be a positive int, got {value!r}.")
+        if not isinstance(self.cache, bool):
+            raise StudyDefinitionError(f"cache must be True or False, got {self.cache!r}.")
+        if self.backbone_seed is not None and (
+            isinstance(self.backbone_seed, bool) or not isinstance(self.backbone_seed, int)
+        ):
+            raise StudyDefinitionError(
+                f"backbone_seed must be an int (or None: each trial's own seed), got "
+                f"{self.backbone_seed!r}."
+            )
         data = Dataset(self.data) if isinstance(self.data, str) else self.data
         if not isinstance(data, Dataset):
             raise StudyDefinitionError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from searchlab.errors import StoreError
+from searchlab.errors import StoreError, hide_password
 from searchlab.outcome import TrialState
 
 if TYPE_CHECKING:
@@ -279,17 +279,9 @@ def client(uri: str, *, create: bool = True) -> Any:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise StoreError(
             f"Cannot open the MLflow tracking store {redact(uri)} ({exc.__class__.__name__}: "
-            f"{_hide_secret(first, uri)}). Check --tracking-uri."
+            f"{hide_password(first, uri)}). Check --tracking-uri."
         ) from None
     return c
-
-
-def _hide_secret(text: str, uri: str) -> str:
-    """``text`` without the password ``uri`` holds, if it quotes it."""
-    password = urllib.parse.urlsplit(uri).password if "@" in uri else None
-    if password:
-        text = text.replace(password, "***").replace(urllib.parse.unquote(password), "***")
-    return text
 
 
 def store_template_dir() -> Path:
@@ -692,12 +684,11 @@ class MlflowTracker:
         self.close_all("FAILED")
 
     def run_status(self, run_id: str) -> str | None:
-        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None when there is no such run."""
-        from mlflow.exceptions import MlflowException
-
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None when there is no such run.
+        A store that cannot answer raises ``StoreError`` (one line), not None."""
         try:
             return str(self._mlflow.get_run(run_id).info.status)
-        except (MissingRun, MlflowException):
+        except MissingRun:
             return None
 
     def tag_session(self, tags: Mapping[str, str]) -> None:
@@ -982,7 +973,7 @@ class MlflowTracker:
             from searchlab.store import redact
 
             text = str(exc).strip()
-            first = _hide_secret(text.splitlines()[0] if text else type(exc).__name__, self.uri)
+            first = hide_password(text.splitlines()[0] if text else type(exc).__name__, self.uri)
             raise StoreError(
                 f"Cannot register the best model as {name!r} in {redact(self.uri)} "
                 f"({first}). Use a tracking store with a model registry "
@@ -1165,7 +1156,7 @@ class _Guarded:
                 from searchlab.store import redact
 
                 text = str(exc.message if hasattr(exc, "message") else exc).strip()
-                first = _hide_secret(
+                first = hide_password(
                     text.splitlines()[0] if text else type(exc).__name__, self._uri
                 )
                 if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":

@@ -9,8 +9,12 @@ model reports, the builder does not return a compiled model) raises ``StudyDefin
 How a trial runs (``run_trial``, top to bottom):
 
 1. Plan (``_plan``): a ``_Plan`` says what the trial builds, its phases, and what each phase
-   trains on.  ``_PlainPlan``: any study model, as its builder built and compiled it, in one
-   phase on the raw inputs.  ``_CompletePlan``: the complete model of a
+   trains on.  ``_AutoPlan`` (a ``_PlainPlan``): any study model, as its builder built and
+   compiled it, in one phase -- on the raw inputs, or, feature cache on and a frozen prefix
+   found (``cache.auto_cut``), its part after the prefix on the prefix's cached features,
+   compiled as the model was and fit from where the build left the random streams, as the
+   model itself would be; where it finds none, the trial's tag ``searchlab.cache.reason``
+   says why.  ``_CompletePlan``: the complete model of a
    ``cache.TransferBuilder``; each phase of its ``schedule`` freezes it and trains it on the
    raw inputs, or -- feature cache on, a frozen prefix found, its features within the memory
    bound -- its part after that prefix on the prefix's cached features.  ``_SuffixPlan``: a
@@ -71,11 +75,11 @@ import keras
 import numpy as np
 
 from searchlab import backend, cache, checkpoint, interrupts
-from searchlab.data import Data, DataInfo, info_of, take
+from searchlab.data import Data, DataInfo, DiskArray, batches, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
-from searchlab.outcome import TrialResult, TrialState
+from searchlab.outcome import CACHE_REASON_TAG, TrialResult, TrialState
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -108,6 +112,11 @@ class TrialSpec:
     #: the folder of this trial's checkpoint (``searchlab.checkpoint``): written after each
     #: epoch, and read first -- a trial that finds one goes on from it; None: no checkpoint
     checkpoint: Path | None = None
+    #: False: no trial trains on cached features (the study's ``cache=False``)
+    cache: bool = True
+    #: seeds the building of a study's own model in every trial (its backbone's random
+    #: initialisation, then the same in each trial); the trial's seed drives its fit
+    backbone_seed: int | None = None
 
     def better(self, a: float, b: float | None) -> bool:
         if b is None:
@@ -673,20 +682,26 @@ def _plan(number: int, params: Mapping[str, Any], spec: TrialSpec, execution: in
     build, info = spec.build, info_of(spec.data)
     transfer = build if isinstance(build, cache.TransferBuilder) else None
     on_features = None
-    if transfer is not None:  # this may build the template, drawing random numbers
+    if transfer is not None and spec.cache:  # this may build the template, drawing random numbers
         on_features = cache.plan_trial(
             transfer, params, info, spec.epochs, spec.data, cache.default_cache()
         )
     # so after planning: the same streams for a model with and without one
-    _seed(spec, number, execution=execution)
+    fixed = spec.backbone_seed is not None and transfer is None
+    if fixed:  # every trial initialises the model alike, so its frozen part is the same
+        keras.utils.set_random_seed(int(spec.backbone_seed))  # type: ignore[arg-type]
+    else:
+        _seed(spec, number, execution=execution)
     if transfer is not None and on_features is not None:
         return _SuffixPlan(transfer, params, info, on_features)
     model = build_model(build, params, info, compiled=spec.fit is None)
+    if fixed:  # the trial's own streams for its fit (shuffling, dropout)
+        _seed(spec, number, execution=execution)
     if spec.max_model_size is not None:
         _check_size(model, info, spec.max_model_size)
     if transfer is None:
-        return _PlainPlan(model, spec.epochs)
-    return _CompletePlan(transfer, params, model, spec.epochs)
+        return _AutoPlan(model, spec, info)
+    return _CompletePlan(transfer, params, model, spec.epochs, use_cache=spec.cache)
 
 
 def _check_size(model: Any, info: DataInfo, limit: int) -> None:
@@ -745,6 +760,8 @@ def _fit_phases(
                 start, resume = resume.epoch, None
         # on features the steps are small: fit's input pipeline would cost more than they do
         fit = _keras_fit if step.cut is None else backend.fit_arrays
+        if step.cut is None and data.own_batches:  # a folder: the same batches in memory or not
+            fit = _batches_fit
         if start < epoch + epochs:
             fit(
                 step.model,
@@ -775,6 +792,12 @@ def _user_fit(
     reported it."""
     assert spec.fit is not None
     data = spec.data
+    if data.streamed:  # KerasTuner's fit(hp, model, x, y, ...) takes arrays
+        raise StudyDefinitionError(
+            "The HyperModel's own fit takes arrays, but these images stream from disk (their "
+            "decoded size is above the memory bound): raise Dataset(memory_mb=...) or "
+            "$SEARCHLAB_DATA_MEMORY_MB, or let searchlab fit the model (drop fit)."
+        )
     kwargs: dict[str, Any] = {
         "validation_data": (data.x_val, data.y_val),
         "epochs": spec.epochs,
@@ -849,7 +872,20 @@ def _keras_fit(
     initial_epoch: int,
     callbacks: list[Any],
 ) -> None:
-    """``model.fit`` with ``backend.fit_arrays``'s signature."""
+    """``model.fit`` with ``backend.fit_arrays``'s signature (inputs that stream from disk:
+    ``_batches_fit``)."""
+    if isinstance(x, DiskArray) or isinstance(validation_data[0], DiskArray):
+        _batches_fit(
+            model,
+            x,
+            y,
+            validation_data,
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+        )
+        return
     model.fit(
         x,
         y,
@@ -857,6 +893,31 @@ def _keras_fit(
         initial_epoch=initial_epoch,
         epochs=epochs,
         batch_size=batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def _batches_fit(
+    model: Any,
+    x: Any,
+    y: Any,
+    validation_data: tuple[Any, Any],
+    *,
+    batch_size: int,
+    epochs: int,
+    initial_epoch: int,
+    callbacks: list[Any],
+) -> None:
+    """``model.fit`` on ``data.batches``: a ``keras.utils.PyDataset`` of ``batch_size`` rows
+    (read from disk where they stream), shuffled each epoch from a seed drawn from the
+    trial's seeded NumPy stream -- the same batches whether the rows are in memory or not."""
+    seed = int(np.random.randint(2**31 - 1))
+    model.fit(
+        batches(x, y, batch_size, shuffle=True, seed=seed),
+        validation_data=batches(*validation_data, batch_size, shuffle=False),
+        initial_epoch=initial_epoch,
+        epochs=epochs,
         callbacks=callbacks,
         verbose=0,
     )
@@ -1003,9 +1064,10 @@ class _Checkpointer:
 
 
 def _saved_variables(plan: _Plan, step: _Step) -> list[Any]:
-    """What a checkpoint of ``step`` holds: the part trained on cached features, else the
-    plan's whole model (with the seed states of its dropout layers: ``variables``)."""
-    if isinstance(plan, _CompletePlan) and step.cut is not None:
+    """What a checkpoint of ``step`` holds: the part trained on cached features (a frozen
+    prefix is the same on every start), else the plan's whole model (with the seed states of
+    its dropout layers: ``variables``)."""
+    if step.cut is not None:
         return list(step.model.variables)
     return list(plan.model.variables)
 
@@ -1084,15 +1146,90 @@ class _PlainPlan(_Plan):
         return _Ready.AS_BUILT
 
 
+class _AutoPlan(_PlainPlan):
+    """Any other study model (``build_model(hp)``, a HyperModel, a builder), as its builder
+    built and compiled it, in one phase.  With the feature cache on, where ``cache.auto_cut``
+    finds a frozen, deterministic prefix, the model's part after it (``cache.suffix_model``:
+    the same layers, compiled as the model was) trains on the prefix's cached features, with
+    the random streams where the build left them, as the model's own fit would; the model's
+    weights are saved as the suffix's with the prefix's fingerprint (``cache.save_suffix``).
+    Otherwise it trains on the raw inputs, and ``tags`` say why (``CACHE_REASON_TAG``)."""
+
+    def __init__(self, model: Any, spec: TrialSpec, info: DataInfo) -> None:
+        super().__init__(model, spec.epochs)
+        self.store = cache.default_cache()
+        self.suffix: Any = None
+        found: cache.AutoCut | cache.NoCut
+        if not spec.cache:
+            found = cache.NoCut(cache.Reason.DISABLED, "the study sets cache=False")
+        elif spec.fit is not None:
+            found = cache.NoCut(
+                cache.Reason.OWN_FIT, "searchlab cannot train its part after a frozen prefix"
+            )
+        else:
+            try:
+                found = cache.auto_cut(
+                    model, spec.data, self.store, info.input_shape, scope=spec.backbone_seed
+                )
+            except Exception as exc:  # a graph Keras cannot read back: train as built
+                log.debug("trial model: no cut (%r)", exc, exc_info=True)
+                found = cache.NoCut(
+                    cache.Reason.NOT_A_GRAPH,
+                    f"its layer graph could not be read ({type(exc).__name__}: {exc})",
+                )
+        self.found = found
+        if isinstance(found, cache.NoCut):
+            self.tags = {"searchlab.cache": "off", CACHE_REASON_TAG: str(found)}
+
+    def start(self, phase: int, data: Data) -> _Step:
+        found = self.found
+        if isinstance(found, cache.NoCut):
+            return _Step(self.model, data.x_train, data.x_val)
+        feats = self.store.features(found.graph, found.cut, data, key=found.key)
+        self.suffix = cache.suffix_model(found.graph, found.cut)
+        return _Step(
+            self.suffix,
+            feats.x_train,
+            feats.x_val,
+            found.cut,
+            f"{found.cut.name}:{feats.source.value}",
+        )
+
+    def ready(self, phase: int, step: _Step) -> _Ready:
+        if step.cut is not None and isinstance(self.found, cache.AutoCut):
+            cache.compile_like(step.model, self.found)
+            cache.run_steps_together(step.model)
+        return _Ready.AS_BUILT  # no reseeding: the streams are where the model's build left them
+
+    def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
+        found = self.found
+        if self.suffix is None or not isinstance(found, cache.AutoCut):
+            return super().save(workdir)
+        path = workdir / SUFFIX_WEIGHTS_FILE
+        cache.save_suffix(self.suffix, path, found.cut, found.fingerprint)
+        return path, {
+            "searchlab.weights_form": "suffix",
+            "searchlab.weights_prefix_layer": found.cut.name,
+            "searchlab.weights_prefix_fingerprint": found.fingerprint,
+        }
+
+
 class _CompletePlan(_Plan):
     """A transfer builder's complete model.  Each phase freezes it and trains it on the raw
     inputs, or, with the feature cache on, its part after the deepest frozen prefix
     (``cache.suffix_model``: the same layers) on the prefix's features, when they fit."""
 
     def __init__(
-        self, build: cache.TransferBuilder, params: Mapping[str, Any], model: Any, epochs: int
+        self,
+        build: cache.TransferBuilder,
+        params: Mapping[str, Any],
+        model: Any,
+        epochs: int,
+        *,
+        use_cache: bool = True,
     ) -> None:
         self.build, self.params, self.model = build, params, model
+        self.use_cache = use_cache and build.feature_cache
         self.store = cache.default_cache()
         self.valid = cache.cut_points(model)  # before any part of it adds nodes to its layers
         self.phases = build.schedule(params, model, epochs)
@@ -1100,7 +1237,7 @@ class _CompletePlan(_Plan):
 
     def start(self, phase: int, data: Data) -> _Step:
         self.build.freeze(self.model, self.phases[phase][1])
-        cut = cache.plan_cut(self.model, self.valid) if self.build.feature_cache else None
+        cut = cache.plan_cut(self.model, self.valid) if self.use_cache else None
         if cut is not None and not self.store.fits(cut, data):
             return _Step(
                 self.model, data.x_train, data.x_val, note="features larger than the memory bound"

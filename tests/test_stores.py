@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from reliability_helpers import write_study
 
 
@@ -113,3 +114,30 @@ def test_a_store_is_created_as_before_when_there_is_no_template_folder(
     assert client.get_experiment("0").name == "Default"
     assert (tmp_path / "mlflow.db").is_file()
     assert not list(tmp_path.glob(".mlflow.db.*.tmp"))
+
+
+def test_a_password_is_hidden_as_given_and_url_decoded() -> None:
+    from searchlab.errors import hide_password
+
+    for url in ("postgresql://u:s%40cret@db:5432/optuna", "https://u:s%40cret@mlflow.example"):
+        said = hide_password(f"refused {url} for 's@cret' and s%40cret", url)
+        assert "cret" not in said and said.count("***") == 3
+    assert hide_password("no secret here", "sqlite:///x.db") == "no secret here"
+
+
+def test_run_status_tells_a_missing_run_from_a_store_that_cannot_answer(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from searchlab.errors import StoreError
+    from searchlab.tracking import MlflowTracker
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+    tracker.connect()
+    assert tracker.run_status("no-such-run") is None
+
+    def broken(run_id: str) -> None:
+        raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
+
+    tracker._mlflow._inner.get_run = broken  # the store goes away under a live tracker
+    with pytest.raises(StoreError, match="refused get_run: database is locked"):
+        tracker.run_status("any-run")
