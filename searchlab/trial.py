@@ -1152,13 +1152,20 @@ class _AutoPlan(_PlainPlan):
     finds a frozen, deterministic prefix, the model's part after it (``cache.suffix_model``:
     the same layers, compiled as the model was) trains on the prefix's cached features, with
     the random streams where the build left them, as the model's own fit would; the model's
-    weights are saved as the suffix's with the prefix's fingerprint (``cache.save_suffix``).
+    weights are saved as the suffix's with the prefix's fingerprint (``cache.save_suffix``) once
+    a rebuild is known to give the prefix back (``rebuildable``), else whole.
     Otherwise it trains on the raw inputs, and ``tags`` say why (``CACHE_REASON_TAG``)."""
 
     def __init__(self, model: Any, spec: TrialSpec, info: DataInfo) -> None:
         super().__init__(model, spec.epochs)
         self.store = cache.default_cache()
         self.suffix: Any = None
+        #: whether a rebuild (export, reeval, the session's best model: built without the
+        #: trial's seeds) gives back the frozen prefix, so that its suffix's weights suffice:
+        #: only once a second build gave the same prefix (features from memory or disk) and
+        #: not from the study's backbone_seed -- random weights otherwise
+        self.rebuildable = False
+        self.seeded = spec.backbone_seed is not None
         found: cache.AutoCut | cache.NoCut
         if not spec.cache:
             found = cache.NoCut(cache.Reason.DISABLED, "the study sets cache=False")
@@ -1186,6 +1193,7 @@ class _AutoPlan(_PlainPlan):
         if isinstance(found, cache.NoCut):
             return _Step(self.model, data.x_train, data.x_val)
         feats = self.store.features(found.graph, found.cut, data, key=found.key)
+        self.rebuildable = feats.source is not cache.Source.COMPUTED and not self.seeded
         self.suffix = cache.suffix_model(found.graph, found.cut)
         return _Step(
             self.suffix,
@@ -1203,8 +1211,8 @@ class _AutoPlan(_PlainPlan):
 
     def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
         found = self.found
-        if self.suffix is None or not isinstance(found, cache.AutoCut):
-            return super().save(workdir)
+        if self.suffix is None or not isinstance(found, cache.AutoCut) or not self.rebuildable:
+            return super().save(workdir)  # the complete model: its prefix comes back as saved
         path = workdir / SUFFIX_WEIGHTS_FILE
         cache.save_suffix(self.suffix, path, found.cut, found.fingerprint)
         return path, {

@@ -151,7 +151,8 @@ def test_a_handwritten_model_trains_on_the_cache_and_ends_as_without_it(
     assert cached.tags["searchlab.cache"] == "used"
     assert cached.tags["searchlab.cache_layer"] == layer
     assert cached.tags["searchlab.cache_phases"] == f"{layer}:computed"
-    assert cached.tags["searchlab.weights_form"] == "suffix"
+    # a prefix built once may be random weights a rebuild would not give back: saved whole
+    assert cached.tags["searchlab.weights_form"] == "full"
     assert CACHE_REASON_TAG not in cached.tags
     assert plain.tags["searchlab.cache"] == "off"
     assert plain.tags[CACHE_REASON_TAG].startswith("cache=False")
@@ -297,6 +298,11 @@ def test_a_random_backbone_differs_per_trial_unless_the_study_fixes_its_seed(
     ]
     # ... and each trial still fits with its own seed: trial 2 and 3 shuffle differently.
     assert fixed[0].history["loss"] != fixed[1].history["loss"]
+    # Random prefixes are saved whole: export and reeval rebuild without the trial's seeds.
+    info = info_of(_spec(build).data)
+    for r in (first, *fixed):
+        assert r.tags["searchlab.weights_form"] == "full"
+        load_trained(build, {}, info, r.weights_path)
 
 
 # -- through the runner: the session's one line and tags; the keras-tuner engine ----------
@@ -393,7 +399,8 @@ def test_keras_tuner_engine_trials_of_a_handwritten_model_share_the_features(
     assert summary["n_complete"] == 2
     assert "searchlab.cache" not in session
     assert [t["searchlab.cache_phases"] for t in trials] == ["flatten:computed", "flatten:memory"]
-    assert {t["searchlab.weights_form"] for t in trials} == {"suffix"}
+    # the second build gave the same prefix (from a weights file): its suffix is enough
+    assert [t["searchlab.weights_form"] for t in trials] == ["full", "suffix"]
 
 
 WORKERS_STUDY = """

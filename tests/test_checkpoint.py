@@ -129,6 +129,44 @@ def test_a_cached_transfer_trial_checkpoints_only_its_suffix(tmp_path: Path) -> 
     assert saved < 7_200_000  # block5 (7.08M) and the head, not all of VGG16 (14.7M)
 
 
+def _handwritten(params: dict[str, Any], info: Any) -> keras.Model:
+    """Transfer learning as tutorials write it: a frozen backbone nested in a Sequential."""
+    base = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+        ],
+        name="base",
+    )
+    base.trainable = False
+    model = keras.Sequential(
+        [
+            base,
+            keras.layers.Flatten(),
+            keras.layers.Dense(params["units"], activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_a_hand_written_model_cut_by_the_cache_checkpoints_only_its_head(tmp_path: Path) -> None:
+    spec = TrialSpec(build=_handwritten, data=_images(), epochs=4, seed=5, backbone_seed=1)
+    _, resumed, _ = _interrupt_and_resume(spec, {"units": 8}, tmp_path, 2)
+    assert resumed.tags["searchlab.cache"] == "used"
+    state = checkpoint.load(tmp_path / "ckpt")
+    assert state is not None
+    base = 4 * 3 * 3 * 3 + 4 + 8 * 3 * 3 * 4 + 8  # the frozen backbone's 404 weights
+    assert (
+        sum(v.size for v in state.variables)
+        == sum(w.size for w in _handwritten({"units": 8}, None).get_weights()) - base + 2
+    )  # ... are not saved; the Dropout's seed state (2) is
+
+
 @pytest.mark.slow
 def test_a_two_phase_trial_killed_in_its_second_phase_goes_on_there(tmp_path: Path) -> None:
     build = Transfer("vgg16", weights=None, fine_tune=FineTune(head_epochs=2, epochs=3))
