@@ -88,12 +88,16 @@ def test_max_failures_stops_the_study_with_a_clear_message(cli, project: Path) -
     result = cli("run", _write(project, ["raise", "oom", "nan", "ok"]), "--max-failures", "2")
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
+    # out of memory is the trial's own failure (its batch size), not the study's: it does
+    # not count toward the streak, so the study stops at the NaN trial after it
     assert last.startswith(
         "error: Stopped the study after 2 failed trials in a row "
-        "(--max-failures 2); last error: MemoryError"
+        "(--max-failures 2); last error: NaN/inf loss"
     ), last
     trials, runs = _stores(project)
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL"]
+    oom = [r for r in runs if r.data.params.get("mode") == "oom"]
+    assert len(oom) == 1 and "searchlab.oom" in oom[0].data.tags
     assert all(r.info.status != "RUNNING" for r in runs)
     (session,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
     assert session.info.status == "FAILED"

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Choice, Dataset, Float, Study, engines, runner
+from searchlab import Choice, Dataset, Float, Study, cache, engines, runner
 from searchlab.data import info_of, load
 from searchlab.models import Transfer, dense_classifier
 from searchlab.tracking import MlflowTracker
@@ -127,7 +127,12 @@ def test_a_model_trained_on_digits_0_to_4_transfers_to_digits_5_to_9(project, sa
     sources = sorted(r.data.tags["searchlab.cache_phases"] for r in transfer["runs"])
     assert sources == ["flat:computed", "flat:memory"], sources
     assert {r.data.tags["searchlab.cache_layer"] for r in transfer["runs"]} == {"flat"}
-    assert all("searchlab.cache" not in r.data.tags for r in head_only["runs"])
+    # a model that freezes nothing says so (the automatic cache's reason), as every trial does
+    assert {r.data.tags["searchlab.cache"] for r in head_only["runs"]} == {"off"}
+    assert all(
+        r.data.tags["searchlab.cache.reason"].startswith(cache.Reason.NO_FROZEN.value)
+        for r in head_only["runs"]
+    )
 
 
 def test_fine_tune_a_saved_model_freeze_all_but_the_last_layers_save_and_reload(
