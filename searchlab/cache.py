@@ -269,6 +269,17 @@ def suffix_model(model: keras.Model, cut: Cut) -> keras.Model:
     return keras.Model(cut.tensor, model.outputs, name=f"{model.name}_suffix")
 
 
+def _described(layer: Any) -> list[Any]:
+    """``[class name, config]`` of ``layer`` without its trainable flag (a layer without a
+    config: its name stands in)."""
+    try:
+        cfg = layer.get_config()
+    except Exception:
+        cfg = {"name": layer.name}
+    cfg.pop("trainable", None)
+    return [type(layer).__name__, cfg]
+
+
 def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
     """A hash of what the layers up to ``cut`` compute: their configs (input size, resizing,
     preprocessing; not their trainable flag or dtype policy) and their weights.  Two models
@@ -276,13 +287,9 @@ def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
     h = hashlib.sha1()
     configs = []
     for layer in model.layers[: cut.index + 1]:
-        try:
-            cfg = layer.get_config()
-        except Exception:  # a layer without a config: its class and name stand in
-            cfg = {"name": layer.name}
-        cfg.pop("trainable", None)
-        cfg.pop("dtype", None)  # the trained weights are float32 under every policy
-        configs.append([type(layer).__name__, cfg])
+        described = _described(layer)
+        described[1].pop("dtype", None)  # the trained weights are float32 under every policy
+        configs.append(described)
         for w in layer.weights:
             arr = np.ascontiguousarray(keras.ops.convert_to_numpy(w))
             h.update(arr.tobytes())
@@ -946,14 +953,7 @@ _RANDOM_PREFIXES: set[str] = set()
 def _graph_digest(graph: keras.Model, cut: Cut) -> str:
     """A hash of the prefix's layer configs and of the graph's other operations (the
     ``keras.ops`` calls of a functional model, e.g. ``preprocess_input``), without weights."""
-    described = []
-    for layer in graph.layers[: cut.index + 1]:
-        try:
-            cfg = layer.get_config()
-        except Exception:  # a layer without a config: its class and name stand in
-            cfg = {"name": layer.name}
-        cfg.pop("trainable", None)
-        described.append([type(layer).__name__, cfg])
+    described = [_described(layer) for layer in graph.layers[: cut.index + 1]]
     for op in getattr(graph, "operations", []):
         if not isinstance(op, keras.layers.Layer):
             try:

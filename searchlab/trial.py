@@ -75,7 +75,7 @@ import keras
 import numpy as np
 
 from searchlab import backend, cache, checkpoint, interrupts
-from searchlab.data import Data, DataInfo, DiskArray, batches, info_of, take
+from searchlab.data import Data, DataInfo, batches, info_of, take
 from searchlab.errors import StudyDefinitionError, TrialFailed, TrialPruned
 from searchlab.hp import SPLIT_OBJECTIVE
 from searchlab.models.transfer import MATMUL_CONVS
@@ -872,20 +872,8 @@ def _keras_fit(
     initial_epoch: int,
     callbacks: list[Any],
 ) -> None:
-    """``model.fit`` with ``backend.fit_arrays``'s signature (inputs that stream from disk:
-    ``_batches_fit``)."""
-    if isinstance(x, DiskArray) or isinstance(validation_data[0], DiskArray):
-        _batches_fit(
-            model,
-            x,
-            y,
-            validation_data,
-            batch_size=batch_size,
-            epochs=epochs,
-            initial_epoch=initial_epoch,
-            callbacks=callbacks,
-        )
-        return
+    """``model.fit`` with ``backend.fit_arrays``'s signature (inputs that stream from disk
+    train through ``_batches_fit``: ``Data.own_batches``)."""
     model.fit(
         x,
         y,
