@@ -208,6 +208,13 @@ def read(variables: list[Any]) -> list[np.ndarray]:
 def restore(variables: list[Any], values: list[np.ndarray], what: str) -> None:
     """Assign ``values`` to Keras ``variables``; ``CheckpointError`` when they do not match
     (another model, another Keras)."""
+    check(variables, values, what)
+    for var, value in zip(variables, values, strict=True):
+        var.assign(value)
+
+
+def check(variables: list[Any], values: list[np.ndarray], what: str) -> None:
+    """``CheckpointError`` unless ``values`` are one per variable, of its shape."""
     if len(variables) != len(values):
         raise CheckpointError(
             f"the checkpoint holds {len(values)} {what} variables, the model has {len(variables)}"
@@ -218,8 +225,6 @@ def restore(variables: list[Any], values: list[np.ndarray], what: str) -> None:
                 f"the checkpoint's {what} variable {var.path} has shape {value.shape}, the "
                 f"model's {tuple(var.shape)}"
             )
-    for var, value in zip(variables, values, strict=True):
-        var.assign(value)
 
 
 def remove(folder: Path | None) -> None:
@@ -228,4 +233,14 @@ def remove(folder: Path | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["FILE", "CheckpointError", "State", "exists", "load", "remove", "restore", "save"]
+__all__ = [
+    "FILE",
+    "CheckpointError",
+    "State",
+    "check",
+    "exists",
+    "load",
+    "remove",
+    "restore",
+    "save",
+]

@@ -217,7 +217,10 @@ class _Monitor(keras.callbacks.Callback):
         self.history: dict[str, list[float]] = {}
         self.best: float | None = None
         self.best_epoch: int | None = None
+        #: the values of ``kept`` (else of the target's weights) after the best epoch so far
         self.best_weights: list[np.ndarray] | None = None
+        #: the target's weights that training may change (``keep``); None: all of them
+        self.kept: list[Any] | None = None
         self.bad_loss: str | None = None
         self.epoch_started = time.perf_counter()  # a custom loop may never begin an epoch
         #: writes the trial's checkpoint after each epoch (``_Checkpointer``), if it keeps one
@@ -228,6 +231,32 @@ class _Monitor(keras.callbacks.Callback):
         """The model being trained: the one ``fit`` set, else the plan's (a custom loop may
         call the callbacks without ``set_model``)."""
         return self.model if self.model is not None else self.target
+
+    def keep(self, variables: list[Any] | None) -> None:
+        """From now on the best epoch's copy holds ``variables`` (a part trained on cached
+        features: the frozen prefix never changes) or, with None, all the target's weights.
+        Copies taken before this, of fewer variables (an earlier phase froze more), are
+        completed from the others' values now: frozen since, they are still those of then."""
+        if self.best_weights is not None:
+            before = self.kept if self.kept is not None else self._target().weights
+            values = {id(v): w for v, w in zip(before, self.best_weights, strict=True)}
+            after = variables if variables is not None else self._target().weights
+            self.best_weights = [values[id(v)] if id(v) in values else v.numpy() for v in after]
+        self.kept = variables
+
+    def copy_best(self) -> None:
+        """Copy the kept weights' values: the epoch just ended is the best so far."""
+        variables = self.kept if self.kept is not None else self._target().weights
+        self.best_weights = [v.numpy() for v in variables]  # copies, as get_weights'
+
+    def put_best(self, model: Any) -> None:
+        """Put the best epoch's weights back into ``model`` (the target)."""
+        assert self.best_weights is not None
+        if self.kept is None:
+            model.set_weights(self.best_weights)
+            return
+        for variable, value in zip(self.kept, self.best_weights, strict=True):
+            variable.assign(value)
 
     def _stop(self) -> None:
         if self.trained is not None:
@@ -285,12 +314,13 @@ class _Monitor(keras.callbacks.Callback):
         if self.saver is not None and weights and not self.bad_loss:
             # the checkpoint is taken before anyone is told of the epoch (see _Checkpointer)
             if improved:
-                self.best_weights, copied = self._target().get_weights(), True
+                self.copy_best()
+                copied = True
             self.saver.save(self, epoch, improved)
         if self.on_epoch is not None:  # logs the epoch; a pruner raises TrialPruned here
             self.on_epoch(epoch, logs)
         if improved and weights and not copied:  # once the pruner let the trial go on
-            self.best_weights = self._target().get_weights()
+            self.copy_best()
 
     def _target(self) -> Any:
         return self.trained if self.target is None else self.target
@@ -592,8 +622,7 @@ def _build_and_fit(
     finally:
         result.fit_seconds = time.perf_counter() - fit_started
         result.history = monitor.history
-    assert monitor.best_weights is not None
-    plan.model.set_weights(monitor.best_weights)
+    monitor.put_best(plan.model)
     workdir.mkdir(parents=True, exist_ok=True)
     result.weights_path, tags = plan.save(workdir)
     result.tags.update(tags)
@@ -670,7 +699,7 @@ def _executions(
     values = [run.best for run in runs if run.best is not None]
     monitor.best = float(np.mean(values))
     monitor.best_epoch = best[1].best_epoch
-    monitor.best_weights = best[1].best_weights
+    monitor.best_weights, monitor.kept = best[1].best_weights, best[1].kept
     tags["searchlab.executions"] = str(spec.executions)
     tags["searchlab.best_execution"] = str(runs.index(best[1]) + 1)
     tags["searchlab.execution_values"] = ",".join(f"{v:.6g}" for v in values)
@@ -738,6 +767,9 @@ def _fit_phases(
     resume = saver.state if saver is not None else None
     for phase, (epochs, _, _) in enumerate(plan.phases):
         step = plan.start(phase, data)
+        # a part on cached features changes only its own weights: the best epoch's copy
+        # need not hold the frozen prefix's (a VGG16's 59 MB, copied at every better epoch)
+        monitor.keep(step.model.weights if step.cut is not None else None)
         if step.source is not None:  # a transfer phase: say where its inputs come from
             sources.append(step.source)
             _tag_phase(tags, phase, step, sources)
@@ -858,7 +890,7 @@ def _returned_metrics(returned: Any, spec: TrialSpec, monitor: _Monitor) -> None
     for offset, logs in enumerate(per_epoch):
         monitor.record(first + offset if len(per_epoch) > 1 else max(first - 1, 0), logs)
     if monitor.best is not None and monitor.best_weights is None:
-        monitor.best_weights = monitor.target.get_weights()
+        monitor.copy_best()
 
 
 def _keras_fit(
@@ -968,6 +1000,9 @@ class _Checkpointer:
     def __init__(self, folder: Path, state: checkpoint.State | None, batch_size: int) -> None:
         self._pending: threading.Thread | None = None  # the file being written, if any
         self._error: BaseException | None = None  # what that write raised
+        #: the best-epoch copy in the checkpoint's file: a new one (a better epoch, or a copy
+        #: completed by ``_Monitor.keep`` at a phase's start) is written again
+        self._written_best: list[np.ndarray] | None = None
         self.folder = folder
         self.state = state  # the checkpoint found at the start, if any
         self.batch_size = batch_size
@@ -1018,8 +1053,12 @@ class _Checkpointer:
             tags=dict(self.tags),
         )
         self._pending = threading.Thread(
-            target=self._write, args=(state, improved), name="searchlab-checkpoint", daemon=True
+            target=self._write,
+            args=(state, improved or monitor.best_weights is not self._written_best),
+            name="searchlab-checkpoint",
+            daemon=True,
         )
+        self._written_best = monitor.best_weights
         self._pending.start()
 
     def _write(self, state: checkpoint.State, improved: bool) -> None:
@@ -1045,7 +1084,10 @@ class _Checkpointer:
         checkpoint.restore(self.model.optimizer.variables, state.optimizer, "optimizer")
         monitor.history = {k: list(v) for k, v in state.history.items()}
         monitor.best, monitor.best_epoch = state.best, state.best_epoch
-        monitor.best_weights = state.best_weights
+        if state.best_weights is not None:  # the kept weights of this phase (Monitor.keep)
+            kept = monitor.kept if monitor.kept is not None else monitor.target.weights
+            checkpoint.check(kept, state.best_weights, "best-epoch")
+        monitor.best_weights = self._written_best = state.best_weights
         if monitor.on_epoch is not None and state.epoch > 0:
             last = {k: v[-1] for k, v in monitor.history.items() if len(v) == state.epoch}
             monitor.on_epoch(state.epoch - 1, last)

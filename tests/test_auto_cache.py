@@ -497,3 +497,30 @@ def test_a_hypermodel_fit_of_its_own_trains_the_model_as_built(
 def test_the_cache_options_are_checked_in_one_line(option: str, value: object):
     with pytest.raises(StudyDefinitionError, match=f"^{option} must be"):
         Study(name="s", space={}, model=lambda p: None, data="mnist", **{option: value})
+
+
+def test_the_best_epoch_copy_of_a_part_is_completed_when_a_phase_unfreezes_more():
+    """A part on cached features keeps only its own weights for the best epoch; when a later
+    phase trains more of the model, the copy is completed with those weights' values then
+    (unchanged since), so putting the best epoch back restores every weight of it."""
+    from searchlab.trial import _Monitor
+
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="base"), keras.layers.Dense(2, name="head")]
+    )
+    base, head = model.get_layer("base"), model.get_layer("head")
+    monitor = _Monitor(_spec(lambda params: model), None)
+    monitor.target = model
+    monitor.keep(head.weights)  # phase one: the head on the base's features
+    monitor.copy_best()
+    assert [w.shape for w in monitor.best_weights] == [(3, 2), (2,)]  # not the base's
+    best_head, base_then = head.get_weights(), base.get_weights()
+    for variable in head.weights:  # later epochs of phase one, not better
+        variable.assign(variable.numpy() + 1.0)
+    monitor.keep(None)  # phase two trains the whole model
+    assert len(monitor.best_weights) == 4
+    for variable in model.weights:  # phase two changes everything, never better
+        variable.assign(variable.numpy() - 5.0)
+    monitor.put_best(model)
+    for got, want in zip(model.get_weights(), base_then + best_head, strict=True):
+        np.testing.assert_array_equal(got, want)
