@@ -343,6 +343,33 @@ def run_tags() -> dict[str, str]:
     }
 
 
+# -- dropout at a rate held in variables ----------------------------------------------------
+
+#: the backends whose ``keras.random.dropout`` ``dropout_at`` reproduces
+DROPOUT_AT = ("tensorflow", "jax")
+
+
+def dropout_at(inputs: Any, rate: Any, keep: Any, scale: Any, noise_shape: Any, seed: Any) -> Any:
+    """``keras.random.dropout(inputs, r, noise_shape, seed)`` for a rate ``r`` given as
+    tensors (``rate`` = r, ``keep`` = 1 - r, ``scale`` = 1 / (1 - r), each computed in double
+    and rounded, as the backend computes them from a Python float), so the rate can change
+    without tracing again: the same uniform draw from ``seed`` and the same arithmetic as
+    TensorFlow's ``stateless_dropout`` (keep where u >= r, times the scale) and JAX's
+    (``bernoulli``: keep where u < 1 - r, divided by it).  Only for ``DROPOUT_AT``."""
+    import keras
+
+    shape = keras.ops.shape(inputs)
+    if noise_shape is not None:
+        shape = tuple(shape[i] if n is None else n for i, n in enumerate(noise_shape))
+    uniform = keras.random.uniform(shape, seed=seed, dtype=inputs.dtype)
+    zero = keras.ops.zeros((), inputs.dtype)
+    if name() == "jax":
+        keep = keras.ops.cast(keep, inputs.dtype)
+        return keras.ops.where(uniform < keep, inputs / keep, zero)
+    scaled = inputs * keras.ops.cast(scale, inputs.dtype)
+    return keras.ops.where(uniform >= keras.ops.cast(rate, inputs.dtype), scaled, zero)
+
+
 # -- fit on arrays in memory ----------------------------------------------------------------
 
 

@@ -773,12 +773,13 @@ def _fit_phases(
         if step.source is not None:  # a transfer phase: say where its inputs come from
             sources.append(step.source)
             _tag_phase(tags, phase, step, sources)
+            tags.update(plan.tags)  # what starting the phase found (a twin reused)
         ready = plan.ready(phase, step)
-        if ready is not _Ready.AS_BUILT:
+        if ready not in (_Ready.AS_BUILT, _Ready.TAKEN):
             # Reseed right before fit: the same trial shuffles and drops out identically with
             # and without the cache (computing features must not move the random streams).
             _seed(spec, number, phase, execution)
-        if ready is not _Ready.RESTARTED:
+        if ready not in (_Ready.RESTARTED, _Ready.TAKEN):
             backend.build_for_fit(step.model, step.x, data.y_train, batch_size)  # one trace
             plan.built(phase)
         start = epoch
@@ -1126,6 +1127,8 @@ class _Ready(enum.Enum):
     AS_BUILT = "as built"  # compiled by the study's builder: no seed, build for fit
     COMPILED = "compiled"  # compiled for this phase: seed, build for fit
     RESTARTED = "restarted"  # a reused suffix's phase model, restarted: seed; built already
+    #: a pooled twin of the model's part, given the part's variables: no seed, built already
+    TAKEN = "taken"
 
 
 class _Plan:
@@ -1181,7 +1184,9 @@ class _AutoPlan(_PlainPlan):
     built and compiled it, in one phase.  With the feature cache on, where ``cache.auto_cut``
     finds a frozen, deterministic prefix, the model's part after it (``cache.suffix_model``:
     the same layers, compiled as the model was) trains on the prefix's cached features, with
-    the random streams where the build left them, as the model's own fit would; the model's
+    the random streams where the build left them, as the model's own fit would (through a
+    pooled ``cache.Twin`` of that part where one can be made: the traced steps of an earlier
+    trial whose part differs only in dropout rates and learning rate); the model's
     weights are saved as the suffix's with the prefix's fingerprint (``cache.save_suffix``) once
     a rebuild is known to give the prefix back (``rebuildable``), else whole.
     Otherwise it trains on the raw inputs, and ``tags`` say why (``CACHE_REASON_TAG``)."""
@@ -1190,6 +1195,8 @@ class _AutoPlan(_PlainPlan):
         super().__init__(model, spec.epochs)
         self.store = cache.default_cache()
         self.suffix: Any = None
+        #: what trains in the suffix's place (``cache.Twin``), if anything
+        self.twin: cache.Twin | None = None
         #: whether a rebuild (export, reeval, the session's best model: built without the
         #: trial's seeds) gives back the frozen prefix, so that its suffix's weights suffice:
         #: only once a second build gave the same prefix (features from memory or disk) and
@@ -1225,8 +1232,11 @@ class _AutoPlan(_PlainPlan):
         feats = self.store.features(found.graph, found.cut, data, key=found.key)
         self.rebuildable = feats.source is not cache.Source.COMPUTED and not self.seeded
         self.suffix = cache.suffix_model(found.graph, found.cut)
+        self.twin = cache.twin_for(self.suffix, self.model, found.compile_args)
+        if self.twin is not None:
+            self.tags["searchlab.suffix_reused"] = "true" if self.twin.reused else "false"
         return _Step(
-            self.suffix,
+            self.suffix if self.twin is None else self.twin.model,
             feats.x_train,
             feats.x_val,
             found.cut,
@@ -1234,12 +1244,30 @@ class _AutoPlan(_PlainPlan):
         )
 
     def ready(self, phase: int, step: _Step) -> _Ready:
-        if step.cut is not None and isinstance(self.found, cache.AutoCut):
+        # no reseeding: the streams are where the model's build left them
+        if step.cut is None or not isinstance(self.found, cache.AutoCut):
+            return _Ready.AS_BUILT
+        if self.twin is None:
             cache.compile_like(step.model, self.found)
             cache.run_steps_together(step.model)
-        return _Ready.AS_BUILT  # no reseeding: the streams are where the model's build left them
+            return _Ready.AS_BUILT
+        self.twin.take(self.suffix, self.model.optimizer)
+        if self.twin.reused:
+            return _Ready.TAKEN
+        cache.run_steps_together(step.model)
+        return _Ready.AS_BUILT
+
+    def built(self, phase: int) -> None:
+        if self.twin is not None:
+            self.twin.record()
+
+    def finish(self) -> None:
+        if self.twin is not None:
+            cache.keep_twin(self.twin)
 
     def save(self, workdir: Path) -> tuple[Path, dict[str, str]]:
+        if self.twin is not None:  # the twin trained (and holds the best epoch's weights)
+            self.twin.give(self.suffix)
         found = self.found
         if self.suffix is None or not isinstance(found, cache.AutoCut) or not self.rebuildable:
             return super().save(workdir)  # the complete model: its prefix comes back as saved

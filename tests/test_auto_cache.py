@@ -134,6 +134,7 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An empty feature cache (memory and disk) per test, and no prefix seen before."""
     monkeypatch.setattr(cache, "_DEFAULT", cache.FeatureCache(root=tmp_path / "features"))
     monkeypatch.setattr(cache, "_SEEN_PREFIXES", type(cache._SEEN_PREFIXES)())
+    monkeypatch.setattr(cache, "_TWINS", type(cache._TWINS)())
     monkeypatch.setattr(cache, "_RANDOM_PREFIXES", set())
 
 
@@ -524,3 +525,86 @@ def test_the_best_epoch_copy_of_a_part_is_completed_when_a_phase_unfreezes_more(
     monitor.put_best(model)
     for got, want in zip(model.get_weights(), base_then + best_head, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def _searched_head(weights, schedule: bool = False):
+    """A frozen backbone and a head whose width, dropout and learning rate are searched."""
+
+    def build_model(params):
+        base = _tiny_backbone()
+        base.load_weights(weights["tiny"])
+        base.trainable = False
+        model = keras.Sequential(
+            [
+                keras.Input((SIZE, SIZE, 3)),
+                base,
+                keras.layers.Flatten(),
+                keras.layers.Dense(params["units"], activation="relu"),
+                keras.layers.Dropout(params["dropout"]),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        rate = params["learning_rate"]
+        if schedule:  # one schedule for every trial: part of the twin's key
+            rate = keras.optimizers.schedules.ExponentialDecay(1e-2, 2, 0.5)
+        return _compile(model, rate)
+
+    return build_model
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant-rate", "rate-schedule"])
+def test_trials_of_one_head_structure_train_one_twin_and_end_as_without_the_cache(
+    tmp_path: Path, weights: dict[str, Path], schedule: bool
+):
+    """Trials whose heads differ only in dropout rate and learning rate train one compiled
+    twin of the head (traced once), each ending as the same trial without the cache, its
+    saved complete model predicting alike; another width gets a twin of its own."""
+    build = _searched_head(weights, schedule)
+    trials = [
+        {"units": 16, "dropout": 0.3, "learning_rate": 1e-2},
+        {"units": 16, "dropout": 0.0, "learning_rate": 3e-3},  # Dropout(0) draws nothing
+        {"units": 16, "dropout": 0.5, "learning_rate": 1e-3},
+        {"units": 8, "dropout": 0.2, "learning_rate": 1e-2},
+    ]
+    info, x_val = info_of(_data()), _data().x_val
+    reused = []
+    for number, params in enumerate(trials):
+        cached = run_trial(number, params, _spec(build), tmp_path / f"cached{number}")
+        plain = run_trial(number, params, _spec(build, cache=False), tmp_path / f"plain{number}")
+        assert cached.state is plain.state is TrialState.COMPLETE, (cached.error, plain.error)
+        reused.append(cached.tags["searchlab.suffix_reused"])
+        for name in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(cached.history[name], plain.history[name], rtol=1e-5)
+        from_cached = load_trained(build, params, info, cached.weights_path)
+        from_plain = load_trained(build, params, info, plain.weights_path)
+        np.testing.assert_allclose(
+            from_cached.predict(x_val, verbose=0), from_plain.predict(x_val, verbose=0), atol=1e-6
+        )
+    assert reused == ["false", "true", "true", "false"]
+
+
+def test_one_twin_serves_heads_that_differ_only_in_top_dropout_rates_and_learning_rate():
+    """The twin's key leaves out what a twin takes per trial (the part's own Dropout rates, a
+    constant learning rate, names) and keeps all else: a nested Dropout's rate (baked into
+    the twin's traced steps), widths, other optimizer settings; a rate of 1 gets no twin."""
+
+    def key(rate=0.2, nested=0.1, units=3, lr=0.01, beta_1=0.9):
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(units),
+                keras.layers.Dropout(rate),
+                keras.Sequential([keras.layers.Dense(3), keras.layers.Dropout(nested)]),
+                keras.layers.Dense(2),
+            ]
+        )
+        model.compile(keras.optimizers.Adam(lr, beta_1=beta_1), "mse")
+        return cache.twin_key(keras.Model(model.inputs, model.outputs), model)
+
+    base = key()
+    assert base is not None
+    assert key(rate=0.3) == base and key(lr=0.5) == base and key(rate=0.0) == base
+    assert key(nested=0.3) != base
+    assert key(units=4) != base
+    assert key(beta_1=0.8) != base
+    assert key(rate=1.0) is None

@@ -203,12 +203,11 @@ def test_build_for_fit_traces_once_and_changes_no_result() -> None:
 @pytest.mark.slow
 def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch) -> None:
     from searchlab.errors import TrialPruned
+    from searchlab.trial import _Monitor
 
     copies = []
-    get_weights = keras.Model.get_weights
-    monkeypatch.setattr(
-        keras.Model, "get_weights", lambda self: (copies.append(1), get_weights(self))[1]
-    )
+    copy_best = _Monitor.copy_best
+    monkeypatch.setattr(_Monitor, "copy_best", lambda self: (copies.append(1), copy_best(self)))
     spec = TrialSpec(build=dense_classifier, data=_tiny_data(), epochs=3)
     params = {"units": 8, "batch_size": 16}
 
@@ -333,3 +332,18 @@ def test_predict_arrays_returns_what_predict_returns(dtype: str) -> None:
     assert ours.dtype == expected.dtype and ours.shape == (37, 4)
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_array_equal(again, expected[:20])
+
+
+@pytest.mark.parametrize("noise_shape", [None, (None, 1)])
+def test_dropout_at_a_rate_in_variables_draws_keras_dropouts_masks(noise_shape) -> None:
+    """The feature cache's twins (``cache.RateDropout``) drop out as ``Dropout`` does: the
+    same values for the same seed state, bit for bit; a Keras that draws its masks otherwise
+    fails here (``tests/test_jax_backend.py`` checks JAX's)."""
+    x = keras.random.normal((64, 8), seed=1)
+    for rate in (0.0, 0.1, 0.37, 0.5):
+        want = keras.random.dropout(
+            x, rate, noise_shape=noise_shape, seed=keras.random.SeedGenerator(7)
+        )
+        held = [keras.Variable(v, trainable=False) for v in (rate, 1 - rate, 1 / (1 - rate))]
+        got = backend.dropout_at(x, *held, noise_shape, keras.random.SeedGenerator(7))
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), want)

@@ -87,3 +87,29 @@ def test_mnist_study_under_jax_with_mixed_precision(jax_env, project: Path) -> N
     model = keras.models.load_model(project / "best.h5", compile=False)
     probs = keras.ops.convert_to_numpy(model.predict(np.zeros((2, 28, 28), "float32"), verbose=0))
     assert probs.shape == (2, 10) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)
+
+
+def test_dropout_at_a_rate_in_variables_draws_jax_dropouts_masks(jax_env, tmp_path: Path) -> None:
+    """``backend.dropout_at`` (the feature cache's ``RateDropout``) equals JAX's Keras
+    dropout bit for bit for the same seed state."""
+    code = (
+        "import keras, numpy as np\n"
+        "from searchlab import backend\n"
+        "assert keras.backend.backend() == 'jax'\n"
+        "x = keras.random.normal((64, 8), seed=1)\n"
+        "for rate in (0.1, 0.37, 0.5):\n"
+        "    want = keras.random.dropout(x, rate, seed=keras.random.SeedGenerator(7))\n"
+        "    held = [keras.Variable(v, trainable=False) for v in (rate, 1 - rate, 1 / (1 - rate))]\n"
+        "    got = backend.dropout_at(x, *held, None, keras.random.SeedGenerator(7))\n"
+        "    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))\n"
+        "print('same')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=jax_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "same" in done.stdout, done.stdout + done.stderr
