@@ -361,11 +361,11 @@ def dropout_at(inputs: Any, rate: Any, keep: Any, scale: Any, noise_shape: Any, 
     shape = keras.ops.shape(inputs)
     if noise_shape is not None:
         shape = tuple(shape[i] if n is None else n for i, n in enumerate(noise_shape))
-    uniform = keras.random.uniform(shape, seed=seed, dtype=inputs.dtype)
     zero = keras.ops.zeros((), inputs.dtype)
-    if name() == "jax":
-        keep = keras.ops.cast(keep, inputs.dtype)
-        return keras.ops.where(uniform < keep, inputs / keep, zero)
+    if name() == "jax":  # bernoulli draws in p's type, float32 (a Python float), any inputs
+        uniform = keras.random.uniform(shape, seed=seed, dtype="float32")
+        return keras.ops.where(uniform < keep, inputs / keras.ops.cast(keep, inputs.dtype), zero)
+    uniform = keras.random.uniform(shape, seed=seed, dtype=inputs.dtype)
     scaled = inputs * keras.ops.cast(scale, inputs.dtype)
     return keras.ops.where(uniform >= keras.ops.cast(rate, inputs.dtype), scaled, zero)
 
