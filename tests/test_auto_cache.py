@@ -59,6 +59,14 @@ def _tiny_backbone(name: str = "tiny") -> keras.Model:
     return keras.Model(inputs, x, name=name)
 
 
+def _frozen_tiny(weights: dict[str, Path]) -> keras.Model:
+    """The tiny backbone with the weights file loaded, frozen, as tutorials load theirs."""
+    base = _tiny_backbone()
+    base.load_weights(weights["tiny"])
+    base.trainable = False
+    return base
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Backbone weights files the hand-written models load, as users load ImageNet's."""
@@ -110,9 +118,7 @@ def functional_tiny(weights: dict[str, Path]):
     """The functional API: ops on the input, the backbone called as a layer, a new head."""
 
     def build_model(params):
-        base = _tiny_backbone()
-        base.load_weights(weights["tiny"])
-        base.trainable = False
+        base = _frozen_tiny(weights)
         inputs = keras.Input((SIZE, SIZE, 3))
         x = keras.ops.subtract(inputs, 127.5)  # an op, not a layer, before the backbone
         x = base(x)
@@ -174,9 +180,7 @@ def test_a_handwritten_model_trains_on_the_cache_and_ends_as_without_it(
 
 def _augmented(weights):
     def build(params):
-        base = _tiny_backbone()
-        base.load_weights(weights["tiny"])
-        base.trainable = False
+        base = _frozen_tiny(weights)
         model = keras.Sequential(
             [
                 keras.Input((SIZE, SIZE, 3)),
@@ -531,9 +535,7 @@ def _searched_head(weights, schedule: bool = False):
     """A frozen backbone and a head whose width, dropout and learning rate are searched."""
 
     def build_model(params):
-        base = _tiny_backbone()
-        base.load_weights(weights["tiny"])
-        base.trainable = False
+        base = _frozen_tiny(weights)
         model = keras.Sequential(
             [
                 keras.Input((SIZE, SIZE, 3)),
