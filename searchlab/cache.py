@@ -695,20 +695,14 @@ class Suffix:
             return
         if not optimizer.built:  # as fit builds it (JAX: before its first step, not here yet)
             optimizer.build(train.trainable_variables)
-        self.starts[phase] = [
-            value if value.any() else None
-            for value in (np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables)
-        ]
+        self.starts[phase] = _optimizer_starts(optimizer)
 
     def restart(self, phase: int, learning_rate: float) -> None:
         """Put the phase model's optimizer (steps, moments, learning rate) and metrics where
         they were before its first step, with ``learning_rate``."""
         train = self.phases[phase]
         optimizer = train.optimizer
-        for variable, start in zip(optimizer.variables, self.starts[phase], strict=True):
-            variable.assign(
-                keras.ops.zeros(variable.shape, variable.dtype) if start is None else start
-            )
+        _restart_optimizer(optimizer, self.starts[phase])
         optimizer.learning_rate = learning_rate
         train.reset_metrics()
 
@@ -719,6 +713,21 @@ class Suffix:
             if train.optimizer is not None:
                 variables.update((id(v), v) for v in train.optimizer.variables)
         return sum(int(np.prod(v.shape)) * _itemsize(v.dtype) for v in variables.values())
+
+
+def _optimizer_starts(optimizer: Any) -> list[np.ndarray | None]:
+    """A built optimizer's variables before its first step (None: zeros), for
+    ``_restart_optimizer``."""
+    return [
+        value if value.any() else None
+        for value in (np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables)
+    ]
+
+
+def _restart_optimizer(optimizer: Any, starts: list[np.ndarray | None]) -> None:
+    """Put ``optimizer``'s steps and moments back where ``_optimizer_starts`` found them."""
+    for variable, start in zip(optimizer.variables, starts, strict=True):
+        variable.assign(keras.ops.zeros(variable.shape, variable.dtype) if start is None else start)
 
 
 def _itemsize(dtype: Any) -> int:
@@ -1145,7 +1154,7 @@ class Twin:
         """(twin variable, part variable) for every layer's variables, in order (a
         ``Dropout``'s: its random stream's state; a ``Dropout(0)`` has none to give, and its
         twin's draws keep every value)."""
-        own = [layer for layer in part.layers if not isinstance(layer, keras.layers.InputLayer)]
+        own = _own_layers(part)
         pairs = []
         for twin_layer, layer in zip(self.layers, own, strict=True):
             if isinstance(twin_layer, RateDropout):  # its rate variables are set per trial
@@ -1157,7 +1166,7 @@ class Twin:
 
     def take(self, part: keras.Model, optimizer: Any) -> None:
         """Start as ``part`` starts (compiled with ``optimizer``)."""
-        own = [layer for layer in part.layers if not isinstance(layer, keras.layers.InputLayer)]
+        own = _own_layers(part)
         for mine, theirs in self.pairs(part):
             mine.assign(theirs)
         for twin_layer, layer in zip(self.layers, own, strict=True):
@@ -1165,10 +1174,7 @@ class Twin:
                 twin_layer.set_rate(layer.rate)
         train = self.model
         if self.starts is not None:
-            for variable, start in zip(train.optimizer.variables, self.starts, strict=True):
-                variable.assign(
-                    keras.ops.zeros(variable.shape, variable.dtype) if start is None else start
-                )
+            _restart_optimizer(train.optimizer, self.starts)
         if self.constant_rate:  # else the same schedule, in the key
             train.optimizer.learning_rate = float(
                 keras.ops.convert_to_numpy(optimizer.learning_rate)
@@ -1180,15 +1186,16 @@ class Twin:
         optimizer = self.model.optimizer
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        self.starts = [
-            value if value.any() else None
-            for value in (np.asarray(keras.ops.convert_to_numpy(v)) for v in optimizer.variables)
-        ]
+        self.starts = _optimizer_starts(optimizer)
 
     def give(self, part: keras.Model) -> None:
         """Put the twin's variables (trained weights, random-stream states) into ``part``."""
         for mine, theirs in self.pairs(part):
             theirs.assign(mine)
+
+
+def _own_layers(model: keras.Model) -> list[Any]:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
 def twin_key(part: keras.Model, model: keras.Model) -> str | None:
@@ -1263,7 +1270,7 @@ def twin_for(part: keras.Model, model: keras.Model, compile_args: dict[str, Any]
             keras.optimizers.serialize(model.optimizer)
         )
         twin.compile(**args)
-        own = [layer for layer in twin.layers if not isinstance(layer, keras.layers.InputLayer)]
+        own = _own_layers(twin)
         rate = keras.optimizers.serialize(model.optimizer)["config"].get("learning_rate")
         made = Twin(key, twin, own, constant_rate=not isinstance(rate, dict))
         for mine, theirs in made.pairs(part):
