@@ -346,6 +346,50 @@ def test_a_keras_2_model_is_refused_in_one_line() -> None:
 # -- before anything is recorded ---------------------------------------------------------
 
 
+def _classifier(*layers):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), *layers, keras.layers.Dense(3, "softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_the_first_model_is_checked_by_one_eager_step() -> None:
+    from searchlab.trial import _first_logs
+
+    x, y = np.random.default_rng(0).random((8, 4), dtype="float32"), np.arange(8) % 3
+    model = _classifier()
+    logs = _first_logs(model, x, y)
+    assert model.run_eagerly  # nothing was traced
+    expected = _classifier().evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    assert set(logs) == set(expected) == {"loss", "accuracy"}
+    assert float(logs["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_a_model_that_only_runs_traced_is_checked_traced() -> None:
+    import keras
+
+    from searchlab.trial import _first_logs
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a layer that tells eager from traced calls on TensorFlow")
+    import tensorflow as tf
+
+    class TracedOnly(keras.layers.Layer):
+        def call(self, inputs):
+            if tf.executing_eagerly():
+                raise RuntimeError("this layer runs in a traced function only")
+            return inputs
+
+    x, y = np.random.default_rng(0).random((8, 4), dtype="float32"), np.arange(8) % 3
+    model = _classifier(TracedOnly())
+    logs = _first_logs(model, x, y)
+    assert not model.run_eagerly
+    expected = _classifier(TracedOnly()).evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    assert float(logs["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
+
+
 def _refused_without_state(cli, project: Path, text: str) -> str:
     write(project, text)
     result = cli("run", "study.py", "--in-process")
