@@ -451,6 +451,15 @@ def predict_arrays(model: Any, x: Any, batch_size: int) -> Any:
     return np.concatenate(outputs) if outputs else np.asarray(model.predict(x, verbose=0))
 
 
+def outputs_of(model: Any, x: Any) -> Any:
+    """``model.predict(x)`` for a handful of rows (an MLflow signature's example): the model
+    called on them once, eagerly, its outputs as NumPy arrays in the same structure, without
+    the traced function ``predict`` builds first (for a VGG16, ~0.25 s on a 2-core CPU)."""
+    import keras
+
+    return keras.tree.map_structure(keras.ops.convert_to_numpy, model(x, training=False))
+
+
 def _plain_tensorflow(model: Any) -> bool:
     """On TensorFlow, without a distribution strategy (whose input pipeline ``fit`` and
     ``predict`` must build)."""

@@ -611,8 +611,12 @@ def log_best_model(
     if spec.data.class_names is not None:  # predicted class id i is the i-th name
         tags["searchlab.class_names"] = class_names_json(spec.data.class_names)
     x = spec.data.x_val if len(spec.data.x_val) else spec.data.x_train
+    sample = x[:MODEL_SAMPLE]
     uri = tracker.log_model(
-        model, x[:MODEL_SAMPLE], requirements=backend.model_requirements(), tags=tags
+        model,
+        (sample, backend.outputs_of(model, sample)),
+        requirements=backend.model_requirements(),
+        tags=tags,
     )
     summary["model_uri"] = uri
     if session.options.register and value is not None:

@@ -919,12 +919,17 @@ class MlflowTracker:
         self._mlflow.log_artifact(self._session_id, str(path), artifact_path)
 
     def log_model(
-        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+        self,
+        model: Any,
+        example: tuple[Any, Any],
+        *,
+        requirements: Sequence[str],
+        tags: Mapping[str, str],
     ) -> str:
         """Log ``model`` (a complete Keras model) on the session's parent run as an MLflow
         Model of the ``mlflow.keras`` flavor named ``best_model``: a LoggedModel of the
         study's experiment whose source run is the parent run, with ``tags``, a signature
-        inferred from ``sample`` (a few raw inputs) and the model's outputs on them, and
+        inferred from ``example`` (a few raw inputs, and the model's outputs on them), and
         ``requirements`` as its pip requirements (given, not inferred: MLflow would load the
         model again in a subprocess).  Returns its ``models:/<model_id>`` URI, which is also
         tagged on the parent run (``searchlab.model_uri``)."""
@@ -932,7 +937,7 @@ class MlflowTracker:
         from mlflow.models import Model, infer_signature
 
         assert self._session_id is not None and self.experiment_id is not None
-        signature = infer_signature(sample, model.predict(sample, verbose=0))
+        signature = infer_signature(*example)
         # created here, in the study's experiment: Model.log alone would put it in the
         # experiment of MLflow's process-wide state
         logged = self._mlflow.create_logged_model(

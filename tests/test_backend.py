@@ -334,6 +334,23 @@ def test_predict_arrays_returns_what_predict_returns(dtype: str) -> None:
     np.testing.assert_array_equal(again, expected[:20])
 
 
+def test_outputs_of_a_few_rows_are_predicts_in_its_structure() -> None:
+    """The example of the best model's MLflow signature: the same outputs as ``predict``'s,
+    arrays, in the same structure (a dict here), for uint8 images as a loader gives them."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = {"a": keras.layers.Dense(2)(x), "b": keras.layers.Dense(3, "softmax")(x)}
+    model = keras.Model(inputs, outputs)
+    images = (np.random.default_rng(0).random((2, 8, 8, 3)) * 255).astype("uint8")
+    ours = backend.outputs_of(model, images)
+    expected = model.predict(images, verbose=0)
+    assert set(ours) == {"a", "b"}
+    for key in ours:
+        assert isinstance(ours[key], np.ndarray) and ours[key].dtype == expected[key].dtype
+        np.testing.assert_allclose(ours[key], expected[key], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("noise_shape", [None, (None, 1)])
 def test_dropout_at_a_rate_in_variables_draws_keras_dropouts_masks(noise_shape) -> None:
     """The feature cache's twins (``cache.RateDropout``) drop out as ``Dropout`` does: the

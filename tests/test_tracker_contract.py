@@ -171,7 +171,8 @@ def test_the_best_model_is_logged_on_the_session_and_registered_champion_only_if
     session = tracker.start_session("s", {})
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
     x = np.zeros((2, 3), dtype="float32")
-    uri = tracker.log_model(model, x, requirements=["keras"], tags={"searchlab.trial": "0"})
+    example = (x, model.predict(x, verbose=0))
+    uri = tracker.log_model(model, example, requirements=["keras"], tags={"searchlab.trial": "0"})
     assert uri.startswith("models:/m-")
     assert by_id(tracker)[session].tags[MODEL_URI_TAG] == uri
 
