@@ -291,18 +291,56 @@ def prefix_fingerprint(model: keras.Model, cut: Cut) -> str:
     """A hash of what the layers up to ``cut`` compute: their configs (input size, resizing,
     preprocessing; not their trainable flag or dtype policy) and their weights.  Two models
     with the same fingerprint give the same features for the same images."""
-    h = hashlib.sha1()
-    configs = []
+    configs, arrays = [], []
     for layer in model.layers[: cut.index + 1]:
         described = _described(layer)
         described[1].pop("dtype", None)  # the trained weights are float32 under every policy
         configs.append(described)
         for w in layer.weights:
-            # the bytes tobytes() gives, without copying them (as bytes: any dtype)
-            arr = np.ascontiguousarray(keras.ops.convert_to_numpy(w)).reshape(-1)
-            h.update(arr.view(np.uint8).data)
+            arrays.append(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).reshape(-1))
+    h = _weights_hash(arrays)
     h.update(json.dumps(configs, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
+
+
+#: per process: the prefix weights ``_weights_hash`` hashed last, and the hash after them
+_LAST_WEIGHTS: list[tuple[list[np.ndarray], Any]] = []
+
+
+def _weights_hash(arrays: list[np.ndarray]) -> Any:
+    """A sha1 fed the bytes of ``arrays`` (flat, contiguous) in order.  Each trial of a study
+    builds the same backbone again: where ``arrays`` equal the last call's bit for bit, the
+    hash is that call's, and comparing costs a sixth of hashing (a VGG16's 59 MB on a 2-core
+    CPU: 4.5 ms against 28 ms).  Kept only for arrays nobody else may write to (copies, or
+    read-only views); not a torch parameter's view, which training changes in place."""
+    last = _LAST_WEIGHTS[0] if _LAST_WEIGHTS else None
+    if last is not None and len(last[0]) == len(arrays):
+        if all(_same_bits(a, b) for a, b in zip(last[0], arrays, strict=True)):
+            return last[1].copy()
+    h = hashlib.sha1()
+    for arr in arrays:
+        h.update(arr.view(np.uint8).data)  # the bytes tobytes() gives, without copying them
+    _LAST_WEIGHTS.clear()
+    if all(_private(a) for a in arrays):
+        _LAST_WEIGHTS.append((arrays, h.copy()))
+    return h
+
+
+def _private(array: np.ndarray) -> bool:
+    """Whether nobody else may write to ``array``'s memory: it is read-only, or it is (a view
+    of) a NumPy array that owns its data (a copy)."""
+    while array.flags.writeable and isinstance(array.base, np.ndarray):
+        array = array.base
+    return not array.flags.writeable or array.flags.owndata
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two flat arrays hold the same bytes (so -0.0 is not 0.0, and a NaN is itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    size = a.dtype.itemsize
+    kind = f"u{size}" if size in (1, 2, 4, 8) else "u1"
+    return bool(np.array_equal(a.view(kind), b.view(kind)))
 
 
 def feature_batch(data: Data) -> int:

@@ -65,6 +65,60 @@ def test_plan_cut_stops_at_trainable_and_random_layers():
     assert cache.plan_cut(augmented, cache.cut_points(augmented)) is None
 
 
+def test_the_prefix_fingerprint_covers_every_bit_of_the_weights_and_the_configs():
+    """The next trial's backbone is compared with the last one hashed, not hashed again: the
+    same fingerprint as hashing it, and any other bits (one value, 0.0 -> -0.0) or config
+    give another."""
+    keras.backend.clear_session()  # layer names from 0: as in each trial
+    model = _frozen_mlp()
+    cut = cache.plan_cut(model, cache.cut_points(model))
+    assert cut is not None
+
+    def fresh() -> str:  # hashed, not compared with the last weights hashed
+        cache._LAST_WEIGHTS.clear()
+        return cache.prefix_fingerprint(model, cut)
+
+    first = fresh()
+    keras.backend.clear_session()  # as between trials: the same layer names
+    again = _frozen_mlp()  # another model, the same weights
+    again.set_weights(model.get_weights())
+    assert cache.prefix_fingerprint(again, cut) == first
+    assert cache._LAST_WEIGHTS  # TensorFlow's and JAX's arrays are copies or read-only
+    kernel, bias = model.get_layer("frozen").get_weights()
+    one_bit, sign = kernel.copy(), kernel.copy()
+    one_bit.flat[5] = np.nextafter(one_bit.flat[5], np.float32(1))
+    sign.flat[7] = np.float32(0.0)
+    seen = {first}
+    for values in (one_bit, sign):
+        model.get_layer("frozen").set_weights([values, bias])
+        compared = cache.prefix_fingerprint(model, cut)
+        assert compared == fresh() and compared not in seen
+        seen.add(compared)
+    negative = sign.copy()
+    negative.flat[7] = np.float32(-0.0)
+    model.get_layer("frozen").set_weights([negative, bias])
+    assert cache.prefix_fingerprint(model, cut) not in seen
+    model.get_layer("frozen").set_weights([kernel, bias])
+    assert cache.prefix_fingerprint(model, cut) == first
+    wider = _frozen_mlp(width=33)  # another config: another fingerprint
+    assert cache.prefix_fingerprint(wider, cache.plan_cut(wider, cache.cut_points(wider))) != first
+
+
+def test_a_hash_of_writable_views_is_not_remembered():
+    """A torch parameter's NumPy view changes when it trains: its bits are hashed each time."""
+    values = np.arange(6, dtype="float32")
+    foreign = np.frombuffer(bytearray(values.tobytes()), dtype="float32")  # not NumPy's
+    cache._weights_hash([foreign.reshape(-1)])
+    assert not cache._LAST_WEIGHTS
+    cache._weights_hash([values.copy().reshape(2, 3).reshape(-1)])  # a view of a copy
+    assert cache._LAST_WEIGHTS
+    read_only = foreign.copy()
+    read_only.flags.writeable = False
+    cache._LAST_WEIGHTS.clear()
+    cache._weights_hash([read_only])
+    assert cache._LAST_WEIGHTS
+
+
 def test_features_come_from_memory_then_disk_and_the_disk_stays_bounded(tmp_path: Path):
     data = _data(n_train=100, n_val=50)
     model = _frozen_mlp(width=2048)
