@@ -209,13 +209,18 @@ def unavoidable(case: str, args, weights: Path) -> tuple[float, float]:
 def _clean_slate() -> None:
     """Free what the other tool's run left (its models, Keras's global state) before a side
     is timed: 10 KerasTuner trials leave 10 VGG16 models' garbage, which every later
-    collection walks (a separate searchlab process starts without it)."""
+    collection walks (a separate searchlab process starts without it).  Then put what is
+    left out of later collections' walks, as a searchlab worker process does with what its
+    imports made (``trial.freeze_imports``); KerasTuner's side gets the same."""
     import gc
 
     import keras
 
+    from searchlab.trial import freeze_imports
+
     keras.backend.clear_session()
     gc.collect()
+    freeze_imports()
 
 
 def _no_pruning() -> None:

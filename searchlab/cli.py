@@ -748,6 +748,9 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
     _, study = _load(flags.study_file, flags.subset)
+    from searchlab.trial import freeze_imports
+
+    freeze_imports()  # this process has only imported so far
     tracker = _tracker(flags.tracking_uri, flags.study_file)
     prefix = f"[worker {options.worker}] " if options.one_of_several else ""
     workers = int((options.worker or "1/1").rpartition("/")[2] or 1)

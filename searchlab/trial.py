@@ -179,10 +179,20 @@ def _release_previous_trial() -> None:
     second per trial on a laptop); after each collection the survivors are long-lived, so
     they are frozen out of later collections, which then only walk the new objects.  The
     first one (~0.3 s) is not skipped: in a notebook the garbage of the user's own models
-    would be frozen with the rest and never freed.
+    would be frozen with the rest and never freed (a worker process, which has only
+    imported, freezes its objects first: ``freeze_imports``).
     """
     keras.backend.clear_session(free_memory=False)
     gc.collect()
+    gc.freeze()
+
+
+def freeze_imports() -> None:
+    """In a worker process that has only imported (searchlab, the study file): put every
+    object out of the garbage collector's walks, so the first trial's collection
+    (``_release_previous_trial``) walks only what the session made since: 0.4 s -> 0.02 s
+    on a 2-core CPU.  What garbage the imports left is kept (a few cycles); not for a
+    process that ran anything else (a notebook's, a test's): its garbage would be kept too."""
     gc.freeze()
 
 
