@@ -12,7 +12,8 @@ Features are keyed by (model name, the prefix layers' configs -- which cover the
 resizing and preprocessing --, a hash of the prefix's weights, the cut layer, the data's
 fingerprint).  They are kept in memory (LRU, bounded) and on disk under the project folder
 (``.searchlab/feature-cache/``, bounded, oldest files evicted first) so a resumed or parallel
-study reuses them.  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
+study reuses them; workers of one machine that need the same features at once compute them
+once (``FeatureCache.computing``: the others wait on a file lock, then read the disk).  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
 ``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
 
 Which models: a builder that satisfies ``TransferBuilder`` (below; ``searchlab.models.Transfer``
@@ -61,14 +62,16 @@ weights back into its part (``Twin.give``) before saving the complete model.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -85,6 +88,8 @@ log = logging.getLogger(__name__)
 MEMORY_ENV = "SEARCHLAB_CACHE_MEMORY_MB"
 DISK_ENV = "SEARCHLAB_CACHE_DISK_MB"
 CACHE_DIR = "feature-cache"
+#: in the disk folder: held by the process computing features (``FeatureCache.computing``)
+COMPUTING_LOCK = ".computing.lock"
 
 
 class Source(enum.Enum):
@@ -436,15 +441,50 @@ class FeatureCache:
         found = self._read(key)
         source = Source.DISK
         if found is None:
-            prefix = keras.Model(model.inputs, cut.tensor)
-            found = (
-                backend.predict_arrays(prefix, data.x_train, batch_size),
-                backend.predict_arrays(prefix, data.x_val, batch_size),
-            )
-            source = Source.COMPUTED
-            self._write(key, found)
+            with self.computing():
+                found = self._read(key)  # another worker's, written while this one waited
+                if found is None:
+                    prefix = keras.Model(model.inputs, cut.tensor)
+                    found = (
+                        backend.predict_arrays(prefix, data.x_train, batch_size),
+                        backend.predict_arrays(prefix, data.x_val, batch_size),
+                    )
+                    source = Source.COMPUTED
+                    self._write(key, found)
         self._remember(key, found)
         return Features(*found, key=key, source=source)
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Held while features for the disk cache are computed: the worker processes of one
+        machine that need features at the same time compute them once, and the others wait
+        for them, then read them from disk (an exclusive ``flock`` on ``COMPUTING_LOCK`` in
+        the disk folder, released by the kernel when a holder dies).  Without a disk cache,
+        or a folder to lock in, nothing is shared and nothing waits."""
+        handle = None
+        if self.disk_bytes > 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                handle = open(self.root / COMPUTING_LOCK, "a+b")
+            except OSError as exc:
+                log.debug("no feature cache lock in %s: %s", self.root, exc)
+        if handle is None:
+            yield
+            return
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info(
+                    "another searchlab process is computing cached features in %s: "
+                    "waiting for it, to read them",
+                    self.root,
+                )
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def _mapped(
         self, model: keras.Model, cut: Cut, data: Data, batch_size: int, key: str
@@ -454,20 +494,19 @@ class FeatureCache:
         in the disk folder, and handed out memory-mapped (read-only): the pages the head's
         training reads are the only ones in memory.  Not kept in the memory LRU."""
         paths = [self.root / f"{key}.{split}.npy" for split in ("x_train", "x_val")]
-        if all(p.is_file() for p in paths):
-            try:
-                found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
-                for p in paths:
-                    os.utime(p)  # most recently used: evicted last
-                return Features(found[0], found[1], key=key, source=Source.DISK)
-            except (OSError, ValueError) as exc:  # a torn or foreign file: recompute
-                log.warning("ignoring unreadable feature cache files %s: %s", paths[0], exc)
-        prefix = keras.Model(model.inputs, cut.tensor)
-        self.root.mkdir(parents=True, exist_ok=True)
-        size = int(np.prod(cut.shape)) * 4 * (len(data.x_train) + len(data.x_val))
-        self._evict(self.disk_bytes - size)
-        for x, path in zip((data.x_train, data.x_val), paths, strict=True):
-            _stream_features(prefix, x, batch_size, path)
+        mapped = _read_mapped(paths)
+        if mapped is not None:
+            return Features(*mapped, key=key, source=Source.DISK)
+        with self.computing():
+            mapped = _read_mapped(paths)  # another worker's, written while this one waited
+            if mapped is not None:
+                return Features(*mapped, key=key, source=Source.DISK)
+            prefix = keras.Model(model.inputs, cut.tensor)
+            self.root.mkdir(parents=True, exist_ok=True)
+            size = int(np.prod(cut.shape)) * 4 * (len(data.x_train) + len(data.x_val))
+            self._evict(self.disk_bytes - size)
+            for x, path in zip((data.x_train, data.x_val), paths, strict=True):
+                _stream_features(prefix, x, batch_size, path)
         found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
         return Features(found[0], found[1], key=key, source=Source.COMPUTED)
 
@@ -535,6 +574,21 @@ class FeatureCache:
         if not self.root.is_dir():
             return 0
         return sum(p.stat().st_size for p in [*self.root.glob("*.npz"), *self.root.glob("*.npy")])
+
+
+def _read_mapped(paths: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The memory-mapped features of ``FeatureCache._mapped`` if both files are there and
+    readable (then most recently used: evicted last); None to compute them."""
+    if not all(p.is_file() for p in paths):
+        return None
+    try:
+        found = tuple(np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+        for p in paths:
+            os.utime(p)
+        return found[0], found[1]
+    except (OSError, ValueError) as exc:  # a torn or foreign file: recompute
+        log.warning("ignoring unreadable feature cache files %s: %s", paths[0], exc)
+        return None
 
 
 def _stream_features(prefix: keras.Model, x: Any, batch_size: int, path: Path) -> None:

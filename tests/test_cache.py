@@ -144,6 +144,51 @@ def test_features_come_from_memory_then_disk_and_the_disk_stays_bounded(tmp_path
     assert store.features(model, cut, data).source is cache.Source.COMPUTED
 
 
+def test_workers_that_need_the_same_features_at_once_compute_them_once(
+    tmp_path: Path, monkeypatch, caplog
+):
+    """Two workers of one machine (two caches on one folder; here two threads: a ``flock`` is
+    held per open file) need the same features at once: one computes them while the other
+    waits for its lock, says so, and reads them from disk."""
+    import threading
+    import time
+
+    data = _data(n_train=100, n_val=50)
+    model = _frozen_mlp()
+    cut = cache.plan_cut(model, cache.cut_points(model))
+    real, computing = cache.backend.predict_arrays, threading.Event()
+    callers: list[str] = []
+
+    def slow(prefix, x, batch_size):  # long enough for the other worker to arrive
+        callers.append(threading.current_thread().name)
+        computing.set()
+        time.sleep(0.5)
+        return real(prefix, x, batch_size)
+
+    monkeypatch.setattr(cache.backend, "predict_arrays", slow)
+    found: dict[str, cache.Features] = {}
+
+    def worker(name: str) -> None:
+        store = cache.FeatureCache(root=tmp_path, memory_mb=64, disk_mb=64)
+        found[name] = store.features(model, cut, data)
+
+    first = threading.Thread(target=worker, args=("first",), name="first")
+    second = threading.Thread(target=worker, args=("second",), name="second")
+    with caplog.at_level("INFO", logger="searchlab.cache"):
+        first.start()
+        assert computing.wait(10)
+        second.start()
+        first.join()
+        second.join()
+    assert callers == ["first", "first"]  # the training and the validation features, once
+    assert (found["first"].source, found["second"].source) == (
+        cache.Source.COMPUTED,
+        cache.Source.DISK,
+    )
+    np.testing.assert_array_equal(found["second"].x_val, found["first"].x_val)
+    assert "another searchlab process is computing cached features" in caplog.text
+
+
 def test_features_larger_than_the_memory_bound_are_not_cached():
     data = _data(n_train=100, n_val=50)
     cut = cache.plan_cut(_frozen_mlp(width=2048), cache.cut_points(_frozen_mlp(width=2048)))
