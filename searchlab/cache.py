@@ -13,8 +13,9 @@ resizing and preprocessing --, a hash of the prefix's weights, the cut layer, th
 fingerprint).  They are kept in memory (LRU, bounded) and on disk under the project folder
 (``.searchlab/feature-cache/``, bounded, oldest files evicted first) so a resumed or parallel
 study reuses them; workers of one machine that need the same features at once compute them
-once (``FeatureCache.computing``: the others wait on a file lock, then read the disk).  Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and
-``$SEARCHLAB_CACHE_DISK_MB`` (default 4096; 0 turns the disk cache off).
+once (``FeatureCache.computing``: the others wait on a file lock, then read the disk).
+Bounds: ``$SEARCHLAB_CACHE_MEMORY_MB`` (default 2048) and ``$SEARCHLAB_CACHE_DISK_MB``
+(default 4096; 0 turns the disk cache off).
 
 Which models: a builder that satisfies ``TransferBuilder`` (below; ``searchlab.models.Transfer``
 does) says how it trains in phases, how to freeze, and how to build the part after a cut; this
