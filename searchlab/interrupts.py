@@ -7,7 +7,10 @@ is, and a ``KeyboardInterrupt`` raised there goes wrong in two ways:
   in ..." and dropped, and training carries on (often in a process's first trial, which
   creates the most garbage);
 - inside a store write (a claim between enqueue and ask, the weights upload, closing the
-  session run) the write is cut in half and the stores disagree until the next run.
+  session run) the write is cut in half and the stores disagree until the next run;
+- inside a call into a C extension (TensorFlow's, while a trial builds or trains) it comes
+  out as that call's ``SystemError`` ("returned a result with an exception set"), which a
+  trial would record as its own failure: a trial calls ``check`` before it does.
 
 The handler ``install`` puts on SIGINT and SIGTERM therefore records the signal first.  Outside
 a ``deferred()`` block it raises ``KeyboardInterrupt`` at once, and ``check()`` -- called at

@@ -453,11 +453,15 @@ def _attempt(
     except (StudyDefinitionError, KeyboardInterrupt, checkpoint.CheckpointError):
         raise
     except OSError as exc:
+        interrupts.check()  # an interrupt that a C extension's call turned into this error
         if disk_full(exc):  # every later trial would fail alike: the study stops here
             raise
         result.history = monitor.history
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
     except Exception as exc:  # builder errors, OOM, backend errors: this trial only
+        # a KeyboardInterrupt raised inside a C extension's call (TensorFlow's) comes out as
+        # a SystemError ("returned a result with an exception set"): the interrupt wins
+        interrupts.check()
         result.history = monitor.history
         result.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         result.early = not monitor.history

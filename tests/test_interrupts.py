@@ -108,3 +108,30 @@ def test_after_an_interrupt_a_late_signal_cannot_change_the_exit_status() -> Non
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130, (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize("error", [SystemError, OSError])
+def test_an_interrupt_a_c_call_turned_into_its_error_stops_the_trial(
+    installed, tmp_path, error
+) -> None:
+    """A signal that lands inside a call into a C extension (TensorFlow's) comes out as that
+    call's error ("returned a result with an exception set"): the trial raises the
+    interrupt, it does not record that error as its own failure and go on."""
+    import numpy as np
+
+    from searchlab.data import Data
+    from searchlab.trial import TrialSpec, run_trial
+
+    def build(hp):
+        try:
+            _signal(signal.SIGINT)
+        except KeyboardInterrupt as exc:  # what a C call returning with it set raises
+            raise error("<built-in method> returned a result with an exception set") from exc
+        raise AssertionError("the signal did not arrive")
+
+    x = np.zeros((4, 3), "float32")
+    y = np.zeros((4,), "int32")
+    data = Data(x_train=x, y_train=y, x_val=x, y_val=y, x_test=x[:0], y_test=y[:0], num_classes=2)
+    spec = TrialSpec(build=build, data=data, epochs=1, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(0, {}, spec, tmp_path)
