@@ -137,7 +137,7 @@ def prepare(
     study: Study, options: RunOptions, *, check: bool = True
 ) -> tuple[Engine, int | None, TrialSpec]:
     """The engine (its settings checked), the budget, and the trials' spec with the data
-    loaded: every mistake in the study or the flags is raised here, before a store is
+    loaded and a transfer backbone's weights file found (or downloaded): every mistake in the study or the flags is raised here, before a store is
     touched.  ``check``: also build one model and check it against the data and the
     objective (``trial.preflight``; once per session, not in each worker)."""
     engine = engines.create(study, options)
@@ -150,6 +150,9 @@ def prepare(
         )
     target = engines.budget(study, options)
     spec = trial_spec(study, options)
+    fetch_weights = getattr(spec.build, "fetch_weights", None)  # models.Transfer
+    if fetch_weights is not None:  # missing ImageNet weights stop the run here, not in a trial
+        fetch_weights(tuple(spec.data.input_shape))
     if check:
         from searchlab import trial as trial_mod
 
