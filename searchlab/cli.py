@@ -411,7 +411,8 @@ data_dir_option = click.option(
     type=click.Path(file_okay=False),
     envvar=DATA_DIR_ENV,
     show_envvar=True,
-    help="Where datasets are [default: Keras's cache, ~/.keras/datasets].",
+    help="Where datasets and ImageNet weights files are [default: data_dir of [tool.searchlab] "
+    "in the nearest pyproject.toml (or of a searchlab.toml) from here up, else Keras's cache].",
 )
 
 
@@ -609,7 +610,8 @@ class RunFlags:
     help=f"Try the whole path small first: {TRY_TRIALS} trials of {TRY_EPOCHS} epoch on "
     f"{TRY_SUBSET.replace(',', ' train / ')} validation rows (unless --trials, --epochs or "
     f"--subset say), in a throwaway study NAME{TRY_SUFFIX} (its own Optuna study and MLflow "
-    "experiment, started over each time); the real study is untouched.",
+    "experiment, started over each time; nothing registered, no re-evaluation); the real "
+    "study is untouched.",
 )
 @click.option(
     "--session",
@@ -759,9 +761,9 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         pruner=flags.pruner,
         prune_min_epochs=flags.prune_min_epochs,
         prune_factor=flags.prune_factor,
-        reeval_top=flags.reeval_top,
+        reeval_top=0 if flags.try_run else flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
-        register=flags.register or study.register,
+        register=None if flags.try_run else flags.register or study.register,
         allow_changed_settings=flags.allow_changed_settings or flags.try_run,
         session_key=flags.session or None,
         executions_per_trial=flags.executions_per_trial,

@@ -2,8 +2,9 @@
 
 A session (one ``searchlab run``, or one worker of it) goes:
 
-1. ``open_session``: check the engine's settings and the budget, load the data (a missing
-   dataset fails before any store is touched), open the Optuna study (``store``) and the
+1. ``prepare`` then ``open_session``: check the engine's settings and the budget, load the
+   data and find a transfer backbone's weights (a missing dataset or weights file fails
+   before any store is touched: a run that cannot train writes nothing), open the Optuna study (``store``) and the
    MLflow session run (``tracking``), close what a crashed session left open
    (``Session.reconcile``), and let the engine open its own state.
 2. ``work``: claim a trial under the study lock (``coordination.claim_trial``: stale trials

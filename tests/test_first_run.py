@@ -338,3 +338,31 @@ def test_the_mission_command_fails_once_with_its_fix_then_trains_and_exports(fre
     exported = _cli("export", "studies/cifar_vgg.py", "-o", "best.h5")
     assert exported.exit_code == 0, exported.output
     assert (fresh / "best.h5").stat().st_size > 0
+
+
+def test_export_rebuilds_the_backbone_the_study_trained_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    from searchlab.models import Transfer
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv(config.DATA_DIR_ENV, str(tmp_path))
+    now = Transfer("vgg16", seed=1)  # the study file as it reads today: ImageNet
+    twin = now.as_trained({"weights": "random (seed 7)", "backbone": "vgg16"})
+    assert (twin.weights, twin.seed, twin.trained) == (None, 7, True)
+    assert (now.weights, now.seed, now.trained) == ("imagenet", 1, False)
+    assert twin.settings()["weights"] == "random (seed 7)"
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://x: None -- [Errno -3] name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    trained = Transfer("vgg16", weights=None).as_trained({"weights": "imagenet"})
+    with pytest.raises(StudyDefinitionError) as caught:
+        trained.fetch_weights((32, 32, 3))
+    assert str(caught.value).endswith(
+        "the study trained with them and its frozen backbone is rebuilt from them: put "
+        f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 in {tmp_path}."
+    )

@@ -172,6 +172,8 @@ class Transfer:
         self.weights = None if weights is None else str(weights)
         #: the ``searchlab.setting`` (environment variable) the study file took them from
         self.weights_setting = config.setting_for(self.weights)
+        #: rebuilt as a stored study trained it (``as_trained``): export, not a run
+        self.trained = False
         self.cut = cut
         self.input_size = input_size
         self.pooling = pooling
@@ -200,11 +202,13 @@ class Transfer:
         """This builder with the backbone weights a stored study trained with: ``settings``
         are its ``settings()`` as the session recorded them.  A study file whose weights come
         from an environment variable (``searchlab.setting``) then exports and reports the
-        model it trained without that variable set again."""
+        model it trained without that variable set again; a missing ImageNet file is then
+        named as what the trained model's frozen backbone is rebuilt from."""
         was = settings.get("weights")
-        if was is None or self.is_file or was == self.settings()["weights"]:
+        if was is None or self.is_file:
             return self
         twin = copy.copy(self)
+        twin.trained, twin.weights_setting = True, None
         random_seed = re.fullmatch(r"random \(seed (-?\d+)\)", was)
         if random_seed:
             twin.weights, twin.seed = None, int(random_seed.group(1))
@@ -230,7 +234,7 @@ class Transfer:
         try:
             return Path(keras.utils.get_file(fname, url, cache_subdir="models"))
         except Exception as exc:
-            raise _missing_weights(self.backbone, shape, exc, self.weights_setting) from None
+            raise _missing_weights(self.backbone, shape, exc, self) from None
 
     def __repr__(self) -> str:
         return (
@@ -794,7 +798,7 @@ def _backbone_arrays(
             )
         except Exception as exc:
             if path is None:
-                raise _missing_weights(spec.backbone, shape, exc, spec.weights_setting) from exc
+                raise _missing_weights(spec.backbone, shape, exc, spec) from exc
             raise StudyDefinitionError(
                 f"Cannot load backbone weights {path} into {spec.backbone} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Use the notop weights file "
@@ -903,14 +907,18 @@ def weights_fix(
 
 
 def _missing_weights(
-    backbone: str, shape: tuple[int, ...], exc: Exception, setting: config.EnvSetting | None
+    backbone: str, shape: tuple[int, ...], exc: Exception, spec: Transfer
 ) -> StudyDefinitionError:
     why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    why = (
-        why.rpartition(" -- ")[2][:100] or type(exc).__name__
-    )  # get_file: "URL fetch ... -- <why>"
+    why = why.rpartition(" -- ")[2][:100] or type(exc).__name__  # get_file's "URL ... -- why"
+    where = _data_dir_words()
+    fix = (
+        "the study trained with them and its frozen backbone is rebuilt from them: put "
+        f"{weights_file_name(backbone, shape)} in {where}"
+        if spec.trained
+        else weights_fix(backbone, shape, spec.weights_setting)
+    )
     return StudyDefinitionError(
-        f"{BACKBONES[backbone][0]}'s ImageNet weights are not in {_data_dir_words()} nor in "
-        f"{keras_models_dir()} and could not be downloaded ({why}); "
-        f"{weights_fix(backbone, shape, setting)}."
+        f"{BACKBONES[backbone][0]}'s ImageNet weights are not in {where} nor in "
+        f"{keras_models_dir()} and could not be downloaded ({why}); {fix}."
     )
