@@ -5,10 +5,12 @@ Users write study files with the public names below::
     from searchlab import Study, Int, Float, Choice, Bool, Dataset
 
 and read results back in a notebook with ``searchlab.results(path)`` (a pandas DataFrame)
-and ``searchlab.best(path)``.
+and ``searchlab.best(path)``.  A study file's own knobs read from the environment go
+through ``searchlab.setting(NAME, default=...)``, so errors name the variable to change.
 """
 
 from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
+from searchlab.config import setting
 from searchlab.data import Dataset
 from searchlab.errors import (
     DataError,
@@ -41,4 +43,5 @@ __all__ = [
     "best",
     "load_study",
     "results",
+    "setting",
 ]

@@ -371,16 +371,25 @@ def _subset(subset: str | None) -> dict[str, int] | None:
     return sizes
 
 
-def _load(study_file: str, subset: str | None) -> tuple[Study, Study]:
-    """The study of ``study_file`` as the file defines it, and with ``--subset`` applied."""
+#: ``run --try``: its trials, epochs and data rows (train, validation), unless flags say
+TRY_TRIALS, TRY_EPOCHS, TRY_SUBSET = 2, 1, "512,128"
+#: ``run --try`` runs the study under this name: its own Optuna study and MLflow experiment
+TRY_SUFFIX = "-try"
+
+
+def _load(study_file: str, subset: str | None, try_run: bool = False) -> tuple[Study, Study]:
+    """The study of ``study_file`` as the file defines it, and with ``--subset`` applied;
+    ``try_run``: the second one is the throwaway ``<name>-try`` (``--try``)."""
     from searchlab.study import load_study
 
-    sizes = _subset(subset)
+    sizes = _subset(subset or (TRY_SUBSET if try_run else None))
     loaded = load_study(study_file)
-    if sizes is None:
-        return loaded, loaded
-    data = dataclasses.replace(loaded.dataset, subset=sizes)
-    return loaded, dataclasses.replace(loaded, data=data)
+    study = loaded
+    if sizes is not None:
+        study = dataclasses.replace(study, data=dataclasses.replace(study.dataset, subset=sizes))
+    if try_run:
+        study = dataclasses.replace(study, name=study.name + TRY_SUFFIX, register=None)
+    return loaded, study
 
 
 storage_option = click.option(
@@ -402,7 +411,8 @@ data_dir_option = click.option(
     type=click.Path(file_okay=False),
     envvar=DATA_DIR_ENV,
     show_envvar=True,
-    help="Where datasets are [default: Keras's cache, ~/.keras/datasets].",
+    help="Where datasets and ImageNet weights files are [default: data_dir of [tool.searchlab] "
+    "in the nearest pyproject.toml (or of a searchlab.toml) from here up, else Keras's cache].",
 )
 
 
@@ -467,6 +477,7 @@ class RunFlags:
     in_process: bool
     register: str | None
     allow_changed_settings: bool
+    try_run: bool
     session: str | None
     worker_options: engines.RunOptions | None
     storage: str | None
@@ -593,6 +604,16 @@ class RunFlags:
     help="Continue a study although its epochs, data, precision or backbone settings changed (the session is tagged searchlab.changed_settings).",
 )
 @click.option(
+    "--try",
+    "try_run",
+    is_flag=True,
+    help=f"Try the whole path small first: {TRY_TRIALS} trials of {TRY_EPOCHS} epoch on "
+    f"{TRY_SUBSET.replace(',', ' train / ')} validation rows (unless --trials, --epochs or "
+    f"--subset say), in a throwaway study NAME{TRY_SUFFIX} (its own Optuna study and MLflow "
+    "experiment, started over each time; nothing registered, no re-evaluation); the real "
+    "study is untouched.",
+)
+@click.option(
     "--session",
     metavar="KEY",
     envvar=config.SESSION_ENV,
@@ -616,6 +637,8 @@ def run(**flags: Any) -> None:  # click hands over every flag: RunFlags names an
     source = click.get_current_context().get_parameter_source
     given = frozenset(name for name in flags if source(name) is ParameterSource.COMMANDLINE)
     run_flags = RunFlags(**flags, from_command_line=given)
+    if run_flags.data_dir:  # library code (a backbone's weights) and workers find it too
+        os.environ[DATA_DIR_ENV] = os.path.abspath(run_flags.data_dir)
     if run_flags.worker_options is not None:
         _work(run_flags, run_flags.worker_options)
     else:
@@ -636,9 +659,11 @@ def _launch(flags: RunFlags) -> None:
             + ("--engine keras-tuner" if flags.engine != "optuna" else "--in-process")
             + ", or drop --workers/--gpus."
         )
-    loaded, study = _load(flags.study_file, flags.subset)
+    loaded, study = _load(flags.study_file, flags.subset, flags.try_run)
     options = _run_options(flags, study)
     tracker = _tracker(flags.tracking_uri, flags.study_file)
+    if flags.try_run:
+        _start_try_over(study, options, tracker, real=loaded.name)
     progress = ConsoleProgress(study.objective, direction_note=_direction_note(loaded))
     # Trials run in worker processes (one unless --workers says more) that are replaced when
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
@@ -668,7 +693,48 @@ def _launch(flags: RunFlags) -> None:
             f"session {summary['shared_session']!r} goes on in its other processes; the last "
             "one to finish closes it."
         )
+    if flags.try_run:
+        given = " ".join(f"{s.name}={s.value}" for s in config.settings_read() if s.from_env)
+        click.echo(
+            f"try run done (study {study.name!r}); the real study {loaded.name!r} is untouched: "
+            f"run it with: {given + ' ' if given else ''}searchlab run {flags.study_file}"
+        )
+        return
     _say_where_results_are(flags, study, tracker.uri)
+
+
+def _start_try_over(study: Study, options: engines.RunOptions, tracker: Any, real: str) -> None:
+    """``run --try``: say so, and delete what an earlier try left (the Optuna study
+    ``<name>-try``, its MLflow runs) so each try starts over; the real study is not read."""
+    from searchlab import tracking
+    from searchlab.store import sqlite_path, study_names
+
+    click.echo(
+        f"try run: {_count(options.trials, 'trial')} x {_count(options.epochs, 'epoch')} on "
+        f"{_subset_words(study)} in the throwaway study {study.name!r}, started over; the real "
+        f"study {real!r} is untouched."
+    )
+    path = sqlite_path(options.storage)
+    if (path is None or path.is_file()) and study.name in study_names(options.storage):
+        import optuna
+
+        optuna.delete_study(study_name=study.name, storage=options.storage)
+    uri_path = sqlite_path(tracker.uri)
+    if uri_path is None or uri_path.is_file():
+        # soft-deleted runs: MLflow's searches (and so the try's reconcile) no longer see them
+        client = tracking.client(tracker.uri, create=False)
+        for run in tracker.runs(study.name):
+            client.delete_run(run.run_id)
+
+
+def _count(n: int | None, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _subset_words(study: Study) -> str:
+    sizes = dict(study.dataset.subset or ())  # type: ignore[arg-type]
+    train, val = sizes.get("train"), sizes.get("val")
+    return f"{train or 'all'} train / {val or 'all'} validation rows"
 
 
 def _direction_note(study: Study) -> str:
@@ -683,9 +749,9 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
 
     return engines.RunOptions(
         strategy=check_strategy(flags.strategy or study.strategy),
-        trials=flags.trials if flags.trials is not None else study.trials,
+        trials=flags.trials or (TRY_TRIALS if flags.try_run else study.trials),
         timeout=flags.timeout if flags.timeout is not None else study.timeout,
-        epochs=flags.epochs or study.epochs,
+        epochs=flags.epochs or (TRY_EPOCHS if flags.try_run else study.epochs),
         seed=flags.seed if flags.seed is not None else study.seed,
         storage=flags.storage or config.default_storage(),
         data_dir=flags.data_dir,
@@ -695,10 +761,10 @@ def _run_options(flags: RunFlags, study: Study) -> engines.RunOptions:
         pruner=flags.pruner,
         prune_min_epochs=flags.prune_min_epochs,
         prune_factor=flags.prune_factor,
-        reeval_top=flags.reeval_top,
+        reeval_top=0 if flags.try_run else flags.reeval_top,
         reeval_seeds=flags.reeval_seeds,
-        register=flags.register or study.register,
-        allow_changed_settings=flags.allow_changed_settings,
+        register=None if flags.try_run else flags.register or study.register,
+        allow_changed_settings=flags.allow_changed_settings or flags.try_run,
         session_key=flags.session or None,
         executions_per_trial=flags.executions_per_trial,
     )
@@ -713,6 +779,8 @@ def _worker_command(
     the worker the stores' URLs in its environment."""
     study_file = os.path.abspath(flags.study_file)
     subset = ["--subset", flags.subset] if flags.subset else []
+    if flags.try_run:
+        subset.append("--try")
 
     def command(index: int, parent_run_id: str) -> list[str]:
         worker = dataclasses.replace(
@@ -747,7 +815,7 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
 
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
-    _, study = _load(flags.study_file, flags.subset)
+    _, study = _load(flags.study_file, flags.subset, flags.try_run)
     from searchlab.trial import freeze_imports
 
     freeze_imports()  # this process has only imported so far
@@ -773,6 +841,24 @@ def _say_where_results_are(flags: RunFlags, study: Study, tracking_uri: str) -> 
         f"compare them with: searchlab ui {flags.study_file}{again}"
     )
     click.echo(f"export the best model with: searchlab export {flags.study_file} -o best.keras")
+
+
+def _as_trained(study: Study, storage_url: str) -> Study:
+    """``study`` with its model builder as the stored study trained it (``Transfer.as_trained``:
+    the backbone weights its sessions recorded), so a study file that reads its weights from
+    an environment variable exports without it set again."""
+    again = getattr(study.model, "as_trained", None)
+    if again is None:
+        return study
+    from searchlab.store import SETTINGS_KEY, SPACE_ATTR, StudyStore
+
+    try:
+        kept = StudyStore.load(study.name, storage_url).attr(SPACE_ATTR) or {}
+    except SearchlabError:
+        return study  # export_model says what is missing
+    settings = kept.get(SETTINGS_KEY) or {}
+    model = {k.removeprefix("model."): v for k, v in settings.items() if k.startswith("model.")}
+    return dataclasses.replace(study, model=again(model))
 
 
 @main.command()
@@ -814,7 +900,7 @@ def export(
         )
         click.echo(f"wrote {written['path']}: {study_file}")
         return
-    study = load_study(study_file)
+    study = _as_trained(load_study(study_file), storage or config.default_storage())
     done = export_mod.export_model(
         study,
         storage or config.default_storage(),
@@ -1061,13 +1147,23 @@ def doctor(
     _quiet_backends(load=backend.requested() in backend.BACKENDS)
     from searchlab.doctor import Status, run_checks
 
-    problems = []
-    for check in run_checks(study_file, data_dir, storage, tracking_uri):
+    given = click.get_current_context().get_parameter_source("data_dir")
+    source = f"${DATA_DIR_ENV}" if given is ParameterSource.ENVIRONMENT else "--data-dir"
+    problems, downloads = [], []
+    for check in run_checks(study_file, data_dir, storage, tracking_uri, source):
         click.echo(f"{check.status.value:<4}  {check.label:<15} {check.detail}")
         if check.status is Status.FAIL:
             problems.append(check.label)
+        if check.downloads:
+            downloads.append(check.label)
     if problems:
         _fail(f"{len(problems)} problem(s): {', '.join(problems)}; see the FAIL lines above.")
+    if downloads:
+        click.echo(
+            f"ready if online: a run downloads what the warn lines name ({', '.join(downloads)}); "
+            "offline, do what they say first."
+        )
+        return
     click.echo("ready: nothing a run needs is missing.")
 
 

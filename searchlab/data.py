@@ -9,7 +9,8 @@ one-hot (or multi-label) rows, the largest id + 1 for int ids, None for float ta
 several outputs.
 
 Where data is looked for, in order: the data directory (``--data-dir``, else the
-``SEARCHLAB_DATA_DIR`` environment variable), Keras's own cache (``~/.keras/datasets``), and
+``SEARCHLAB_DATA_DIR`` environment variable, else the project's ``[tool.searchlab] data_dir``:
+``config.find_data_dir`` owns the rule), Keras's own cache (``~/.keras/datasets``), and
 only then ``keras.datasets.<name>.load_data()``, which downloads.  Offline and not found gives
 one ``DataError`` line that says which file to put where.
 
@@ -45,7 +46,7 @@ from searchlab import config
 from searchlab.errors import DataError
 
 log = logging.getLogger(__name__)
-DATA_DIR_ENV = "SEARCHLAB_DATA_DIR"
+DATA_DIR_ENV = config.DATA_DIR_ENV
 
 #: name -> (files to look for in the data directory, in order; number of classes)
 _KNOWN: dict[str, tuple[tuple[str, ...], int]] = {
@@ -58,9 +59,13 @@ DATASETS = tuple(_KNOWN)
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path | None:
-    """The data directory in force: the explicit one, else ``$SEARCHLAB_DATA_DIR``, else None."""
-    value = explicit if explicit else os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser().resolve() if value else None
+    """The data directory in force (``config.find_data_dir``: the explicit one, else
+    ``$SEARCHLAB_DATA_DIR``, else the project's setting), or None; raises ``DataError`` when
+    the folder named does not exist, saying who named it."""
+    found = config.find_data_dir(explicit)
+    if found.problem is not None:
+        raise DataError(found.problem)
+    return found.path
 
 
 @dataclass(frozen=True)

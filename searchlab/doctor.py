@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from searchlab import backend, config
 from searchlab import data as data_mod
@@ -32,6 +33,8 @@ class Check:
     label: str
     status: Status
     detail: str
+    #: a ``WARN`` for something a run downloads (fine online, a stop offline)
+    downloads: bool = False
 
 
 def _size(path: Path) -> str:
@@ -99,23 +102,19 @@ def _installed_backends() -> str:
     return ", ".join(b for b in backend.BACKENDS if backend.version(b))
 
 
-def check_data_dir(explicit: str | None) -> Iterator[Check]:
-    root = data_mod.data_dir(explicit)
+def check_data_dir(explicit: str | None, explicit_source: str = "--data-dir") -> Iterator[Check]:
+    """The data directory ``config.find_data_dir`` picks, who named it, and what it holds."""
+    found = config.find_data_dir(explicit, explicit_source=explicit_source)
     cache = data_mod.keras_cache_dir()
+    if found.problem is not None:
+        yield Check("data directory", Status.FAIL, found.problem)
+        return
+    root = found.path
     if root is None:
         yield Check(
             "data directory",
             Status.OK,
-            f"none set (--data-dir or ${data_mod.DATA_DIR_ENV}); Keras's cache {cache} is used, "
-            "then keras.datasets downloads",
-        )
-        return
-    if not root.is_dir():
-        yield Check(
-            "data directory",
-            Status.FAIL,
-            f"{root} does not exist: create it, or point --data-dir / "
-            f"${data_mod.DATA_DIR_ENV} at the folder that holds your datasets.",
+            f"{found.source}; Keras's cache {cache} is used, then keras.datasets downloads",
         )
         return
     known = data_mod.known_files()
@@ -125,7 +124,7 @@ def check_data_dir(explicit: str | None) -> Iterator[Check]:
             datasets.append(f"{known[path.name]} ({path.name}, {_size(path)})")
         else:
             others.append(f"{path.name} ({_size(path)})")
-    text = f"{root}: " + (", ".join(datasets) if datasets else "no known dataset file")
+    text = f"{found.describe()}: " + (", ".join(datasets) if datasets else "no known dataset file")
     if others:
         text += f"; other files: {', '.join(others)}"
     yield Check("data directory", Status.OK, text)
@@ -142,10 +141,27 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
+def _unwritable(path: Path) -> Check | None:
+    """A FAIL where a store that does not exist yet could not be created."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return Check(
+        "stores",
+        Status.FAIL,
+        f"{path} cannot be created: {folder} is not a folder you may write to. Set "
+        f"{config.HOME_ENV} to one (or pass --storage / --tracking-uri).",
+    )
+
+
 def _check_optuna(url: str) -> Check:
     path = _sqlite_path(url)
     if path is not None and not path.exists():
-        return Check("optuna storage", Status.OK, f"{url} (not created yet: a run creates it)")
+        return _unwritable(path) or Check(
+            "optuna storage", Status.OK, f"{url} (not created yet: a run creates it)"
+        )
     from searchlab.store import redact, study_names
 
     try:
@@ -170,7 +186,7 @@ def _check_mlflow(uri: str) -> Check:
     path = _sqlite_path(uri)
     artifacts = config.default_artifact_root()
     if path is not None and not path.exists():
-        return Check(
+        return _unwritable(path) or Check(
             "mlflow tracking",
             Status.OK,
             f"{uri} (not created yet: a run creates it); artifacts in {artifacts}",
@@ -203,15 +219,21 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
         f"{study.strategy} search, objective {study.objective}",
     )
     dataset = study.dataset
-    root = data_mod.data_dir(explicit_data_dir)
+    found = config.find_data_dir(explicit_data_dir)
+    root = found.path if found.problem is None else None
+    loaded = None
     if dataset.name is not None and data_mod.find_local(dataset.name, root) is None:
         files = data_mod.dataset_files(dataset.name)
-        where = root or f"a folder named by --data-dir or ${data_mod.DATA_DIR_ENV}"
+        where = root or (
+            f"a data directory (--data-dir, ${data_mod.DATA_DIR_ENV} or [tool.searchlab] "
+            "data_dir in pyproject.toml)"
+        )
         yield Check(
             "study data",
             Status.WARN,
             f"{dataset.name}: no {' / '.join(files)} in {where} nor in Keras's cache; a run "
             f"downloads it with keras.datasets (offline: put {files[0]} in {where}).",
+            downloads=True,
         )
     else:
         try:
@@ -231,6 +253,11 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
                     else "labels that are not classes (targets or several outputs)"
                 ),
             )
+    if hasattr(study.model, "fetch_weights"):  # models.Transfer: the backbone it will load
+        rgb = (224, 224, 3) if loaded is None else tuple(int(v) for v in loaded.input_shape)
+        yield check_weights(study.model, rgb)
+    if loaded is not None:
+        yield check_disk(loaded)
     if study.strategy == "gp" and importlib.util.find_spec("torch") is None:
         yield Check(
             "study strategy",
@@ -240,15 +267,95 @@ def check_study(study_file: str, explicit_data_dir: str | None) -> Iterator[Chec
         )
 
 
+def check_weights(model: Any, shape: tuple[int, ...]) -> Check:
+    """The backbone weights a ``Transfer`` model loads: a user's file must exist; ImageNet
+    weights are looked for where a run looks (nothing is downloaded here)."""
+    from searchlab.models import transfer
+
+    if model.is_file:
+        given = Path(model.backbone).expanduser()
+        if given.is_file():
+            return Check("backbone", Status.OK, f"model file {given} ({_size(given)})")
+        return Check(
+            "backbone", Status.FAIL, f"model file {given} not found: fix the study file's backbone."
+        )
+    if model.weights is None:
+        return Check(
+            "backbone",
+            Status.OK,
+            f"{model.backbone}, random fixed weights (seed {model.seed}){_from_setting(model)}",
+        )
+    shape = (model.input_size, model.input_size, 3) if model.input_size else shape
+    try:
+        path = transfer.resolve_weights(model.backbone, model.weights, shape, model.weights_setting)
+    except SearchlabError as exc:
+        return Check("backbone", Status.FAIL, str(exc).splitlines()[0])
+    if path is not None:
+        return Check(
+            "backbone",
+            Status.OK,
+            f"{model.backbone} weights {path} ({_size(path)}){_from_setting(model)}",
+        )
+    name = transfer.BACKBONES[model.backbone][0]
+    return Check(
+        "backbone",
+        Status.WARN,
+        f"{name}'s ImageNet weights are not in {transfer.weights_where()} nor in "
+        f"{transfer.keras_models_dir()}: a run downloads them (offline: "
+        f"{transfer.weights_fix(model.backbone, shape, model.weights_setting)}).",
+        downloads=True,
+    )
+
+
+def _from_setting(model: Any) -> str:
+    read = model.weights_setting
+    return f", from ${read.name}" if read is not None and read.from_env else ""
+
+
+#: free space below which the feature cache's disk folder is a warning
+LOW_DISK = 1 << 30
+
+
+def check_disk(loaded: Any) -> Check:
+    """Free space where the feature cache writes (``<home>/feature-cache``).  A frozen
+    prefix's outputs per example are of the order of the input's float32 size (VGG16's at
+    its block 3 on 32x32 images: 5x), so a study needs about that times its rows per cut
+    point it caches: warned below 1 GB or below 10x the data's float32 size."""
+    import math
+    import shutil
+
+    folder = config.home()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    rows = len(loaded.x_train) + len(loaded.x_val)
+    data_bytes = rows * math.prod(loaded.input_shape) * 4
+    need = max(LOW_DISK, 10 * data_bytes)
+    text = (
+        f"{free / 2**30:.1f} GB free at {folder}; the data is {data_bytes / 2**20:.0f} MB as "
+        "float32 (the feature cache needs a few times that per cached cut point)"
+    )
+    if free < need:
+        return Check(
+            "disk",
+            Status.WARN,
+            f"{text}: under {need / 2**30:.1f} GB, free some space or set {config.HOME_ENV} "
+            "to a folder on a bigger disk.",
+        )
+    return Check("disk", Status.OK, text)
+
+
 def run_checks(
     study_file: str | None = None,
     data_dir: str | None = None,
     storage: str | None = None,
     tracking_uri: str | None = None,
+    data_dir_source: str = "--data-dir",
 ) -> Iterator[Check]:
-    """Every check, in the order ``searchlab doctor`` prints them."""
+    """Every check, in the order ``searchlab doctor`` prints them; ``data_dir_source``: who
+    gave ``data_dir`` (the flag, or the environment variable click read for it)."""
     yield from check_backend()
-    yield from check_data_dir(data_dir)
+    yield from check_data_dir(data_dir, data_dir_source)
     yield from check_stores(storage, tracking_uri)
     if study_file is not None:
         yield from check_study(study_file, data_dir)

@@ -2,8 +2,9 @@
 
 A session (one ``searchlab run``, or one worker of it) goes:
 
-1. ``open_session``: check the engine's settings and the budget, load the data (a missing
-   dataset fails before any store is touched), open the Optuna study (``store``) and the
+1. ``prepare`` then ``open_session``: check the engine's settings and the budget, load the
+   data and find a transfer backbone's weights (a missing dataset or weights file fails
+   before any store is touched: a run that cannot train writes nothing), open the Optuna study (``store``) and the
    MLflow session run (``tracking``), close what a crashed session left open
    (``Session.reconcile``), and let the engine open its own state.
 2. ``work``: claim a trial under the study lock (``coordination.claim_trial``: stale trials
@@ -137,7 +138,7 @@ def prepare(
     study: Study, options: RunOptions, *, check: bool = True
 ) -> tuple[Engine, int | None, TrialSpec]:
     """The engine (its settings checked), the budget, and the trials' spec with the data
-    loaded: every mistake in the study or the flags is raised here, before a store is
+    loaded and a transfer backbone's weights file found (or downloaded): every mistake in the study or the flags is raised here, before a store is
     touched.  ``check``: also build one model and check it against the data and the
     objective (``trial.preflight``; once per session, not in each worker)."""
     engine = engines.create(study, options)
@@ -150,6 +151,9 @@ def prepare(
         )
     target = engines.budget(study, options)
     spec = trial_spec(study, options)
+    fetch_weights = getattr(spec.build, "fetch_weights", None)  # models.Transfer
+    if fetch_weights is not None:  # missing ImageNet weights stop the run here, not in a trial
+        fetch_weights(tuple(spec.data.input_shape))
     if check:
         from searchlab import trial as trial_mod
 

@@ -299,6 +299,11 @@ class StudyStore:
                     for k in sorted(set(was) | set(settings))
                     if was.get(k) != settings.get(k)
                 }
+                if changed and not ostudy.get_trials(deepcopy=False):
+                    # no trial of it ever started (a run that stopped before training):
+                    # nothing was pinned, the new settings are its first
+                    changed = {}
+                    ostudy.set_user_attr(SPACE_ATTR, new)
                 if changed and not allow_changed_settings:
                     raise StudyDefinitionError(
                         f"Study {name!r} was run with other settings ({describe_changes(changed)}): "

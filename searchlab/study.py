@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from searchlab import config
 from searchlab.data import Dataset
 from searchlab.errors import DataError, SearchlabError, StudyDefinitionError
 from searchlab.hp import HpSpace, Overrides, is_hypermodel, own_fit
@@ -441,7 +442,8 @@ def load_study(path: str | Path) -> Study:
     sys.path.insert(0, folder)
     sys.modules[module_name] = module
     try:
-        exec(code, module.__dict__)  # noqa: S102 - a study file is the user's own code
+        with config.loading_study(str(path)):  # the settings it reads are its own (``setting``)
+            exec(code, module.__dict__)  # noqa: S102 - a study file is the user's own code
     except SearchlabError as exc:
         raise type(exc)(f"{path}, line {_line_in(exc, path)}: {exc}") from None
     except SystemExit as exc:  # exit() at import time would end searchlab without a word

@@ -1,6 +1,7 @@
 """VGG16 (ImageNet weights) with a new head on CIFAR-10: how many backbone layers to freeze,
 how wide the head, how much dropout, which learning rate and batch size.
 
+    searchlab run studies/cifar_vgg.py --try            # 2 trials x 1 epoch, small, throwaway
     searchlab run studies/cifar_vgg.py                  # Bayesian (TPE), 20 trials x 3 epochs
     searchlab run studies/cifar_vgg.py --strategy grid  # 3 x 3 x 2 x 2 x 2 grid points
     searchlab export studies/cifar_vgg.py -o best.h5    # the complete model, raw images in
@@ -9,29 +10,29 @@ Trials that freeze the same backbone prefix share its outputs through the featur
 (`.searchlab/feature-cache/`): each frozen prefix sees the images once per study, not once
 per epoch per trial.  With internet, Keras downloads CIFAR-10 and the weights.  Offline, put
 a CIFAR-10 .npz (``cifar10.npz`` or ``cifar10_subset*.npz``) and
-``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` in the data directory (``--data-dir``
-or ``$SEARCHLAB_DATA_DIR``).
+``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5`` in the data directory (``--data-dir``,
+``$SEARCHLAB_DATA_DIR`` or ``[tool.searchlab] data_dir`` in pyproject.toml), or run with
+``CIFAR_VGG_WEIGHTS=none`` (``searchlab doctor studies/cifar_vgg.py`` says what is missing).
 
-Environment knobs, read when the file is loaded:
+Environment knobs, read when the file is loaded (``searchlab.setting``):
     CIFAR_VGG_WEIGHTS     ``imagenet`` (default), ``none`` (a fixed random backbone), or a path
     CIFAR_VGG_INPUT_SIZE  upsample the 32x32 images to this size first, e.g. 64 (default 32)
     CIFAR_VGG_CACHE       ``0`` trains every trial on the whole model (no feature cache)
 """
 
-import os
-
+import searchlab
 from searchlab import Choice, Dataset, Float, Int, Study
 from searchlab.models import Transfer
 
-_weights = os.environ.get("CIFAR_VGG_WEIGHTS", "imagenet")
-_size = int(os.environ.get("CIFAR_VGG_INPUT_SIZE", "32"))
+_weights = searchlab.setting("CIFAR_VGG_WEIGHTS", default="imagenet")
+_size = int(searchlab.setting("CIFAR_VGG_INPUT_SIZE", default="32"))
 
 vgg16 = Transfer(
     "vgg16",
     weights=None if _weights.lower() == "none" else _weights,
     input_size=None if _size == 32 else _size,
     pooling="avg",
-    cache=os.environ.get("CIFAR_VGG_CACHE", "1") != "0",
+    cache=searchlab.setting("CIFAR_VGG_CACHE", default="1") != "0",
 )
 
 study = Study(

@@ -7,13 +7,12 @@
 Same data and weights as studies/cifar_vgg.py (and the same CIFAR_VGG_* knobs).
 """
 
-import os
-
+import searchlab
 from searchlab import Choice, Dataset, Float, Int, Study
 from searchlab.models import FineTune, Transfer
 
-_weights = os.environ.get("CIFAR_VGG_WEIGHTS", "imagenet")
-_size = int(os.environ.get("CIFAR_VGG_INPUT_SIZE", "32"))
+_weights = searchlab.setting("CIFAR_VGG_WEIGHTS", default="imagenet")
+_size = int(searchlab.setting("CIFAR_VGG_INPUT_SIZE", default="32"))
 
 study = Study(
     name="cifar-vgg16-finetune",
@@ -32,7 +31,7 @@ study = Study(
         weights=None if _weights.lower() == "none" else _weights,
         input_size=None if _size == 32 else _size,
         fine_tune=FineTune(head_epochs=2, epochs=2, lr_factor=0.1),
-        cache=os.environ.get("CIFAR_VGG_CACHE", "1") != "0",
+        cache=searchlab.setting("CIFAR_VGG_CACHE", default="1") != "0",
     ),
     data=Dataset("cifar10", validation="test", scale=False),
     strategy="bayesian",

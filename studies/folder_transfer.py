@@ -24,13 +24,12 @@ Environment knobs, read when the file is loaded:
                              path to the weights file
 """
 
-import os
-
+import searchlab
 from searchlab import Choice, Dataset, Float, Int, Study
 from searchlab.models import Transfer
 
-_size = int(os.environ.get("FOLDER_TRANSFER_SIZE", "224"))
-_weights = os.environ.get("FOLDER_TRANSFER_WEIGHTS", "imagenet")
+_size = int(searchlab.setting("FOLDER_TRANSFER_SIZE", default="224"))
+_weights = searchlab.setting("FOLDER_TRANSFER_WEIGHTS", default="imagenet")
 
 backbone = Transfer(
     "vgg16",
@@ -50,7 +49,7 @@ study = Study(
     },
     model=backbone,
     data=Dataset(
-        directory=os.environ.get("FOLDER_TRANSFER_DIR", "photos"),
+        directory=searchlab.setting("FOLDER_TRANSFER_DIR", default="photos"),
         image_size=(_size, _size),
         validation=0.2,
         # pixels stay 0..255: the backbone's own preprocessing expects them

@@ -16,13 +16,12 @@ then give the study ``backbone_seed=`` so every trial builds the same backbone a
 cache applies).
 """
 
-import os
-
 import keras
 
+import searchlab
 from searchlab import Dataset, Study
 
-WEIGHTS = os.environ.get("HANDWRITTEN_VGG_WEIGHTS", "imagenet")
+WEIGHTS = searchlab.setting("HANDWRITTEN_VGG_WEIGHTS", default="imagenet")
 
 
 def build_model(hp):

@@ -33,7 +33,10 @@ def test_doctor_reports_backend_devices_data_and_stores(cli, project: Path, data
     out = result.output
     assert f"backend         {keras.backend.backend()} " in out
     assert "devices         " in out and ("cpu:0" in out or "gpu:0" in out)
-    assert f"data directory  {data_dir.resolve()}: " in out and "mnist (mnist.npz" in out
+    # which rule found it (config.find_data_dir): the project fixture sets the variable
+    assert f"data directory  {data_dir.resolve()} (from $SEARCHLAB_DATA_DIR): " in out
+    assert "mnist (mnist.npz" in out
+    assert "disk            " in out and " GB free at " in out
     assert (
         f"optuna storage  sqlite:///{project / '.searchlab' / 'optuna.db'} (not created yet" in out
     )
@@ -48,7 +51,7 @@ def test_missing_data_directory_fails(cli, project: Path) -> None:
     result = cli("doctor", "--data-dir", project / "nowhere")
     assert result.exit_code == 1
     (line,) = lines_with(result.output, "FAIL")
-    assert "data directory" in line and "does not exist" in line
+    assert "data directory" in line and "(from --data-dir) does not exist" in line
     assert "error: 1 problem(s): data directory" in result.output
 
 

@@ -35,9 +35,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from searchlab import backend
+from searchlab import backend, config
 from searchlab import data as data_mod
 from searchlab.cache import is_random
 from searchlab.data import DataInfo
@@ -59,6 +61,9 @@ BACKBONES: dict[str, tuple[str, str, str]] = {
     "resnet50": ("ResNet50", "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
     "mobilenet_v2": ("MobileNetV2", "tf", ""),  # file name depends on the input size
 }
+#: where keras.applications downloads a backbone's ImageNet weights from: its folder there
+_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/{}/{}"
+_WEIGHTS_FOLDER = {"vgg16": "vgg16", "vgg19": "vgg19", "resnet50": "resnet"}
 PREPROCESS = ("caffe", "tf", "torch", "none")
 POOLINGS = ("avg", "max", "flatten")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -165,6 +170,10 @@ class Transfer:
         if fine_tune is not None and not isinstance(fine_tune, FineTune):
             raise StudyDefinitionError("fine_tune must be a FineTune(...) schedule or None.")
         self.weights = None if weights is None else str(weights)
+        #: the ``searchlab.setting`` (environment variable) the study file took them from
+        self.weights_setting = config.setting_for(self.weights)
+        #: rebuilt as a stored study trained it (``as_trained``): export, not a run
+        self.trained = False
         self.cut = cut
         self.input_size = input_size
         self.pooling = pooling
@@ -188,6 +197,44 @@ class Transfer:
             "optimizer": self.optimizer,
             "fine_tune": repr(self.fine_tune) if self.fine_tune is not None else "none",
         }
+
+    def as_trained(self, settings: Mapping[str, str]) -> Transfer:
+        """This builder with the backbone weights a stored study trained with: ``settings``
+        are its ``settings()`` as the session recorded them.  A study file whose weights come
+        from an environment variable (``searchlab.setting``) then exports and reports the
+        model it trained without that variable set again; a missing ImageNet file is then
+        named as what the trained model's frozen backbone is rebuilt from."""
+        was = settings.get("weights")
+        if was is None or self.is_file:
+            return self
+        twin = copy.copy(self)
+        twin.trained, twin.weights_setting = True, None
+        random_seed = re.fullmatch(r"random \(seed (-?\d+)\)", was)
+        if random_seed:
+            twin.weights, twin.seed = None, int(random_seed.group(1))
+        else:
+            twin.weights = was
+        return twin
+
+    def fetch_weights(self, input_shape: tuple[int, ...]) -> Path | None:
+        """The backbone's weights file, found before a session writes anything: a user's
+        file (it must exist), or for ``weights="imagenet"`` Keras's file in the data
+        directory or Keras's cache, downloaded into Keras's cache where it is in neither.
+        None for a random backbone or a model file.  Raises ``StudyDefinitionError``, one
+        line naming the fix in the study's own terms (the ``searchlab.setting`` environment
+        variable that gave the value, where one did), when the file cannot be had."""
+        if self.is_file or self.weights is None:
+            return None
+        shape = (self.input_size, self.input_size, 3) if self.input_size else tuple(input_shape)
+        path = resolve_weights(self.backbone, self.weights, shape, self.weights_setting)
+        if path is not None:
+            return path
+        fname = weights_file_name(self.backbone, shape)
+        url = _WEIGHTS_URL.format(_WEIGHTS_FOLDER.get(self.backbone, self.backbone), fname)
+        try:
+            return Path(keras.utils.get_file(fname, url, cache_subdir="models"))
+        except Exception as exc:
+            raise _missing_weights(self.backbone, shape, exc, self) from None
 
     def __repr__(self) -> str:
         return (
@@ -741,7 +788,7 @@ def _backbone_arrays(
             _ARRAYS.clear()
             _ARRAYS[key] = [_seeded(layer, spec.seed) for layer in layers]
         return _ARRAYS[key]
-    path = resolve_weights(spec.backbone, spec.weights, shape)
+    path = resolve_weights(spec.backbone, spec.weights, shape, spec.weights_setting)
     key = (spec.backbone, str(path), os.path.getmtime(path) if path else None, shape)
     if key not in _ARRAYS:
         ctor = getattr(keras.applications, BACKBONES[spec.backbone][0])
@@ -751,7 +798,7 @@ def _backbone_arrays(
             )
         except Exception as exc:
             if path is None:
-                raise _missing_weights(spec.backbone, shape, exc) from exc
+                raise _missing_weights(spec.backbone, shape, exc, spec) from exc
             raise StudyDefinitionError(
                 f"Cannot load backbone weights {path} into {spec.backbone} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}). Use the notop weights file "
@@ -790,16 +837,20 @@ def weights_file_name(backbone: str, shape: tuple[int, ...] = (224, 224, 3)) -> 
 
 
 def resolve_weights(
-    backbone: str, weights: str, shape: tuple[int, ...] = (224, 224, 3)
+    backbone: str,
+    weights: str,
+    shape: tuple[int, ...] = (224, 224, 3),
+    setting: config.EnvSetting | None = None,
 ) -> Path | None:
     """The weights file to load: a path as given; for ``imagenet`` the data directory's file
-    with Keras's name, else Keras's cache; None means "let Keras download it"."""
+    with Keras's name, else Keras's cache; None means "let Keras download it".  ``setting``:
+    the environment variable the study took ``weights`` from (named in the error)."""
     if weights != "imagenet":
         path = Path(weights).expanduser()
         if not path.is_file():
             raise StudyDefinitionError(
-                f"Backbone weights file {path} not found. Pass weights='imagenet', None, or the "
-                "path of a weights .h5 file."
+                f"Backbone weights file {path} not found: "
+                f"{_weights_fix(setting, f'the file at {path}')}."
             )
         return path
     fname = weights_file_name(backbone, shape)
@@ -807,19 +858,67 @@ def resolve_weights(
     root = data_mod.data_dir()
     if root is not None:
         places.append(root / fname)
-    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    places.append(Path(keras_home) / "models" / fname)
+    places.append(keras_models_dir() / fname)
     for place in places:
         if place.is_file():
             return place
     return None
 
 
-def _missing_weights(backbone: str, shape: tuple[int, ...], exc: Exception) -> StudyDefinitionError:
+def keras_models_dir() -> Path:
+    """Keras's cache of downloaded weights (``$KERAS_HOME/models``, default ``~/.keras/models``)."""
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(keras_home) / "models"
+
+
+def weights_where() -> str:
+    """The data directory where ImageNet weights files are looked for, in the user's words."""
+    return _data_dir_words()
+
+
+def _data_dir_words() -> str:
+    found = config.find_data_dir()
+    if found.path is not None:
+        return str(found.path)
+    return f"the data directory (--data-dir, ${config.DATA_DIR_ENV} or [tool.searchlab] data_dir)"
+
+
+def _weights_fix(setting: config.EnvSetting | None, put: str) -> str:
+    """How to change the weights this study asked for, in its own terms: the environment
+    variable a ``searchlab.setting`` read them from, else the study file's ``weights=``."""
+    if setting is not None:
+        name, study_file = setting.name, setting.study_file or "STUDY_FILE"
+        return (
+            f"this study takes them from ${name}: run `{name}=none searchlab run {study_file}` "
+            f"(a random fixed backbone) or set {name} to a weights file, or put {put}"
+        )
+    return (
+        "set weights=None (a random fixed backbone) or the path of a weights file in the study "
+        f"file's Transfer(...), or put {put}"
+    )
+
+
+def weights_fix(
+    backbone: str, shape: tuple[int, ...], setting: config.EnvSetting | None = None
+) -> str:
+    """What to do when a backbone's ImageNet weights are missing (``doctor`` says it too)."""
     fname = weights_file_name(backbone, shape)
-    where = data_mod.data_dir() or f"the data directory (--data-dir or ${data_mod.DATA_DIR_ENV})"
+    return _weights_fix(setting, f"{fname} in {_data_dir_words()}")
+
+
+def _missing_weights(
+    backbone: str, shape: tuple[int, ...], exc: Exception, spec: Transfer
+) -> StudyDefinitionError:
+    why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    why = why.rpartition(" -- ")[2][:100] or type(exc).__name__  # get_file's "URL ... -- why"
+    where = _data_dir_words()
+    fix = (
+        "the study trained with them and its frozen backbone is rebuilt from them: put "
+        f"{weights_file_name(backbone, shape)} in {where}"
+        if spec.trained
+        else weights_fix(backbone, shape, spec.weights_setting)
+    )
     return StudyDefinitionError(
-        f"ImageNet weights for {backbone} not found and could not be downloaded "
-        f"({type(exc).__name__}). Put {fname} in {where} or in ~/.keras/models/, or use "
-        "weights=None."
+        f"{BACKBONES[backbone][0]}'s ImageNet weights are not in {where} nor in "
+        f"{keras_models_dir()} and could not be downloaded ({why}); {fix}."
     )
