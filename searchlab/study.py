@@ -168,8 +168,8 @@ class Study:
         max_model_size: a trial whose model has more parameters (scalars) fails before it
             trains, as in KerasTuner.
         cache: False: no trial trains on cached features of a frozen prefix (the feature
-            cache applies to any model whose first layers are frozen: README, "The feature
-            cache").
+            cache applies to any model whose first layers are frozen: the user guide's
+            "Transfer learning and the feature cache", docs/transfer.md).
         backbone_seed: build every trial's model from this seed instead of the trial's own
             (which then drives only its fit: shuffling, dropout), so a randomly initialised
             frozen backbone (``weights=None``) is the same in every trial and its features are
