@@ -5,7 +5,7 @@
 # The machine has no registry access, so what it lacks travels as wheels in .whl/ (git-ignored):
 # keras, optuna, mlflow-skinny (its SQLite store is enough), their pure-Python needs, and
 # searchlab itself (`pip wheel --no-deps . -w .whl`), plus .whl/data/ with the datasets and
-# .whl/studies/ with the study files. See the README section "GPUs and Keras backends".
+# .whl/studies/ with the study files. See docs/gpus.md.
 #
 # Usage, on the device, from the repository root:
 #   bash .whl/gpu_check.sh "studies/mnist_dense.py --trials 4 --epochs 3" ["OTHER_STUDY ARGS" ...]

@@ -178,7 +178,7 @@ def test_wrong_password_is_one_line_and_writes_nothing(
     assert tracking.get_experiment_by_name("tiny") is None
 
 
-#: the worker command line of the README's SLURM and Kubernetes recipes, run here as is
+#: the worker command line of the guide's SLURM and Kubernetes recipes, run here as is
 RECIPE_WORKER = 'searchlab run "$STUDY_FILE" --trials "$TRIALS"'
 
 
@@ -188,8 +188,8 @@ def test_the_cluster_recipe_runs_identical_workers_as_one_session(
 ) -> None:
     from reliability_helpers import STUDY
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert readme.count(RECIPE_WORKER) >= 2, "the SLURM and Kubernetes recipes run this line"
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "many-machines.md").read_text()
+    assert guide.count(RECIPE_WORKER) >= 2, "the SLURM and Kubernetes recipes run this line"
     study = project / "array_study.py"
     study.write_text(STUDY.replace('name="tiny"', 'name="tiny-array"'))
     budget, workers, key = 5, 3, "array-1234"

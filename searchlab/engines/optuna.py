@@ -41,7 +41,7 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
         # Optuna 5's TPE defaults are the ones we want: multivariate (params sampled jointly,
         # single objective) and constant_liar (--workers do not all propose the same point).
         # Pruned trials count as finished, also towards the 5 random start-up trials; TPE
-        # ranks them below every complete trial (README, "Pruning").  5, not Optuna's 10:
+        # ranks them below every complete trial (docs/search.md, "Pruning").  5, not Optuna's 10:
         # studies here run tens of trials, not hundreds.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
     if strategy == "gp":
