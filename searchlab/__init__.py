@@ -8,6 +8,11 @@ and read results back in a notebook with ``searchlab.results(path)`` (a pandas D
 and ``searchlab.best(path)``.
 """
 
+# ruff: noqa: E402 - the command's guard against Ctrl-C comes before every other import
+from searchlab import interrupts as _interrupts
+
+_interrupts.guard_start()  # the command's Ctrl-C while it imports: exit 130, no traceback
+
 from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
 from searchlab.data import Dataset
 from searchlab.errors import (
