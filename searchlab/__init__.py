@@ -9,6 +9,11 @@ and ``searchlab.best(path)``.  A study file's own knobs read from the environmen
 through ``searchlab.setting(NAME, default=...)``, so errors name the variable to change.
 """
 
+# ruff: noqa: E402 - the command's guard against Ctrl-C comes before every other import
+from searchlab import interrupts as _interrupts
+
+_interrupts.guard_start()  # the command's Ctrl-C while it imports: exit 130, no traceback
+
 from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
 from searchlab.config import setting
 from searchlab.data import Dataset

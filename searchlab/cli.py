@@ -23,7 +23,7 @@ from click.core import ParameterSource
 
 from searchlab import backend, config, engines, interrupts
 from searchlab.data import DATA_DIR_ENV
-from searchlab.errors import SearchlabError
+from searchlab.errors import SearchlabError, disk_full, disk_full_line
 from searchlab.outcome import TrialState
 from searchlab.study import STRATEGIES
 
@@ -65,21 +65,35 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             _check_home()
             return fn(*args, **kwargs)
-        except SearchlabError as exc:
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except KeyboardInterrupt:
             interrupts.acknowledge()
             _fail(INTERRUPTED, interrupts.EXIT_CODE)
-        except OSError as exc:  # a file the system would not read or write: the user's to fix
+        except Exception as exc:
+            if disk_full(exc):  # however a store wraps it (SQLite, Optuna, MLflow): one line
+                logging.getLogger(__name__).info("%s", exc, exc_info=True)
+                _fail(disk_full_line(exc, _disk_candidates()))
+            if isinstance(exc, SearchlabError):
+                _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            if not isinstance(exc, OSError):
+                raise
+            # a file the system would not read or write: the user's to fix
             logging.getLogger(__name__).info("%s", exc, exc_info=True)
             _fail(os_error_line(exc))
-        except Exception as exc:
-            if "database or disk is full" not in str(exc):  # SQLite's words for ENOSPC
-                raise
-            logging.getLogger(__name__).info("%s", exc, exc_info=True)
-            _fail(os_error_line(OSError(errno.ENOSPC, "No space left on device")))
 
     return wrapper
+
+
+def _disk_candidates() -> list[str]:
+    """Where a full disk may be, for its error line: the local stores' folders (the
+    variables' or the defaults'), the project's ``.searchlab`` and the temporary folder."""
+    import tempfile
+
+    from searchlab import tracking
+
+    uris = [config.default_storage(), config.default_tracking_uri()]
+    paths = [tracking.local_path(u) for u in uris]
+    folders = [str(p.parent) for p in paths if p is not None]
+    return list(dict.fromkeys([*folders, str(config.home()), tempfile.gettempdir()]))
 
 
 def os_error_line(exc: OSError) -> str:
@@ -1066,7 +1080,12 @@ def ui(study_file: str | None, host: str, port: int, tracking_uri: str | None) -
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         page = _compare_page(tracker, study_file)
-        tracking.wait_for_ui(process, url)
+        click.echo(f"starting the MLflow UI on {url} (it may take a minute on a busy machine)...")
+
+        def waiting(seconds: float) -> None:
+            click.echo(f"waiting for the MLflow UI to answer ({seconds:.0f} s)...")
+
+        tracking.wait_for_ui(process, url, progress=waiting)
         click.echo(f"MLflow UI: {url}{page}, serving {redact(tracker.uri)}")
         click.echo("Ctrl-C stops it.")
         code = process.wait()

@@ -18,6 +18,9 @@ every batch, epoch, claim and launcher poll -- raises it again if it was dropped
 raises nothing and the block raises it when it ends.  Whoever catches the interrupt calls
 ``acknowledge()`` so that the clean-up it then does is not interrupted by the same signal.
 
+Before ``install`` -- while the ``searchlab`` command is still importing -- ``guard_start``
+(called by ``searchlab/__init__``) makes a signal end the process at once, exit code 130.
+
 One signal stops the process; a second one while it stops is noted and ignored (the runs are
 being closed, which takes a few seconds); a third ends the process at once with exit code 130
 (``os._exit``), leaving what is still open to the next run's reconcile.  Signals only reach
@@ -95,6 +98,40 @@ def install() -> Callable[[], None]:
     return restore
 
 
+#: how the ``searchlab`` command starts: its console script, or ``python -m searchlab.cli``
+#: (a worker, the tests)
+COMMAND_NAMES = ("searchlab", "searchlab.exe")
+COMMAND_MODULES = ("searchlab", "searchlab.cli")
+STARTING = "interrupted while starting; nothing was run."
+
+
+def _starting(signum: int, frame: Any) -> None:
+    _say(STARTING)
+    os._exit(EXIT_CODE)
+
+
+def is_command() -> bool:
+    """Whether this process is the ``searchlab`` command (not a notebook, a test runner or
+    a user's script that imports searchlab)."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if sys.argv and os.path.basename(sys.argv[0]) in COMMAND_NAMES:
+        return True
+    return any(a == "-m" and b in COMMAND_MODULES for a, b in zip(argv, argv[1:], strict=False))
+
+
+def guard_start() -> None:
+    """In the ``searchlab`` command only, from its first import on: Ctrl-C or SIGTERM before
+    ``install`` (while Python imports searchlab, NumPy, click: a few seconds on a loaded
+    machine) ends the process at once with one line and exit code 130 -- nothing was
+    opened yet -- instead of a ``KeyboardInterrupt`` traceback and death by SIGINT.
+    ``install`` replaces it; anywhere else (a notebook, pytest) it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not is_command():
+        return
+    for sig in SIGNALS:
+        if signal.getsignal(sig) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(sig, _starting)
+
+
 def check() -> None:
     """Raise ``KeyboardInterrupt`` if a signal arrived and its interrupt was lost on the way
     (see the module doc); a safe point in the main thread calls this."""
@@ -129,4 +166,4 @@ def deferred(*, then_raise: bool = True) -> Iterator[None]:
         check()
 
 
-__all__ = ["EXIT_CODE", "acknowledge", "check", "deferred", "install"]
+__all__ = ["EXIT_CODE", "acknowledge", "check", "deferred", "guard_start", "install"]

@@ -48,7 +48,7 @@ from searchlab import checkpoint, config, coordination, engines, interrupts
 from searchlab.data import class_names_json, classes_tag, head
 from searchlab.errors import SearchlabError, TrialPruned
 from searchlab.outcome import Claim, TrialResult, TrialState
-from searchlab.store import RUN_ID_ATTR, StoredTrial, StudyStore, redact
+from searchlab.store import ACTIVE_ATTR, RUN_ID_ATTR, StoredTrial, StudyStore, redact
 
 if TYPE_CHECKING:
     from searchlab.data import Data
@@ -621,6 +621,8 @@ def log_best_model(
         (sample, backend.outputs_of(model, sample)),
         requirements=backend.model_requirements(),
         tags=tags,
+        params=session.store.trial(int(number)).params,
+        trial_run=run_id,
     )
     summary["model_uri"] = uri
     if session.options.register and value is not None:
@@ -757,6 +759,7 @@ def run_one(
     (Ctrl-C, SIGTERM) once it has a checkpoint, it is paused, not failed (module doc)."""
     import dataclasses
 
+    from searchlab.tracking import trial_run_name
     from searchlab.trial import run_trial
 
     trial, params, proposal = claimed.trial, claimed.params, claimed.proposal
@@ -769,6 +772,7 @@ def run_one(
     ).start()
     run_id: str | None = None
     folder: Path | None = None
+    began: float | None = None
     try:
         tags = {
             **base_tags,
@@ -792,7 +796,9 @@ def run_one(
                     except Exception as exc:  # its run is gone, the store refused: this trial
                         return _not_resumed(session, claimed, listener, exc)
                 else:
-                    run_id = session.tracker.start_trial(number, params, tags)
+                    run_id = session.tracker.start_trial(
+                        number, params, tags, run_name=trial_run_name(number, done + 1)
+                    )
                     attrs = {RUN_ID_ATTR: run_id, **proposal.attrs}
                     if session.resumes:
                         folder = checkpoint_root() / run_id
@@ -804,13 +810,17 @@ def run_one(
             if folder is not None:
                 spec = dataclasses.replace(spec, checkpoint=folder)
             on_epoch = _epoch_callback(session, trial, proposal, spec, run_id, listener, logged)
+            began = time.perf_counter()  # this process's part of the trial (ACTIVE_ATTR)
             result = (train or run_trial)(number, params, spec, tmp / f"trial-{number}", on_epoch)
+            if claimed.resumed:  # its time before the pause counts, the pause does not
+                result.duration += active_before(trial)
+                trial.set_user_attr(ACTIVE_ATTR, round(result.duration, 3))
         except BaseException as exc:  # Ctrl-C, a study-level or store error: close, then stop
             if isinstance(exc, KeyboardInterrupt):
                 interrupts.acknowledge()
                 if run_id is not None and folder is not None and checkpoint.exists(folder):
                     with interrupts.deferred():
-                        _pause(session, number, run_id, folder)
+                        _pause(session, trial, run_id, folder, began)
                     raise
                 error = "interrupted (Ctrl-C)"
             else:
@@ -821,11 +831,20 @@ def run_one(
                     finish(session, trial, run_id, result)
                     session.engine.tell(proposal, result)
                 except Exception as inner:  # the stores may be what failed: say the first error
-                    log.warning("trial %s: could not record its failure: %s", number, inner)
+                    log.warning(
+                        "trial %s: could not record its failure: %s",
+                        number,
+                        _why(inner),
+                    )
+                    _fail_run(session, number, run_id, error)
                 checkpoint.remove(folder)
             raise
         with interrupts.deferred():  # MLflow, Optuna and the engine all learn the result
-            finish(session, trial, run_id, result)
+            try:
+                finish(session, trial, run_id, result)
+            except Exception as exc:  # a store failed (a full disk): no result in either
+                _fail_run(session, number, run_id, f"its result was not recorded: {_why(exc)}")
+                raise
             session.engine.tell(proposal, result)
             checkpoint.remove(folder)  # recorded: nothing to go on from
         note_cache(session, result)
@@ -875,9 +894,45 @@ def _not_resumed(
     return result
 
 
-def _pause(session: Session, number: int, run_id: str, folder: Path) -> None:
+def _fail_run(session: Session, number: int, run_id: str | None, error: str) -> None:
+    """End a trial's MLflow run FAILED when Optuna could not record how the trial ended
+    (its store failed), where MLflow still can: the run shows no result Optuna lacks."""
+    if run_id is None:
+        return
+    try:
+        session.tracker.fail_trial(run_id, error)
+    except Exception as exc:  # both stores are gone: the next run's reconcile closes it
+        log.warning("trial %s: could not close its MLflow run: %s", number, _why(exc))
+
+
+def _why(exc: BaseException) -> str:
+    """An error and what it came from (SQLAlchemy's words under Optuna's), one line each
+    joined: "An exception is raised during the commit ...; (sqlite3.OperationalError)
+    database or disk is full"."""
+    from searchlab.errors import chain
+
+    lines = [_first_line(str(e)) for e in chain(exc)]
+    return "; ".join(dict.fromkeys(line for line in lines if line))[:1000]
+
+
+def active_before(trial: Any) -> float:
+    """The seconds a resumed trial trained before this process took it over (``ACTIVE_ATTR``)."""
+    attrs = trial.storage.get_trial(trial._trial_id).user_attrs
+    return float(attrs.get(ACTIVE_ATTR, 0.0))
+
+
+def _pause(session: Session, trial: Any, run_id: str, folder: Path, began: float | None) -> None:
     """End an interrupted trial's run KILLED and leave its Optuna trial RUNNING with its
-    checkpoint, for the next session to go on with (``coordination``: resumable trials)."""
+    checkpoint, for the next session to go on with (``coordination``: resumable trials);
+    the time it trained so far (since ``began``, a ``perf_counter`` time, and before) is kept
+    on it (``ACTIVE_ATTR``)."""
+    number = trial.number
+    try:
+        if began is not None:
+            active = active_before(trial) + time.perf_counter() - began
+            trial.set_user_attr(ACTIVE_ATTR, round(active, 3))
+    except Exception as exc:  # the store may be what stopped the run: the pause comes first
+        log.warning("trial %s: could not record its training time: %s", number, exc)
     try:
         state = checkpoint.load(folder)
         epoch = state.epoch if state is not None else 0

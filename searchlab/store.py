@@ -31,6 +31,9 @@ RUN_ID_ATTR = "mlflow_run_id"
 #: epochs the trial trained, and its error (failed trials)
 EPOCHS_ATTR = "epochs_run"
 ERROR_ATTR = "error"
+#: on a trial that was paused (Ctrl-C with a checkpoint) and went on later: the seconds it
+#: trained, its processes together and the pauses left out (its ``duration_s``)
+ACTIVE_ATTR = "searchlab.active_s"
 #: the study's declared space and objective, to refuse a changed study file; under
 #: ``SETTINGS_KEY`` in it, the settings that change results (``runner.result_settings``)
 SPACE_ATTR = "searchlab.space"
@@ -209,6 +212,14 @@ def stale_reason() -> str:
     )
 
 
+def _duration_s(t: optuna.trial.FrozenTrial) -> float | None:
+    """How long a trial trained: Optuna's start-to-end time, but for a trial that was paused
+    and went on later, its training time without the pause (``ACTIVE_ATTR``)."""
+    if t.user_attrs.get(ACTIVE_ATTR) is not None:
+        return float(t.user_attrs[ACTIVE_ATTR])
+    return t.duration.total_seconds() if t.duration else None
+
+
 def stored(t: optuna.trial.FrozenTrial) -> StoredTrial:
     state = STATES[t.state]
     error = t.user_attrs.get(ERROR_ATTR)
@@ -221,7 +232,7 @@ def stored(t: optuna.trial.FrozenTrial) -> StoredTrial:
         params=dict(t.params),
         run_id=t.user_attrs.get(RUN_ID_ATTR),
         epochs=t.user_attrs.get(EPOCHS_ATTR),
-        duration_s=t.duration.total_seconds() if t.duration else None,
+        duration_s=_duration_s(t),
         error=error,
         attrs=dict(t.user_attrs),
     )

@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,8 @@ EPOCH_METRIC = "epoch_s"
 PAUSED_TAG = "searchlab.paused"
 #: MLflow's own variable, which ``mlflow.set_tracking_uri`` sets (``_fluent_uri``)
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: where MLflow's fluent API registers models, when set (else the tracking URI)
+REGISTRY_URI_ENV = "MLFLOW_REGISTRY_URI"
 #: the name of the study's best model, an MLflow Model (``mlflow.keras`` flavor) logged on
 #: the session's parent run; tag ``searchlab.model_uri`` on that run holds its ``models:/`` URI
 MODEL_NAME = "best_model"
@@ -143,7 +145,9 @@ class Tracker(Protocol):
     3. Per trial: ``start_trial(number, params, tags)`` returns the trial's run id;
        ``log_inputs(run_id, inputs)`` records the data it trains on;
        ``log_epoch(run_id, epoch, metrics)`` once per epoch (``epoch`` from 1: the step); ``end_trial(run_id, result)``
-       exactly once, which logs the outcome and the weights and closes the run.  A trial
+       exactly once, which logs the outcome and the weights and closes the run; when Optuna
+       could not record that outcome (its store failed: a full disk), ``fail_trial(run_id,
+       error)`` ends the run FAILED instead, also one ``end_trial`` had closed.  A trial
        interrupted with a checkpoint ends with ``pause_trial(run_id, note)`` instead (the run
        ends KILLED, its Optuna trial stays RUNNING); a later process that takes the trial over
        calls ``resume_trial(run_id, tags)`` in place of ``start_trial``: the same run, open
@@ -190,11 +194,19 @@ class Tracker(Protocol):
     def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None: ...
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, result: TrialResult) -> None: ...
+    def fail_trial(self, run_id: str, error: str) -> None: ...
     def pause_trial(self, run_id: str, note: str) -> None: ...
     def resume_trial(self, run_id: str, tags: Mapping[str, str]) -> int: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_model(
-        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+        self,
+        model: Any,
+        sample: Any,
+        *,
+        requirements: Sequence[str],
+        tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        trial_run: str | None = None,
     ) -> str: ...
     def register_model(
         self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
@@ -211,6 +223,7 @@ def _quiet_mlflow() -> None:
     # MLflow prints each closed run's page, with the tracking URI's password in it: the CLI
     # says where the results are itself
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    no_proxy_for_loopback(os.environ)  # MLflow's requests to a local server: direct
     import mlflow  # noqa: F401 - configures its loggers on import; quiet them after
 
     for name in ("mlflow", "alembic"):
@@ -241,7 +254,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         )
         request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - user's
+        with opener_for(url).open(request, timeout=timeout) as resp:  # user's server
             if resp.status >= 500:
                 raise StoreError(f"MLflow server {redact(uri)} answered {resp.status} on /health.")
     except StoreError:
@@ -395,6 +408,7 @@ def ui_command(
     import sys
 
     env = {**os.environ, BACKEND_STORE_ENV: uri}
+    no_proxy_for_loopback(env)  # what it may ask of itself or a local store: never proxied
     argv = [
         sys.executable,
         "-m",
@@ -412,9 +426,60 @@ def ui_command(
     return argv, env
 
 
-def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
-    """Wait until the MLflow server at ``url`` answers ``/health``; one line when it cannot."""
-    deadline = time.monotonic() + timeout
+#: hosts that are this machine: a request to one never goes through a proxy
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    import ipaddress
+
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def opener_for(url: str) -> urllib.request.OpenerDirector:
+    """A urllib opener for ``url``: one that uses no proxy when ``url`` is on this machine
+    (``http_proxy`` set without ``no_proxy=127.0.0.1`` would send a check of a local server
+    to the proxy, which cannot reach it), else urllib's usual one (the environment's
+    proxies)."""
+    if is_loopback(urllib.parse.urlsplit(url).hostname):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def no_proxy_for_loopback(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """``env`` with this machine's names added to ``no_proxy`` and ``NO_PROXY`` (kept as
+    they were otherwise), so that an HTTP client started in it -- MLflow's own, which
+    reads them -- never sends a request to a local server through ``http_proxy``."""
+    for key in ("no_proxy", "NO_PROXY"):
+        listed = [h.strip() for h in env.get(key, "").split(",") if h.strip()]
+        missing = [h for h in LOOPBACK if h not in listed]
+        if missing:
+            env[key] = ",".join([*listed, *missing])
+    return env
+
+
+def wait_for_ui(
+    process: Any,
+    url: str,
+    timeout: float = 180.0,
+    progress: Callable[[float], None] | None = None,
+    every: float = 10.0,
+) -> None:
+    """Wait until the MLflow server at ``url`` answers ``/health`` (never through a proxy:
+    it is on this machine); one line when it cannot.  ``progress(seconds)`` is called every
+    ``every`` seconds while it does not answer yet (a loaded machine takes 30-60 s)."""
+    started = time.monotonic()
+    deadline, said = started + timeout, started
+    opener = opener_for(url)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise StoreError(
@@ -422,13 +487,20 @@ def wait_for_ui(process: Any, url: str, timeout: float = 120.0) -> None:
                 f"{url}; run with -v to see its output, or try another --port."
             )
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:  # noqa: S310
+            with opener.open(url + "/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
         except Exception:  # not up yet
             pass
         time.sleep(0.5)
-    raise StoreError(f"The MLflow UI did not answer on {url} within {timeout:.0f}s.")
+        now = time.monotonic()
+        if progress is not None and now - said >= every:
+            said = now
+            progress(now - started)
+    raise StoreError(
+        f"The MLflow UI did not answer on {url} within {timeout:.0f}s: the machine may be "
+        "busy; run again, or with -v to see its output."
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -535,6 +607,52 @@ def params_text(params: Mapping[str, Any]) -> str:
     )
 
 
+def session_run_name(name: str, number: int, started: float) -> str:
+    """A session's parent run name, which tells the study's sessions apart in the MLflow UI:
+    ``cifar-vgg16 session 3 (2026-12-08 01:40)`` -- the study, the session's number in its
+    experiment (from 1), and when it started (this machine's local time)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(started))
+    return f"{name} session {number} ({stamp})"
+
+
+def trial_run_name(number: int, index: int | None = None) -> str:
+    """A trial run's name, in the console's words: ``trial 3 (#2)`` is the run of the line
+    ``trial 3 of 20 (#2): ...`` (``index``: the trial's place in the study, from 1; ``#``:
+    its Optuna number, which never changes); ``trial #2`` without an index."""
+    return f"trial {index} (#{number})" if index is not None else f"trial #{number}"
+
+
+#: significant digits a float param keeps when nobody wrote it (sampled from a range)
+SAMPLED_DIGITS = 6
+
+
+def param_text(value: Any) -> str:
+    """A param as logged to MLflow: the digits the user would write, not 17.
+
+    - ints, strings, bools and floats whose shortest ``repr`` has at most 12 significant
+      digits (what a user writes in ``Choice``/``grid=``/``Fixed``, a grid step's points):
+      ``repr``, which reads back as exactly the value the trial used;
+    - a float that is such a value plus arithmetic noise (``0.1 + 0.2``, a step grid or
+      Optuna's ``step`` points, ``10 ** -3``: within 1e-13 of its 12-digit rounding): that
+      rounding (``0.3``, not ``0.30000000000000004``);
+    - any other float, one sampled from a continuous range (``Float(1e-4, 1e-2, log=True)``):
+      ``SAMPLED_DIGITS`` significant digits (``0.00123457``); the exact value stays in the
+      Optuna study, which export and re-evaluation read.
+    """
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if not math.isfinite(value) or value == 0.0:
+        return repr(value)
+    text = repr(value)
+    digits = text.lower().split("e")[0].lstrip("-").replace(".", "").strip("0")
+    if len(digits) <= 12:
+        return text
+    short = f"{value:.12g}"
+    if abs(float(short) - value) <= 1e-13 * abs(value):
+        return repr(float(short))
+    return f"{value:.{SAMPLED_DIGITS}g}"
+
+
 def score_tags(score: ModelScore) -> dict[str, str]:
     """A registered version's score, as its tags (what ``champion_move`` compares next time)."""
     return {
@@ -559,12 +677,6 @@ def score_of(tags: Mapping[str, str]) -> ModelScore | None:
 TRIAL_RUN_TAG = "searchlab.trial_run"
 
 
-def _model_id(model_uri: str) -> str | None:
-    """The LoggedModel id of a ``models:/<id>`` URI (None for ``models:/NAME/1`` and others)."""
-    rest = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
-    return rest if rest.startswith("m-") and "/" not in rest else None
-
-
 @contextmanager
 def _fluent_uri(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking URI at ``uri`` for the block (``Model.log``
@@ -572,19 +684,23 @@ def _fluent_uri(uri: str) -> Iterator[None]:
     ``mlflow.keras.load_model`` reads models through it, where the client has its own),
     then put back what it resolved to before.  ``mlflow.set_tracking_uri`` also exports
     ``MLFLOW_TRACKING_URI`` to the environment, which searchlab reads as the default
-    ``--tracking-uri``: that variable is restored exactly (unset if it was)."""
+    ``--tracking-uri``: that variable is restored exactly (unset if it was), as is
+    ``MLFLOW_REGISTRY_URI``, which points ``mlflow.register_model`` at the same store."""
     import mlflow
 
-    before, env = mlflow.get_tracking_uri(), os.environ.get(TRACKING_URI_ENV)
+    before = mlflow.get_tracking_uri()
+    env = {key: os.environ.get(key) for key in (TRACKING_URI_ENV, REGISTRY_URI_ENV)}
     mlflow.set_tracking_uri(uri)
+    os.environ[REGISTRY_URI_ENV] = uri  # the registry is the tracking store's, as for the client
     try:
         yield
     finally:
         mlflow.set_tracking_uri(before)
-        if env is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
-            os.environ[TRACKING_URI_ENV] = env
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class MlflowTracker:
@@ -653,7 +769,13 @@ class MlflowTracker:
 
         self.experiment_id = self.experiment(name)
         tags = {**context_tags(self.source), **session_tags(name, info)}
-        run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=f"{name}-session")
+        earlier = self._mlflow.search_runs(
+            [self.experiment_id],
+            filter_string="tags.`searchlab.role` = 'session'",
+            max_results=50_000,
+        )
+        run_name = session_run_name(name, len(earlier) + 1, time.time())
+        run = self._mlflow.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self._session_id = run.info.run_id
         self._open.add(self._session_id)
         params = [
@@ -809,13 +931,13 @@ class MlflowTracker:
         assert self.experiment_id is not None and self._session_id is not None
         all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
         run = self._mlflow.create_run(
-            self.experiment_id, tags=all_tags, run_name=run_name or f"trial-{number:04d}"
+            self.experiment_id, tags=all_tags, run_name=run_name or trial_run_name(number)
         )
         run_id = run.info.run_id
         self._open.add(run_id)
         self._mlflow.log_batch(
             run_id,
-            params=[Param(k, _short(v, MAX_PARAM)) for k, v in params.items()],
+            params=[Param(k, _short(param_text(v), MAX_PARAM)) for k, v in params.items()],
             tags=[RunTag("searchlab.params", _short(params_text(params), MAX_TAG))],
         )
         return run_id
@@ -884,6 +1006,21 @@ class MlflowTracker:
         finally:
             self.close_run(run_id, RUN_STATUS[result.state])
 
+    def fail_trial(self, run_id: str, error: str) -> None:
+        """End trial run ``run_id`` FAILED with ``error``, also when ``end_trial`` closed it
+        already: Optuna could not record the trial's result, so MLflow must not show one."""
+        from mlflow.entities import RunTag
+
+        self._open.discard(run_id)
+        self._mlflow.log_batch(
+            run_id,
+            tags=[
+                RunTag("searchlab.state", TrialState.FAILED.value),
+                RunTag("searchlab.error", _short(error, MAX_TAG)),
+            ],
+        )
+        self._mlflow.set_terminated(run_id, "FAILED")
+
     def pause_trial(self, run_id: str, note: str) -> None:
         """End trial run ``run_id`` KILLED, tagged ``searchlab.paused`` with ``note``: its
         trial goes on from its checkpoint in a later process (``resume_trial``)."""
@@ -925,14 +1062,20 @@ class MlflowTracker:
         *,
         requirements: Sequence[str],
         tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        trial_run: str | None = None,
     ) -> str:
         """Log ``model`` (a complete Keras model) on the session's parent run as an MLflow
         Model of the ``mlflow.keras`` flavor named ``best_model``: a LoggedModel of the
         study's experiment whose source run is the parent run, with ``tags``, a signature
         inferred from ``example`` (a few raw inputs, and the model's outputs on them), and
         ``requirements`` as its pip requirements (given, not inferred: MLflow would load the
-        model again in a subprocess).  Returns its ``models:/<model_id>`` URI, which is also
-        tagged on the parent run (``searchlab.model_uri``)."""
+        model again in a subprocess).  ``params`` (the trial's) become the model's params
+        (``param_text``), and the last value of each metric of ``trial_run`` (the trial run
+        whose weights it holds) is linked to it (``link_metrics``): the model's page in the
+        UI shows what it was trained with and how it scored.  Returns its
+        ``models:/<model_id>`` URI, which is also tagged on the parent run
+        (``searchlab.model_uri``)."""
         import mlflow
         from mlflow.models import Model, infer_signature
 
@@ -945,6 +1088,7 @@ class MlflowTracker:
             name=MODEL_NAME,
             source_run_id=self._session_id,
             tags={k: _short(v, MAX_TAG) for k, v in tags.items()},
+            params={k: _short(param_text(v), MAX_PARAM) for k, v in (params or {}).items()},
         )
         with _fluent_uri(self.uri):
             info = Model.log(
@@ -958,8 +1102,26 @@ class MlflowTracker:
                 model_id=logged.model_id,
             )
         uri = str(info.model_uri)
+        if trial_run is not None:
+            self.link_metrics(trial_run, logged.model_id)
         self.tag_session({MODEL_URI_TAG: uri})
         return uri
+
+    def link_metrics(self, run_id: str, model_id: str) -> None:
+        """Link the last value of each metric of run ``run_id`` to LoggedModel ``model_id``:
+        the same metric (value, step, time) logged again with ``model_id``, which MLflow
+        keeps once on the run (a metric equal in all of them is the same point) and adds to
+        the model's metrics."""
+        from mlflow.entities import Metric
+
+        linked = []
+        for key in self._mlflow.get_run(run_id).data.metrics:
+            history = self._mlflow.get_metric_history(run_id, key)
+            if history:
+                last = max(history, key=lambda m: (m.step, m.timestamp))
+                linked.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+        if linked:
+            self._mlflow.log_batch(run_id, metrics=linked)
 
     def register_model(
         self, model_uri: str, name: str, score: ModelScore, tags: Mapping[str, str] | None = None
@@ -1008,16 +1170,7 @@ class MlflowTracker:
             assert champion is not None
             version = str(champion.version)
         else:
-            version = str(
-                registry.create_model_version(
-                    name,
-                    source=model_uri,
-                    run_id=self._session_id,
-                    tags={**tags, **score_tags(score)},
-                    model_id=_model_id(model_uri),
-                    await_creation_for=0,
-                ).version
-            )
+            version = self._new_version(model_uri, name, {**tags, **score_tags(score)})
         if move == "move":
             registry.set_registered_model_alias(name, CHAMPION, version)
         old = score_of(old_tags or {})
@@ -1029,6 +1182,26 @@ class MlflowTracker:
             previous_value=old.value if old is not None else None,
             reason=reason,
         )
+
+    def _new_version(self, model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+        """A new version of registered model ``name`` from ``model_uri``, made by MLflow's
+        ``mlflow.register_model`` (in a ``_fluent_uri`` block): for a ``models:/<id>`` URI it
+        also records the version on the LoggedModel (its ``mlflow.modelVersions`` tag), which
+        is how the UI's model page shows that the model is registered and links the version
+        (``MlflowClient.create_model_version`` does that only behind an MLflow server).  What
+        MLflow prints about it goes to the log: the CLI says what was registered."""
+        import contextlib
+        import io
+
+        import mlflow
+
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            version = mlflow.register_model(
+                model_uri, name, await_registration_for=0, tags=dict(tags)
+            )
+        log.info("%s", said.getvalue().strip())
+        return str(version.version)
 
     def load_keras_model(self, model_uri: str, dst: Path) -> Any:
         """The Keras model of an MLflow Model (``models:/NAME@champion``, ``models:/<id>``,
@@ -1052,7 +1225,7 @@ class MlflowTracker:
             if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
         ]
         params = [
-            Param(f"best.{k}", _short(v, MAX_PARAM))
+            Param(f"best.{k}", _short(param_text(v), MAX_PARAM))
             for k, v in (summary.get("best_params") or {}).items()
         ]
         try:
@@ -1235,7 +1408,12 @@ class MemoryTracker:
     def start_session(self, name: str, info: Mapping[str, Any]) -> str:
         self._experiment = name
         tags = {**context_tags(self.source), **session_tags(name, info)}
-        self._session_id = self._new(name, tags, f"{name}-session")
+        number = 1 + sum(
+            1
+            for r in self.records.values()
+            if r["experiment"] == name and r["tags"].get("searchlab.role") == "session"
+        )
+        self._session_id = self._new(name, tags, session_run_name(name, number, time.time()))
         self.events.append(("start_session", self._session_id))
         return self._session_id
 
@@ -1301,8 +1479,8 @@ class MemoryTracker:
     ) -> str:
         assert self._session_id is not None and self._experiment is not None
         all_tags = {**context_tags(self.source), **trial_tags(self._session_id, number, tags)}
-        run_id = self._new(self._experiment, all_tags, run_name or f"trial-{number:04d}")
-        self.records[run_id]["params"] = {k: str(v) for k, v in params.items()}
+        run_id = self._new(self._experiment, all_tags, run_name or trial_run_name(number))
+        self.records[run_id]["params"] = {k: param_text(v) for k, v in params.items()}
         self.events.append(("start_trial", run_id, str(number)))
         return run_id
 
@@ -1331,6 +1509,15 @@ class MemoryTracker:
         self._close(run_id, RUN_STATUS[result.state])
         self.events.append(("end_trial", run_id, result.state.value))
 
+    def fail_trial(self, run_id: str, error: str) -> None:
+        record = self.records[run_id]
+        record["tags"].update(
+            {"searchlab.state": TrialState.FAILED.value, "searchlab.error": error}
+        )
+        self._open.discard(run_id)
+        record["status"] = "FAILED"
+        self.events.append(("fail_trial", run_id))
+
     def pause_trial(self, run_id: str, note: str) -> None:
         assert run_id in self._open, f"pause_trial on closed run {run_id}"
         self.records[run_id]["tags"][PAUSED_TAG] = note
@@ -1354,11 +1541,29 @@ class MemoryTracker:
         self.artifacts.setdefault(self._session_id, []).append(name)
 
     def log_model(
-        self, model: Any, sample: Any, *, requirements: Sequence[str], tags: Mapping[str, str]
+        self,
+        model: Any,
+        sample: Any,
+        *,
+        requirements: Sequence[str],
+        tags: Mapping[str, str],
+        params: Mapping[str, Any] | None = None,
+        trial_run: str | None = None,
     ) -> str:
         assert self._session_id is not None
         uri = f"models:/m-{len(self.models):04d}"
-        self.models[uri] = {"run_id": self._session_id, "tags": dict(tags), "model": model}
+        metrics = (
+            {m: v[-1][1] for m, v in self.records[trial_run]["metrics"].items()}
+            if trial_run is not None
+            else {}
+        )
+        self.models[uri] = {
+            "run_id": self._session_id,
+            "tags": dict(tags),
+            "model": model,
+            "params": {k: param_text(v) for k, v in (params or {}).items()},
+            "metrics": metrics,
+        }
         self.records[self._session_id]["tags"][MODEL_URI_TAG] = uri
         self.events.append(("log_model", self._session_id, uri))
         return uri

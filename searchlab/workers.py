@@ -51,6 +51,17 @@ if TYPE_CHECKING:
     from searchlab.trial import TrialSpec
 
 log = logging.getLogger(__name__)
+#: how long the launcher waits for a worker it passed Ctrl-C or SIGTERM on before it kills it.
+#: What a stop takes: the worker ends its training batch (a trial's first, which compiles the
+#: model, or a feature-cache pass over a batch, takes longest), finishes the checkpoint in
+#: flight and closes its trial's runs; then the launcher closes the session.  That is a few
+#: seconds on an idle machine (1-8 s in the tests on 2 cores), more under load -- 34-82 s
+#: were measured on a 2-core machine shared with other jobs.  The bound: ``STOP_GRACE_S`` for
+#: the worker, plus the launcher's close of the session (seconds; its store writes retry for
+#: up to ``MLFLOW_HTTP_REQUEST_TIMEOUT`` on an MLflow server) -- about 70 s on a loaded
+#: machine, so a scheduler's grace period (SLURM's ``KillWait``, Kubernetes'
+#: ``terminationGracePeriodSeconds``) should be 90 s or more where nodes are shared.  A
+#: worker killed at the bound still leaves its trial resumable from its last checkpoint.
 STOP_GRACE_S = 60.0
 #: a worker's exit code when it ended itself to shed memory (``--recycle-mb``): restart it
 RECYCLE = 75

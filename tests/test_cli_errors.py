@@ -443,7 +443,7 @@ def test_a_full_disk_while_a_trial_saves(project: Path) -> None:
     lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
     assert done.returncode == 1 and len(lines) == 1, out
     assert "No space left on device" in lines[0] and "best.weights.h5" in lines[0]
-    assert "Free some space" in lines[0] and "Traceback" not in out
+    assert "free some space" in lines[0] and "Traceback" not in out
     trials = optuna.load_study(study_name="full", storage=f"sqlite:///{home / 'optuna.db'}").trials
     assert [t.state.name for t in trials] == ["FAIL"]
     assert "No space left on device" in trials[0].user_attrs["error"]

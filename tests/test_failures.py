@@ -101,3 +101,95 @@ def test_max_failures_stops_the_study_with_a_clear_message(cli, project: Path) -
     assert all(r.info.status != "RUNNING" for r in runs)
     (session,) = [r for r in runs if r.data.tags.get("searchlab.role") == "session"]
     assert session.info.status == "FAILED"
+
+
+#: on PYTHONPATH of a ``searchlab run``: the Optuna store's disk fills as the first trial
+#: ends -- every later write to it fails as SQLite says it, through SQLAlchemy and Optuna
+DISK_FILLS = """
+import sqlite3
+
+import sqlalchemy.exc
+from optuna.exceptions import StorageInternalError
+from optuna.storages import RDBStorage
+
+full = []
+
+
+def _full(*args, **kwargs):
+    full.append(True)
+    cause = sqlalchemy.exc.OperationalError(
+        "UPDATE trials SET state=?", {}, sqlite3.OperationalError("database or disk is full")
+    )
+    raise StorageInternalError(
+        "An exception is raised during the commit. This typically happens due to invalid data "
+        "in the commit, e.g. exceeding max length."
+    ) from cause
+
+
+def _until_full(method):
+    def write(*args, **kwargs):
+        if full:
+            _full()
+        return method(*args, **kwargs)
+
+    return write
+
+
+_set_state = RDBStorage.set_trial_state_values
+
+
+def _set_trial_state_values(self, trial_id, state, values=None):
+    if state.is_finished() or full:  # a claim (WAITING -> RUNNING) still fits
+        _full()
+    return _set_state(self, trial_id, state, values)
+
+
+RDBStorage.set_trial_state_values = _set_trial_state_values
+for name in ("set_trial_user_attr", "set_trial_system_attr", "set_study_user_attr"):
+    setattr(RDBStorage, name, _until_full(getattr(RDBStorage, name)))
+"""
+
+
+def test_a_full_store_disk_stops_in_one_line_and_closes_the_runs(project: Path) -> None:
+    """The disk of the Optuna store fills when a trial ends: one line that says so and
+    where, exit 1, no traceback (SQLAlchemy's or ours), and the MLflow runs it could still
+    write closed -- the trial FAILED, the session FAILED; the Optuna trial it could not
+    write is failed by the next run (it is stale)."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tests.conftest import mlflow_runs
+
+    study = _write(project, ["ok"])
+    hooks = project / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(DISK_FILLS)
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, "-m", "searchlab.cli", "run", str(study), "--in-process"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": path},
+        cwd=project,
+    )
+    out = done.stdout + done.stderr
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 1 and len(errors) == 1, out
+    home = project / ".searchlab"
+    assert errors[0].startswith(f"error: no space left on {home}"), errors[0]
+    assert "database or disk is full" in errors[0] and "free some space" in errors[0]
+    assert "Traceback" not in out and "[SQL:" not in out and "sqlalche.me" not in out, out
+    runs = {
+        r.data.tags.get("searchlab.role", "trial"): r
+        for r in mlflow_runs(f"sqlite:///{home / 'mlflow.db'}", "fragile")
+    }
+    assert runs["session"].info.status == "FAILED"
+    assert runs["trial"].info.status == "FAILED"
+    (trial,) = optuna.load_study(
+        study_name="fragile", storage=f"sqlite:///{home / 'optuna.db'}"
+    ).get_trials()
+    assert trial.state.name == "RUNNING"  # unwritable: the next run fails it as stale

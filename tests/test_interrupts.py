@@ -135,3 +135,50 @@ def test_an_interrupt_a_c_call_turned_into_its_error_stops_the_trial(
     spec = TrialSpec(build=build, data=data, epochs=1, batch_size=2)
     with pytest.raises(KeyboardInterrupt):
         run_trial(0, {}, spec, tmp_path)
+
+
+#: put first on PYTHONPATH: the command receives SIGINT while it imports NumPy (the first
+#: heavy import of ``import searchlab``), as a Ctrl-C in the first seconds of a run does
+SIGINT_DURING_IMPORT = """
+import importlib.abc, os, signal, sys
+
+
+class _Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, _Interrupt())
+"""
+
+
+def _interrupted_while_importing(tmp_path, command: list[str]) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_DURING_IMPORT)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_ctrl_c_while_the_command_imports_exits_130_quietly(tmp_path, how: str) -> None:
+    """``searchlab`` (its console script, or ``python -m searchlab.cli`` as a worker runs)
+    interrupted before its handler is installed: one line, exit code 130, no traceback."""
+    if how == "module":
+        command = [sys.executable, "-m", "searchlab.cli", "--help"]
+    else:  # a console script named searchlab, as pip writes it
+        script = tmp_path / "searchlab"
+        script.write_text("import sys\nfrom searchlab.cli import main\nsys.exit(main())\n")
+        command = [sys.executable, str(script), "--help"]
+    done = _interrupted_while_importing(tmp_path, command)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
+    assert done.stderr.strip() == f"searchlab: {interrupts.STARTING}"
+
+
+def test_importing_searchlab_elsewhere_keeps_pythons_ctrl_c(tmp_path) -> None:
+    """A user's script (or a notebook) that imports searchlab keeps Python's own Ctrl-C."""
+    done = _interrupted_while_importing(tmp_path, [sys.executable, "-c", "import searchlab"])
+    assert done.returncode != 130 and "KeyboardInterrupt" in done.stderr

@@ -40,7 +40,7 @@ def test_reeval_runs_k_times_s_child_runs_and_export_picks_the_best_mean(cli, pr
     tracker = MlflowTracker(config.default_tracking_uri())
     runs = mlflow_runs(tracker.uri, "reeval")
     session = [r for r in runs if r.data.tags.get("searchlab.role") == "session"][0]
-    search = [r for r in runs if r.info.run_name.startswith("trial-")]
+    search = [r for r in runs if r.info.run_name.startswith("trial ")]
     reeval = [r for r in runs if r.data.tags.get("searchlab.role") == "reeval"]
     assert len(search) == 2 and len(reeval) == 2 * 2
     assert {r.data.tags["mlflow.parentRunId"] for r in reeval} == {session.info.run_id}

@@ -9,6 +9,7 @@ Chromium through the MLflow UI; it skips without Chromium, except where
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,8 @@ from searchlab.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
+#: the registered model the second session's best model becomes a version of
+REGISTERED = "report-best"
 PLOT_NAMES = ("optimization_history", "parallel_coordinate", "param_importances", "learning_curves")
 
 STUDY = """
@@ -89,7 +92,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Finish
             mp.setenv(key, value)
         first = invoke("run", study_file, "--trials", "2", *done.stores())
         assert first.exit_code == 0, first.output
-        second = invoke("run", study_file, *done.stores())  # continues up to 4 trials
+        # continues up to 4 trials; its best model is registered (the UI's model page)
+        second = invoke("run", study_file, *done.stores(), "--register", REGISTERED)
         assert second.exit_code == 0, second.output
     return done
 
@@ -486,7 +490,11 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
             return browser.find_element(By.TAG_NAME, "body").text
 
         wait = WebDriverWait(browser, 120, poll_frequency=0.5)
-        wait.until(lambda _: body().count("report-test-session") == 2)  # one parent per session
+        # one parent per session, each with its own name: "report-test session N (date)"
+        wait.until(lambda _: all(f"report-test session {n} (" in body() for n in (1, 2)))
+        sessions = [r for r in _runs(env) if r.data.tags.get("searchlab.role") == "session"]
+        assert len({r.info.run_name for r in sessions}) == 2, [r.info.run_name for r in sessions]
+        assert all(r.info.run_name in body() for r in sessions)
         wait.until(lambda _: all(name in body() for name in names))
         columns = {
             e.get_attribute("col-id") for e in browser.find_elements(By.CSS_SELECTOR, "[col-id]")
@@ -505,7 +513,8 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
         assert values == sorted(values, reverse=True) and len(values) == len(objectives), table
         assert all(v in ("", "-") for _, v in table[len(values) :]), table
         best = _ostudy(env).best_trial
-        assert table[0][0] == f"trial-{best.number:04d}", table
+        # named as the console names it ("trial 3 of 4 (#2)" -> "trial 3 (#2)")
+        assert re.fullmatch(rf"trial \d+ \(#{best.number}\)", table[0][0]), table
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "mlflow-ui.png"))
 
@@ -519,6 +528,18 @@ def test_ui_shows_the_trials_and_their_objective_in_a_real_browser(env: Finished
         assert links, "no link to the logged model on the session's run page"
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", links[0])
         assert browser.save_screenshot(str(ARTIFACTS / "mlflow-session-run.png"))
+
+        # the best model's own page says it is registered, and links its version
+        version = _client(env).get_model_version_by_alias(REGISTERED, "champion").version
+        browser.get(url.split("#")[0] + f"#/experiments/{experiment}/models/{model_id}")
+        wait.until(lambda _: REGISTERED in body())
+        versions = browser.find_elements(
+            By.CSS_SELECTOR, f'a[href*="/models/{REGISTERED}/versions/{version}"]'
+        )
+        assert versions, f"no link to {REGISTERED} version {version} on the model's page"
+        # and its params and metrics: the best trial's
+        wait.until(lambda _: "learning_rate" in body() and "val_accuracy" in body())
+        assert browser.save_screenshot(str(ARTIFACTS / "mlflow-logged-model.png"))
     finally:
         if browser is not None:
             browser.quit()

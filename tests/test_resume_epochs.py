@@ -217,7 +217,31 @@ def test_sigterm_pauses_the_trial_within_the_bound_and_the_next_run_goes_on(
     assert run.info.status == "KILLED"  # no run left RUNNING
     assert "the next searchlab run goes on" in run.data.tags["searchlab.paused"]
 
+    time.sleep(PAUSE_S)  # paused: this time is not the trial's
     again = _run(project, home)
     out = again.finish()
     assert again.proc.returncode == 0, out
     _assert_resumed(home, uninterrupted)
+    _assert_duration_leaves_out_the_pause(home)
+
+
+#: how long the trial stays paused between its two runs
+PAUSE_S = 8
+
+
+def _assert_duration_leaves_out_the_pause(home: Path) -> None:
+    """A paused trial's duration is its training time in both processes, not its start to
+    end: in the trials table (``store``), on its MLflow run (``duration_s``)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from searchlab.store import stored
+
+    storage, tracking = _stores(home)
+    (trial,) = optuna.load_study(study_name="epochs", storage=storage).get_trials()
+    active = trial.user_attrs["searchlab.active_s"]
+    assert active >= EPOCHS * 3 * 0.2  # every training batch sleeps 0.2 s, in either run
+    assert active <= trial.duration.total_seconds() - PAUSE_S  # the pause is left out
+    assert stored(trial).duration_s == active
+    run = MlflowClient(tracking).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.metrics["duration_s"] == pytest.approx(active, abs=0.002)

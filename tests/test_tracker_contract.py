@@ -242,3 +242,76 @@ def test_a_shared_session_is_left_open_by_all_but_the_process_that_closes_it(mak
     joined.end_session({"best_value": 0.5}, "FINISHED")
     assert joined.run_status(session) == "FINISHED"
     assert joined.run_status("no-such-run") is None
+
+
+def test_sessions_and_trials_have_names_that_tell_them_apart(make) -> None:
+    """Two sessions of one study get two names (numbered, with their start); a trial run is
+    named as the console names it (``trial 3 of 20 (#2)`` -> ``trial 3 (#2)``); params keep
+    the digits the user wrote."""
+    import re
+
+    first = make()
+    one = first.start_session("s", {})
+    trial = first.start_trial(2, {"lr": 0.1 + 0.2, "units": 8}, {}, run_name="trial 3 (#2)")
+    first.end_trial(trial, result(2, TrialState.COMPLETE, 0.5))
+    first.end_session({}, "FINISHED")
+    second = make()
+    two = second.start_session("s", {})
+    second.end_session({}, "FINISHED")
+    runs = by_id(second)
+    pattern = r"s session {} \(\d{{4}}-\d\d-\d\d \d\d:\d\d\)"
+    assert re.fullmatch(pattern.format(1), runs[one].name), runs[one].name
+    assert re.fullmatch(pattern.format(2), runs[two].name), runs[two].name
+    assert runs[trial].name == "trial 3 (#2)"
+    assert dict(runs[trial].params) == {"lr": "0.3", "units": "8"}
+
+
+def test_the_logged_model_carries_its_trials_params_and_metrics_and_its_versions(
+    make, tmp_path: Path
+) -> None:
+    """The best model's LoggedModel has the trial's params and the last value of each of the
+    trial run's metrics; registering it records the version on it (``mlflow.modelVersions``),
+    which is what the UI's model page shows as registered."""
+    import json
+
+    import keras
+    import numpy as np
+
+    from searchlab.tracking import MemoryTracker, ModelScore, client
+
+    tracker = make()
+    tracker.start_session("s", {})
+    trial = tracker.start_trial(0, {"lr": 0.001, "units": 16}, {})
+    tracker.log_epoch(trial, 1, {"val_loss": 0.7, "epoch_s": 1.0})
+    tracker.log_epoch(trial, 2, {"val_loss": 0.6, "epoch_s": 1.0})
+    tracker.end_trial(trial, result(0, TrialState.COMPLETE, 0.6))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    x = np.zeros((2, 3), dtype="float32")
+    uri = tracker.log_model(
+        model,
+        (x, model.predict(x, verbose=0)),
+        requirements=["keras"],
+        tags={"searchlab.trial": "0"},
+        params={"lr": 0.001, "units": 16},
+        trial_run=trial,
+    )
+    score = ModelScore("val_loss", "minimize", 0.6)
+    registered = tracker.register_model(uri, "m", score, tags={"searchlab.trial_run": trial})
+    tracker.end_session({}, "FINISHED")
+    if isinstance(tracker, MemoryTracker):
+        logged = tracker.models[uri]
+        params, metrics = logged["params"], logged["metrics"]
+    else:
+        c = client(tracker.uri)
+        model_id = uri.removeprefix("models:/")
+        got = c.get_logged_model(model_id)
+        params = dict(got.params)
+        metrics = {m.key: m.value for m in got.metrics}
+        assert {m.run_id for m in got.metrics} == {trial}  # from the trial that trained it
+        assert json.loads(got.tags["mlflow.modelVersions"]) == [
+            {"name": "m", "version": int(registered.version)}
+        ]
+        # linked, not logged twice: each epoch is still one point of the trial's history
+        assert [m.step for m in c.get_metric_history(trial, "val_loss")] == [1, 2]
+    assert params == {"lr": "0.001", "units": "16"}
+    assert metrics["val_loss"] == pytest.approx(0.6) and metrics["objective"] == pytest.approx(0.6)
