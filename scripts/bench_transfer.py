@@ -216,7 +216,7 @@ def _clean_slate() -> None:
 
     import keras
 
-    from searchlab.trial import freeze_imports
+    from searchlab.training import freeze_imports
 
     keras.backend.clear_session()
     gc.collect()

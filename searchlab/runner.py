@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from searchlab.engines import Engine, RunOptions, SearchListener
     from searchlab.study import Study
     from searchlab.tracking import DataInput, RunRecord, Tracker
-    from searchlab.trial import TrialSpec
+    from searchlab.training import TrialSpec
 
 log = logging.getLogger(__name__)
 #: how a trial is trained: ``trial.run_trial``'s signature (tests hand the runner a stub)
@@ -151,7 +151,7 @@ def prepare(
     target = engines.budget(study, options)
     spec = trial_spec(study, options)
     if check:
-        from searchlab import trial as trial_mod
+        from searchlab import training as trial_mod
 
         trial_mod.preflight(spec, study.search_space.defaults())
     return engine, target, spec
@@ -428,7 +428,7 @@ def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]
 def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
     """What every trial of the session shares: the builder, the loaded data, the settings."""
     from searchlab import data as data_mod
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
 
     return trial_mod.TrialSpec(
         build=study.model,
@@ -573,7 +573,7 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, An
     trial's weights and logged as an MLflow Model (``Tracker.log_model``); registered too
     with ``options.register``.  Adds ``model_uri`` (and ``registered``) to ``summary``."""
     from searchlab import table
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
     from searchlab.data import info_of
 
     tracker = session.tracker
@@ -753,7 +753,7 @@ def run_one(
     (Ctrl-C, SIGTERM) once it has a checkpoint, it is paused, not failed (module doc)."""
     import dataclasses
 
-    from searchlab.trial import run_trial
+    from searchlab.training import run_trial
 
     trial, params, proposal = claimed.trial, claimed.params, claimed.proposal
     assert trial is not None and proposal is not None

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from searchlab.outcome import TrialState
     from searchlab.study import Study
     from searchlab.tracking import Tracker
-    from searchlab.trial import TrialSpec
+    from searchlab.training import TrialSpec
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 60.0
