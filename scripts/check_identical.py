@@ -12,7 +12,8 @@ a two-phase ``Transfer`` VGG16 with weights=None on a tiny CIFAR-10 subset (the 
 and a KerasTuner HyperModel with its own ``fit``.  It runs through ``runner.run`` with an
 ``MlflowTracker`` in a temporary folder (the best model is logged and loaded back), so it
 needs only the import path of ``runner``; each trial's result is
-taken from the trainer the runner calls (``run_trial``, wherever it lives).
+taken from the trainer the runner calls (``run_trial``, wherever it lives).  Left out as
+they differ from run to run: wall times (``epoch_s``, tags about time), MLflow ids.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ DATA = os.environ.get(
     "SEARCHLAB_DATA_DIR", str(Path(__file__).resolve().parents[1] / "../shared/data")
 )
 SKIP_TAGS = ("time", "seconds", "duration", "path", "host", "pid", "device", "worker", "git")
+#: summary keys that name MLflow runs and models: new ids in every run
+SKIP_SUMMARY = ("run_id", "uri")
 
 RESULTS: list[dict] = []
 
@@ -70,7 +73,9 @@ def _record(study_name: str, real):
                 "value": repr(result.value),
                 "best_epoch": result.best_epoch,
                 "history": {
-                    k: [repr(float(x)) for x in v] for k, v in sorted(result.history.items())
+                    k: [repr(float(x)) for x in v]
+                    for k, v in sorted(result.history.items())
+                    if not k.endswith("epoch_s")  # wall time
                 },
                 "tags": tags,
                 "error": result.error,
@@ -255,7 +260,7 @@ def main() -> None:
                         k: repr(v)
                         for k, v in sorted(summary.items())
                         if isinstance(v, (int, float, str, type(None)))
-                        and not any(s in k for s in SKIP_TAGS)
+                        and not any(s in k for s in SKIP_TAGS + SKIP_SUMMARY)
                     },
                 }
             )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from searchlab import backend
-from searchlab.data import batches
+from searchlab.data import Data, batches
 from searchlab.training.checkpointer import saved_variables
 from searchlab.training.monitor import Monitor
 from searchlab.training.plans import Plan, Ready, Step
@@ -64,12 +64,8 @@ def fit_phases(
             if resume is not None:  # the checkpoint's phase: on from its epoch
                 saver.restore(resume, monitor)
                 start, resume = resume.epoch, None
-        # on features the steps are small: fit's input pipeline would cost more than they do
-        fit = keras_fit if step.cut is None else backend.fit_arrays
-        if step.cut is None and data.own_batches:  # a folder: the same batches in memory or not
-            fit = batches_fit
         if start < epoch + epochs:
-            fit(
+            _fit_for(step, data)(
                 step.model,
                 step.x,
                 data.y_train,
@@ -82,6 +78,15 @@ def fit_phases(
         epoch += epochs
         if monitor.bad_loss:
             break
+
+
+def _fit_for(step: Step, data: Data) -> Callable[..., None]:
+    """How ``step`` fits: on features the steps are small (fit's input pipeline would cost
+    more than they do), a folder's inputs train on its own batches (the same in memory or
+    not), any other raw inputs through ``model.fit``."""
+    if step.cut is not None:
+        return backend.fit_arrays
+    return batches_fit if data.own_batches else keras_fit
 
 
 def keras_fit(

@@ -128,7 +128,6 @@ def run_trial(
     """
     started = time.perf_counter()
     asked = dict(params)
-    #: the trial's tags so far: each attempt's are added to them (a retry keeps the first's)
     tags = {**backend.run_tags(), "searchlab.precision": spec.precision}
     release_previous_trial()  # also resets Keras's dtype policy
     interrupts.check()  # the collection above runs callbacks that may drop a Ctrl-C
@@ -140,37 +139,53 @@ def run_trial(
             tags.update(saver.resumed_tags())
             if saver.batch_size != batch_size_of(params, spec):
                 params, spec = with_batch_size(params, spec, saver.batch_size)  # a retry's
-        for attempt in (1, 2):
-            monitor = Monitor(spec, on_epoch, strict=spec.fit is None)
-            monitor.saver = saver
-            result, oom = _attempt(number, params, spec, workdir, monitor)
-            tags.update(result.tags)
-            size = batch_size_of(params, spec)
-            if oom is None:
-                break
-            tags.pop("searchlab.hint", None)
-            if attempt == 1 and not monitor.history and size >= 2:
-                log.warning(
-                    "trial %s: out of memory at batch size %s; trying %s", number, size, size // 2
-                )
-                tags["searchlab.oom_retry"] = f"{size}->{size // 2}"
-                params, spec = with_batch_size(params, spec, size // 2)
-                if saver is not None:
-                    saver.batch_size = size // 2
-                    saver.tags["searchlab.oom_retry"] = tags["searchlab.oom_retry"]
-                release_previous_trial()
-                continue
-            result = _out_of_memory(result, oom, size)
-            tags["searchlab.oom"] = "true"
-            break
+        result = _attempts(number, params, spec, workdir, on_epoch, saver)
     except checkpoint.CheckpointError as exc:  # the checkpoint found could not be read
         result = _not_resumed(result, exc)
-        tags.update(result.tags)
     finally:
         if saver is not None:  # the last checkpoint is whole before anyone looks for it
             saver.wait(quiet=True)
     duration = time.perf_counter() - started
-    return dataclasses.replace(result, params=asked, tags=tags, duration=duration)
+    return dataclasses.replace(
+        result, params=asked, tags={**tags, **result.tags}, duration=duration
+    )
+
+
+def _attempts(
+    number: int,
+    params: Mapping[str, Any],
+    spec: TrialSpec,
+    workdir: Path,
+    on_epoch: EpochCallback | None,
+    saver: Checkpointer | None,
+) -> TrialResult:
+    """The trial's attempts: one, or a second at half the batch size when the first ran out
+    of memory before its first epoch; the last one's result with every attempt's tags."""
+    tags: dict[str, str] = {}
+    for attempt in (1, 2):
+        monitor = Monitor(spec, on_epoch, strict=spec.fit is None)
+        monitor.saver = saver
+        result, oom = _attempt(number, params, spec, workdir, monitor)
+        tags.update(result.tags)
+        size = batch_size_of(params, spec)
+        if oom is None:
+            break
+        tags.pop("searchlab.hint", None)
+        if attempt == 1 and not monitor.history and size >= 2:
+            log.warning(
+                "trial %s: out of memory at batch size %s; trying %s", number, size, size // 2
+            )
+            tags["searchlab.oom_retry"] = f"{size}->{size // 2}"
+            params, spec = with_batch_size(params, spec, size // 2)
+            if saver is not None:
+                saver.batch_size = size // 2
+                saver.tags["searchlab.oom_retry"] = tags["searchlab.oom_retry"]
+            release_previous_trial()
+            continue
+        result = _out_of_memory(result, oom, size)
+        tags["searchlab.oom"] = "true"
+        break
+    return dataclasses.replace(result, tags=tags)
 
 
 def _out_of_memory(result: TrialResult, oom: BaseException, size: int) -> TrialResult:
