@@ -7,7 +7,7 @@ Runs trials of ``studies/mnist_dense.py`` (the whole of MNIST's training split, 
 has it) and of ``studies/cifar_vgg.py`` (cached features; ``CIFAR_VGG_WEIGHTS=none``: a fixed
 random VGG16, no download) in ``--repeats`` interleaved pairs: without a checkpoint, then
 with one.  It times what each checkpoint costs the
-training thread (``trial._Checkpointer.save``: waiting for the previous file, copying the
+training thread (``training.Checkpointer.save``: waiting for the previous file, copying the
 variables; the file is written, fsynced and renamed in a thread meanwhile) and prints, per
 configuration, the mean epoch time without and with checkpoints (``epoch_s``: training and
 validation; the second includes the writing thread's competition for the CPU), the mean
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _epochs(study: Any, params: dict[str, Any], epochs: int, data: Any, folder: Any) -> Any:
-    from searchlab.trial import TrialSpec, run_trial
+    from searchlab.training import TrialSpec, run_trial
 
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         spec = TrialSpec(
@@ -61,13 +61,13 @@ def _bench(
 ) -> dict:
     """``repeats`` pairs of trials, without and with checkpoints, interleaved (so a change of
     the machine's load falls on both alike); medians over the pairs."""
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
 
     plain_s: list[float] = []
     epoch_s: list[float] = []
     ckpt_s: list[float] = []
     size = 0.0
-    save = trial_mod._Checkpointer.save
+    save = trial_mod.Checkpointer.save
     for _ in range(repeats):
         plain_s.append(_mean(_epochs(study, params, epochs, data, None).history["epoch_s"]))
         times: list[float] = []
@@ -79,14 +79,14 @@ def _bench(
             save(self, monitor, epoch, improved)
             times.append(time.perf_counter() - started)
 
-        trial_mod._Checkpointer.save = timed  # type: ignore[method-assign]
+        trial_mod.Checkpointer.save = timed  # type: ignore[method-assign]
         try:
             with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
                 folder = Path(tmp) / "ckpt"
                 result = _epochs(study, params, epochs, data, folder)
                 size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         finally:
-            trial_mod._Checkpointer.save = save  # type: ignore[method-assign]
+            trial_mod.Checkpointer.save = save  # type: ignore[method-assign]
         epoch_s.append(_mean(result.history["epoch_s"]))
         ckpt_s.append(_mean(times))
     plain, with_ckpt, ckpt = map(statistics.median, (plain_s, epoch_s, ckpt_s))

@@ -127,9 +127,10 @@ class Quiet:
 def run_searchlab(
     case: str, args, weights: Path, tmp: Path, listener: Quiet
 ) -> tuple[float, float, int]:
-    from searchlab import Dataset, Study, cache, engines, runner
+    from searchlab import Dataset, Study, engines, runner
     from searchlab.models import Transfer
     from searchlab.tracking import MlflowTracker
+    from searchlab.training import cache
 
     home = tmp / f"searchlab-{case}"
     os.environ["SEARCHLAB_HOME"] = str(home)
@@ -181,8 +182,9 @@ def unavoidable(case: str, args, weights: Path) -> tuple[float, float]:
     import keras
     import keras_tuner as kt
 
-    from searchlab import Dataset, backend, cache
+    from searchlab import Dataset, backend
     from searchlab import data as data_mod
+    from searchlab.training import cache
 
     d = data_mod.load(
         Dataset("cifar10", validation="test", subset=_subset(args), scale=False), args.data_dir
@@ -216,7 +218,7 @@ def _clean_slate() -> None:
 
     import keras
 
-    from searchlab.trial import freeze_imports
+    from searchlab.training import freeze_imports
 
     keras.backend.clear_session()
     gc.collect()

@@ -44,8 +44,8 @@ STORE_STEPS = {  # label -> (module or class path, attribute)
     "optuna best trial": ("searchlab.store:StudyStore", "best"),
 }
 MODEL_STEPS = {
-    "release last trial": ("searchlab.trial", "_release_previous_trial"),
-    "build model": ("searchlab.trial", "build_model"),
+    "release last trial": ("searchlab.training.run", "release_previous_trial"),
+    "build model": ("searchlab.training.run", "build_model"),
     "build for fit": ("searchlab.backend", "build_for_fit"),
     "save best weights": ("keras:Model", "save_weights"),
 }

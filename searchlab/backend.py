@@ -635,3 +635,16 @@ def _keras_order(n: int) -> Any:
         return indices
 
     return tf.data.Dataset.range(1).map(permutation).prefetch(1)
+
+
+def is_random(layer: Any) -> bool:
+    """Whether a Keras layer may act randomly (it holds a seed generator, or it is user
+    code); a nested model (a backbone inside a user's ``Sequential``) when any of its layers
+    may.  Here, below both ``models`` and ``training.cache``, which ask it."""
+    import keras
+
+    if isinstance(layer, keras.layers.Lambda):  # user code: it may be random
+        return True
+    if isinstance(layer, keras.Model) and any(is_random(inner) for inner in layer.layers):
+        return True
+    return any(isinstance(v, keras.random.SeedGenerator) for v in vars(layer).values())

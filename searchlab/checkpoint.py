@@ -25,7 +25,7 @@ The folder is on the local disk of the machine that runs the trial, and only a p
 that machine resumes it (``coordination``: the owner's host and pid say its process is
 gone); a trial whose worker ran on another machine is failed once its heartbeat goes stale
 and its point asked again, as before checkpoints -- also where the folder is on a shared
-file system.  The trial writes the file in a thread (``trial._Checkpointer``).  ``load`` raises
+file system.  The trial writes the file in a thread (``training.Checkpointer``).  ``load`` raises
 ``CheckpointError`` for a file it cannot read or that does not match the model: the trial is
 then failed with that error, and the study goes on.
 """

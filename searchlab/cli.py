@@ -830,7 +830,7 @@ def _work(flags: RunFlags, given: engines.RunOptions) -> None:
     workers_mod.bind_to_launcher()  # a worker must not outlive the launcher that started it
     options = dataclasses.replace(given, storage=flags.storage or config.default_storage())
     _, study = _load(flags.study_file, flags.subset, flags.try_run)
-    from searchlab.trial import freeze_imports
+    from searchlab.training import freeze_imports
 
     freeze_imports()  # this process has only imported so far
     tracker = _tracker(flags.tracking_uri, flags.study_file)

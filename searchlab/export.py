@@ -82,7 +82,7 @@ def export_model(
     run_id = trial.run_id
     if not run_id:
         raise ExportError(f"Trial {trial.number} has no MLflow run id: it cannot be exported.")
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
     from searchlab.data import DataInfo, classes_from_tag
     from searchlab.store import redact
     from searchlab.tracking import MissingRun
@@ -150,7 +150,7 @@ def _check_output(out: Path) -> None:
 
 
 def _save(model: Any, out: Path) -> None:
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
 
     absl = logging.getLogger("absl")
     level = absl.level

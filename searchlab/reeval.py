@@ -26,7 +26,7 @@ from searchlab.outcome import TrialState
 if TYPE_CHECKING:
     from searchlab.store import StoredTrial, StudyStore
     from searchlab.tracking import Tracker
-    from searchlab.trial import TrialSpec
+    from searchlab.training import TrialSpec
 
 log = logging.getLogger(__name__)
 ATTR = "searchlab.reeval"
@@ -97,7 +97,7 @@ def _retrain(
 ) -> tuple[str, Any]:
     """Re-train ``trial``'s configuration with its ``index``-th re-evaluation seed, as a
     child run of the session; return the run id and the result."""
-    from searchlab.trial import run_trial
+    from searchlab.training import run_trial
 
     seed = reeval_seed(spec.seed, index)
     tags = {

@@ -147,7 +147,7 @@ def best_trial(results: Results) -> BestTrial:
                 session.tags.get(MODEL_URI_TAG) or f"runs:/{session.run_id}/{BEST_MODEL_PATH}"
             )
             break
-    from searchlab.trial import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
+    from searchlab.training import SUFFIX_WEIGHTS_FILE, WEIGHTS_FILE
 
     run = results.trial_runs.get(run_id or "")
     suffix = run is not None and run.tags.get("searchlab.weights_form") == "suffix"

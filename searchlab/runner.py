@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from searchlab.engines import Engine, RunOptions, SearchListener
     from searchlab.study import Study
     from searchlab.tracking import DataInput, RunRecord, Tracker
-    from searchlab.trial import TrialSpec
+    from searchlab.training import TrialSpec
 
 log = logging.getLogger(__name__)
 #: how a trial is trained: ``trial.run_trial``'s signature (tests hand the runner a stub)
@@ -155,7 +155,7 @@ def prepare(
     if fetch_weights is not None:  # missing ImageNet weights stop the run here, not in a trial
         fetch_weights(tuple(spec.data.input_shape))
     if check:
-        from searchlab import trial as trial_mod
+        from searchlab import training as trial_mod
 
         trial_mod.preflight(spec, study.search_space.defaults())
     return engine, target, spec
@@ -432,7 +432,7 @@ def trial_tags(study: Study, options: RunOptions, engine: str) -> dict[str, str]
 def trial_spec(study: Study, options: RunOptions) -> TrialSpec:
     """What every trial of the session shares: the builder, the loaded data, the settings."""
     from searchlab import data as data_mod
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
 
     return trial_mod.TrialSpec(
         build=study.model,
@@ -577,7 +577,7 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, An
     trial's weights and logged as an MLflow Model (``Tracker.log_model``); registered too
     with ``options.register``.  Adds ``model_uri`` (and ``registered``) to ``summary``."""
     from searchlab import table
-    from searchlab import trial as trial_mod
+    from searchlab import training as trial_mod
     from searchlab.data import info_of
 
     tracker = session.tracker
@@ -760,7 +760,7 @@ def run_one(
     import dataclasses
 
     from searchlab.tracking import trial_run_name
-    from searchlab.trial import run_trial
+    from searchlab.training import run_trial
 
     trial, params, proposal = claimed.trial, claimed.params, claimed.proposal
     assert trial is not None and proposal is not None

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from searchlab.outcome import TrialState
     from searchlab.study import Study
     from searchlab.tracking import Tracker
-    from searchlab.trial import TrialSpec
+    from searchlab.training import TrialSpec
 
 log = logging.getLogger(__name__)
 #: how long the launcher waits for a worker it passed Ctrl-C or SIGTERM on before it kills it.

@@ -12,10 +12,11 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Dataset, Study, StudyDefinitionError, cache, engines, runner
+from searchlab import Dataset, Study, StudyDefinitionError, engines, runner
 from searchlab.data import Data, info_of
+from searchlab.outcome import CACHE_REASON_TAG, TrialState
 from searchlab.tracking import MlflowTracker
-from searchlab.trial import CACHE_REASON_TAG, TrialSpec, TrialState, load_trained, run_trial
+from searchlab.training import TrialSpec, cache, load_trained, run_trial
 from tests.conftest import mlflow_runs
 
 SIZE = 32  # the smallest input VGG16 takes
@@ -138,10 +139,10 @@ def _spec(build, **kwargs) -> TrialSpec:
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An empty feature cache (memory and disk) per test, and no prefix seen before."""
-    monkeypatch.setattr(cache, "_DEFAULT", cache.FeatureCache(root=tmp_path / "features"))
-    monkeypatch.setattr(cache, "_SEEN_PREFIXES", type(cache._SEEN_PREFIXES)())
-    monkeypatch.setattr(cache, "_TWINS", type(cache._TWINS)())
-    monkeypatch.setattr(cache, "_RANDOM_PREFIXES", set())
+    monkeypatch.setattr(cache.POOLS, "features", cache.FeatureCache(root=tmp_path / "features"))
+    monkeypatch.setattr(cache.POOLS, "seen_prefixes", type(cache.POOLS.seen_prefixes)())
+    monkeypatch.setattr(cache.POOLS, "twins", type(cache.POOLS.twins)())
+    monkeypatch.setattr(cache.POOLS, "random_prefixes", set())
 
 
 @pytest.mark.parametrize(
@@ -278,7 +279,7 @@ def test_a_model_that_cannot_be_cut_trains_on_images_and_says_why(
 def test_features_larger_than_the_memory_bound_are_not_cached(
     tmp_path: Path, weights: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(cache, "_DEFAULT", cache.FeatureCache(memory_mb=0, disk_mb=0))
+    monkeypatch.setattr(cache.POOLS, "features", cache.FeatureCache(memory_mb=0, disk_mb=0))
     result = run_trial(0, {}, _spec(functional_tiny(weights)), tmp_path)
     assert result.tags["searchlab.cache"] == "off"
     assert result.tags[CACHE_REASON_TAG].startswith(cache.Reason.TOO_LARGE.value)
@@ -508,13 +509,13 @@ def test_the_best_epoch_copy_of_a_part_is_completed_when_a_phase_unfreezes_more(
     """A part on cached features keeps only its own weights for the best epoch; when a later
     phase trains more of the model, the copy is completed with those weights' values then
     (unchanged since), so putting the best epoch back restores every weight of it."""
-    from searchlab.trial import _Monitor
+    from searchlab.training import Monitor
 
     model = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dense(3, name="base"), keras.layers.Dense(2, name="head")]
     )
     base, head = model.get_layer("base"), model.get_layer("head")
-    monitor = _Monitor(_spec(lambda params: model), None)
+    monitor = Monitor(_spec(lambda params: model), None)
     monitor.target = model
     monitor.keep(head.weights)  # phase one: the head on the base's features
     monitor.copy_best()

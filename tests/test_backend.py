@@ -19,7 +19,8 @@ from searchlab import backend
 from searchlab.data import Data
 from searchlab.errors import StudyDefinitionError
 from searchlab.models import dense_classifier
-from searchlab.trial import TrialSpec, TrialState, run_trial
+from searchlab.outcome import TrialState
+from searchlab.training import TrialSpec, run_trial
 from tests.conftest import REPO
 
 
@@ -203,11 +204,11 @@ def test_build_for_fit_traces_once_and_changes_no_result() -> None:
 @pytest.mark.slow
 def test_a_pruned_trial_copies_and_saves_no_weights(tmp_path: Path, monkeypatch) -> None:
     from searchlab.errors import TrialPruned
-    from searchlab.trial import _Monitor
+    from searchlab.training import Monitor
 
     copies = []
-    copy_best = _Monitor.copy_best
-    monkeypatch.setattr(_Monitor, "copy_best", lambda self: (copies.append(1), copy_best(self)))
+    copy_best = Monitor.copy_best
+    monkeypatch.setattr(Monitor, "copy_best", lambda self: (copies.append(1), copy_best(self)))
     spec = TrialSpec(build=dense_classifier, data=_tiny_data(), epochs=3)
     params = {"units": 8, "batch_size": 16}
 

@@ -11,12 +11,13 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import cache
+from searchlab import backend
 from searchlab.data import Data, Dataset, info_of, load
 from searchlab.errors import StudyDefinitionError, TrialPruned
 from searchlab.models import FineTune, Transfer
 from searchlab.models import transfer as transfer_mod
-from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
+from searchlab.outcome import TrialState
+from searchlab.training import TrialSpec, cache, load_trained, run_trial
 
 
 def _data(n_train: int = 40, n_val: int = 20, dim: int = 64, seed: int = 0) -> Data:
@@ -75,7 +76,7 @@ def test_the_prefix_fingerprint_covers_every_bit_of_the_weights_and_the_configs(
     assert cut is not None
 
     def fresh() -> str:  # hashed, not compared with the last weights hashed
-        cache._LAST_WEIGHTS.clear()
+        cache.POOLS.last_weights.clear()
         return cache.prefix_fingerprint(model, cut)
 
     first = fresh()
@@ -83,7 +84,7 @@ def test_the_prefix_fingerprint_covers_every_bit_of_the_weights_and_the_configs(
     again = _frozen_mlp()  # another model, the same weights
     again.set_weights(model.get_weights())
     assert cache.prefix_fingerprint(again, cut) == first
-    assert cache._LAST_WEIGHTS  # TensorFlow's and JAX's arrays are copies or read-only
+    assert cache.POOLS.last_weights  # TensorFlow's and JAX's arrays are copies or read-only
     kernel, bias = model.get_layer("frozen").get_weights()
     one_bit, sign = kernel.copy(), kernel.copy()
     one_bit.flat[5] = np.nextafter(one_bit.flat[5], np.float32(1))
@@ -108,15 +109,15 @@ def test_a_hash_of_writable_views_is_not_remembered():
     """A torch parameter's NumPy view changes when it trains: its bits are hashed each time."""
     values = np.arange(6, dtype="float32")
     foreign = np.frombuffer(bytearray(values.tobytes()), dtype="float32")  # not NumPy's
-    cache._weights_hash([foreign.reshape(-1)])
-    assert not cache._LAST_WEIGHTS
-    cache._weights_hash([values.copy().reshape(2, 3).reshape(-1)])  # a view of a copy
-    assert cache._LAST_WEIGHTS
+    cache.weights_hash([foreign.reshape(-1)])
+    assert not cache.POOLS.last_weights
+    cache.weights_hash([values.copy().reshape(2, 3).reshape(-1)])  # a view of a copy
+    assert cache.POOLS.last_weights
     read_only = foreign.copy()
     read_only.flags.writeable = False
-    cache._LAST_WEIGHTS.clear()
-    cache._weights_hash([read_only])
-    assert cache._LAST_WEIGHTS
+    cache.POOLS.last_weights.clear()
+    cache.weights_hash([read_only])
+    assert cache.POOLS.last_weights
 
 
 def test_features_come_from_memory_then_disk_and_the_disk_stays_bounded(tmp_path: Path):
@@ -156,7 +157,7 @@ def test_workers_that_need_the_same_features_at_once_compute_them_once(
     data = _data(n_train=100, n_val=50)
     model = _frozen_mlp()
     cut = cache.plan_cut(model, cache.cut_points(model))
-    real, computing = cache.backend.predict_arrays, threading.Event()
+    real, computing = backend.predict_arrays, threading.Event()
     callers: list[str] = []
 
     def slow(prefix, x, batch_size):  # long enough for the other worker to arrive
@@ -165,7 +166,7 @@ def test_workers_that_need_the_same_features_at_once_compute_them_once(
         time.sleep(0.5)
         return real(prefix, x, batch_size)
 
-    monkeypatch.setattr(cache.backend, "predict_arrays", slow)
+    monkeypatch.setattr(backend, "predict_arrays", slow)
     found: dict[str, cache.Features] = {}
 
     def worker(name: str) -> None:
@@ -406,16 +407,18 @@ def test_a_reset_suffix_starts_where_a_new_one_starts():
 
 
 def test_the_pool_keeps_the_most_recently_used_suffixes():
-    cache._SUFFIXES.clear()
+    cache.POOLS.suffixes.clear()
     try:
         for i in range(cache.SUFFIX_POOL_SIZE + 2):
             model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
             cache.keep_suffix(cache.Suffix(key=("k", i), model=model))
-        assert list(cache._SUFFIXES) == [("k", i) for i in range(2, cache.SUFFIX_POOL_SIZE + 2)]
+        assert list(cache.POOLS.suffixes) == [
+            ("k", i) for i in range(2, cache.SUFFIX_POOL_SIZE + 2)
+        ]
         cache.keep_suffix(cache.Suffix(key=None, model=model))  # cannot be restarted: not kept
-        assert len(cache._SUFFIXES) == cache.SUFFIX_POOL_SIZE
+        assert len(cache.POOLS.suffixes) == cache.SUFFIX_POOL_SIZE
     finally:
-        cache._SUFFIXES.clear()
+        cache.POOLS.suffixes.clear()
 
 
 class _PruneAtOnce:
@@ -444,7 +447,7 @@ def test_cached_trials_reuse_one_compiled_suffix_and_end_as_on_a_new_one(
     }
     last = {**first, "dropout": 0.5, "learning_rate": 3e-3, "batch_size": 6}
     spec = TrialSpec(build=build, data=data, epochs=2, seed=5)
-    cache._SUFFIXES.clear()
+    cache.POOLS.suffixes.clear()
 
     runs = [
         run_trial(0, first, spec, project / "t0"),
@@ -461,7 +464,7 @@ def test_cached_trials_reuse_one_compiled_suffix_and_end_as_on_a_new_one(
     assert "NaN" in runs[1].error
     assert [r.tags["searchlab.suffix_reused"] for r in runs] == ["false", "true", "true", "true"]
 
-    cache._SUFFIXES.clear()  # as in a new process
+    cache.POOLS.suffixes.clear()  # as in a new process
     new = run_trial(3, last, spec, project / "new")
     assert new.tags["searchlab.suffix_reused"] == "false"
     reused = runs[3]

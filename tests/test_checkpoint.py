@@ -18,7 +18,7 @@ from searchlab.data import Data, Dataset, info_of, load
 from searchlab.models import Transfer
 from searchlab.models.transfer import FineTune
 from searchlab.outcome import TrialState
-from searchlab.trial import TrialSpec, load_trained, out_of_memory, run_trial
+from searchlab.training import TrialSpec, load_trained, out_of_memory, run_trial
 
 EPOCHS = 6
 

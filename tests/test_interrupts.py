@@ -120,7 +120,7 @@ def test_an_interrupt_a_c_call_turned_into_its_error_stops_the_trial(
     import numpy as np
 
     from searchlab.data import Data
-    from searchlab.trial import TrialSpec, run_trial
+    from searchlab.training import TrialSpec, run_trial
 
     def build(hp):
         try:

@@ -326,7 +326,7 @@ def _regression_model(params, info):
     ids=["one-hot", "regression"],
 )
 def test_a_trial_reaches_the_numbers_of_plain_keras(data_dir, tmp_path, loader, build, objective):
-    from searchlab.trial import TrialSpec, run_trial, trial_seed
+    from searchlab.training import TrialSpec, run_trial, trial_seed
 
     loaded = data.load(Dataset(loader=loader))
     spec = TrialSpec(build=build, data=loaded, epochs=3, objective=objective, batch_size=32, seed=7)

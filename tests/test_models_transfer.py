@@ -9,12 +9,13 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Study, cache
+from searchlab import Study
 from searchlab.data import Data, DataInfo, info_of
 from searchlab.errors import SpaceError, StudyDefinitionError
 from searchlab.models import FineTune, Transfer
 from searchlab.models import transfer as transfer_mod
-from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
+from searchlab.outcome import TrialState
+from searchlab.training import TrialSpec, cache, load_trained, run_trial
 
 CIFAR = DataInfo(input_shape=(32, 32, 3), num_classes=10)
 
@@ -171,7 +172,7 @@ def test_a_model_file_is_cut_before_its_classifier_or_at_a_named_layer(tmp_path)
 @pytest.mark.slow
 def test_two_phase_fine_tuning_runs_phase_one_on_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
-    monkeypatch.setattr(cache, "_DEFAULT", None)  # a fresh process-wide cache
+    monkeypatch.setattr(cache.POOLS, "features", None)  # a fresh process-wide cache
     path = _tiny_cnn_file(tmp_path)
     x, y = _images(96, 0)
     xv, yv = _images(32, 1)
@@ -211,7 +212,7 @@ def test_a_phase_without_a_frozen_prefix_trains_the_complete_model(tmp_path, mon
     sharing the complete model's layers), phase two the complete model on raw inputs; the
     numbers are those of the trial without the cache, and the complete model is saved."""
     monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
-    monkeypatch.setattr(cache, "_DEFAULT", None)
+    monkeypatch.setattr(cache.POOLS, "features", None)
     path = _tiny_cnn_file(tmp_path)
     data = _digits()
     schedule = FineTune(head_epochs=2, epochs=1, lr_factor=0.1)
@@ -244,7 +245,7 @@ def test_features_over_the_memory_bound_leave_the_trial_as_without_the_cache(tmp
     template) moves no random stream: the numbers equal the uncached trial's, bit for bit."""
     monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / ".searchlab"))
     monkeypatch.setenv(cache.MEMORY_ENV, "0")
-    monkeypatch.setattr(cache, "_DEFAULT", None)
+    monkeypatch.setattr(cache.POOLS, "features", None)
     path = _tiny_cnn_file(tmp_path)
     data = _digits()
     schedule = FineTune(head_epochs=1, epochs=1)

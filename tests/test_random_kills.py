@@ -125,7 +125,7 @@ def _weights_load(home: Path, study_file: Path, name: str, complete: list[Any]) 
 
     from searchlab.data import DataInfo
     from searchlab.study import load_study
-    from searchlab.trial import load_trained
+    from searchlab.training import load_trained
 
     study = load_study(study_file)
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")

@@ -114,7 +114,7 @@ def _trial(home: Path) -> dict[str, Any]:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from searchlab.trial import weights_file
+    from searchlab.training import weights_file
 
     storage, tracking = _stores(home)
     found = check_consistent(storage, tracking, "epochs", 1)

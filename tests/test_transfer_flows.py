@@ -14,11 +14,12 @@ import keras
 import numpy as np
 import pytest
 
-from searchlab import Choice, Dataset, Float, Study, cache, engines, runner
+from searchlab import Choice, Dataset, Float, Study, engines, runner
 from searchlab.data import info_of, load
 from searchlab.models import Transfer, dense_classifier
+from searchlab.outcome import TrialState
 from searchlab.tracking import MlflowTracker
-from searchlab.trial import TrialSpec, TrialState, load_trained, run_trial
+from searchlab.training import TrialSpec, cache, load_trained, run_trial
 from tests.conftest import mlflow_runs
 
 pytestmark = pytest.mark.slow

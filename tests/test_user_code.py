@@ -336,7 +336,7 @@ def test_hyperparameters_and_tune_new_entries_tailor_the_space(tmp_path) -> None
 
 
 def test_a_keras_2_model_is_refused_in_one_line() -> None:
-    from searchlab.trial import check_model
+    from searchlab.training import check_model
 
     legacy = type("Sequential", (), {"__module__": "tf_keras.src.engine.sequential"})
     with pytest.raises(StudyDefinitionError, match="Keras 2 model .*needs Keras 3"):
@@ -356,11 +356,11 @@ def _classifier(*layers):
 
 
 def test_the_first_model_is_checked_by_one_eager_step() -> None:
-    from searchlab.trial import _first_logs
+    from searchlab.training import first_logs
 
     x, y = np.random.default_rng(0).random((8, 4), dtype="float32"), np.arange(8) % 3
     model = _classifier()
-    logs = _first_logs(model, x, y)
+    logs = first_logs(model, x, y)
     assert model.run_eagerly  # nothing was traced
     expected = _classifier().evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     assert set(logs) == set(expected) == {"loss", "accuracy"}
@@ -370,7 +370,7 @@ def test_the_first_model_is_checked_by_one_eager_step() -> None:
 def test_a_model_that_only_runs_traced_is_checked_traced() -> None:
     import keras
 
-    from searchlab.trial import _first_logs
+    from searchlab.training import first_logs
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("a layer that tells eager from traced calls on TensorFlow")
@@ -384,7 +384,7 @@ def test_a_model_that_only_runs_traced_is_checked_traced() -> None:
 
     x, y = np.random.default_rng(0).random((8, 4), dtype="float32"), np.arange(8) % 3
     model = _classifier(TracedOnly())
-    logs = _first_logs(model, x, y)
+    logs = first_logs(model, x, y)
     assert not model.run_eagerly
     expected = _classifier(TracedOnly()).evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
     assert float(logs["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
@@ -476,7 +476,7 @@ def test_a_hypermodel_fit_searches_shuffle_and_batch_size(cli, project, engine) 
 
 @pytest.mark.slow
 def test_the_batch_size_hypermodel_fit_chose_is_the_one_it_trained_with(project, data_dir) -> None:
-    from searchlab.trial import TrialSpec, run_trial
+    from searchlab.training import TrialSpec, run_trial
 
     study = load_study(write(project, HYPERMODEL_FIT))
     from searchlab import data

@@ -26,7 +26,7 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
     """The study's grid in the order it runs.  With a transfer builder's ``group_by`` (its
     cut-point parameter, e.g. ``frozen_layers``), points sharing that value run one after the
     other, so the feature cache of a cut point is computed once and reused."""
-    from searchlab.cache import TransferBuilder
+    from searchlab.training.cache import TransferBuilder
 
     points = study.search_space.grid()
     if isinstance(study.model, TransferBuilder):

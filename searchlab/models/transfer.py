@@ -50,7 +50,7 @@ import numpy as np
 
 from searchlab import backend, config
 from searchlab import data as data_mod
-from searchlab.cache import is_random
+from searchlab.backend import is_random
 from searchlab.data import DataInfo
 from searchlab.errors import SpaceError, StudyDefinitionError
 
