@@ -92,3 +92,44 @@ def test_an_interrupt_mid_trial_leaves_nothing_running(project) -> None:
     # the next run starts afresh and completes the budget
     result = searchlab.run(_study("api-interrupt", epochs=3), progress=False, trials=2)
     assert result.summary["n_complete"] == 2
+
+
+@pytest.mark.slow
+def test_a_studys_callbacks_reach_each_trials_fit(project) -> None:
+    import keras
+
+    class Count(keras.callbacks.Callback):
+        epochs = 0
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            Count.epochs += 1
+
+    # nothing improves the loss by 100: patience 0 stops each trial after its second epoch
+    stop = keras.callbacks.EarlyStopping(monitor="loss", min_delta=100, patience=0)
+    study = Study(
+        name="callbacks",
+        space={"units": searchlab.Int(16, 64, step=16)},
+        model=lambda params: build_model(_Fixed(params)),
+        data=Dataset("mnist", subset={"train": 600, "val": 200}),
+        trials=2,
+        epochs=5,
+        callbacks=[stop, Count()],
+    )
+    result = searchlab.run(study, progress=False)
+    assert result.summary["n_complete"] == 2 and Count.epochs == 4
+    assert set(result.table()["epochs"]) == {2}
+
+
+class _Fixed:
+    """``hp`` for ``build_model`` from a params dict."""
+
+    def __init__(self, params) -> None:
+        self.params = params
+
+    def Int(self, name, *args, **kwargs):  # noqa: N802 - KerasTuner's name
+        return self.params[name]
+
+
+def test_callbacks_must_be_keras_callbacks(project) -> None:
+    with pytest.raises(searchlab.StudyDefinitionError, match="not a Keras callback"):
+        Study(name="x", space=None, model=build_model, data="mnist", callbacks=[print])
