@@ -416,7 +416,8 @@ class GridSearch(Tuner):
 
 
 class BayesianOptimization(Tuner):
-    """KerasTuner's ``BayesianOptimization``: Optuna's Gaussian-process sampler."""
+    """KerasTuner's ``BayesianOptimization``: Optuna's Gaussian-process sampler (its TPE
+    sampler where PyTorch, which the GP sampler needs, is not installed)."""
 
     strategy = "gp"
 
@@ -429,6 +430,14 @@ class BayesianOptimization(Tuner):
                 "picks its own start-up trials and kernel; drop these arguments."
             )
         super().__init__(hypermodel, objective, max_trials, **kwargs)
+        try:
+            import torch  # noqa: F401 - Optuna's GPSampler needs it
+        except ImportError:
+            log.warning(
+                "BayesianOptimization: Optuna's GPSampler needs PyTorch (pip install "
+                "'searchlab[gp]'); searching with its TPE sampler instead"
+            )
+            self.strategy = "bayesian"
 
 
 class Hyperband(Tuner):
