@@ -146,3 +146,38 @@ def _mnist() -> Path:
     import os
 
     return Path(os.environ["SEARCHLAB_DATA_DIR"]) / "mnist.npz"
+
+
+@pytest.mark.slow
+def test_search_takes_tf_data_and_py_datasets_in_grid_and_bayesian_search(project) -> None:
+    import keras
+    import tensorflow as tf
+
+    data = np.load(_mnist())
+    x, y = data["x_train"][:600].astype("float32") / 255.0, data["y_train"][:600]
+    train = tf.data.Dataset.from_tensor_slices((x[:500], y[:500])).batch(32)
+    val = tf.data.Dataset.from_tensor_slices((x[500:], y[500:])).batch(32)
+    grid = kt.GridSearch(build_model, objective="val_accuracy", max_trials=2,
+                         directory=project / "kt", project_name="tfdata")  # fmt: skip
+    grid.search(train, validation_data=val, epochs=1, verbose=0)
+    # the grid's first two points, in the order KerasTuner's GridSearch walks them
+    assert sorted(t.hyperparameters.get("units") for t in grid.oracle.get_best_trials(5)) == [
+        16,
+        32,
+    ]
+
+    class Rows(keras.utils.PyDataset):
+        def __init__(self, x, y) -> None:
+            super().__init__()
+            self.x, self.y = x, y
+
+        def __len__(self) -> int:
+            return len(self.x) // 50
+
+        def __getitem__(self, i):
+            return self.x[i * 50 : (i + 1) * 50], self.y[i * 50 : (i + 1) * 50]
+
+    bayes = kt.BayesianOptimization(build_model, objective="val_accuracy", max_trials=2,
+                                    directory=project / "kt", project_name="pyds")  # fmt: skip
+    bayes.search(Rows(x[:500], y[:500]), validation_data=Rows(x[500:], y[500:]), epochs=1)
+    assert len(_trial_runs(project / "kt" / "pyds", "pyds")) == 2
