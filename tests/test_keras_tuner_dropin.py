@@ -181,3 +181,15 @@ def test_search_takes_tf_data_and_py_datasets_in_grid_and_bayesian_search(projec
                                     directory=project / "kt", project_name="pyds")  # fmt: skip
     bayes.search(Rows(x[:500], y[:500]), validation_data=Rows(x[500:], y[500:]), epochs=1)
     assert len(_trial_runs(project / "kt" / "pyds", "pyds")) == 2
+
+
+def test_compile_overrides_replace_the_builders_as_in_keras_tuners_guide(tmp_path) -> None:
+    import keras
+
+    # keras-io's "Tailor the search space": override the optimizer and the loss
+    tuner = kt.RandomSearch(build_model, optimizer=keras.optimizers.SGD(learning_rate=0.5),
+                            loss="mse", max_trials=1, directory=tmp_path)  # fmt: skip
+    model = tuner._space.builder({"units": 16})
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert model.loss == "mse"
+    assert "accuracy" in str(model.get_compile_config()["metrics"])
