@@ -20,11 +20,15 @@ Cases: ``frozen`` (all 18 VGG16 layers frozen: only the head trains) and ``block
 hand-written ``build_model(hp)`` of ``studies/handwritten_vgg.py`` (a frozen VGG16 inside a
 ``Sequential``, a Flatten/Dense/Dropout/Dense head), the same function given to searchlab
 (``space=None``: automatic frozen-prefix detection) and to KerasTuner's ``RandomSearch``,
-both at batch size 32 with the same weights file.
+both at batch size 32 with the same weights file; ``dropin``: one KerasTuner-style script
+(``dropin_search``: ``RandomSearch`` of that ``build_model`` and ``search(x, y, ...)``) run
+twice, with ``import keras_tuner`` and with ``import searchlab.keras_tuner`` -- the same
+data, weights file, trials and epochs.
 
     python scripts/bench_transfer.py                       # 20 trials x 2 epochs per case
     python scripts/bench_transfer.py --trials 10 --kt-trials 4 --cases frozen
     python scripts/bench_transfer.py --cases frozen,handwritten
+    python scripts/bench_transfer.py --cases handwritten,dropin   # issue 27's comparison
 
 Prints, per case, trials per hour for each tool, their ratio, and each one's best
 val_accuracy; and the ceiling of that ratio at this machine's speed: the ratio searchlab
@@ -51,7 +55,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-CASES = {"frozen": 18, "block5": 14, "handwritten": 18}
+CASES = {"frozen": 18, "block5": 14, "handwritten": 18, "dropin": 18}
 HANDWRITTEN = Path(__file__).resolve().parent.parent / "studies" / "handwritten_vgg.py"
 
 
@@ -124,6 +128,52 @@ class Quiet:
         pass
 
 
+def dropin_search(kt, build, d, *, trials: int, seed: int, directory: Path, name: str, epochs: int):
+    """Case ``dropin``'s script, as a KerasTuner user writes it: the same lines for both
+    sides, ``kt`` is ``keras_tuner`` or ``searchlab.keras_tuner``."""
+    tuner = kt.RandomSearch(
+        build,
+        objective="val_accuracy",
+        max_trials=trials,
+        seed=seed,
+        directory=str(directory),
+        project_name=name,
+        overwrite=True,
+    )
+    tuner.search(
+        d.x_train,
+        d.y_train,
+        epochs=epochs,
+        batch_size=32,
+        validation_data=(d.x_val, d.y_val),
+        verbose=0,
+    )
+    return tuner
+
+
+def run_dropin(args, weights: Path, tmp: Path) -> tuple[float, float, int]:
+    """Case ``dropin``, searchlab's side: ``dropin_search`` with ``searchlab.keras_tuner``."""
+    import searchlab.keras_tuner as skt
+    from searchlab import Dataset
+    from searchlab import data as data_mod
+
+    d = data_mod.load(
+        Dataset("cifar10", validation="test", subset=_subset(args), scale=False), args.data_dir
+    )
+    build = handwritten_build(weights)
+    _no_pruning()
+    _clean_slate()
+    started = time.perf_counter()
+    tuner = dropin_search(skt, build, d, trials=args.trials, seed=args.seed,
+                          directory=tmp / "dropin", name="dropin", epochs=args.epochs)  # fmt: skip
+    seconds = time.perf_counter() - started
+    done = tuner.oracle.get_best_trials(args.trials)
+    for t in done:
+        print(f"    searchlab.keras_tuner trial {t.trial_id}: val_accuracy={t.score:.4f}")
+    best = max((t.score for t in done if t.score is not None), default=float("nan"))
+    return seconds, float(best), len(done)
+
+
 def run_searchlab(
     case: str, args, weights: Path, tmp: Path, listener: Quiet
 ) -> tuple[float, float, int]:
@@ -135,6 +185,8 @@ def run_searchlab(
     home = tmp / f"searchlab-{case}"
     os.environ["SEARCHLAB_HOME"] = str(home)
     cache.default_cache().clear_memory()
+    if case == "dropin":
+        return run_dropin(args, weights, tmp)
     model: object = Transfer("vgg16", weights=str(weights))
     searched = space(case)
     if case == "handwritten":  # the user's own code declares its space
@@ -197,7 +249,7 @@ def unavoidable(case: str, args, weights: Path) -> tuple[float, float]:
         backend.predict_arrays(base, x, cache.feature_batch(d))
     features = time.perf_counter() - started
     build = 0.0
-    if case == "handwritten":
+    if case in ("handwritten", "dropin"):
         builder, seconds = handwritten_build(weights), []
         for _ in range(3):
             started = time.perf_counter()
@@ -292,6 +344,13 @@ def run_kerastuner(
 
     hypermodel: object = VGGHead()
     fit_kwargs = {}
+    if case == "dropin":  # the very script searchlab's side runs, on keras_tuner itself
+        build = handwritten_build(weights)
+        _clean_slate()
+        started = time.perf_counter()
+        tuner = dropin_search(kt, build, d, trials=trials, seed=seed, directory=tmp / "kt",
+                              name=name, epochs=args.epochs)  # fmt: skip
+        return _kt_result(tuner, name, time.perf_counter() - started)
     if case == "handwritten":  # the same file searchlab ran, unchanged
         hypermodel, fit_kwargs = handwritten_build(weights), {"batch_size": 32}
     _clean_slate()
@@ -313,7 +372,10 @@ def run_kerastuner(
         verbose=0,
         **fit_kwargs,
     )
-    seconds = time.perf_counter() - started
+    return _kt_result(tuner, name, time.perf_counter() - started)
+
+
+def _kt_result(tuner, name: str, seconds: float) -> tuple[float, float, int]:
     done = [t for t in tuner.oracle.trials.values() if t.status == "COMPLETED"]
     for t in done:
         print(f"    keras-tuner {name} trial {t.trial_id}: val_accuracy={t.score:.4f}", flush=True)

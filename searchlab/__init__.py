@@ -4,8 +4,11 @@ Users write study files with the public names below::
 
     from searchlab import Study, Int, Float, Choice, Bool, Dataset
 
-and read results back in a notebook with ``searchlab.results(path)`` (a pandas DataFrame)
-and ``searchlab.best(path)``.  A study file's own knobs read from the environment go
+run one from a notebook with ``searchlab.run(study_or_path, trials=..., epochs=...)`` (in this
+process, with a progress bar; it returns the best trial and ``table()``), and read results
+back with ``searchlab.results(path)`` (a pandas DataFrame) and ``searchlab.best(path)``.
+KerasTuner scripts run on searchlab with one import changed: ``import searchlab.keras_tuner
+as kt``.  A study file's own knobs read from the environment go
 through ``searchlab.setting(NAME, default=...)``, so errors name the variable to change.
 """
 
@@ -15,6 +18,7 @@ from searchlab import interrupts as _interrupts
 _interrupts.guard_start()  # the command's Ctrl-C while it imports: exit 130, no traceback
 
 from searchlab import backend as _backend  # noqa: F401 - first: TF GPU memory growth
+from searchlab.api import run
 from searchlab.config import setting
 from searchlab.data import Dataset
 from searchlab.errors import (
@@ -48,5 +52,6 @@ __all__ = [
     "best",
     "load_study",
     "results",
+    "run",
     "setting",
 ]

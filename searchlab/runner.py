@@ -591,7 +591,15 @@ def log_study_artifacts(session: Session, spec: TrialSpec, summary: dict[str, An
             return
         weights = tracker.download(run_id, "weights", Path(tmp))  # either form: see trial
         model = trial_mod.load_trained(spec.build, params, info_of(spec.data), weights)
-        log_best_model(session, spec, summary, model, run_id)
+        try:
+            log_best_model(session, spec, summary, model, run_id)
+        except (ValueError, TypeError) as exc:  # its inputs are not the data's (a HyperModel
+            # fit that crops or transforms x): the trials' weights are kept, the study is done
+            log.warning(
+                "the best model was not logged as an MLflow Model: it does not take the "
+                "study's inputs as they are (%s)",
+                _first_line(str(exc)),
+            )
 
 
 def log_best_model(

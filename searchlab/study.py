@@ -22,7 +22,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,11 @@ class Study:
         cache: False: no trial trains on cached features of a frozen prefix (the feature
             cache applies to any model whose first layers are frozen: the user guide's
             "Transfer learning and the feature cache", docs/transfer.md).
+        callbacks: Keras callbacks every trial's ``model.fit`` gets beside searchlab's own
+            (``EarlyStopping``, ``ReduceLROnPlateau``, ``TerminateOnNaN``, yours): the trial
+            still reports each epoch, prunes and keeps its best epoch's weights.  Trials then
+            train through ``model.fit`` on the raw inputs, so the feature cache is off for
+            them (said once, when the study is checked).
         backbone_seed: build every trial's model from this seed instead of the trial's own
             (which then drives only its fit: shuffling, dropout), so a randomly initialised
             frozen backbone (``weights=None``) is the same in every trial and its features are
@@ -177,7 +182,7 @@ class Study:
     """
 
     name: str
-    space: Mapping[str, Param] | None
+    space: Mapping[str, Param] | HpSpace | None
     model: Callable[..., Any]
     data: str | Dataset
     objective: str = "val_accuracy"
@@ -197,6 +202,7 @@ class Study:
     max_model_size: int | None = None
     cache: bool = True
     backbone_seed: int | None = None
+    callbacks: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -235,6 +241,7 @@ class Study:
                 f"backbone_seed must be an int (or None: each trial's own seed), got "
                 f"{self.backbone_seed!r}."
             )
+        self._check_callbacks()
         data = Dataset(self.data) if isinstance(self.data, str) else self.data
         if not isinstance(data, Dataset):
             raise StudyDefinitionError(
@@ -286,12 +293,44 @@ class Study:
                 f"build_model(hp) or a keras_tuner.HyperModel, got {type(model).__name__}."
             )
 
+    def _check_callbacks(self) -> None:
+        given = self.callbacks
+        if isinstance(given, str | bytes) or not isinstance(given, Sequence):
+            raise StudyDefinitionError(
+                f"callbacks must be a list of keras.callbacks.Callback, got {given!r}."
+            )
+        for callback in given:
+            if not callable(getattr(callback, "set_model", None)):
+                raise StudyDefinitionError(
+                    f"callbacks: {callback!r} is not a Keras callback (a "
+                    "keras.callbacks.Callback, e.g. keras.callbacks.EarlyStopping(...))."
+                )
+        object.__setattr__(self, "callbacks", tuple(given))
+        if given:
+            from searchlab.training.cache import TransferBuilder
+
+            if isinstance(self.model, TransferBuilder):
+                raise StudyDefinitionError(
+                    "callbacks= reach model.fit of a plain model or a HyperModel; a Transfer "
+                    "model trains in phases searchlab fits itself, which do not take them yet: "
+                    "drop callbacks= (its trials already stop on a NaN loss and keep their best "
+                    "epoch), or build the model in build_model(hp)."
+                )
+            log.warning(
+                "study %s: callbacks= are passed to model.fit in each trial, so its trials "
+                "train on the raw inputs: the feature cache of a frozen prefix is off",
+                self.name,
+            )
+
     @property
     def fit(self) -> Callable[..., Any] | None:
         """``fit_trial(params, model, *args, **kwargs)`` when the study's HyperModel has its
-        own ``fit``; None: trials call ``model.fit``."""
+        own ``fit`` or the study has ``callbacks``; None: trials call ``model.fit``."""
         space = self.search_space
-        return space.fit_trial if isinstance(space, HpSpace) and space.fit else None
+        own = space.fit_trial if isinstance(space, HpSpace) and space.fit else None
+        if not self.callbacks:
+            return own
+        return _WithCallbacks(own, tuple(self.callbacks))
 
     @property
     def goal(self) -> str:
@@ -313,6 +352,22 @@ class Study:
     def search_space(self) -> Space | HpSpace:
         assert isinstance(self.space, Space | HpSpace)
         return self.space
+
+
+@dataclass(frozen=True)
+class _WithCallbacks:
+    """A trial's fit, ``fit(params, model, x, y, **kwargs)``, with the study's callbacks
+    after searchlab's own in ``kwargs['callbacks']``: through the HyperModel's own fit
+    (``own``) or ``model.fit``."""
+
+    own: Callable[..., Any] | None
+    callbacks: tuple[Any, ...]
+
+    def __call__(self, params: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *self.callbacks]
+        if self.own is not None:
+            return self.own(params, model, *args, **kwargs)
+        return model.fit(*args, **kwargs)
 
 
 def _code_space(model: Any, overrides: Overrides) -> HpSpace:

@@ -29,6 +29,7 @@ EXPECTED = {
         "best",
         "load_study",
         "results",
+        "run",
         "setting",
     },
     searchlab.models: {"BACKBONES", "FineTune", "Transfer", "dense_classifier"},
