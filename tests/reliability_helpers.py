@@ -79,6 +79,45 @@ def write_study(folder: Path) -> Path:
     return path
 
 
+#: Appended to the tiny study: a process's first trial waits in the builder until
+#: $SEARCHLAB_TEST_WORKERS processes have entered one (a file per process id in the folder
+#: $SEARCHLAB_TEST_BARRIER).  A worker runs one trial at a time, so none can take a second
+#: before every worker holds one: each worker runs a trial whatever the start-up order, where
+#: otherwise the first worker up could run them all.  Only workers wait (the launcher builds
+#: one model before the search, its preflight, and must not count); a worker that never comes
+#: ends the wait after 240 s, and the test then fails on its assertions, not on a hang.
+BARRIER = """
+
+import dataclasses
+
+_build_without_barrier = build
+
+
+def build(params, info):
+    import sys
+
+    if "--worker-options" not in sys.argv:  # the launcher's check of one model: no barrier
+        return _build_without_barrier(params, info)
+    folder = Path(os.environ["SEARCHLAB_TEST_BARRIER"])
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + 240
+    while len(list(folder.iterdir())) < int(os.environ["SEARCHLAB_TEST_WORKERS"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return _build_without_barrier(params, info)
+
+
+study = dataclasses.replace(study, model=build)
+"""
+
+
+def write_study_with(folder: Path, extra: str) -> Path:
+    path = write_study(folder)
+    path.write_text(path.read_text() + extra)
+    return path
+
+
 def env_for(home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -145,6 +145,7 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cache.POOLS, "random_prefixes", set())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make, layer", [(sequential_vgg16, "flatten"), (functional_tiny, "global_average_pooling2d")]
 )
@@ -256,6 +257,7 @@ def _subclassed(weights):
     return lambda params: _compile(_Subclassed())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -276,6 +278,7 @@ def test_a_model_that_cannot_be_cut_trains_on_images_and_says_why(
     assert result.tags["searchlab.weights_form"] == "full"
 
 
+@pytest.mark.slow
 def test_features_larger_than_the_memory_bound_are_not_cached(
     tmp_path: Path, weights: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ):
@@ -286,6 +289,7 @@ def test_features_larger_than_the_memory_bound_are_not_cached(
     assert "SEARCHLAB_CACHE_MEMORY_MB" in result.tags[CACHE_REASON_TAG]
 
 
+@pytest.mark.slow
 def test_a_random_backbone_differs_per_trial_unless_the_study_fixes_its_seed(
     tmp_path: Path, weights: dict[str, Path]
 ):
@@ -385,6 +389,7 @@ def _study_run(project: Path, weights: dict[str, Path], engine: str, augment: bo
     return summary, session[0], sorted(trials, key=lambda t: int(t["searchlab.trial"]))
 
 
+@pytest.mark.slow
 def test_the_session_says_once_why_it_cannot_cache(
     project: Path, weights: dict[str, Path], caplog: pytest.LogCaptureFixture
 ):
@@ -398,6 +403,7 @@ def test_the_session_says_once_why_it_cannot_cache(
     assert [t["searchlab.cache"] for t in trials] == ["off", "off"]
 
 
+@pytest.mark.slow
 def test_keras_tuner_engine_trials_of_a_handwritten_model_share_the_features(
     project: Path, weights: dict[str, Path]
 ):
@@ -450,6 +456,7 @@ def test_workers_share_the_features_of_a_handwritten_model(project: Path, weight
     assert sources.count("computed") <= 2, sources
 
 
+@pytest.mark.slow
 def test_a_partly_frozen_backbone_in_a_sequential_is_cut_inside(
     tmp_path: Path, weights: dict[str, Path]
 ):
@@ -485,6 +492,7 @@ def test_a_partly_frozen_backbone_in_a_sequential_is_cut_inside(
     )
 
 
+@pytest.mark.slow
 def test_a_hypermodel_fit_of_its_own_trains_the_model_as_built(
     tmp_path: Path, weights: dict[str, Path]
 ):
@@ -555,6 +563,7 @@ def _searched_head(weights, schedule: bool = False):
     return build_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", [False, True], ids=["constant-rate", "rate-schedule"])
 def test_trials_of_one_head_structure_train_one_twin_and_end_as_without_the_cache(
     tmp_path: Path, weights: dict[str, Path], schedule: bool

@@ -181,12 +181,14 @@ def _fit_counting_traces(build_first: bool) -> tuple[keras.Model, list[float], i
     return model, history.history["val_loss"] + history.history["loss"], len(traces)
 
 
+@pytest.mark.slow
 def test_build_for_fit_builds_before_fit_without_drawing_random_numbers() -> None:
     """On every backend (the checks are in ``_fit_counting_traces``)."""
     model, _, traces = _fit_counting_traces(build_first=True)
     assert traces >= 1 and int(model.optimizer.iterations) == 8  # and fit trains it after
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="on JAX and torch fit's own build draws one more shuffle than a "

@@ -406,17 +406,58 @@ def test_a_reset_suffix_starts_where_a_new_one_starts():
     ]
 
 
-def test_the_pool_keeps_the_most_recently_used_suffixes():
+class _PooledBuilder:
+    """The builder side of the suffix pool: one suffix structure per ``params["i"]``."""
+
+    def __init__(self) -> None:
+        self.reset: list[int] = []
+
+    def suffix_key(self, params, info, template, cut):
+        return ("k", params["i"])
+
+    def build_suffix(self, params, info, template, cut):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+
+    def reset_suffix(self, model, params, template):
+        self.reset.append(params["i"])
+
+
+def test_the_pool_keeps_the_most_recently_used_suffixes(monkeypatch: pytest.MonkeyPatch):
+    """A trial takes its structure's suffix out of the pool and gives it back when its fit
+    ends: the pool then holds the SUFFIX_POOL_SIZE most recently used, and over its memory
+    bound only the newest."""
+    from types import SimpleNamespace
+
+    build = _PooledBuilder()
+    cut = SimpleNamespace(index=3)
+    template = SimpleNamespace(model=None)
+    plan = SimpleNamespace(cuts=[cut], base=cut, phases=[(0, 0, 1e-3)], template=template)
+
+    def trial(i: int) -> cache.Suffix:  # one trial of structure i: take, train, give back
+        suffix = cache.training_suffix(build, {"i": i}, None, plan)
+        cache.keep_suffix(suffix)
+        return suffix
+
+    def pooled() -> list[int]:
+        return [key[0][1] for key in cache.POOLS.suffixes]
+
     cache.POOLS.suffixes.clear()
     try:
-        for i in range(cache.SUFFIX_POOL_SIZE + 2):
-            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-            cache.keep_suffix(cache.Suffix(key=("k", i), model=model))
-        assert list(cache.POOLS.suffixes) == [
-            ("k", i) for i in range(2, cache.SUFFIX_POOL_SIZE + 2)
-        ]
-        cache.keep_suffix(cache.Suffix(key=None, model=model))  # cannot be restarted: not kept
-        assert len(cache.POOLS.suffixes) == cache.SUFFIX_POOL_SIZE
+        size = cache.SUFFIX_POOL_SIZE
+        new = [trial(i) for i in range(size)]
+        assert pooled() == list(range(size)) and not any(s.reused for s in new)
+        again = trial(0)  # the oldest is used again: it is the newest now
+        assert again is new[0] and again.reused and build.reset == [0]
+        assert pooled() == [*range(1, size), 0]
+        trial(size)
+        trial(size + 1)  # two new structures evict the two least recently used: 1 and 2
+        assert pooled() == [*range(3, size), 0, size, size + 1]
+        assert trial(1) is not new[1]  # an evicted structure builds a new suffix
+        cache.keep_suffix(cache.Suffix(key=None, model=new[0].model))  # no key: not kept
+        assert len(cache.POOLS.suffixes) == size
+        monkeypatch.setattr("searchlab.training.cache.suffix.SUFFIX_POOL_MB", 0)  # every suffix is over the bound
+        trial(size + 2)
+        assert pooled() == [size + 2]  # the newest is kept whatever its size
     finally:
         cache.POOLS.suffixes.clear()
 

@@ -44,7 +44,7 @@ def test_resuming_with_changed_epochs_or_subset_is_refused_in_one_line(cli, proj
     )
     assert "Start a new study" in line and "--allow-changed-settings" in line
 
-    other_subset = cli("run", study, "--trials", "2", "--subset", "300,100")  # via a worker
+    other_subset = cli("run", study, "--trials", "2", "--subset", "300,100", worker=True)
     assert other_subset.exit_code == 1
     (line,) = other_subset.output.strip().splitlines()
     assert "data_digest " in line and "subset train=200,val=100 -> train=300,val=100" in line

@@ -108,6 +108,7 @@ def _interrupt_and_resume(
     return straight, resumed, told
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at", [3, EPOCHS])
 def test_a_dense_trial_goes_on_from_its_checkpoint_as_if_never_stopped(
     mnist: Data, tmp_path: Path, at: int
@@ -154,6 +155,7 @@ def _handwritten(params: dict[str, Any], info: Any) -> keras.Model:
     return model
 
 
+@pytest.mark.slow
 def test_a_hand_written_model_cut_by_the_cache_checkpoints_only_its_head(tmp_path: Path) -> None:
     spec = TrialSpec(build=_handwritten, data=_images(), epochs=4, seed=5, backbone_seed=1)
     _, resumed, _ = _interrupt_and_resume(spec, {"units": 8}, tmp_path, 2)
@@ -189,6 +191,7 @@ def test_an_unreadable_checkpoint_fails_the_trial_with_a_clear_error(
     assert "unreadable" in result.tags["searchlab.resume_error"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused(mnist: Data, tmp_path: Path) -> None:
     spec = TrialSpec(build=_dense, data=mnist, epochs=2, checkpoint=tmp_path / "c")
     with pytest.raises(KeyboardInterrupt):
@@ -231,6 +234,7 @@ def _greedy(sizes: tuple[int, ...]) -> Any:
     return build
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_once_with_half_the_batch(mnist: Data, tmp_path: Path) -> None:
     spec = TrialSpec(build=_greedy((64,)), data=mnist, epochs=1, batch_size=64)
     result = run_trial(0, {}, spec, tmp_path / "t")
@@ -239,6 +243,7 @@ def test_out_of_memory_retries_once_with_half_the_batch(mnist: Data, tmp_path: P
     assert "searchlab.oom" not in result.tags
 
 
+@pytest.mark.slow
 def test_out_of_memory_twice_fails_the_trial_as_its_own(mnist: Data, tmp_path: Path) -> None:
     spec = TrialSpec(build=_greedy((64, 32)), data=mnist, epochs=1, batch_size=64)
     result = run_trial(0, {"batch_size": 64}, spec, tmp_path / "t")

@@ -148,6 +148,7 @@ def both_engines(tmp_path_factory, data_dir):
     from click.testing import CliRunner
 
     from searchlab.cli import main
+    from tests.conftest import in_process
 
     project = tmp_path_factory.mktemp("engines")
     runner = CliRunner()
@@ -166,7 +167,7 @@ def both_engines(tmp_path_factory, data_dir):
                 study_file.write_text(TINY.replace('name="tiny"', f"name={name!r}"))
                 run = runner.invoke(
                     main,
-                    ["run", str(study_file), "--strategy", strategy, "--engine", engine],
+                    in_process(("run", study_file, "--strategy", strategy, "--engine", engine)),
                     catch_exceptions=False,
                 )
                 out = project / f"{name}.h5"

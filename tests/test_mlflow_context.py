@@ -38,7 +38,7 @@ def test_every_run_has_mlflows_context_tags_and_its_data_as_inputs(cli, project:
     commit = _git(project, "rev-parse", "HEAD")
 
     run = ("run", study_file, "--strategy", "random", "--trials", "1", "--epochs", "1")
-    result = cli(*run, "--subset", "300,100")  # the trial runs in a worker process
+    result = cli(*run, "--subset", "300,100", worker=True)  # the trial runs in a worker
     assert result.exit_code == 0, result.output
 
     runs = mlflow_runs(config.default_tracking_uri(), "mnist-dense")

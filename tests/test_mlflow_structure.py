@@ -148,7 +148,8 @@ TRANSFER = {
 def _shapes(cli, project: Path, engine: str, extra: tuple[str, ...]) -> dict[str, Any]:
     study = project / "shape.py"
     study.write_text(FAILING_STUDY.format(engine=engine))
-    result = cli("run", study, "--engine", engine, *extra)
+    worker = "--in-process" not in extra  # the worker case runs as users' runs do
+    result = cli("run", study, "--engine", engine, *extra, worker=worker)
     assert result.exit_code == 0, result.output
     shapes = {"failing-grid": structure(f"shape-{engine}")}
     result = cli(
@@ -165,6 +166,7 @@ def _shapes(cli, project: Path, engine: str, extra: tuple[str, ...]) -> dict[str
         "--subset",
         "300,100",
         *extra,
+        worker=worker,
     )
     assert result.exit_code == 0, result.output
     shapes["mnist-random"] = structure("mnist-dense")

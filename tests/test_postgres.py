@@ -17,11 +17,20 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from reliability_helpers import Session, check_consistent, env_for, searchlab_cmd, write_study
+from reliability_helpers import (
+    BARRIER,
+    Session,
+    check_consistent,
+    env_for,
+    searchlab_cmd,
+    write_study,
+    write_study_with,
+)
 
 URL_ENV = "SEARCHLAB_TEST_POSTGRES_URL"
 
@@ -116,7 +125,9 @@ def mlflow_server(postgres: dict[str, str], tmp_path: Path) -> Iterator[str]:
 def test_three_workers_on_postgres_and_an_mlflow_server(
     project: Path, postgres: dict[str, str], mlflow_server: str
 ) -> None:
-    study = write_study(project)
+    study = write_study_with(project, BARRIER)  # every worker holds a trial before any ends
+    barrier = project / "barrier"
+    barrier.mkdir()
     budget = 5
     s = Session(
         searchlab_cmd(
@@ -130,7 +141,9 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
             "--tracking-uri",
             mlflow_server,
         ),
-        env_for(project / ".searchlab"),
+        env_for(
+            project / ".searchlab", SEARCHLAB_TEST_BARRIER=str(barrier), SEARCHLAB_TEST_WORKERS="3"
+        ),
         project,
     )
     out = s.finish()
@@ -141,8 +154,11 @@ def test_three_workers_on_postgres_and_an_mlflow_server(
     (session,) = found["sessions"]
     assert session.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in found["trial_runs"]} == {session.info.run_id}
-    # (how many workers got a trial depends on how fast each started: not asserted)
-    assert {r.data.tags["searchlab.worker"] for r in found["trial_runs"]} <= {"1/3", "2/3", "3/3"}
+    per_worker = Counter(r.data.tags["searchlab.worker"] for r in found["trial_runs"])
+    assert set(per_worker) == {"1/3", "2/3", "3/3"}, per_worker  # each ran a trial (BARRIER)
+    assert sum(per_worker.values()) == budget
+    # three processes shared the PostgreSQL storage, not one under three labels
+    assert len({t.user_attrs["searchlab.pid"] for t in found["trials"]}) >= 3
     # artifacts went through the server: the best model is on the session run
     from mlflow.tracking import MlflowClient
 

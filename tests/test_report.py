@@ -27,6 +27,7 @@ from click.testing import CliRunner
 
 import searchlab
 from searchlab.cli import main
+from tests.conftest import in_process
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -74,7 +75,8 @@ class Finished:
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    """``searchlab ARGS`` in this process; a ``run`` runs its trials here too (conftest)."""
+    return CliRunner().invoke(main, in_process(args), env=env, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,42 +9,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from reliability_helpers import Session, check_consistent, env_for, searchlab_cmd, write_study
+from reliability_helpers import (
+    BARRIER,
+    Session,
+    check_consistent,
+    env_for,
+    searchlab_cmd,
+    write_study,
+    write_study_with,
+)
 
 pytestmark = pytest.mark.slow
 BUDGET = 5  # of the 6 grid points, so the budget (not the grid) stops the workers
-
-#: Appended to the tiny study: a process's first trial waits in the builder until
-#: $SEARCHLAB_TEST_WORKERS processes have entered one (a file per process id in the folder
-#: $SEARCHLAB_TEST_BARRIER).  A worker runs one trial at a time, so none can take a second
-#: before every worker holds one: each worker runs a trial whatever the start-up order, where
-#: otherwise the first worker up could run them all.  Only workers wait (the launcher builds
-#: one model before the search, its preflight, and must not count); a worker that never comes
-#: ends the wait after 240 s, and the test then fails on its assertions, not on a hang.
-BARRIER = """
-
-import dataclasses
-
-_build_without_barrier = build
-
-
-def build(params, info):
-    import sys
-
-    if "--worker-options" not in sys.argv:  # the launcher's check of one model: no barrier
-        return _build_without_barrier(params, info)
-    folder = Path(os.environ["SEARCHLAB_TEST_BARRIER"])
-    (folder / str(os.getpid())).touch()
-    deadline = time.monotonic() + 240
-    while len(list(folder.iterdir())) < int(os.environ["SEARCHLAB_TEST_WORKERS"]):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    return _build_without_barrier(params, info)
-
-
-study = dataclasses.replace(study, model=build)
-"""
 
 #: Appended to the tiny study: its builder looks ``Hang`` up when it runs, so this one takes
 #: the place of the study's, whose single marker file lets only the first process hang.  Here
@@ -62,12 +38,6 @@ class Hang(keras.layers.Layer):
                 time.sleep(0.1)
         return x
 """
-
-
-def write_study_with(folder: Path, extra: str) -> Path:
-    path = write_study(folder)
-    path.write_text(path.read_text() + extra)
-    return path
 
 
 def wait_for_files(s: Session, folder: Path, pattern: str, count: int) -> None:
@@ -172,7 +142,7 @@ def test_a_plain_run_trains_in_a_worker_and_in_process_stays_here(cli, project: 
     import optuna
 
     study = write_study(project)
-    result = cli("run", study, "--trials", 2)
+    result = cli("run", study, "--trials", 2, worker=True)  # as users run it
     assert result.exit_code == 0, result.output
     # the worker's progress reaches the launcher's output, without a worker prefix
     assert "trial 1 of 2 (#0)" in result.output and "[worker" not in result.output
