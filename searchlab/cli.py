@@ -150,7 +150,7 @@ class SearchlabGroup(click.Group):
             except KeyboardInterrupt:
                 _fail(INTERRUPTED, interrupts.EXIT_CODE)
         finally:
-            restore()
+            restore(exiting=interrupts.is_command())  # in-process callers go on
         if not standalone_mode:
             return value
         sys.exit(value if isinstance(value, int) else 0)

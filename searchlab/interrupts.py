@@ -68,14 +68,17 @@ def _say(text: str) -> None:
         pass
 
 
-def install() -> Callable[[], None]:
+def install() -> Callable[..., None]:
     """Handle SIGINT and SIGTERM as described above, in this (main) thread; return the
     function that puts the previous handlers back.  After an interrupt, that function leaves
-    both signals ignored instead: the process is on its way out with exit code 130, and a
-    late signal must not turn that into the signal's own exit status."""
+    both signals ignored instead when the process is on its way out with exit code 130
+    (``exiting``, the default): a late signal must not turn that into the signal's own exit
+    status.  A process that goes on (a test runner, a notebook calling the CLI in-process)
+    passes ``exiting=False`` and gets its own handlers back, so its next Ctrl-C works and the
+    processes it starts do not inherit ignored signals."""
     global _received, _pending, _depth
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return lambda exiting=True: None
     _received, _pending, _depth = 0, False, 0
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
@@ -90,10 +93,10 @@ def install() -> Callable[[], None]:
 
     sys.unraisablehook = quiet
 
-    def restore() -> None:
+    def restore(exiting: bool = True) -> None:
         sys.unraisablehook = hook
         for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_IGN if _received else handler)
+            signal.signal(sig, signal.SIG_IGN if _received and exiting else handler)
 
     return restore
 

@@ -182,3 +182,28 @@ def test_importing_searchlab_elsewhere_keeps_pythons_ctrl_c(tmp_path) -> None:
     """A user's script (or a notebook) that imports searchlab keeps Python's own Ctrl-C."""
     done = _interrupted_while_importing(tmp_path, [sys.executable, "-c", "import searchlab"])
     assert done.returncode != 130 and "KeyboardInterrupt" in done.stderr
+
+
+def test_an_in_process_command_that_was_interrupted_gives_the_signals_back() -> None:
+    """The CLI called in-process (a test, a notebook) and stopped by Ctrl-C: the caller gets
+    its own SIGINT and SIGTERM handlers back, not ignored signals -- its next Ctrl-C must
+    work, and a process it starts must not inherit an ignored SIGINT (which made the
+    import-time Ctrl-C tests above fail after an earlier in-process interrupt)."""
+    import click
+    from click.testing import CliRunner
+
+    from searchlab.cli import SearchlabGroup
+
+    group = SearchlabGroup("searchlab")
+
+    @group.command()
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler raises here
+        click.echo("not interrupted")
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    result = CliRunner().invoke(group, ["stop"])
+    assert result.exit_code == interrupts.EXIT_CODE, result.output
+    assert "not interrupted" not in result.output
+    assert {sig: signal.getsignal(sig) for sig in before} == before
