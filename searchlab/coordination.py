@@ -412,7 +412,7 @@ def claim_trial(
                 if t._trial_id != trial_id
                 and t.state in (*FINISHED, OptunaState.RUNNING, OptunaState.WAITING)
             }
-            if key(params) in others:
+            if key(trial.params) in others:  # what Optuna holds: not the fixed values shown
                 reason = f"duplicate grid point {dict(params)}: dropped before training"
                 log.warning("trial %s: %s", trial.number, reason)
                 _fail(storage, trial_id, reason)

@@ -79,6 +79,21 @@ SPLIT_OBJECTIVE = (
     "and the metric it returned (objective='val_accuracy')"
 )
 
+#: The objective of a HyperModel whose ``fit`` returns one number, in a study that names
+#: none: KerasTuner's name (its ``DefaultObjective``), minimised as KerasTuner does.
+DEFAULT_OBJECTIVE = "default_objective"
+
+
+class UnnamedObjective(str):
+    """The objective of a study that names none (``Study``'s default, ``val_accuracy``): a
+    ``str`` that says it was not chosen, so that a trial whose ``HyperModel.fit`` returns a
+    number does not maximise that number under this name (``training.userfit``)."""
+
+    __slots__ = ()
+
+
+UNNAMED_OBJECTIVE = UnnamedObjective("val_accuracy")
+
 
 class _Condition:
     def __init__(self, parent: str, values: Sequence[Value]) -> None:
@@ -204,8 +219,15 @@ class HP:
     def Fixed(  # noqa: N802
         self, name: str, value: Value, parent_name: str | None = None, parent_values: Any = None
     ) -> Value:
+        """KerasTuner's ``hp.Fixed``: not searched, but the trial's params show it and
+        ``hp.get(name)`` reads it (a name declared before keeps its value)."""
         with self._maybe_scope(parent_name, parent_values):
-            return value if self._active() else None
+            if not self._active():
+                return None
+            if name in self.declared or name in self.values:
+                return self.values.get(name)
+            self.values[name] = value
+            return value
 
     @contextlib.contextmanager
     def conditional_scope(self, parent_name: str, parent_values: Any) -> Iterator[None]:
@@ -455,6 +477,10 @@ def _framework_value(value: Any) -> bool:
     return str(module).split(".")[0] in FRAMEWORKS
 
 
+def _no_print(*args: Any, **kwargs: Any) -> None:
+    """``print`` in a dry run: the user's code prints when searchlab calls it for real."""
+
+
 class _DryRun:
     """Dry versions of a module's functions: the same code, framework names replaced."""
 
@@ -510,6 +536,7 @@ class _DryRun:
             return real_import(name, *args, **kwargs)
 
         names["__import__"] = dry_import
+        names["print"] = _no_print  # a dry run is no call of the user's: it says nothing
         return names
 
 
@@ -573,6 +600,9 @@ class HpSpace:
         self._dry_build = self._dry.function(build)
         self._dry_fit = self._dry.function(fit) if fit is not None else None
         self._described: dict[str, str] | None = None
+        #: what the HyperModel's fit returned when probed: ``value`` (one number: the
+        #: objective, as KerasTuner reads it), ``history``, ``dict``, or None (not known)
+        self.fit_returns: str | None = None
         self._names: list[str] = []
         self._grid: list[dict[str, Value]] | None = None
 
@@ -598,7 +628,7 @@ class HpSpace:
         """Sample through ``trial.suggest_*`` by declaring every parameter once."""
         hp = SuggestHP(trial, self.overrides)
         self._declare(hp, "to sample its hyperparameters")
-        return _searched(hp)
+        return _with_fixed(hp)
 
     def to_hp(self, hp: Any, grid: bool = False) -> dict[str, Value]:
         """Declare the parameters on keras-tuner's ``HyperParameters``; return active values.
@@ -726,8 +756,9 @@ class HpSpace:
         model and the data, up to its first use of them that decides something (or anything
         it raises there: a probe reads what it can, the trial runs ``fit`` for real).
         Parameters declared after that point are not searched (a trial warns of them)."""
-        fit = self._dry_fit or self.fit
-        assert fit is not None
+        fit = self._dry_fit
+        if fit is None:  # not plain Python code: not called outside a trial (it may print,
+            return  # write files, train); what it declares is then not searched
         calls = self._dry.calls
         model, x, y = _Stub("model", calls), _Stub("x", calls), _Stub("y", calls)
         kwargs = {  # what a trial passes (``trial._user_fit``)
@@ -738,7 +769,7 @@ class HpSpace:
             "verbose": 0,
         }
         try:
-            fit(hp, model, x, y, **kwargs)
+            self.fit_returns = _returns(fit(hp, model, x, y, **kwargs))
         except SearchlabError:
             raise
         except Exception as exc:  # (_Unsure too) as far as it got: in a trial it runs for real
@@ -823,6 +854,31 @@ _TRAINING = frozenset({"fit", "evaluate", "train_on_batch", "fit_generator"})
 def _searched(hp: HP) -> dict[str, Value]:
     """The values of the parameters searched (not those ``hyperparameters=`` fixed)."""
     return {name: hp.values[name] for name in hp.declared}
+
+
+def _returns(result: Any) -> str | None:
+    """What a dry ``HyperModel.fit`` returned, in kind: ``history`` (``model.fit``'s, or
+    what it holds), ``dict``, ``value`` (a number, or a framework value not from ``fit`` or
+    ``evaluate``: ``np.mean(abs(model.predict(x) - y))``), None where it cannot tell."""
+    if isinstance(result, Mapping):
+        return "dict"
+    if isinstance(result, int | float) and not isinstance(result, bool):
+        return "value"
+    if isinstance(result, _Stub):
+        path = object.__getattribute__(result, "_path")
+        if "fit()" in path:
+            return "history"
+        return None if "evaluate()" in path else "value"
+    if type(result).__module__ == "numpy" and getattr(result, "shape", None) == ():
+        return "value"
+    return None
+
+
+def _with_fixed(hp: HP) -> dict[str, Value]:
+    """The trial's params: the searched values, and those the code fixed (``hp.Fixed``,
+    ``hyperparameters=``, ``tune_new_entries=False``), in the order the code declared them.
+    Only the searched ones reach the sampler (``_searched``): the others are shown."""
+    return {n: v for n, v in hp.values.items() if n in hp.declared or v is not None}
 
 
 def _trains(fn: Callable[..., Any]) -> bool:

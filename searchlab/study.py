@@ -30,7 +30,14 @@ from typing import Any
 from searchlab import config
 from searchlab.data import Dataset
 from searchlab.errors import DataError, SearchlabError, StudyDefinitionError
-from searchlab.hp import HpSpace, Overrides, is_hypermodel, own_fit
+from searchlab.hp import (
+    DEFAULT_OBJECTIVE,
+    UNNAMED_OBJECTIVE,
+    HpSpace,
+    Overrides,
+    is_hypermodel,
+    own_fit,
+)
 from searchlab.space import Bool, Choice, Float, Int, Param, Space, as_space
 
 log = logging.getLogger(__name__)
@@ -142,7 +149,10 @@ class Study:
             ``create_model(trial)``.
         data: a dataset name (``"mnist"``) or a ``Dataset``.
         objective: the metric to optimise, as Keras reports it per epoch (``val_loss``,
-            ``val_accuracy``, ...), or a ``keras_tuner.Objective(name, direction)``.
+            ``val_accuracy``, ...), or a ``keras_tuner.Objective(name, direction)``.  Not
+            given: ``val_accuracy``; but a HyperModel whose ``fit`` returns one number (as
+            keras-io's ``HyperRegressor`` returns its MAE) is minimised on that number, named
+            ``default_objective``, as KerasTuner does.
         direction: ``"maximize"`` or ``"minimize"`` (``"max"`` / ``"min"``); None: inferred
             from the objective's name as KerasTuner does (losses and errors are minimised,
             accuracy, AUC, precision, recall ... maximised).
@@ -185,7 +195,7 @@ class Study:
     space: Mapping[str, Param] | HpSpace | None
     model: Callable[..., Any]
     data: str | Dataset
-    objective: str = "val_accuracy"
+    objective: str = UNNAMED_OBJECTIVE
     direction: str | None = None
     strategy: str = "bayesian"
     trials: int | None = 20
@@ -252,7 +262,9 @@ class Study:
         except DataError as exc:
             raise StudyDefinitionError(str(exc)) from exc
         object.__setattr__(self, "data", data)
-        objective, direction, how = resolve_objective(self.objective, self.direction)
+        objective, direction, how = self._objective_of_fit() or resolve_objective(
+            self.objective, self.direction
+        )
         object.__setattr__(self, "objective", objective)
         object.__setattr__(self, "direction", direction)
         object.__setattr__(self, "_direction_source", how)
@@ -273,6 +285,24 @@ class Study:
                 f"register must be a registered model name (a non-empty string), got "
                 f"{self.register!r}."
             )
+
+    def _objective_of_fit(self) -> tuple[str, str, str] | None:
+        """KerasTuner's objective where the study names none and its HyperModel's ``fit``
+        returns one number (read from a dry run of it): that number, as
+        ``default_objective``, minimised (unless ``direction=`` says otherwise)."""
+        space = self.space
+        if self.objective is not UNNAMED_OBJECTIVE or not isinstance(space, HpSpace):
+            return None
+        if space.fit is None:
+            return None
+        space.describe()  # runs fit dry: what it returns
+        if space.fit_returns != "value":
+            return None
+        if self.direction is None:
+            how = "the number HyperModel.fit returns, minimised as in KerasTuner"
+            return DEFAULT_OBJECTIVE, "minimize", how
+        name, direction, _ = resolve_objective(DEFAULT_OBJECTIVE, self.direction)
+        return name, direction, "given; the number HyperModel.fit returns"
 
     def _check_model(self) -> None:
         model = self.model

@@ -103,6 +103,13 @@ def test_keras_ios_getting_started_guide_runs_to_the_end(project, keras_home, ca
     # executions_per_trial=2: each execution's metrics are logged, the value is their mean
     helloworld = _trial_runs(project / "my_dir" / "helloworld", "helloworld")
     assert all("execution_2/val_accuracy" in r.data.metrics for r in helloworld)
+    # the number HyperRegressor.fit returns, no objective given: minimised as KerasTuner's
+    # default_objective, the best (lowest MAE) trial first
+    custom_eval = out.split("custom_eval_dict")[0].split('Objective(name="default_objective"')
+    assert len(custom_eval) == 2 and custom_eval[1].startswith(', direction="min")')
+    maes = [float(line.split()[1]) for line in custom_eval[1].splitlines()
+            if line.startswith("Score:")]  # fmt: skip
+    assert len(maes) == 3 and maes == sorted(maes)
     # the dict that HyperRegressor.fit returns: metric_a is maximised, the best trial first
     scores = [float(line.split()[1]) for line in out.split("custom_eval_dict")[-1].splitlines()
               if line.startswith("Score:")]  # fmt: skip

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from searchlab.hp import FixedHP, HpSpace, Overrides, is_hypermodel, own_fit
+from searchlab.hp import DEFAULT_OBJECTIVE, FixedHP, HpSpace, Overrides, is_hypermodel, own_fit
 from searchlab.keras_tuner._support import (
     UnsupportedArgument,
     _loader,
@@ -84,6 +84,14 @@ class _FunctionHyperModel:
 
     def fit(self, hp: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
         return model.fit(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """An objective's name and direction, as ``keras_tuner.Objective`` gives them."""
+
+    name: str
+    direction: str
 
 
 class _DropInSpace(HpSpace):
@@ -246,7 +254,7 @@ class Tuner:
             space=space,
             model=space.builder,
             data=dataset,
-            objective=self._objective(),
+            objective=self._objective(space),
             strategy=self.strategy,
             trials=trials,
             epochs=epochs_per_trial,
@@ -292,10 +300,16 @@ class Tuner:
         self._space = space
         return space
 
-    def _objective(self) -> Any:
-        if self.objective is None:
-            return "val_loss"  # KerasTuner's default; a fit that returns a number is minimised
-        return self.objective
+    def _objective(self, space: HpSpace) -> Any:
+        """The objective given; else, as KerasTuner, the number a hypermodel's fit returns
+        (``default_objective``, minimised), and ``val_loss`` for any other model."""
+        if self.objective is not None:
+            return self.objective
+        if space.fit is not None:
+            space.describe()  # runs its fit dry: what it returns
+            if space.fit_returns == "value":
+                return _Objective(DEFAULT_OBJECTIVE, "min")
+        return "val_loss"
 
     def _budget(self, epochs: int | None) -> tuple[int, int]:
         return epochs or 1, self.max_trials

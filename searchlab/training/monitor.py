@@ -40,6 +40,11 @@ class Monitor(keras.callbacks.Callback):
         self.epoch_started = time.perf_counter()  # a custom loop may never begin an epoch
         #: writes the trial's checkpoint after each epoch (``Checkpointer``), if it keeps one
         self.saver: Checkpointer | None = None
+        #: added to Keras's epoch index: a second ``model.fit`` in a HyperModel's own fit
+        #: (train the head, unfreeze, fit again) counts on from the epochs recorded before
+        #: (``on_epoch_begin``); searchlab's own phases pass ``initial_epoch`` (offset 0)
+        self.offset = 0
+        self._new_fit = True
 
     @property
     def trained(self) -> Any:
@@ -77,8 +82,19 @@ class Monitor(keras.callbacks.Callback):
         if self.trained is not None:
             self.trained.stop_training = True
 
+    @property
+    def epochs_recorded(self) -> int:
+        """How many epochs ``record`` has kept (a checkpoint's restored history included)."""
+        return max((len(v) for v in self.history.values()), default=0)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._new_fit = True
+
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch_started = time.perf_counter()
+        if self._new_fit:  # one step per epoch: a fit that starts again at 0 counts on
+            self.offset = max(0, self.epochs_recorded - epoch)
+            self._new_fit = False
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         interrupts.check()  # a Ctrl-C that Python dropped (in a gc callback) stops it here
@@ -102,7 +118,7 @@ class Monitor(keras.callbacks.Callback):
             )
         except Exception:  # an optimizer without a readable rate: skip the metric
             pass
-        self.record(epoch, logs)
+        self.record(epoch + self.offset, logs)
 
     def record(self, epoch: int, logs: dict[str, float], *, weights: bool = True) -> None:
         """Keep one epoch's metrics, report it, and copy the weights when it is the best so

@@ -100,6 +100,26 @@ def save_suffix_weights(
     }
 
 
+def _own_fit_cut(model: Any) -> cache.NoCut:
+    """Why a HyperModel's own fit trains without the cache: its model freezes nothing (no
+    warning: nothing to cache), or searchlab cannot train its part after the frozen prefix."""
+    if model.trainable and not any(not layer.trainable for layer in _all_layers(model)):
+        return cache.NoCut(cache.Reason.NO_FROZEN, "every layer trains")
+    return cache.NoCut(
+        cache.Reason.OWN_FIT, "searchlab cannot train its part after a frozen prefix"
+    )
+
+
+def _all_layers(model: Any) -> list[Any]:
+    """``model``'s layers, those of nested models (a backbone) included."""
+    found: list[Any] = []
+    for layer in getattr(model, "layers", []):
+        found.append(layer)
+        if getattr(layer, "layers", None):
+            found.extend(_all_layers(layer))
+    return found
+
+
 class AutoPlan:
     """Any other study model (``build_model(hp)``, a HyperModel, a builder), as its builder
     built and compiled it, in one phase.  With the feature cache on, where ``cache.auto_cut``
@@ -130,9 +150,7 @@ class AutoPlan:
         if not spec.cache:
             found = cache.NoCut(cache.Reason.DISABLED, "the study sets cache=False")
         elif spec.fit is not None:
-            found = cache.NoCut(
-                cache.Reason.OWN_FIT, "searchlab cannot train its part after a frozen prefix"
-            )
+            found = _own_fit_cut(model)
         else:
             try:
                 found = cache.auto_cut(

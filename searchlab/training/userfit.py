@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from searchlab.errors import StudyDefinitionError
+from searchlab.hp import DEFAULT_OBJECTIVE, UnnamedObjective
 from searchlab.training.monitor import Monitor
 from searchlab.training.spec import TrialSpec
 
@@ -75,6 +76,13 @@ def _returned_metrics(returned: Any, spec: TrialSpec, monitor: Monitor) -> None:
     elif isinstance(returned, Mapping):
         per_epoch = [{str(k): float(v) for k, v in returned.items()}]
     elif isinstance(returned, int | float | np.number) and not isinstance(returned, bool):
+        if isinstance(spec.objective, UnnamedObjective):  # never maximise it as val_accuracy
+            raise StudyDefinitionError(
+                f"HyperModel.fit returned one number ({float(returned):.6g}) and the study "
+                f"names no objective: searchlab cannot tell whether to maximise or minimise "
+                f"it. Give objective='{DEFAULT_OBJECTIVE}', direction='minimize' (KerasTuner's "
+                f"default) or direction='maximize'."
+            )
         per_epoch = [{spec.objective: float(returned)}]
     else:
         raise StudyDefinitionError(
