@@ -455,7 +455,9 @@ def test_the_pool_keeps_the_most_recently_used_suffixes(monkeypatch: pytest.Monk
         assert trial(1) is not new[1]  # an evicted structure builds a new suffix
         cache.keep_suffix(cache.Suffix(key=None, model=new[0].model))  # no key: not kept
         assert len(cache.POOLS.suffixes) == size
-        monkeypatch.setattr("searchlab.training.cache.suffix.SUFFIX_POOL_MB", 0)  # every suffix is over the bound
+        monkeypatch.setattr(
+            "searchlab.training.cache.suffix.SUFFIX_POOL_MB", 0
+        )  # every suffix is over the bound
         trial(size + 2)
         assert pooled() == [size + 2]  # the newest is kept whatever its size
     finally:
