@@ -232,7 +232,8 @@ class ConsoleProgress:
     ) -> None:
         self._index, self._total = index, total
         self._trial_started = self._epoch_ended = time.monotonic()
-        of = f" of {total}" if total is not None else ""
+        # a trial after failed ones may be past the budget's count: failed trials do not count
+        of = f" of {total}" if total is not None and index <= total else ""
         click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
     def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
