@@ -707,8 +707,10 @@ def _fluent_uri(uri: str) -> Iterator[None]:
 def user_mlflow(tracker: Any) -> Iterator[None]:
     """While a search runs in this process, keep the user's own MLflow calls in the study.
 
-    The tracking URI is the study's store for the block (``_fluent_uri``), set before any
-    user code runs, so nothing creates ``./mlruns`` or ``./mlflow.db``; while a trial runs
+    The tracking URI is set before any user code runs, so nothing creates ``./mlruns`` or
+    ``./mlflow.db``: the study's store while a trial runs, else a throwaway one (the runs
+    a builder starts while searchlab reads its space, in the checks before the search or
+    before each trial, are not the study's, and go with that store); while a trial runs
     its run is MLflow's active run, so ``mlflow.log_*`` in the user's code lands on it and
     ``mlflow.start_run()`` starts a run nested under it (as with ``nested=True``); and
     autologging is off (a user's ``mlflow.keras.autolog()`` would log every epoch again, at
@@ -729,14 +731,22 @@ def user_mlflow(tracker: Any) -> Iterator[None]:
             kwargs.setdefault("experiment_id", tracker.experiment_id)  # in the study's
         return real_start_run(*args, **kwargs)
 
-    with _fluent_uri(tracker.uri), _autologging_off():
+    import shutil
+
+    # outside trials (the checks before the search, reading a trial's params, rebuilding
+    # the best model) the user's runs go to a store of their own, removed afterwards
+    checks = Path(tempfile.mkdtemp(prefix="searchlab-checks-"))
+    _copy_empty_store(checks / "mlflow.db")
+    elsewhere = f"sqlite:///{checks / 'mlflow.db'}"
+    with _fluent_uri(elsewhere), _autologging_off():
         mlflow.start_run = start_run
-        tracker._contain = True
+        tracker._contain = elsewhere
         try:
             yield
         finally:
-            tracker._contain = False
+            tracker._contain = None
             mlflow.start_run = real_start_run
+            shutil.rmtree(checks, ignore_errors=True)
 
 
 @contextmanager
@@ -791,8 +801,9 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self._session_id: str | None = None
         self._open: set[str] = set()
-        #: inside ``user_mlflow``: a trial's run is MLflow's active run while it runs
-        self._contain = False
+        #: inside ``user_mlflow``, the store the user's runs go to outside trials: a trial's
+        #: run is MLflow's active run while it runs
+        self._contain: str | None = None
         self._active: set[str] = set()
 
     @property
@@ -1007,6 +1018,7 @@ class MlflowTracker:
         if self._contain:
             import mlflow
 
+            mlflow.set_tracking_uri(self.uri)
             mlflow.start_run(run_id=run_id, nested=True)  # the user's code logs to it
             self._active.add(run_id)
         return run_id
@@ -1123,6 +1135,8 @@ class MlflowTracker:
                 mlflow.end_run(status)
                 if active.info.run_id == run_id:
                     break
+            if self._contain:
+                mlflow.set_tracking_uri(self._contain)
         if run_id in self._open:
             self._open.discard(run_id)
             self._mlflow.set_terminated(run_id, status)

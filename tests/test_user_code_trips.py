@@ -257,3 +257,47 @@ def test_autologging_is_off_in_trials_and_said_once(tmp_path, caplog):
     assert caplog.text.count("turns on MLflow autologging") == 1
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
     assert np.isfinite(store.best().value)
+
+
+MLFLOW_STUDY = """
+import keras
+import mlflow
+
+from searchlab import Dataset, Study
+
+
+def build_model(hp):
+    mlflow.keras.autolog()  # as in MLflow's Keras examples
+    with mlflow.start_run(nested=True):
+        mlflow.log_param("user_units", hp.Int("units", 16, 32, step=16))
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(hp.get("units"), activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+study = Study(name="own-mlflow", space=None, model=build_model, data=Dataset("mnist"),
+              objective="val_accuracy", trials=1, epochs=1, seed=0)
+"""
+
+
+@pytest.mark.slow
+def test_searchlab_run_of_a_builder_that_calls_mlflow_writes_nothing_in_the_cwd(cli, project):
+    (project / "own_mlflow.py").write_text(MLFLOW_STUDY)
+    result = cli("run", project / "own_mlflow.py", "--strategy", "random", "--subset", "300,100")
+    assert result.exit_code == 0, result.output
+    assert not (project / "mlruns").exists() and not (project / "mlflow.db").exists()
+    from searchlab import config
+
+    runs = mlflow_runs(config.default_tracking_uri(), "own-mlflow")
+    (trial,) = [r for r in runs if "searchlab.trial" in r.data.tags]
+    mine = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+    assert [r.data.params for r in mine] == [{"user_units": trial.data.params["units"]}]
+    assert not any(k.startswith("opt_") for k in trial.data.params)
+    assert mlflow_runs(config.default_tracking_uri(), "Default") == []  # not the checks' runs
