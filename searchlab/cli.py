@@ -232,7 +232,8 @@ class ConsoleProgress:
     ) -> None:
         self._index, self._total = index, total
         self._trial_started = self._epoch_ended = time.monotonic()
-        of = f" of {total}" if total is not None else ""
+        # a trial after failed ones may be past the budget's count: failed trials do not count
+        of = f" of {total}" if total is not None and index <= total else ""
         click.echo(f"{self.prefix}trial {index}{of} (#{number}): {_fmt(params)}")
 
     def epoch(self, number: int, epoch: int, epochs: int, logs: Mapping[str, float]) -> None:
@@ -683,18 +684,20 @@ def _launch(flags: RunFlags) -> None:
     # they have grown by --recycle-mb, so memory stays flat over a long search.  The
     # keras-tuner engine keeps its oracle in this process, so it runs its trials here.
     from searchlab.errors import SessionOver
+    from searchlab.tracking import user_mlflow
 
     try:
         if flags.engine == "optuna" and not flags.in_process:
-            summary = workers_mod.run(
-                study,
-                options,
-                tracker,
-                progress,
-                workers=workers,
-                gpus=gpus,
-                worker_command=_worker_command(flags, options, workers),
-            )
+            with user_mlflow(tracker):  # the launcher's checks run the study's code
+                summary = workers_mod.run(
+                    study,
+                    options,
+                    tracker,
+                    progress,
+                    workers=workers,
+                    gpus=gpus,
+                    worker_command=_worker_command(flags, options, workers),
+                )
         else:
             from searchlab import runner
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import inspect
 import logging
 import traceback
@@ -544,6 +545,8 @@ class _DryRun:
 
 
 def _where(fn: Callable[..., Any]) -> tuple[str, int]:
+    while isinstance(fn, functools.partial):  # the user's own function, where it is
+        fn = fn.func
     func = getattr(fn, "__func__", fn)
     code = getattr(func, "__code__", None)
     if code is None:

@@ -466,17 +466,20 @@ def run(
     opened: it runs trials until the budget is met and leaves the parent run to its owner;
     its summary has ``recycle``: True when it stopped to shed memory (``--recycle-mb``).
     """
+    from searchlab.tracking import user_mlflow
+
     listener = listener or engines.NullListener()
     # the stand-in trainers of tests train nothing: nothing to check before the search
     check = train is None and not options.parent_run_id
-    engine, target, spec = prepare(study, options, check=check)
-    interrupts.check()  # one dropped while the data loaded: stop before a store is touched
-    settings = result_settings(study, options, spec.data)
-    session = open_session(study, options, tracker, engine, target, spec.data.source, settings)
-    try:
-        return _run_session(session, spec, listener, train)
-    finally:
-        engine.close()
+    with user_mlflow(tracker):  # before any user code: its own MLflow calls stay in the study
+        engine, target, spec = prepare(study, options, check=check)
+        interrupts.check()  # one dropped while the data loaded: stop before a store is touched
+        settings = result_settings(study, options, spec.data)
+        session = open_session(study, options, tracker, engine, target, spec.data.source, settings)
+        try:
+            return _run_session(session, spec, listener, train)
+        finally:
+            engine.close()
 
 
 def _run_session(
@@ -689,7 +692,9 @@ def work(
                 time.sleep(coordination.wait_seconds())
                 continue
             tracker.tag_session({"searchlab.heartbeat": str(time.time())})
-            result = run_one(session, claimed, spec, listener, base_tags, Path(tmp), done, train)
+            # failed trials leave the budget's count as it was: each claimed trial its own index
+            place = done + counts[TrialState.FAILED]
+            result = run_one(session, claimed, spec, listener, base_tags, Path(tmp), place, train)
             counts[result.state] += 1
             settled = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] > 0
             early = fail_fast(early, result, settled)

@@ -17,7 +17,9 @@ Example study file::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -322,6 +324,10 @@ class Study:
                 f"Study model must be a function build(params) -> compiled keras.Model, "
                 f"build_model(hp) or a keras_tuner.HyperModel, got {type(model).__name__}."
             )
+        declared = self.space is not None and not isinstance(self.space, HpSpace)
+        problem = _signature_problem(model, declared)
+        if problem:
+            raise StudyDefinitionError(problem)
 
     def _check_callbacks(self) -> None:
         given = self.callbacks
@@ -400,13 +406,66 @@ class _WithCallbacks:
         return model.fit(*args, **kwargs)
 
 
+def _user_function(model: Any) -> Any:
+    """The user's own function behind ``model``: a ``functools.partial``'s ``func``."""
+    while isinstance(model, functools.partial):
+        model = model.func
+    return model
+
+
+def _signature_problem(model: Any, declared: bool) -> str | None:
+    """Why ``model`` cannot be called the way searchlab calls a builder (``build_model(hp)``
+    or ``create_model(trial)`` with space=None, ``build(params[, info])`` with a declared
+    space), in one line naming the user's function and where it is; None when it can."""
+    try:
+        signature = inspect.signature(model)
+    except (TypeError, ValueError):  # a builtin: nothing to read, the trial will say
+        return None
+    arities = (1, 2) if declared else (1,)
+    for n in arities:
+        try:
+            signature.bind(*range(n))
+            return None
+        except TypeError:
+            continue
+    func = _user_function(model)
+    name = getattr(func, "__name__", type(func).__name__)
+    code = getattr(getattr(func, "__func__", func), "__code__", None)
+    where = f"{code.co_filename}, line {code.co_firstlineno}: " if code is not None else ""
+    shown = f"functools.partial({name}, ...)" if func is not model else name
+    expected = (
+        "build(params) or build(params, info) (space={...} is given)"
+        if declared
+        else "build_model(hp) (KerasTuner) or create_model(trial) (Optuna)"
+    )
+    required = [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    keep = next((p for p in required if p in ("hp", "trial", "params")), None)
+    bind = [p for p in required if p != (keep or required[-1])] if required else []
+    fix = (
+        f"give the others first, e.g. model=functools.partial({name}, "
+        + ", ".join(f"{p}=..." for p in bind)
+        + ")"
+        if bind
+        else "make it take one argument, the hyperparameters"
+    )
+    return (
+        f"{where}model={shown} cannot be called as a builder: searchlab calls {expected}, "
+        f"but it takes {shown}{signature}. {fix[0].upper()}{fix[1:]}."
+    )
+
+
 def _code_space(model: Any, overrides: Overrides) -> HpSpace:
     """The space of model code: a HyperModel's ``build`` (and its own ``fit``), or a
     ``build_model(hp)`` / ``create_model(trial)`` function."""
     if is_hypermodel(model):
         label = f"{type(model).__name__}.build(hp)"
         return HpSpace(model.build, fit=own_fit(model), overrides=overrides, label=label)
-    name = getattr(model, "__name__", "build_model")
+    name = getattr(_user_function(model), "__name__", "build_model")
     return HpSpace(model, overrides=overrides, label=f"{name}(hp)")
 
 

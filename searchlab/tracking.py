@@ -703,6 +703,77 @@ def _fluent_uri(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def user_mlflow(tracker: Any) -> Iterator[None]:
+    """While a search runs in this process, keep the user's own MLflow calls in the study.
+
+    The tracking URI is set before any user code runs, so nothing creates ``./mlruns`` or
+    ``./mlflow.db``: the study's store while a trial runs, else a throwaway one (the runs
+    a builder starts while searchlab reads its space, in the checks before the search or
+    before each trial, are not the study's, and go with that store); while a trial runs
+    its run is MLflow's active run, so ``mlflow.log_*`` in the user's code lands on it and
+    ``mlflow.start_run()`` starts a run nested under it (as with ``nested=True``); and
+    autologging is off (a user's ``mlflow.keras.autolog()`` would log every epoch again, at
+    other steps, and the model as well), said once.  A tracker other than ``MlflowTracker``
+    changes nothing."""
+    if not isinstance(tracker, MlflowTracker):
+        yield
+        return
+    import mlflow
+
+    real_start_run = mlflow.start_run
+
+    @functools.wraps(real_start_run)
+    def start_run(*args: Any, **kwargs: Any) -> Any:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id in tracker._active:
+            kwargs["nested"] = True  # under the trial's run, not "already active"
+            kwargs.setdefault("experiment_id", tracker.experiment_id)  # in the study's
+        return real_start_run(*args, **kwargs)
+
+    import shutil
+
+    # outside trials (the checks before the search, reading a trial's params, rebuilding
+    # the best model) the user's runs go to a store of their own, removed afterwards
+    checks = Path(tempfile.mkdtemp(prefix="searchlab-checks-"))
+    _copy_empty_store(checks / "mlflow.db")
+    elsewhere = f"sqlite:///{checks / 'mlflow.db'}"
+    with _fluent_uri(elsewhere), _autologging_off():
+        mlflow.start_run = start_run
+        tracker._contain = elsewhere
+        try:
+            yield
+        finally:
+            tracker._contain = None
+            mlflow.start_run = real_start_run
+            shutil.rmtree(checks, ignore_errors=True)
+
+
+@contextmanager
+def _autologging_off() -> Iterator[None]:
+    """MLflow's autologging does nothing in the block, whatever the user's code enables:
+    MLflow's own ``disable_autologging`` (not in its documented API: a test checks that a
+    user's ``mlflow.keras.autolog()`` logs nothing in a trial).  Says so once if the code
+    turned any on."""
+    from mlflow.utils import autologging_utils
+
+    try:
+        with autologging_utils.disable_autologging():
+            yield
+    finally:
+        enabled = sorted(
+            name
+            for name, conf in autologging_utils.AUTOLOGGING_INTEGRATIONS.items()
+            if isinstance(conf, dict) and conf.get("disable") is False
+        )
+        if enabled:
+            log.warning(
+                "the study's code turns on MLflow autologging (%s): it is off in searchlab's "
+                "trials, whose runs have each epoch's metrics, the params and the best model",
+                ", ".join(enabled),
+            )
+
+
 class MlflowTracker:
     """Logs a study to MLflow: one experiment per study, one parent run per session.
 
@@ -730,6 +801,10 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self._session_id: str | None = None
         self._open: set[str] = set()
+        #: inside ``user_mlflow``, the store the user's runs go to outside trials: a trial's
+        #: run is MLflow's active run while it runs
+        self._contain: str | None = None
+        self._active: set[str] = set()
 
     @property
     def session_id(self) -> str | None:
@@ -940,6 +1015,12 @@ class MlflowTracker:
             params=[Param(k, _short(param_text(v), MAX_PARAM)) for k, v in params.items()],
             tags=[RunTag("searchlab.params", _short(params_text(params), MAX_TAG))],
         )
+        if self._contain:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.start_run(run_id=run_id, nested=True)  # the user's code logs to it
+            self._active.add(run_id)
         return run_id
 
     def log_inputs(self, run_id: str, inputs: Sequence[DataInput]) -> None:
@@ -1046,6 +1127,16 @@ class MlflowTracker:
         return last
 
     def close_run(self, run_id: str, status: str) -> None:
+        if run_id in self._active:  # MLflow's active run: end it, and the user's under it
+            import mlflow
+
+            self._active.discard(run_id)
+            while (active := mlflow.active_run()) is not None:
+                mlflow.end_run(status)
+                if active.info.run_id == run_id:
+                    break
+            if self._contain:
+                mlflow.set_tracking_uri(self._contain)
         if run_id in self._open:
             self._open.discard(run_id)
             self._mlflow.set_terminated(run_id, status)

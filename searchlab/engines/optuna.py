@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from searchlab.coordination import hostname
+from searchlab.coordination import FINISHED, hostname, key
 from searchlab.engines.grid import grid_points, propose_grid
 from searchlab.errors import StudyDefinitionError
 from searchlab.outcome import Claim, Proposal
@@ -64,6 +64,10 @@ def make_sampler(strategy: str, seed: int) -> optuna.samplers.BaseSampler:
 #: that reach a rung outright, which in a sequential run throws away the first trials.
 PRUNE_MIN_EPOCHS = 1
 PRUNE_FACTOR = 3
+
+#: draws random search makes for a configuration no trial of the study has before it runs
+#: one again (KerasTuner's ``max_collisions``): a small discrete space repeats otherwise
+MAX_COLLISIONS = 20
 
 
 def pruner_name(options: RunOptions) -> str:
@@ -131,6 +135,7 @@ class OptunaEngine:
         self.options = options
         self.grid: list[dict[str, Any]] | None = None
         self._pruner: optuna.pruners.BasePruner | None = None
+        self._sampler: optuna.samplers.BaseSampler | None = None
 
     def check(self) -> None:
         make_pruner(self.options)  # an unknown pruner fails here, before any store is touched
@@ -138,7 +143,9 @@ class OptunaEngine:
             self.grid = grid_points(self.study)  # refuses continuous params without grid values
 
     def sampler(self, n_trials: int) -> optuna.samplers.BaseSampler:
-        return make_sampler(self.options.strategy, sampler_seed(self.options, n_trials))
+        # the last one made is the study's (``Engine`` call order): random search draws with it
+        self._sampler = make_sampler(self.options.strategy, sampler_seed(self.options, n_trials))
+        return self._sampler
 
     def info(self) -> dict[str, str]:
         """The pruner by its ``--pruner`` name (``searchlab.pruner``), with its settings."""
@@ -153,9 +160,37 @@ class OptunaEngine:
 
     def propose(self, store: StudyStore, session: str) -> Proposal | Claim:
         """The next free grid point (grid search), else a proposal the sampler fills in."""
-        if self.grid is None:
+        if self.grid is not None:
+            return propose_grid(store, self.grid, session)
+        if self.options.strategy == "random" and self._sampler is not None:
+            return self._untried(store, self._sampler)
+        return Proposal()
+
+    def _untried(self, store: StudyStore, sampler: optuna.samplers.BaseSampler) -> Proposal:
+        """Random search's next configuration, drawn with the study's own sampler (so a seed
+        reproduces the study) until no trial of the study has it, complete or running, at
+        most ``MAX_COLLISIONS`` times; then the sampler's next draw, repeat or not."""
+        live = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        tried = {
+            key(t.params or t.system_attrs.get("fixed_params") or {})
+            for t in store.ostudy.get_trials(deepcopy=False)
+            if t.state in live
+        }
+        if not tried:
             return Proposal()
-        return propose_grid(store, self.grid, session)
+        draws = optuna.create_study(sampler=sampler)  # in memory: the sampler's RNG only
+        for collisions in range(MAX_COLLISIONS):
+            params = self.study.search_space.suggest(draws.ask())
+            if key(params) not in tried:
+                if collisions:
+                    log.info("random search: skipped %d configurations tried before", collisions)
+                return Proposal(params=params)
+        log.warning(
+            "random search: %d draws in a row were configurations the study has tried: its "
+            "space may be used up; running a repeat (a smaller --trials ends it sooner)",
+            MAX_COLLISIONS,
+        )
+        return Proposal()
 
     def report(
         self, trial: Any, proposal: Proposal, epoch: int, logs: Mapping[str, float], last: bool
