@@ -45,7 +45,6 @@ from searchlab.errors import SearchlabError, StudyDefinitionError
 
 if TYPE_CHECKING:
     from searchlab.engines import RunOptions, SearchListener
-    from searchlab.outcome import TrialState
     from searchlab.study import Study
     from searchlab.tracking import Tracker
     from searchlab.training import TrialSpec
@@ -142,24 +141,60 @@ def run(
     engine, target, loaded = runner.prepare(study, options)
     interrupts.check()  # one dropped while the data loaded: stop before a store is touched
     settings = runner.result_settings(study, options, loaded.data)
-    session = runner.open_session(
+    session = runner.Session.open(
         study, options, tracker, engine, target, loaded.data.source, settings
     )
-    spec: TrialSpec | None = None  # the workers load the data; this process holds no copy
-    del loaded
+    del loaded  # the workers load the data; this process holds no copy
     data_mod.forget()
-    status = "FAILED"
-    live = workers == 1 and _isatty(sys.stdout)
-    procs: list[subprocess.Popen[bytes]] = []
-    relays: dict[int, list[threading.Thread]] = {}  # worker index -> its output's relays
-    errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
+    pool = _Pool(
+        lambda: session.run_id, workers, gpus, options.storage, tracker.uri, worker_command
+    )
+    specs: list[TrialSpec] = []  # loaded again only for --reeval-top or the best model
 
-    def start(index: int) -> subprocess.Popen[bytes]:
-        cmd = worker_command(index, session.run_id)
+    def spec() -> TrialSpec:
+        if not specs:
+            specs.append(runner.trial_spec(study, options))
+        return specs[0]
+
+    def search() -> None:
+        if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
+            tracker.tag_session(
+                {
+                    "searchlab.workers": str(workers),
+                    "searchlab.gpus": ",".join(gpus) if gpus else "",
+                }
+            )
+        pool.run()
+
+    return session.lifecycle(listener, search, spec=spec, counts=session.counts, stop=pool.stop)
+
+
+class _Pool:
+    """The launcher's worker processes and the threads that relay their output;
+    ``parent_run_id()`` is the session's parent run, which each worker attaches to."""
+
+    def __init__(
+        self,
+        parent_run_id: Callable[[], str],
+        workers: int,
+        gpus: Sequence[str] | None,
+        storage: str,
+        tracking_uri: str,
+        worker_command: Callable[[int, str], list[str]],
+    ) -> None:
+        self.parent_run_id, self.workers, self.gpus = parent_run_id, workers, gpus
+        self.storage, self.tracking_uri, self.worker_command = storage, tracking_uri, worker_command
+        self.live = workers == 1 and _isatty(sys.stdout)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.relays: dict[int, list[threading.Thread]] = {}  # worker index -> its relays
+        self.errors: dict[int, list[str]] = {}  # worker index -> its "error: ..." lines
+
+    def start(self, index: int) -> subprocess.Popen[bytes]:
+        cmd = self.worker_command(index, self.parent_run_id())
         log.info("starting worker %s: %s", index + 1, " ".join(cmd))
         # Own session: a Ctrl-C reaches the launcher only, which interrupts each worker once.
-        env = worker_env(index, gpus, storage=options.storage, tracking_uri=tracker.uri)
-        if live:  # one worker on a terminal: its progress line is passed through as it is
+        env = worker_env(index, self.gpus, storage=self.storage, tracking_uri=self.tracking_uri)
+        if self.live:  # one worker on a terminal: its progress line is passed through as it is
             env[config.TTY_ENV] = "1"
         proc = subprocess.Popen(
             cmd,
@@ -169,49 +204,26 @@ def run(
             stderr=subprocess.PIPE,
         )
         assert proc.stdout is not None and proc.stderr is not None
-        errors[index] = []
-        relays.setdefault(index, []).extend(
-            (_relay(proc.stdout, sys.stdout), _relay(proc.stderr, sys.stderr, errors[index]))
+        errors = self.errors[index] = []
+        self.relays.setdefault(index, []).extend(
+            (_relay(proc.stdout, sys.stdout), _relay(proc.stderr, sys.stderr, errors))
         )
         return proc
 
-    try:
-        if workers > 1 or gpus:  # a plain run's one worker leaves the runs as one process would
-            tracker.tag_session(
-                {
-                    "searchlab.workers": str(workers),
-                    "searchlab.gpus": ",".join(gpus) if gpus else "",
-                }
-            )
-        listener.started(study.name, session.finished_count(), session.target, session.info)
-        procs.extend(start(index) for index in range(workers))
-        _wait(procs, start, lambda index: _worker_error(relays[index], errors[index]))
-        if options.reeval_top:  # after the workers' search, here
-            spec = runner.trial_spec(study, options)
-            runner.reevaluate(session, spec)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        interrupts.acknowledge()  # stopping the workers and closing the session comes first
-        status = "KILLED"
-        raise
-    finally:
-        with interrupts.deferred():  # the workers stop and the parent run closes, whole
-            _stop(procs)
-            for relay in (r for rs in relays.values() for r in rs):
-                relay.join(timeout=5)
-            counts = _no_counts()
-            try:
-                counts = runner.session_counts(session)
-                if status == "FINISHED" and spec is None:
-                    spec = runner.trial_spec(study, options)  # for the best model on the parent run
-            finally:
-                try:
-                    # a shared session is closed only by its last process
-                    summary = runner.end_session(session, status, counts, spec)
-                finally:
-                    engine.close()
-        listener.finished(summary)
-    return summary
+    def run(self) -> None:
+        """Start every worker and wait for them all (``_wait``)."""
+        self.procs.extend(self.start(index) for index in range(self.workers))
+        _wait(
+            self.procs,
+            self.start,
+            lambda index: _worker_error(self.relays[index], self.errors[index]),
+        )
+
+    def stop(self) -> None:
+        """Stop the workers still running (``_stop``) and let their output drain."""
+        _stop(self.procs)
+        for relay in (r for rs in self.relays.values() for r in rs):
+            relay.join(timeout=5)
 
 
 def _worker_error(relays: list[threading.Thread], lines: list[str]) -> str | None:
@@ -354,9 +366,3 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def _no_counts() -> dict[TrialState, int]:
-    from searchlab.outcome import TrialState
-
-    return {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}

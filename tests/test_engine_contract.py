@@ -181,8 +181,8 @@ def study_artifacts(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     end-to-end tests do that); the summary it would use is recorded instead."""
     summaries: list[dict[str, Any]] = []
     monkeypatch.setattr(
-        runner,
-        "log_study_artifacts",
+        runner.Session,
+        "log_artifacts",
         lambda session, spec, summary: summaries.append(dict(summary)),
     )
     return summaries
@@ -399,7 +399,7 @@ def test_processes_with_one_session_key_share_one_parent_run_closed_by_the_last(
 
     def open_(tracker: MemoryTracker) -> runner.Session:
         engine, target, spec = runner.prepare(study, opts, check=False)
-        return runner.open_session(study, opts, tracker, engine, target)
+        return runner.Session.open(study, opts, tracker, engine, target)
 
     a, b = open_(first), open_(second)
     assert a.run_id == b.run_id and first.records[a.run_id]["tags"]["searchlab.session_key"] == (
@@ -407,12 +407,12 @@ def test_processes_with_one_session_key_share_one_parent_run_closed_by_the_last(
     )
     counts = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAILED: 0}
     spec = runner.trial_spec(study, opts)
-    runner.work(b, spec, engines.NullListener(), counts, FakeTrainer())  # b runs the budget
+    b.work(spec, engines.NullListener(), counts, FakeTrainer())  # b runs the budget
     # a ends first, with b's trials done: it is the last one running, and closes the session
-    closed = runner.end_session(a, "FINISHED", dict(counts), spec)
+    closed = a.end("FINISHED", dict(counts), spec)
     assert first.records[a.run_id]["status"] == "FINISHED"
     assert closed["session_complete"] == 4 and len(study_artifacts) == 1
-    left = runner.end_session(b, "FINISHED", counts, spec)  # b comes after: leaves it be
+    left = b.end("FINISHED", counts, spec)  # b comes after: leaves it be
     assert left["left_open"] and len(study_artifacts) == 1
     assert [e for e in first.events if e[0] == "end_session"] == [
         ("end_session", a.run_id, "FINISHED")
