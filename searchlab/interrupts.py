@@ -94,9 +94,12 @@ def install() -> Callable[..., None]:
     sys.unraisablehook = quiet
 
     def restore(exiting: bool = True) -> None:
+        global _received, _pending
         sys.unraisablehook = hook
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if _received and exiting else handler)
+        if not exiting:  # the caller goes on: nothing of this interrupt may surface later
+            _received, _pending = 0, False
 
     return restore
 

@@ -207,3 +207,4 @@ def test_an_in_process_command_that_was_interrupted_gives_the_signals_back() -> 
     assert result.exit_code == interrupts.EXIT_CODE, result.output
     assert "not interrupted" not in result.output
     assert {sig: signal.getsignal(sig) for sig in before} == before
+    interrupts.check()  # nothing of that interrupt is left pending for the caller

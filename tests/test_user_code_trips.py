@@ -32,7 +32,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SEARCHLAB_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(runner, "log_study_artifacts", lambda session, spec, summary: None)
+    monkeypatch.setattr(runner.Session, "log_artifacts", lambda session, spec, summary: None)
     monkeypatch.setattr(test_engine_contract, "score", lambda params: 0.5)  # any space here
     return tmp_path
 
