@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from reliability_helpers import _default_sigint
 
 from searchlab import interrupts
 
@@ -159,7 +160,11 @@ def _interrupted_while_importing(tmp_path, command: list[str]) -> subprocess.Com
     (tmp_path / "sitecustomize.py").write_text(SIGINT_DURING_IMPORT)
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    # as from a terminal: a test process started in the background (CI) ignores SIGINT, and
+    # its children would inherit that
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, preexec_fn=_default_sigint
+    )
 
 
 @pytest.mark.parametrize("how", ["module", "script"])
