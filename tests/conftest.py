@@ -97,6 +97,23 @@ def cli(project: Path):
     return invoke
 
 
+def mnist_build_model(hp: Any) -> Any:
+    """A KerasTuner-style ``build_model(hp)`` for 28x28 MNIST, as the tutorials write it:
+    one searched dense layer (the drop-in's and the notebook API's tests)."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(hp.Int("units", 16, 64, step=16), activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
 def mlflow_runs(uri: str, experiment: str) -> list:
     """Every MLflow run (MLflow's own ``Run`` objects) of an experiment, oldest first: tests
     read MLflow directly, searchlab's code only through ``searchlab.tracking``."""

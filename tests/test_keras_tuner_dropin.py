@@ -14,26 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import mlflow_runs
+from conftest import mnist_build_model as build_model
 
 import searchlab.keras_tuner as kt
 from searchlab.errors import SearchlabError
 
 USER_CODE = Path(__file__).parent / "user_code"
-
-
-def build_model(hp):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(hp.Int("units", 16, 64, step=16), activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 @pytest.mark.parametrize(

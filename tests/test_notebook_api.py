@@ -10,27 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import mlflow_runs
+from conftest import mnist_build_model as build_model
 
 import searchlab
 from searchlab import Dataset, Study
 from searchlab.api import ProgressBar
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook_api.ipynb"
-
-
-def build_model(hp):
-    import keras
-
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28)),
-            keras.layers.Flatten(),
-            keras.layers.Dense(hp.Int("units", 16, 64, step=16), activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
 
 
 def _study(name: str, epochs: int = 1) -> Study:
